@@ -1,0 +1,104 @@
+//! The application context: one struct of cheap, clonable handles (Postgres pool, broker
+//! connection, provider registry, routes, shutdown token, task tracker) built once at start.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Settings;
+use crate::providers::Registry;
+use crate::queue::topology::{self, Names};
+use crate::stages::route::Routes;
+use crate::{queue, store};
+
+/// Handles every command and task shares.
+#[derive(Clone)]
+pub struct Context {
+    pub settings: Arc<Settings>,
+    pub pool: PgPool,
+    pub broker: Arc<lapin::Connection>,
+    pub names: Names,
+    pub registry: Registry,
+    pub routes: Routes,
+    /// Cancelled on SIGTERM/SIGINT (or by a command that is done).
+    pub shutdown: CancellationToken,
+    /// Every spawned task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+}
+
+impl Context {
+    /// Connects to Postgres and RabbitMQ. With the settings' auto switches on (the default),
+    /// creates the database, applies migrations and declares the topology first, so a new
+    /// user needs no setup step.
+    pub async fn connect(settings: Settings) -> anyhow::Result<Self> {
+        let pool = store::connect(&settings.database).await?;
+        let broker = queue::connect(&settings.broker.url).await?;
+        let names = Names::new(&settings.broker.prefix);
+        if settings.broker.auto_declare {
+            let channel = broker.create_channel().await?;
+            topology::declare(&channel, &names, settings.broker.delivery_limit)
+                .await
+                .context("cannot declare the RabbitMQ topology")?;
+            channel.close(200, "declared".into()).await?;
+        }
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(usize::from(settings.worker.concurrency))
+            .build()
+            .context("cannot build the HTTP client")?;
+        let registry = Registry::from_settings(&settings, &http);
+        let routes = Routes::from_settings(&settings, &registry);
+        Ok(Self {
+            settings: Arc::new(settings),
+            pool,
+            broker: Arc::new(broker),
+            names,
+            registry,
+            routes,
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    /// Cancels `shutdown` on the first SIGTERM or SIGINT.
+    pub fn cancel_on_signals(&self) {
+        let token = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("Shutdown signal received; finishing in-flight jobs.");
+            token.cancel();
+        });
+    }
+
+    /// Closes the broker connection and the pool.
+    pub async fn close(&self) {
+        if let Err(error) = self.broker.close(200, "bye".into()).await {
+            tracing::debug!(error = %error, "Broker connection was already closed.");
+        }
+        self.pool.close().await;
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,109 @@
+//! The command line: clap structs only. Keep it minimal; behaviour lives in `commands/`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Durable, multi-provider LLM job processing over RabbitMQ and Postgres.
+#[derive(Debug, Parser)]
+#[command(name = "switchyard", version, about)]
+pub struct Cli {
+    /// Config file (default: ./switchyard.toml when it exists, else built-in defaults).
+    #[arg(long, global = true, env = "SWITCHYARD_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text", env = "SWITCHYARD_LOG_FORMAT")]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the database schema and declare the RabbitMQ topology (idempotent).
+    Migrate,
+    /// Consume jobs and process them until stopped.
+    Worker(WorkerArgs),
+    /// Publish jobs from a JSONL file (or stdin): full jobs or bare chat-completions bodies.
+    Publish(PublishArgs),
+    /// Print results (or events) matching a topic pattern as JSON lines.
+    Subscribe(SubscribeArgs),
+    /// Summarize documents (.txt, .md, directories of them) as one batch.
+    Summarize(SummarizeArgs),
+    /// Configuration tools.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    /// Jobs processed at once (also the prefetch); default from `[worker] concurrency`.
+    #[arg(long)]
+    pub concurrency: Option<u16>,
+    /// Exit once the queue has been empty (and nothing in flight) for a moment.
+    #[arg(long)]
+    pub exit_when_idle: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PublishArgs {
+    /// JSONL file, or `-` for stdin.
+    #[arg(default_value = "-")]
+    pub input: String,
+    /// Route for bare requests.
+    #[arg(long, default_value = "default")]
+    pub route: String,
+    /// Tenant for bare requests.
+    #[arg(long, default_value = "default")]
+    pub tenant: String,
+    /// Batch for bare requests.
+    #[arg(long)]
+    pub batch: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SubscribeArgs {
+    /// Topic pattern, e.g. `acme.*.failed` or `#` (events: `cost.#`, `audit.acme.*`).
+    pub pattern: String,
+    /// Subscribe to the events exchange instead of results.
+    #[arg(long)]
+    pub events: bool,
+    /// Stop after this many messages.
+    #[arg(long)]
+    pub limit: Option<u64>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SummarizeArgs {
+    /// Files or directories (searched recursively for .txt and .md).
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    /// Output JSONL file (`-` for stdout).
+    #[arg(long, default_value = "-")]
+    pub out: String,
+    /// Batch name (default: a fresh `summarize-<time>` name).
+    #[arg(long)]
+    pub batch: Option<String>,
+    #[arg(long, default_value = "default")]
+    pub tenant: String,
+    #[arg(long, default_value = "default")]
+    pub route: String,
+    /// Longest summary, in tokens.
+    #[arg(long, default_value_t = 200)]
+    pub max_tokens: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the configuration and print what would route where.
+    Check,
+}

@@ -1,0 +1,49 @@
+//! One file per CLI command. Each returns `anyhow::Result`; [`run`] turns errors into one
+//! line on stderr and an exit code.
+
+pub mod config_check;
+pub mod migrate;
+pub mod publish;
+pub mod subscribe;
+pub mod summarize;
+pub mod worker;
+
+use std::process::ExitCode;
+
+use crate::cli::{Command, ConfigCommand};
+use crate::config::Settings;
+
+/// Exit code for runtime failures (broker or database unreachable, …).
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit code for bad input: bad config, bad arguments, bad input lines.
+pub const EXIT_BAD_INPUT: u8 = 2;
+/// Exit code when the command ran but some jobs failed.
+pub const EXIT_JOBS_FAILED: u8 = 3;
+
+/// An error that is the user's input, not the system's state.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadInput(pub String);
+
+/// Runs one command and maps its outcome to an exit code.
+pub async fn run(command: Command, settings: Settings) -> ExitCode {
+    let outcome = match command {
+        Command::Migrate => migrate::run(settings).await,
+        Command::Worker(args) => worker::run(settings, args).await,
+        Command::Publish(args) => publish::run(settings, args).await,
+        Command::Subscribe(args) => subscribe::run(settings, args).await,
+        Command::Summarize(args) => summarize::run(settings, args).await,
+        Command::Config(ConfigCommand::Check) => config_check::run(&settings),
+    };
+    match outcome {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            if error.downcast_ref::<BadInput>().is_some() {
+                ExitCode::from(EXIT_BAD_INPUT)
+            } else {
+                ExitCode::from(EXIT_FAILURE)
+            }
+        }
+    }
+}

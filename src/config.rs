@@ -1,0 +1,411 @@
+//! Layered settings: built-in defaults, then `switchyard.toml`, then `SWITCHYARD_<SECTION>__<KEY>`
+//! environment variables. Unknown keys are errors that name the key.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+/// The name of the provider that is always available: the offline extractive summarizer.
+pub const BUILTIN_PROVIDER: &str = "extractive";
+/// The model name the built-in provider answers to.
+pub const BUILTIN_MODEL: &str = "extractive-v1";
+/// The config file read from the working directory when neither `--config` nor
+/// `SWITCHYARD_CONFIG` names one.
+pub const DEFAULT_CONFIG_FILE: &str = "switchyard.toml";
+
+/// Everything the binary can be configured with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub broker: BrokerSettings,
+    pub database: DatabaseSettings,
+    pub worker: WorkerSettings,
+    pub providers: Vec<ProviderSettings>,
+    pub routes: Vec<RouteSettings>,
+}
+
+/// RabbitMQ connection and naming.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerSettings {
+    /// AMQP URI, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    pub url: String,
+    /// Every exchange and queue name starts with this, so deployments (and parallel tests)
+    /// can share one broker.
+    pub prefix: String,
+    /// Deliveries of one job before the broker dead-letters it (quorum `x-delivery-limit`),
+    /// so a message that crashes workers cannot loop forever.
+    pub delivery_limit: u32,
+    /// Declare the topology on `worker`/`summarize` start (turn off in production, where
+    /// `switchyard migrate` runs once).
+    pub auto_declare: bool,
+}
+
+/// Postgres connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    pub url: String,
+    pub max_connections: u32,
+    /// Create the database if missing and apply pending migrations on `worker`/`summarize`
+    /// start (turn off in production, where `switchyard migrate` runs once).
+    pub auto_migrate: bool,
+}
+
+/// How a worker consumes and finalizes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerSettings {
+    /// Jobs processed at once; also the consumer prefetch.
+    pub concurrency: u16,
+    /// Bodies larger than this are rejected without being parsed.
+    pub max_message_bytes: usize,
+    /// Most jobs committed in one finalize transaction.
+    pub finalize_batch_size: usize,
+    /// How long in-flight jobs may take to finish after SIGTERM/SIGINT before they are
+    /// abandoned (left unacked, so the broker redelivers them).
+    pub shutdown_grace_secs: u64,
+    /// Publish cost and audit events as one array message per finalize group and routing
+    /// key (`batched`) or one message per event (`single`).
+    pub event_publishing: EventPublishing,
+}
+
+/// See [`WorkerSettings::event_publishing`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventPublishing {
+    Batched,
+    Single,
+}
+
+/// The wire format a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// Built-in offline summarizer; needs no key and no network.
+    Extractive,
+    /// OpenAI chat completions and every compatible service, through `base_url`.
+    Openai,
+}
+
+/// One upstream service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSettings {
+    /// Name used by routes, ledgers and events.
+    pub name: String,
+    pub kind: ProviderKind,
+    /// Base URL ending where the SDK convention expects (OpenAI: `…/v1`).
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// API keys, each referenced by an id and read from an environment variable.
+    #[serde(default)]
+    pub keys: Vec<KeySettings>,
+    /// Per-attempt timeout.
+    #[serde(default = "default_timeout_secs")]
+    pub timeout_secs: u64,
+    #[serde(default)]
+    pub models: Vec<ModelSettings>,
+}
+
+/// An API key by reference: the secret itself never appears in config, logs or Postgres.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySettings {
+    /// Stable id recorded in attempts and the ledger.
+    pub id: String,
+    /// Name of the environment variable holding the key.
+    pub env: String,
+}
+
+/// A model a provider serves and what it costs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSettings {
+    pub name: String,
+    #[serde(default)]
+    pub context_window: Option<u32>,
+    #[serde(default)]
+    pub prices: Prices,
+}
+
+/// USD per million tokens, exact decimal.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Prices {
+    #[serde(with = "rust_decimal::serde::str")]
+    pub input: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub cached_input: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub cache_write: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub output: Decimal,
+}
+
+/// A route alias and the targets that serve it, tried in order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSettings {
+    pub alias: String,
+    pub targets: Vec<TargetSettings>,
+}
+
+/// One provider + model pair of a route.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSettings {
+    pub provider: String,
+    pub model: String,
+}
+
+fn default_timeout_secs() -> u64 {
+    60
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            broker: BrokerSettings::default(),
+            database: DatabaseSettings::default(),
+            worker: WorkerSettings::default(),
+            providers: Vec::new(),
+            routes: vec![RouteSettings {
+                alias: "default".to_owned(),
+                targets: vec![TargetSettings {
+                    provider: BUILTIN_PROVIDER.to_owned(),
+                    model: BUILTIN_MODEL.to_owned(),
+                }],
+            }],
+        }
+    }
+}
+
+impl Default for BrokerSettings {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            prefix: "switchyard".to_owned(),
+            delivery_limit: 5,
+            auto_declare: true,
+        }
+    }
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: "postgres://postgres@127.0.0.1:5432/switchyard".to_owned(),
+            max_connections: 10,
+            auto_migrate: true,
+        }
+    }
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            concurrency: 64,
+            max_message_bytes: 4 * 1024 * 1024,
+            finalize_batch_size: 256,
+            shutdown_grace_secs: 30,
+            event_publishing: EventPublishing::Batched,
+        }
+    }
+}
+
+/// Why settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    Missing(PathBuf),
+    #[error("invalid configuration: {0}")]
+    Parse(#[from] Box<figment::Error>),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Settings {
+    /// Loads defaults, then `path` (or `switchyard.toml` in the working directory when it
+    /// exists), then `SWITCHYARD_<SECTION>__<KEY>` variables, and checks cross-references.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        match path {
+            Some(path) if !path.exists() => return Err(ConfigError::Missing(path.to_owned())),
+            Some(path) => figment = figment.merge(Toml::file_exact(path)),
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
+                figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_FILE));
+            }
+            None => {}
+        }
+        figment = figment.merge(
+            Env::prefixed("SWITCHYARD_")
+                .filter(|key| key.as_str().contains("__"))
+                .split("__"),
+        );
+        let settings: Settings = figment.extract().map_err(Box::new)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Parses settings from TOML text alone (no environment), for tests and `config check`.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let settings: Settings = Figment::from(Serialized::defaults(Settings::default()))
+            .merge(Toml::string(text))
+            .extract()
+            .map_err(Box::new)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Every provider, including the built-in one unless a configured provider takes its name.
+    pub fn all_providers(&self) -> Vec<ProviderSettings> {
+        let mut providers = self.providers.clone();
+        if !providers.iter().any(|p| p.name == BUILTIN_PROVIDER) {
+            providers.push(ProviderSettings {
+                name: BUILTIN_PROVIDER.to_owned(),
+                kind: ProviderKind::Extractive,
+                base_url: None,
+                keys: Vec::new(),
+                timeout_secs: default_timeout_secs(),
+                models: vec![ModelSettings {
+                    name: BUILTIN_MODEL.to_owned(),
+                    context_window: None,
+                    prices: Prices::default(),
+                }],
+            });
+        }
+        providers
+    }
+
+    /// Cross-field checks that serde cannot express.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |message: String| Err(ConfigError::Invalid(message));
+        if self.broker.prefix.is_empty() || self.broker.prefix.contains(char::is_whitespace) {
+            return invalid(format!(
+                "broker.prefix must be non-empty without spaces, got {:?}",
+                self.broker.prefix
+            ));
+        }
+        if self.worker.concurrency == 0 {
+            return invalid("worker.concurrency must be at least 1".to_owned());
+        }
+        if self.worker.finalize_batch_size == 0 {
+            return invalid("worker.finalize_batch_size must be at least 1".to_owned());
+        }
+        let providers = self.all_providers();
+        let mut names = HashSet::new();
+        for provider in &providers {
+            if !names.insert(provider.name.as_str()) {
+                return invalid(format!("provider {:?} is defined twice", provider.name));
+            }
+            if provider.kind == ProviderKind::Openai {
+                match provider.base_url.as_deref().map(url::Url::parse) {
+                    None => {
+                        return invalid(format!(
+                            "provider {:?} (kind openai) needs base_url",
+                            provider.name
+                        ));
+                    }
+                    Some(Err(e)) => {
+                        return invalid(format!(
+                            "provider {:?} has an invalid base_url: {e}",
+                            provider.name
+                        ));
+                    }
+                    Some(Ok(_)) => {}
+                }
+                if provider.keys.is_empty() {
+                    return invalid(format!(
+                        "provider {:?} (kind openai) needs at least one key: \
+                         keys = [{{ id = \"main\", env = \"OPENAI_API_KEY\" }}]",
+                        provider.name
+                    ));
+                }
+            }
+        }
+        let mut aliases = HashSet::new();
+        for route in &self.routes {
+            if !aliases.insert(route.alias.as_str()) {
+                return invalid(format!("route {:?} is defined twice", route.alias));
+            }
+            if route.targets.is_empty() {
+                return invalid(format!("route {:?} has no targets", route.alias));
+            }
+            for target in &route.targets {
+                let Some(provider) = providers.iter().find(|p| p.name == target.provider) else {
+                    return invalid(format!(
+                        "route {:?} names unknown provider {:?}",
+                        route.alias, target.provider
+                    ));
+                };
+                if provider.kind != ProviderKind::Extractive
+                    && !provider.models.iter().any(|m| m.name == target.model)
+                {
+                    return invalid(format!(
+                        "route {:?} names model {:?}, which provider {:?} does not list",
+                        route.alias, target.model, target.provider
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_route_everything_to_the_builtin_model() {
+        let settings = Settings::from_toml("").unwrap();
+        assert_eq!(settings.routes[0].alias, "default");
+        assert_eq!(settings.routes[0].targets[0].provider, BUILTIN_PROVIDER);
+        assert_eq!(settings.broker.prefix, "switchyard");
+        assert!(settings.all_providers().iter().any(|p| p.name == BUILTIN_PROVIDER));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let err = Settings::from_toml("[broker]\nprefx = \"x\"\n").unwrap_err();
+        assert!(err.to_string().contains("prefx"), "{err}");
+        let err = Settings::from_toml("[nonsense]\na = 1\n").unwrap_err();
+        assert!(err.to_string().contains("nonsense"), "{err}");
+    }
+
+    #[test]
+    fn a_route_to_an_unknown_provider_is_rejected() {
+        let text = "[[routes]]\nalias = \"x\"\ntargets = [{ provider = \"nope\", model = \"m\" }]\n";
+        let err = Settings::from_toml(text).unwrap_err();
+        assert!(err.to_string().contains("unknown provider \"nope\""), "{err}");
+    }
+
+    #[test]
+    fn prices_are_exact_decimals() {
+        let text = r#"
+[[providers]]
+name = "openai"
+kind = "openai"
+base_url = "http://127.0.0.1:9/v1"
+keys = [{ id = "main", env = "OPENAI_API_KEY" }]
+models = [{ name = "gpt-x", prices = { input = "0.15", output = "0.6" } }]
+"#;
+        let settings = Settings::from_toml(text).unwrap();
+        let prices = &settings.providers[0].models[0].prices;
+        assert_eq!(prices.input, Decimal::new(15, 2));
+        assert_eq!(prices.output, Decimal::new(6, 1));
+        assert_eq!(prices.cached_input, Decimal::ZERO);
+    }
+
+    #[test]
+    fn an_openai_provider_without_a_key_is_rejected() {
+        let text = "[[providers]]\nname = \"o\"\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\n";
+        let err = Settings::from_toml(text).unwrap_err();
+        assert!(err.to_string().contains("needs at least one key"), "{err}");
+    }
+}

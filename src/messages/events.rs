@@ -1,0 +1,73 @@
+//! `schemas/cost_event.v1.json` and `schemas/audit_event.v1.json`: what the events exchange carries.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::Usage;
+use crate::config::Prices;
+
+/// The `schema` value of a cost event.
+pub const COST_EVENT_SCHEMA: &str = "switchyard.cost_event.v1";
+/// The `schema` value of an audit event.
+pub const AUDIT_EVENT_SCHEMA: &str = "switchyard.audit_event.v1";
+
+/// One billed provider attempt.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CostEvent {
+    pub schema: String,
+    pub event_id: Uuid,
+    pub job_id: Uuid,
+    pub tenant: String,
+    pub batch: Option<String>,
+    pub route: String,
+    pub provider: String,
+    pub model: String,
+    pub key_id: Option<String>,
+    pub usage: Usage,
+    pub prices: Prices,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub amount_usd: Decimal,
+    pub at: DateTime<Utc>,
+}
+
+impl CostEvent {
+    /// `cost.<tenant>.<provider>`.
+    pub fn routing_key(&self) -> String {
+        format!("cost.{}.{}", self.tenant, self.provider)
+    }
+}
+
+/// Something that happened to a job; kinds are lowercase snake case.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditEvent {
+    pub schema: String,
+    pub event_id: Uuid,
+    pub tenant: String,
+    pub job_id: Option<Uuid>,
+    pub kind: String,
+    pub at: DateTime<Utc>,
+    pub details: Value,
+}
+
+impl AuditEvent {
+    /// A new event with a fresh id.
+    pub fn new(tenant: &str, job_id: Option<Uuid>, kind: &str, at: DateTime<Utc>, details: Value) -> Self {
+        Self {
+            schema: AUDIT_EVENT_SCHEMA.to_owned(),
+            event_id: Uuid::now_v7(),
+            tenant: tenant.to_owned(),
+            job_id,
+            kind: kind.to_owned(),
+            at,
+            details,
+        }
+    }
+
+    /// `audit.<tenant>.<kind>`.
+    pub fn routing_key(&self) -> String {
+        format!("audit.{}.{}", self.tenant, self.kind)
+    }
+}

@@ -1,0 +1,51 @@
+//! RabbitMQ: topology (names and declarations), the publisher with confirms, and the
+//! consumer's acknowledgement bookkeeping.
+
+pub mod consumer;
+pub mod publisher;
+pub mod topology;
+
+use lapin::{Connection, ConnectionProperties};
+
+/// Why the broker could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error(
+        "cannot connect to RabbitMQ at {address}: {source}. Is it running? Start it with \
+         `rabbitmq-server -detached`, or set [broker] url / SWITCHYARD_BROKER__URL"
+    )]
+    Unreachable {
+        address: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("invalid broker url: {0}")]
+    Url(String),
+    #[error("broker refused a publish (nack) to {exchange} with routing key {routing_key}")]
+    Nacked { exchange: String, routing_key: String },
+    #[error(transparent)]
+    Amqp(#[from] lapin::Error),
+}
+
+/// `host:port` of an AMQP URL, without credentials, for error messages.
+pub fn broker_address(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(parsed) => format!(
+            "{}:{}",
+            parsed.host_str().unwrap_or("?"),
+            parsed.port().unwrap_or(5672)
+        ),
+        Err(_) => "(unparsable url)".to_owned(),
+    }
+}
+
+/// Opens a connection, turning failures into a one-line error that names the address.
+pub async fn connect(url: &str) -> Result<Connection, BrokerError> {
+    url::Url::parse(url).map_err(|e| BrokerError::Url(e.to_string()))?;
+    Connection::connect(url, ConnectionProperties::default())
+        .await
+        .map_err(|source| BrokerError::Unreachable {
+            address: broker_address(url),
+            source,
+        })
+}

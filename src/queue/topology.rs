@@ -1,0 +1,153 @@
+//! Exchange and queue names (all under one prefix) and their idempotent declaration.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, ExchangeKind};
+
+/// The routing key jobs are published with on the jobs exchange.
+pub const JOBS_ROUTING_KEY: &str = "jobs";
+
+/// Names of every exchange and queue of one deployment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    prefix: String,
+}
+
+impl Names {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Direct exchange jobs are published to.
+    pub fn jobs_exchange(&self) -> String {
+        format!("{}.jobs", self.prefix)
+    }
+
+    /// Quorum queue workers consume.
+    pub fn jobs_queue(&self) -> String {
+        format!("{}.jobs", self.prefix)
+    }
+
+    /// Fanout exchange for poison, rejected and exhausted jobs.
+    pub fn dead_exchange(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+
+    /// Topic exchange of results, routing key `<tenant>.<batch>.<status>`.
+    pub fn results_exchange(&self) -> String {
+        format!("{}.results", self.prefix)
+    }
+
+    /// Topic exchange of cost and audit events.
+    pub fn events_exchange(&self) -> String {
+        format!("{}.events", self.prefix)
+    }
+}
+
+fn durable_exchange() -> ExchangeDeclareOptions {
+    ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    }
+}
+
+fn quorum_arguments(extra: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    for (key, value) in extra {
+        arguments.insert((*key).into(), value.clone());
+    }
+    arguments
+}
+
+/// Declares the whole topology; declaring it again with the same settings changes nothing.
+pub async fn declare(channel: &Channel, names: &Names, delivery_limit: u32) -> Result<(), lapin::Error> {
+    for (exchange, kind) in [
+        (names.jobs_exchange(), ExchangeKind::Direct),
+        (names.dead_exchange(), ExchangeKind::Fanout),
+        (names.results_exchange(), ExchangeKind::Topic),
+        (names.events_exchange(), ExchangeKind::Topic),
+    ] {
+        channel
+            .exchange_declare(exchange.into(), kind, durable_exchange(), FieldTable::default())
+            .await?;
+    }
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(names.dead_queue().into(), durable, quorum_arguments(&[]))
+        .await?;
+    channel
+        .queue_bind(
+            names.dead_queue().into(),
+            names.dead_exchange().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let jobs_arguments = quorum_arguments(&[
+        ("x-delivery-limit", AMQPValue::LongInt(i32::try_from(delivery_limit).unwrap_or(i32::MAX))),
+        ("x-dead-letter-exchange", AMQPValue::LongString(names.dead_exchange().into())),
+    ]);
+    channel
+        .queue_declare(names.jobs_queue().into(), durable, jobs_arguments)
+        .await?;
+    channel
+        .queue_bind(
+            names.jobs_queue().into(),
+            names.jobs_exchange().into(),
+            JOBS_ROUTING_KEY.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Messages ready in the jobs queue and consumers attached to it.
+pub async fn jobs_queue_depth(channel: &Channel, names: &Names) -> Result<(u32, u32), lapin::Error> {
+    let queue = channel
+        .queue_declare(
+            names.jobs_queue().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((queue.message_count(), queue.consumer_count()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_starts_with_the_prefix() {
+        let names = Names::new("t1");
+        for name in [
+            names.jobs_exchange(),
+            names.jobs_queue(),
+            names.dead_exchange(),
+            names.dead_queue(),
+            names.results_exchange(),
+            names.events_exchange(),
+        ] {
+            assert!(name.starts_with("t1."), "{name}");
+        }
+    }
+}

@@ -1,0 +1,529 @@
+//! Finalize: turns finished jobs into rows, commits a whole group of jobs in ONE transaction
+//! (multi-row inserts), then publishes results and events with confirms, then acks the group's
+//! deliveries (with `multiple` where the tags are contiguous). A delivery is never acked before
+//! its outcome is committed and its messages confirmed.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use lapin::Channel;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use serde::Serialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::dispatch::Dispatched;
+use super::ingest::Rejection;
+use crate::budget::pricing;
+use crate::config::EventPublishing;
+use crate::messages::events::COST_EVENT_SCHEMA;
+use crate::messages::job::JOB_SCHEMA;
+use crate::messages::result::RESULT_SCHEMA;
+use crate::messages::{
+    AttemptReport, AttemptStatus, AuditEvent, CostEvent, CostSummary, Job, JobError, JobResult, JobStatus,
+    NONE_SEGMENT, Timings,
+};
+use crate::queue::BrokerError;
+use crate::queue::consumer::AckTracker;
+use crate::queue::publisher::{Outgoing, Publisher};
+use crate::queue::topology::{JOBS_ROUTING_KEY, Names};
+use crate::store::attempts::AttemptRow;
+use crate::store::jobs::JobRow;
+use crate::store::{attempts, audit, cost_ledger, jobs, results};
+
+/// Header carrying the reason on a dead-lettered message.
+pub const ERROR_HEADER: &str = "x-switchyard-error";
+
+/// What a processing task hands to the finalizer.
+#[derive(Debug)]
+pub enum Finished {
+    /// A job processed now: to be committed, published and acked.
+    Job(Box<FinishedJob>),
+    /// A job whose result was already committed: republish the stored result and ack.
+    Duplicate { tag: u64, result: Box<JobResult> },
+    /// The job could not be looked up (database trouble): return it to the queue.
+    Requeue { tag: u64 },
+}
+
+/// Everything one job writes and publishes.
+#[derive(Debug)]
+pub struct FinishedJob {
+    /// The delivery tag on the consuming channel.
+    pub tag: u64,
+    pub job: JobRow,
+    pub attempts: Vec<AttemptRow>,
+    pub result: JobResult,
+    /// Ledger rows with the attempt they bill.
+    pub costs: Vec<(Uuid, CostEvent)>,
+    pub audits: Vec<AuditEvent>,
+    /// The original message, for the dead-letter queue, when the job was rejected.
+    pub dead_letter: Option<Vec<u8>>,
+}
+
+fn millis_between(from: DateTime<Utc>, to: DateTime<Utc>) -> u64 {
+    u64::try_from((to - from).num_milliseconds()).unwrap_or(0)
+}
+
+/// Postgres text and jsonb cannot hold U+0000; provider output is outside input, so strip it.
+fn strip_nul(value: &mut Value) {
+    match value {
+        Value::String(s) if s.contains('\0') => *s = s.replace('\0', ""),
+        Value::Array(items) => items.iter_mut().for_each(strip_nul),
+        Value::Object(map) => map.values_mut().for_each(strip_nul),
+        _ => {}
+    }
+}
+
+fn request_hash(request: &Value) -> String {
+    hex::encode(Sha256::digest(request.to_string().as_bytes()))
+}
+
+impl FinishedJob {
+    /// A job that went through dispatch, successful or not.
+    pub fn completed(tag: u64, job: &Job, received_at: DateTime<Utc>, dispatched: Dispatched) -> Self {
+        let finished_at = Utc::now();
+        let request = serde_json::to_value(&job.request).unwrap_or(Value::Null);
+        let mut cost = CostSummary::default();
+        let mut costs = Vec::new();
+        let mut audits = Vec::new();
+        let mut reports = Vec::with_capacity(dispatched.attempts.len());
+        let mut rows = Vec::with_capacity(dispatched.attempts.len());
+        for attempt in &dispatched.attempts {
+            let error = attempt.outcome.as_ref().err();
+            let usage = attempt.billed_usage();
+            if let Some(usage) = usage {
+                let amount = pricing::cost(&usage, &attempt.prices);
+                cost.amount_usd += amount;
+                cost.usage.add(&usage);
+                costs.push((
+                    attempt.id,
+                    CostEvent {
+                        schema: COST_EVENT_SCHEMA.to_owned(),
+                        event_id: Uuid::now_v7(),
+                        job_id: job.id,
+                        tenant: job.tenant.clone(),
+                        batch: job.batch.clone(),
+                        route: job.route.clone(),
+                        provider: attempt.provider.clone(),
+                        model: attempt.model.clone(),
+                        key_id: attempt.key_id.clone(),
+                        usage,
+                        prices: attempt.prices.clone(),
+                        amount_usd: amount,
+                        at: attempt.ended_at,
+                    },
+                ));
+            }
+            if let Some(error) = error {
+                audits.push(AuditEvent::new(
+                    &job.tenant,
+                    Some(job.id),
+                    "attempt_failed",
+                    attempt.ended_at,
+                    json!({
+                        "route": job.route, "batch": job.batch, "attempt": attempt.n,
+                        "provider": attempt.provider, "model": attempt.model, "key_id": attempt.key_id,
+                        "error_class": error.class.as_str(), "http_status": error.status,
+                        "message": error.message, "latency_ms": attempt.latency_ms,
+                    }),
+                ));
+            }
+            let status = if error.is_some() {
+                AttemptStatus::Failed
+            } else {
+                AttemptStatus::Succeeded
+            };
+            let message = error.map(|e| e.message.replace('\0', ""));
+            reports.push(AttemptReport {
+                n: attempt.n,
+                provider: attempt.provider.clone(),
+                model: attempt.model.clone(),
+                key_id: attempt.key_id.clone(),
+                status,
+                error_class: error.map(|e| e.class.as_str().to_owned()),
+                http_status: error.and_then(|e| e.status),
+                error: message.clone(),
+                latency_ms: attempt.latency_ms,
+                usage,
+            });
+            rows.push(AttemptRow {
+                id: attempt.id,
+                job_id: job.id,
+                generation: 0,
+                n: i32::try_from(attempt.n).unwrap_or(i32::MAX),
+                provider: attempt.provider.clone(),
+                model: attempt.model.clone(),
+                key_id: attempt.key_id.clone(),
+                started_at: attempt.started_at,
+                ended_at: attempt.ended_at,
+                outcome: status,
+                error_class: error.map(|e| e.class.as_str().to_owned()),
+                http_status: error.and_then(|e| e.status).map(i32::from),
+                error: message,
+                latency_ms: i64::try_from(attempt.latency_ms).unwrap_or(i64::MAX),
+                usage,
+            });
+        }
+        let winner = dispatched.winner().map(|a| (a.provider.clone(), a.model.clone()));
+        let (status, response, error) = match dispatched.outcome {
+            Ok(mut response) => {
+                strip_nul(&mut response);
+                (JobStatus::Succeeded, Some(response), None)
+            }
+            Err(error) => (JobStatus::Failed, None, Some(error)),
+        };
+        let result = JobResult {
+            schema: RESULT_SCHEMA.to_owned(),
+            job_id: job.id,
+            generation: 0,
+            tenant: Some(job.tenant.clone()),
+            batch: job.batch.clone(),
+            route: Some(job.route.clone()),
+            status,
+            response,
+            provider: winner.as_ref().map(|w| w.0.clone()),
+            model: winner.map(|w| w.1),
+            attempts: reports,
+            error: error.clone(),
+            cost: cost.clone(),
+            timings: Timings {
+                received_at,
+                finished_at,
+                total_ms: millis_between(received_at, finished_at),
+                provider_ms: dispatched.attempts.iter().map(|a| a.latency_ms).sum(),
+            },
+            metadata: job.metadata.clone(),
+        };
+        let kind = match status {
+            JobStatus::Succeeded => "job_succeeded",
+            _ => "job_failed",
+        };
+        audits.push(AuditEvent::new(
+            &job.tenant,
+            Some(job.id),
+            kind,
+            finished_at,
+            json!({
+                "route": job.route, "batch": job.batch, "request_sha256": request_hash(&request),
+                "provider": result.provider, "model": result.model, "attempts": result.attempts.len(),
+                "cost_usd": cost.amount_usd.to_string(), "error": error,
+            }),
+        ));
+        Self {
+            tag,
+            job: JobRow {
+                id: job.id,
+                tenant: Some(job.tenant.clone()),
+                batch: job.batch.clone(),
+                route: Some(job.route.clone()),
+                generation: 0,
+                status,
+                request: Some(request),
+                raw_body: None,
+                received_at,
+                finished_at,
+            },
+            attempts: rows,
+            result,
+            costs,
+            audits,
+            dead_letter: None,
+        }
+    }
+
+    /// A message that could not become a served job: a `rejected` result, an audit event, and
+    /// the original body bound for the dead-letter queue.
+    pub fn rejected(tag: u64, rejection: Rejection, received_at: DateTime<Utc>, original: Vec<u8>) -> Self {
+        let finished_at = Utc::now();
+        let result = JobResult {
+            schema: RESULT_SCHEMA.to_owned(),
+            job_id: rejection.job_id,
+            generation: 0,
+            tenant: rejection.tenant.clone(),
+            batch: rejection.batch.clone(),
+            route: rejection.route.clone(),
+            status: JobStatus::Rejected,
+            response: None,
+            provider: None,
+            model: None,
+            attempts: Vec::new(),
+            error: Some(rejection.error.clone()),
+            cost: CostSummary::default(),
+            timings: Timings {
+                received_at,
+                finished_at,
+                total_ms: millis_between(received_at, finished_at),
+                provider_ms: 0,
+            },
+            metadata: None,
+        };
+        let audit = AuditEvent::new(
+            rejection.tenant.as_deref().unwrap_or(NONE_SEGMENT),
+            Some(rejection.job_id),
+            "job_rejected",
+            finished_at,
+            json!({ "error": rejection.error, "bytes": original.len() }),
+        );
+        Self {
+            tag,
+            job: JobRow {
+                id: rejection.job_id,
+                tenant: rejection.tenant,
+                batch: rejection.batch,
+                route: rejection.route,
+                generation: 0,
+                status: JobStatus::Rejected,
+                request: None,
+                raw_body: Some(rejection.raw_body),
+                received_at,
+                finished_at,
+            },
+            attempts: Vec::new(),
+            result,
+            costs: Vec::new(),
+            audits: vec![audit],
+            dead_letter: Some(original),
+        }
+    }
+}
+
+/// Why a group could not be finalized. The group's deliveries stay unacked, so the broker
+/// redelivers them; any already committed are then answered from Postgres.
+#[derive(Debug, thiserror::Error)]
+pub enum FinalizeError {
+    #[error("cannot commit a group of {jobs} jobs: {source}")]
+    Store {
+        jobs: usize,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("cannot publish a group's messages: {0}")]
+    Publish(#[from] BrokerError),
+    #[error("cannot ack deliveries: {0}")]
+    Ack(#[source] lapin::Error),
+}
+
+/// Counts of what a finalizer did, for logs and `--exit-when-idle` reporting.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FinalizeStats {
+    pub groups: u64,
+    pub jobs: u64,
+    pub duplicates: u64,
+}
+
+/// Owns the commit → publish → ack sequence for one consuming channel.
+pub struct Finalizer {
+    pub pool: PgPool,
+    pub publisher: Publisher,
+    /// The channel the deliveries came from: acks must go back on it.
+    pub consume_channel: Channel,
+    pub names: Names,
+    pub batch_size: usize,
+    pub event_publishing: EventPublishing,
+    pub acks: AckTracker,
+    pub stats: FinalizeStats,
+}
+
+impl Finalizer {
+    /// Finalizes groups until every sender is gone. Whatever is already waiting when a group
+    /// starts joins it (up to `batch_size`), so groups grow with load and no job waits on a timer.
+    pub async fn run(mut self, mut inbox: mpsc::Receiver<Finished>) -> Result<FinalizeStats, FinalizeError> {
+        let mut group = Vec::with_capacity(self.batch_size);
+        while inbox.recv_many(&mut group, self.batch_size).await > 0 {
+            self.finalize_group(std::mem::take(&mut group)).await?;
+        }
+        Ok(self.stats)
+    }
+
+    async fn finalize_group(&mut self, group: Vec<Finished>) -> Result<(), FinalizeError> {
+        let mut tags = Vec::with_capacity(group.len());
+        let mut fresh = Vec::new();
+        let mut republish = Vec::new();
+        for item in group {
+            match item {
+                Finished::Requeue { tag } => {
+                    self.acks.settle_elsewhere(tag);
+                    self.consume_channel
+                        .basic_nack(tag, BasicNackOptions { multiple: false, requeue: true })
+                        .await
+                        .map_err(FinalizeError::Ack)?;
+                    continue;
+                }
+                Finished::Job(ref job) => tags.push(job.tag),
+                Finished::Duplicate { tag, .. } => tags.push(tag),
+            }
+            match item {
+                Finished::Job(job) => fresh.push(*job),
+                Finished::Duplicate { result, .. } => republish.push(*result),
+                Finished::Requeue { .. } => {}
+            }
+        }
+        let lost_races = self.commit(&fresh).await?;
+        let mut outgoing = Vec::with_capacity(fresh.len() * 2 + republish.len());
+        for job in &fresh {
+            // A job that lost a race with a concurrent duplicate publishes the winner's result.
+            let result = lost_races.get(&job.result.job_id).unwrap_or(&job.result);
+            outgoing.push(self.result_message(result));
+            if let Some(body) = &job.dead_letter {
+                outgoing.push(self.dead_letter_message(&job.result, body));
+            }
+        }
+        outgoing.extend(republish.iter().map(|r| self.result_message(r)));
+        let costs: Vec<&CostEvent> = fresh.iter().flat_map(|j| j.costs.iter().map(|(_, c)| c)).collect();
+        let audits: Vec<&AuditEvent> = fresh.iter().flat_map(|j| j.audits.iter()).collect();
+        self.event_messages(&costs, CostEvent::routing_key, |e| e.event_id, &mut outgoing);
+        self.event_messages(&audits, AuditEvent::routing_key, |e| e.event_id, &mut outgoing);
+        self.publisher.publish_all(&outgoing).await?;
+
+        let plan = self.acks.finish(tags);
+        if let Some(tag) = plan.multiple {
+            self.consume_channel
+                .basic_ack(tag, BasicAckOptions { multiple: true })
+                .await
+                .map_err(FinalizeError::Ack)?;
+        }
+        for tag in plan.single {
+            self.consume_channel
+                .basic_ack(tag, BasicAckOptions { multiple: false })
+                .await
+                .map_err(FinalizeError::Ack)?;
+        }
+        self.stats.groups += 1;
+        self.stats.jobs += fresh.len() as u64;
+        self.stats.duplicates += republish.len() as u64;
+        Ok(())
+    }
+
+    /// Writes the group in one transaction. Returns the stored results of jobs whose result
+    /// already existed (a duplicate processed concurrently), keyed by job id.
+    async fn commit(&self, fresh: &[FinishedJob]) -> Result<BTreeMap<Uuid, JobResult>, FinalizeError> {
+        if fresh.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let store_error = |source| FinalizeError::Store {
+            jobs: fresh.len(),
+            source,
+        };
+        let mut tx = self.pool.begin().await.map_err(store_error)?;
+        let job_rows: Vec<JobRow> = fresh.iter().map(|j| j.job.clone()).collect();
+        jobs::insert_many(&mut tx, &job_rows).await.map_err(store_error)?;
+        let attempt_rows: Vec<AttemptRow> = fresh.iter().flat_map(|j| j.attempts.iter().cloned()).collect();
+        attempts::insert_many(&mut tx, &attempt_rows).await.map_err(store_error)?;
+        let result_refs: Vec<&JobResult> = fresh.iter().map(|j| &j.result).collect();
+        let inserted = results::insert_many(&mut tx, &result_refs, Utc::now())
+            .await
+            .map_err(store_error)?;
+        let costs: Vec<(Uuid, &CostEvent)> = fresh
+            .iter()
+            .flat_map(|j| j.costs.iter().map(|(attempt, cost)| (*attempt, cost)))
+            .collect();
+        cost_ledger::insert_many(&mut tx, &costs).await.map_err(store_error)?;
+        let audits: Vec<&AuditEvent> = fresh.iter().flat_map(|j| j.audits.iter()).collect();
+        audit::insert_many(&mut tx, &audits).await.map_err(store_error)?;
+        let lost: Vec<Uuid> = if inserted.len() == fresh.len() {
+            Vec::new()
+        } else {
+            fresh
+                .iter()
+                .map(|j| j.result.job_id)
+                .filter(|id| !inserted.contains(id))
+                .collect()
+        };
+        let stored = results::find_latest_many(&mut tx, &lost).await.map_err(store_error)?;
+        tx.commit().await.map_err(store_error)?;
+        Ok(stored.into_iter().map(|r| (r.job_id, r)).collect())
+    }
+
+    fn result_message(&self, result: &JobResult) -> Outgoing {
+        Outgoing {
+            exchange: self.names.results_exchange(),
+            routing_key: result.routing_key(),
+            body: to_json(result),
+            message_id: result.job_id.to_string(),
+            kind: RESULT_SCHEMA.to_owned(),
+            headers: None,
+        }
+    }
+
+    fn dead_letter_message(&self, result: &JobResult, body: &[u8]) -> Outgoing {
+        let error = result.error.as_ref().map_or_else(String::new, |e| format!("{}: {}", e.code, e.message));
+        let mut headers = FieldTable::default();
+        headers.insert(ERROR_HEADER.into(), AMQPValue::LongString(error.into()));
+        headers.insert(
+            "x-switchyard-job-id".into(),
+            AMQPValue::LongString(result.job_id.to_string().into()),
+        );
+        Outgoing {
+            exchange: self.names.dead_exchange(),
+            routing_key: JOBS_ROUTING_KEY.to_owned(),
+            body: body.to_vec(),
+            message_id: result.job_id.to_string(),
+            kind: JOB_SCHEMA.to_owned(),
+            headers: Some(headers),
+        }
+    }
+
+    /// Cost or audit events: one message per routing key carrying an array (`batched`), or
+    /// one message per event (`single`).
+    fn event_messages<E: Serialize + HasSchema>(
+        &self,
+        events: &[&E],
+        routing_key: impl Fn(&E) -> String,
+        event_id: impl Fn(&E) -> Uuid,
+        outgoing: &mut Vec<Outgoing>,
+    ) {
+        let message = |routing_key: String, body: Vec<u8>, message_id: Uuid, kind: String| Outgoing {
+            exchange: self.names.events_exchange(),
+            routing_key,
+            body,
+            message_id: message_id.to_string(),
+            kind,
+            headers: None,
+        };
+        match self.event_publishing {
+            EventPublishing::Single => outgoing.extend(events.iter().map(|event| {
+                message(routing_key(event), to_json(event), event_id(event), E::SCHEMA.to_owned())
+            })),
+            EventPublishing::Batched => {
+                let mut by_key: BTreeMap<String, Vec<&E>> = BTreeMap::new();
+                for event in events {
+                    by_key.entry(routing_key(event)).or_default().push(event);
+                }
+                outgoing.extend(by_key.into_iter().map(|(key, batch)| {
+                    message(key, to_json(&batch), Uuid::now_v7(), format!("{}[]", E::SCHEMA))
+                }));
+            }
+        }
+    }
+}
+
+/// The schema name an event type is published under.
+pub trait HasSchema {
+    const SCHEMA: &'static str;
+}
+
+impl HasSchema for CostEvent {
+    const SCHEMA: &'static str = COST_EVENT_SCHEMA;
+}
+
+impl HasSchema for AuditEvent {
+    const SCHEMA: &'static str = crate::messages::events::AUDIT_EVENT_SCHEMA;
+}
+
+fn to_json<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
+    // Serializing our own message types cannot fail: they hold no maps with non-string keys.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// The error for a job whose route alias is not configured.
+pub fn unknown_route(route: &str, known: &[&str]) -> JobError {
+    JobError {
+        code: "unknown_route".to_owned(),
+        message: format!("route {route:?} is not configured; known routes: {}", known.join(", ")),
+        path: Some("/route".to_owned()),
+    }
+}

@@ -1,0 +1,121 @@
+//! Postgres, the system of record: connecting (creating the database if needed), migrations,
+//! and one file of queries per table. Store functions take a `&mut PgConnection` so callers
+//! compose them into one transaction.
+
+pub mod attempts;
+pub mod audit;
+pub mod cost_ledger;
+pub mod jobs;
+pub mod results;
+
+use std::str::FromStr;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+
+use crate::config::DatabaseSettings;
+
+/// The embedded migrations of `migrations/`.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Why the store could not be reached or prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid database url: {0}")]
+    Url(#[source] sqlx::Error),
+    #[error(
+        "cannot connect to Postgres at {address}: {source}. Is it running? Start it with \
+         `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, or set \
+         [database] url / SWITCHYARD_DATABASE__URL"
+    )]
+    Unreachable {
+        address: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("database name {0:?} may only contain letters, digits and underscores")]
+    BadName(String),
+    #[error("cannot create database {name}: {source}")]
+    Create {
+        name: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("cannot apply migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    Query(#[from] sqlx::Error),
+}
+
+fn address(options: &PgConnectOptions) -> String {
+    format!("{}:{}", options.get_host(), options.get_port())
+}
+
+/// Connects a pool; with `auto_migrate`, first creates the database when missing and then
+/// applies pending migrations.
+pub async fn connect(settings: &DatabaseSettings) -> Result<PgPool, StoreError> {
+    let options = PgConnectOptions::from_str(&settings.url).map_err(StoreError::Url)?;
+    if settings.auto_migrate {
+        create_database_if_missing(&options).await?;
+    }
+    let pool = PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .connect_with(options.clone())
+        .await
+        .map_err(|source| StoreError::Unreachable {
+            address: address(&options),
+            source,
+        })?;
+    if settings.auto_migrate {
+        MIGRATOR.run(&pool).await?;
+    }
+    Ok(pool)
+}
+
+/// Creates the database named in `options` unless it exists, via the `postgres` database.
+pub async fn create_database_if_missing(options: &PgConnectOptions) -> Result<(), StoreError> {
+    let name = options.get_database().unwrap_or("postgres").to_owned();
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(StoreError::BadName(name));
+    }
+    let mut admin = options
+        .clone()
+        .database("postgres")
+        .connect()
+        .await
+        .map_err(|source| StoreError::Unreachable {
+            address: address(options),
+            source,
+        })?;
+    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
+        .bind(&name)
+        .fetch_optional(&mut admin)
+        .await?;
+    if exists.is_none() {
+        // Identifiers cannot be bound; the name was checked above to be [A-Za-z0-9_]+.
+        let statement = format!("CREATE DATABASE \"{name}\"");
+        match sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut admin).await {
+            Ok(_) => tracing::info!(database = %name, "Created the database."),
+            // Another process created it between our check and our CREATE.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            Err(source) => return Err(StoreError::Create { name, source }),
+        }
+    }
+    admin.close().await?;
+    Ok(())
+}
+
+/// Runs migrations on an existing database (`switchyard migrate`).
+pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// Opens a single connection (for tools that need no pool).
+pub async fn connect_one(url: &str) -> Result<PgConnection, StoreError> {
+    let options = PgConnectOptions::from_str(url).map_err(StoreError::Url)?;
+    options.connect().await.map_err(|source| StoreError::Unreachable {
+        address: address(&options),
+        source,
+    })
+}

@@ -1,0 +1,62 @@
+//! The `results` table: exactly one terminal result per (job, generation), holding the
+//! published message so a redelivered job can be answered without calling a provider.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+use sqlx::types::Json;
+use uuid::Uuid;
+
+use crate::messages::JobResult;
+
+/// Inserts results in one statement and returns the job ids that were inserted; a job whose
+/// result already exists (a duplicate processed concurrently) is not among them.
+pub async fn insert_many(
+    conn: &mut PgConnection,
+    results: &[&JobResult],
+    created_at: DateTime<Utc>,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    if results.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query_scalar(
+        "INSERT INTO results (job_id, generation, tenant, batch, status, error_code, body, created_at)
+         SELECT job_id, generation, tenant, batch, status, error_code, body, $8
+         FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::text[], $7::jsonb[])
+              AS t(job_id, generation, tenant, batch, status, error_code, body)
+         ON CONFLICT (job_id, generation) DO NOTHING
+         RETURNING job_id",
+    )
+    .bind(results.iter().map(|r| r.job_id).collect::<Vec<_>>())
+    .bind(results.iter().map(|r| r.generation).collect::<Vec<_>>())
+    .bind(results.iter().map(|r| r.tenant.clone()).collect::<Vec<_>>())
+    .bind(results.iter().map(|r| r.batch.clone()).collect::<Vec<_>>())
+    .bind(results.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
+    .bind(results.iter().map(|r| r.error.as_ref().map(|e| e.code.clone())).collect::<Vec<_>>())
+    .bind(results.iter().map(|r| Json(*r)).collect::<Vec<_>>())
+    .bind(created_at)
+    .fetch_all(conn)
+    .await
+}
+
+/// The latest stored result of a job, if it has one.
+pub async fn find_latest(conn: &mut PgConnection, job_id: Uuid) -> Result<Option<JobResult>, sqlx::Error> {
+    let row: Option<Json<JobResult>> = sqlx::query_scalar(
+        "SELECT body FROM results WHERE job_id = $1 ORDER BY generation DESC LIMIT 1",
+    )
+    .bind(job_id)
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(|Json(result)| result))
+}
+
+/// The latest stored results of several jobs.
+pub async fn find_latest_many(conn: &mut PgConnection, job_ids: &[Uuid]) -> Result<Vec<JobResult>, sqlx::Error> {
+    let rows: Vec<Json<JobResult>> = sqlx::query_scalar(
+        "SELECT DISTINCT ON (job_id) body FROM results WHERE job_id = ANY($1)
+         ORDER BY job_id, generation DESC",
+    )
+    .bind(job_ids)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(|Json(result)| result).collect())
+}

@@ -1,0 +1,235 @@
+//! The worker: consumes the jobs queue with manual acks and a prefetch equal to its
+//! concurrency, runs each delivery through ingest → route → dispatch on its own task, and hands
+//! the outcome to one finalizer that commits, publishes and acks in groups.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use backon::{ExponentialBuilder, Retryable};
+use chrono::Utc;
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::app::Context;
+use crate::messages::JobResult;
+use crate::queue::consumer::AckTracker;
+use crate::queue::publisher::Publisher;
+use crate::queue::topology;
+use crate::stages::dispatch::dispatch;
+use crate::stages::finalize::{FinalizeStats, Finalizer, Finished, FinishedJob, unknown_route};
+use crate::stages::ingest::{Rejection, ingest};
+use crate::store::results;
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Jobs in flight at once (and the consumer prefetch).
+    pub concurrency: u16,
+    /// Stop once the queue has been empty and nothing was in flight for `idle_after`.
+    pub exit_when_idle: bool,
+    pub idle_after: Duration,
+    /// How long in-flight jobs may take to finish once shutdown starts.
+    pub grace: Duration,
+}
+
+/// Why the worker stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerExit {
+    /// Shutdown was requested (signal or caller).
+    Shutdown,
+    /// `--exit-when-idle` and the queue stayed empty.
+    Idle,
+    /// The broker cancelled the consumer (e.g. the queue was deleted).
+    ConsumerCancelled,
+}
+
+/// What a worker did.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerReport {
+    pub exit: WorkerExit,
+    pub received: u64,
+    pub finalized: FinalizeStats,
+}
+
+/// Consumes until shutdown, idleness or a fatal broker/database error.
+pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<WorkerReport> {
+    let channel = ctx.broker.create_channel().await?;
+    channel
+        .basic_qos(options.concurrency, BasicQosOptions::default())
+        .await?;
+    let queue = ctx.names.jobs_queue();
+    let consumer_tag = format!("switchyard-{}", uuid::Uuid::now_v7().simple());
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            consumer_tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("cannot consume from queue {queue} (run `switchyard migrate`?)"))?;
+    let publisher = Publisher::open(&ctx.broker).await?;
+    let (outbox, inbox) = mpsc::channel(usize::from(options.concurrency) * 2);
+    let finalizer = Finalizer {
+        pool: ctx.pool.clone(),
+        publisher,
+        consume_channel: channel.clone(),
+        names: ctx.names.clone(),
+        batch_size: ctx.settings.worker.finalize_batch_size,
+        event_publishing: ctx.settings.worker.event_publishing,
+        acks: AckTracker::default(),
+        stats: FinalizeStats::default(),
+    };
+    let mut finalizing = Some(ctx.tasks.spawn(finalizer.run(inbox)));
+    let processing = TaskTracker::new();
+    let abandon = CancellationToken::new();
+    let received = Arc::new(AtomicU64::new(0));
+    let mut idle_tick = tokio::time::interval(Duration::from_millis(200));
+    let mut idle_since: Option<Instant> = None;
+    tracing::info!(queue = %queue, concurrency = options.concurrency, "Worker is consuming.");
+
+    let exit = loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => break WorkerExit::Shutdown,
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    idle_since = None;
+                    received.fetch_add(1, Ordering::Relaxed);
+                    processing.spawn(process(ctx.clone(), delivery, outbox.clone(), abandon.clone()));
+                }
+                Some(Err(error)) => return Err(error).context("the jobs consumer failed"),
+                None => break WorkerExit::ConsumerCancelled,
+            },
+            finished = async { finalizing.as_mut()?.await.ok() }, if finalizing.is_some() => {
+                match finished {
+                    Some(Err(error)) => return Err(error).context("finalize failed; unacked jobs will be redelivered"),
+                    _ => anyhow::bail!("the finalizer stopped unexpectedly"),
+                }
+            }
+            _ = idle_tick.tick(), if options.exit_when_idle => {
+                if processing.is_empty() && topology::jobs_queue_depth(&channel, &ctx.names).await?.0 == 0 {
+                    let since = *idle_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= options.idle_after {
+                        break WorkerExit::Idle;
+                    }
+                } else {
+                    idle_since = None;
+                }
+            }
+        }
+    };
+
+    tracing::info!(reason = ?exit, in_flight = processing.len(), "Worker is stopping.");
+    if exit != WorkerExit::ConsumerCancelled
+        && let Err(error) = channel
+            .basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default())
+            .await
+    {
+        tracing::warn!(error = %error, "Could not cancel the consumer.");
+    }
+    processing.close();
+    if tokio::time::timeout(options.grace, processing.wait()).await.is_err() {
+        tracing::warn!(
+            in_flight = processing.len(),
+            "Grace period over; abandoning in-flight jobs (they stay unacked and will be redelivered)."
+        );
+        abandon.cancel();
+        processing.wait().await;
+    }
+    drop(outbox);
+    let finalized = match finalizing {
+        Some(handle) => handle.await.context("the finalizer panicked")??,
+        None => FinalizeStats::default(),
+    };
+    if let Err(error) = channel.close(200, "worker stopped".into()).await {
+        tracing::debug!(error = %error, "Consumer channel was already closed.");
+    }
+    let report = WorkerReport {
+        exit,
+        received: received.load(Ordering::Relaxed),
+        finalized,
+    };
+    tracing::info!(
+        jobs = report.finalized.jobs,
+        duplicates = report.finalized.duplicates,
+        groups = report.finalized.groups,
+        "Worker stopped."
+    );
+    Ok(report)
+}
+
+/// One delivery through the pipeline. Abandoned on `abandon` without sending anything, which
+/// leaves the delivery unacked for redelivery.
+async fn process(ctx: Context, delivery: Delivery, outbox: mpsc::Sender<Finished>, abandon: CancellationToken) {
+    let finished = tokio::select! {
+        _ = abandon.cancelled() => return,
+        finished = handle(&ctx, delivery) => finished,
+    };
+    if outbox.send(finished).await.is_err() {
+        tracing::warn!("Finalizer is gone; the job stays unacked and will be redelivered.");
+    }
+}
+
+async fn handle(ctx: &Context, delivery: Delivery) -> Finished {
+    let received_at = Utc::now();
+    let tag = delivery.delivery_tag;
+    let message_id = delivery.properties.message_id().as_ref().map(|id| id.as_str().to_owned());
+    let body = delivery.data;
+    let job = match ingest(&body, message_id.as_deref(), ctx.settings.worker.max_message_bytes) {
+        Ok(job) => job,
+        Err(rejection) => {
+            tracing::warn!(job_id = %rejection.job_id, code = %rejection.error.code, error.message = %rejection.error.message, "Rejected a job.");
+            return Finished::Job(Box::new(FinishedJob::rejected(tag, *rejection, received_at, body)));
+        }
+    };
+    match stored_result(ctx, job.id).await {
+        Ok(Some(result)) => {
+            tracing::info!(job_id = %job.id, "Job already has a committed result; republishing it.");
+            return Finished::Duplicate {
+                tag,
+                result: Box::new(result),
+            };
+        }
+        Ok(None) => {}
+        Err(error) => {
+            tracing::error!(job_id = %job.id, error.cause_chain = ?error, error.message = %error, "Cannot check for a stored result; requeueing the job.");
+            return Finished::Requeue { tag };
+        }
+    }
+    let Some(targets) = ctx.routes.resolve(&job.route) else {
+        let error = unknown_route(&job.route, &ctx.routes.aliases());
+        tracing::warn!(job_id = %job.id, error.message = %error.message, "Rejected a job.");
+        let rejection = Rejection::for_job(&job, &body, error);
+        return Finished::Job(Box::new(FinishedJob::rejected(tag, rejection, received_at, body)));
+    };
+    let dispatched = dispatch(&job.request, targets).await;
+    if let Err(error) = &dispatched.outcome {
+        tracing::warn!(job_id = %job.id, code = %error.code, error.message = %error.message, "Job failed.");
+    }
+    Finished::Job(Box::new(FinishedJob::completed(tag, &job, received_at, dispatched)))
+}
+
+/// Looks up a committed result, retrying briefly through a transient database error.
+async fn stored_result(ctx: &Context, job_id: uuid::Uuid) -> Result<Option<JobResult>, sqlx::Error> {
+    let lookup = || async {
+        let mut conn = ctx.pool.acquire().await?;
+        results::find_latest(&mut conn, job_id).await
+    };
+    lookup
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(50))
+                .with_max_delay(Duration::from_secs(2))
+                .with_max_times(5)
+                .with_jitter(),
+        )
+        .await
+}
