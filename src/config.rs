@@ -367,7 +367,12 @@ mod tests {
         assert_eq!(settings.routes[0].alias, "default");
         assert_eq!(settings.routes[0].targets[0].provider, BUILTIN_PROVIDER);
         assert_eq!(settings.broker.prefix, "switchyard");
-        assert!(settings.all_providers().iter().any(|p| p.name == BUILTIN_PROVIDER));
+        assert!(
+            settings
+                .all_providers()
+                .iter()
+                .any(|p| p.name == BUILTIN_PROVIDER)
+        );
     }
 
     #[test]
@@ -380,9 +385,13 @@ mod tests {
 
     #[test]
     fn a_route_to_an_unknown_provider_is_rejected() {
-        let text = "[[routes]]\nalias = \"x\"\ntargets = [{ provider = \"nope\", model = \"m\" }]\n";
+        let text =
+            "[[routes]]\nalias = \"x\"\ntargets = [{ provider = \"nope\", model = \"m\" }]\n";
         let err = Settings::from_toml(text).unwrap_err();
-        assert!(err.to_string().contains("unknown provider \"nope\""), "{err}");
+        assert!(
+            err.to_string().contains("unknown provider \"nope\""),
+            "{err}"
+        );
     }
 
     #[test]

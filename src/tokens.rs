@@ -10,7 +10,11 @@ pub fn count(text: &str) -> usize {
 /// Prompt tokens of a chat request: message text plus OpenAI's per-message framing
 /// (3 tokens per message and 3 to prime the reply).
 pub fn count_prompt(request: &ChatRequest) -> usize {
-    request.all_text().map(|text| count(&text) + 3).sum::<usize>() + 3
+    request
+        .all_text()
+        .map(|text| count(&text) + 3)
+        .sum::<usize>()
+        + 3
 }
 
 #[cfg(test)]

@@ -75,7 +75,9 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
             FieldTable::default(),
         )
         .await
-        .with_context(|| format!("cannot consume from queue {queue} (run `switchyard migrate`?)"))?;
+        .with_context(|| {
+            format!("cannot consume from queue {queue} (run `switchyard migrate`?)")
+        })?;
     let publisher = Publisher::open(&ctx.broker).await?;
     let (outbox, inbox) = mpsc::channel(usize::from(options.concurrency) * 2);
     let finalizer = Finalizer {
@@ -136,7 +138,10 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
         tracing::warn!(error = %error, "Could not cancel the consumer.");
     }
     processing.close();
-    if tokio::time::timeout(options.grace, processing.wait()).await.is_err() {
+    if tokio::time::timeout(options.grace, processing.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             in_flight = processing.len(),
             "Grace period over; abandoning in-flight jobs (they stay unacked and will be redelivered)."
@@ -168,7 +173,12 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
 
 /// One delivery through the pipeline. Abandoned on `abandon` without sending anything, which
 /// leaves the delivery unacked for redelivery.
-async fn process(ctx: Context, delivery: Delivery, outbox: mpsc::Sender<Finished>, abandon: CancellationToken) {
+async fn process(
+    ctx: Context,
+    delivery: Delivery,
+    outbox: mpsc::Sender<Finished>,
+    abandon: CancellationToken,
+) {
     let finished = tokio::select! {
         _ = abandon.cancelled() => return,
         finished = handle(&ctx, delivery) => finished,
@@ -181,13 +191,26 @@ async fn process(ctx: Context, delivery: Delivery, outbox: mpsc::Sender<Finished
 async fn handle(ctx: &Context, delivery: Delivery) -> Finished {
     let received_at = Utc::now();
     let tag = delivery.delivery_tag;
-    let message_id = delivery.properties.message_id().as_ref().map(|id| id.as_str().to_owned());
+    let message_id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.as_str().to_owned());
     let body = delivery.data;
-    let job = match ingest(&body, message_id.as_deref(), ctx.settings.worker.max_message_bytes) {
+    let job = match ingest(
+        &body,
+        message_id.as_deref(),
+        ctx.settings.worker.max_message_bytes,
+    ) {
         Ok(job) => job,
         Err(rejection) => {
             tracing::warn!(job_id = %rejection.job_id, code = %rejection.error.code, error.message = %rejection.error.message, "Rejected a job.");
-            return Finished::Job(Box::new(FinishedJob::rejected(tag, *rejection, received_at, body)));
+            return Finished::Job(Box::new(FinishedJob::rejected(
+                tag,
+                *rejection,
+                received_at,
+                body,
+            )));
         }
     };
     match stored_result(ctx, job.id).await {
@@ -208,17 +231,30 @@ async fn handle(ctx: &Context, delivery: Delivery) -> Finished {
         let error = unknown_route(&job.route, &ctx.routes.aliases());
         tracing::warn!(job_id = %job.id, error.message = %error.message, "Rejected a job.");
         let rejection = Rejection::for_job(&job, &body, error);
-        return Finished::Job(Box::new(FinishedJob::rejected(tag, rejection, received_at, body)));
+        return Finished::Job(Box::new(FinishedJob::rejected(
+            tag,
+            rejection,
+            received_at,
+            body,
+        )));
     };
     let dispatched = dispatch(&job.request, targets).await;
     if let Err(error) = &dispatched.outcome {
         tracing::warn!(job_id = %job.id, code = %error.code, error.message = %error.message, "Job failed.");
     }
-    Finished::Job(Box::new(FinishedJob::completed(tag, &job, received_at, dispatched)))
+    Finished::Job(Box::new(FinishedJob::completed(
+        tag,
+        &job,
+        received_at,
+        dispatched,
+    )))
 }
 
 /// Looks up a committed result, retrying briefly through a transient database error.
-async fn stored_result(ctx: &Context, job_id: uuid::Uuid) -> Result<Option<JobResult>, sqlx::Error> {
+async fn stored_result(
+    ctx: &Context,
+    job_id: uuid::Uuid,
+) -> Result<Option<JobResult>, sqlx::Error> {
     let lookup = || async {
         let mut conn = ctx.pool.acquire().await?;
         results::find_latest(&mut conn, job_id).await

@@ -17,7 +17,14 @@ pub fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
         settings.broker.prefix
     )?;
     let database = url::Url::parse(&settings.database.url)
-        .map(|u| format!("{}:{}{}", u.host_str().unwrap_or("?"), u.port().unwrap_or(5432), u.path()))
+        .map(|u| {
+            format!(
+                "{}:{}{}",
+                u.host_str().unwrap_or("?"),
+                u.port().unwrap_or(5432),
+                u.path()
+            )
+        })
         .unwrap_or_else(|_| "(unparsable url)".to_owned());
     writeln!(out, "database: {database}")?;
     for provider in settings.all_providers() {

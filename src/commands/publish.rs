@@ -46,9 +46,14 @@ pub fn parse_line(line: &str, defaults: &Defaults) -> Result<Job, String> {
     let value = match &value {
         Value::Object(object) if object.contains_key("schema") => value,
         Value::Object(object) if object.contains_key("messages") => {
-            let request: ChatRequest =
-                serde_json::from_value(value.clone()).map_err(|e| format!("not a chat-completions request: {e}"))?;
-            let job = Job::new(&defaults.tenant, defaults.batch.as_deref(), &defaults.route, request);
+            let request: ChatRequest = serde_json::from_value(value.clone())
+                .map_err(|e| format!("not a chat-completions request: {e}"))?;
+            let job = Job::new(
+                &defaults.tenant,
+                defaults.batch.as_deref(),
+                &defaults.route,
+                request,
+            );
             serde_json::to_value(job).map_err(|e| e.to_string())?
         }
         _ => {
@@ -121,7 +126,11 @@ mod tests {
 
     #[test]
     fn a_bare_request_becomes_a_job_with_the_defaults() {
-        let job = parse_line(r#"{"messages":[{"role":"user","content":"hi"}]}"#, &defaults()).unwrap();
+        let job = parse_line(
+            r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+            &defaults(),
+        )
+        .unwrap();
         assert_eq!(job.tenant, "acme");
         assert_eq!(job.batch.as_deref(), Some("b1"));
         assert_eq!(job.id.get_version_num(), 7);
@@ -137,8 +146,16 @@ mod tests {
 
     #[test]
     fn bad_lines_say_what_is_wrong() {
-        assert!(parse_line("{oops", &defaults()).unwrap_err().starts_with("not JSON"));
-        assert!(parse_line(r#"{"prompt":"x"}"#, &defaults()).unwrap_err().contains("neither a job"));
+        assert!(
+            parse_line("{oops", &defaults())
+                .unwrap_err()
+                .starts_with("not JSON")
+        );
+        assert!(
+            parse_line(r#"{"prompt":"x"}"#, &defaults())
+                .unwrap_err()
+                .contains("neither a job")
+        );
         let err = parse_line(r#"{"messages":[]}"#, &defaults()).unwrap_err();
         assert!(err.contains("/request/messages"), "{err}");
     }
@@ -147,7 +164,11 @@ mod tests {
     fn the_bundled_example_files_are_valid() {
         for file in ["examples/jobs.jsonl", "examples/requests.jsonl"] {
             let text = std::fs::read_to_string(file).unwrap();
-            for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            for (n, line) in text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+            {
                 parse_line(line, &defaults()).unwrap_or_else(|e| panic!("{file}:{}: {e}", n + 1));
             }
         }

@@ -28,7 +28,9 @@ pub async fn run(settings: Settings, args: SubscribeArgs) -> anyhow::Result<Exit
         auto_delete: true,
         ..QueueDeclareOptions::default()
     };
-    let queue = channel.queue_declare("".into(), temporary, FieldTable::default()).await?;
+    let queue = channel
+        .queue_declare("".into(), temporary, FieldTable::default())
+        .await?;
     channel
         .queue_bind(
             queue.name().clone(),
@@ -38,7 +40,9 @@ pub async fn run(settings: Settings, args: SubscribeArgs) -> anyhow::Result<Exit
             FieldTable::default(),
         )
         .await
-        .with_context(|| format!("cannot bind to exchange {exchange} (run `switchyard migrate`?)"))?;
+        .with_context(|| {
+            format!("cannot bind to exchange {exchange} (run `switchyard migrate`?)")
+        })?;
     let mut consumer = channel
         .basic_consume(
             queue.name().clone(),
@@ -50,6 +54,7 @@ pub async fn run(settings: Settings, args: SubscribeArgs) -> anyhow::Result<Exit
             FieldTable::default(),
         )
         .await?;
+    eprintln!("subscribe: listening on {exchange} for {:?}", args.pattern);
     let mut seen = 0u64;
     let mut out = std::io::stdout();
     loop {
@@ -66,7 +71,10 @@ pub async fn run(settings: Settings, args: SubscribeArgs) -> anyhow::Result<Exit
         // Bodies are compact JSON already; re-encode anything else so each line is one value.
         let line = match serde_json::from_slice::<serde_json::Value>(&delivery.data) {
             Ok(value) => value.to_string(),
-            Err(_) => serde_json::Value::String(String::from_utf8_lossy(&delivery.data).into_owned()).to_string(),
+            Err(_) => {
+                serde_json::Value::String(String::from_utf8_lossy(&delivery.data).into_owned())
+                    .to_string()
+            }
         };
         let mut lock = out.lock();
         writeln!(lock, "{line}")?;

@@ -29,7 +29,8 @@ use crate::queue::topology;
 use crate::worker::{self, WorkerOptions};
 
 /// The instruction sent with every document.
-const PROMPT: &str = "Summarize the following document in a few sentences. Keep the key facts, names and numbers.";
+const PROMPT: &str =
+    "Summarize the following document in a few sentences. Keep the key facts, names and numbers.";
 
 /// One output line.
 #[derive(Debug, Serialize)]
@@ -50,7 +51,8 @@ pub fn collect_documents(paths: &[PathBuf]) -> Result<Vec<PathBuf>, BadInput> {
     for path in paths {
         if path.is_dir() {
             let mut found = Vec::new();
-            walk(path, &mut found).map_err(|e| BadInput(format!("cannot read {}: {e}", path.display())))?;
+            walk(path, &mut found)
+                .map_err(|e| BadInput(format!("cannot read {}: {e}", path.display())))?;
             found.sort();
             documents.extend(found);
         } else if path.is_file() {
@@ -70,7 +72,10 @@ fn walk(dir: &Path, found: &mut Vec<PathBuf>) -> std::io::Result<()> {
         let path = entry?.path();
         if path.is_dir() {
             walk(&path, found)?;
-        } else if matches!(path.extension().and_then(|e| e.to_str()), Some("txt" | "md")) {
+        } else if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("txt" | "md")
+        ) {
             found.push(path);
         }
     }
@@ -78,18 +83,27 @@ fn walk(dir: &Path, found: &mut Vec<PathBuf>) -> std::io::Result<()> {
 }
 
 fn is_name(value: &str) -> bool {
-    !value.is_empty() && value.len() <= 128 && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    !value.is_empty()
+        && value.len() <= 128
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 pub async fn run(settings: Settings, args: SummarizeArgs) -> anyhow::Result<ExitCode> {
     let documents = collect_documents(&args.paths)?;
-    let batch = args
-        .batch
-        .clone()
-        .unwrap_or_else(|| format!("summarize-{}", chrono::Utc::now().format("%Y%m%dT%H%M%S%3f")));
+    let batch = args.batch.clone().unwrap_or_else(|| {
+        format!(
+            "summarize-{}",
+            chrono::Utc::now().format("%Y%m%dT%H%M%S%3f")
+        )
+    });
     for (what, value) in [("--batch", &batch), ("--tenant", &args.tenant)] {
         if !is_name(value) {
-            return Err(BadInput(format!("{what} {value:?} may only contain letters, digits, '_' and '-'")).into());
+            return Err(BadInput(format!(
+                "{what} {value:?} may only contain letters, digits, '_' and '-'"
+            ))
+            .into());
         }
     }
     let mut jobs = Vec::with_capacity(documents.len());
@@ -132,7 +146,9 @@ async fn summarize(
         auto_delete: true,
         ..QueueDeclareOptions::default()
     };
-    let queue = channel.queue_declare("".into(), temporary, FieldTable::default()).await?;
+    let queue = channel
+        .queue_declare("".into(), temporary, FieldTable::default())
+        .await?;
     let pattern = format!("{}.{batch}.*", args.tenant);
     channel
         .queue_bind(
@@ -168,7 +184,9 @@ async fn summarize(
             grace: Duration::from_secs(ctx.settings.worker.shutdown_grace_secs),
         };
         let stop = worker_ctx.shutdown.clone();
-        let handle = ctx.tasks.spawn(async move { worker::run(&worker_ctx, &options).await });
+        let handle = ctx
+            .tasks
+            .spawn(async move { worker::run(&worker_ctx, &options).await });
         (stop, handle)
     });
     if local_worker.is_none() {
@@ -176,11 +194,18 @@ async fn summarize(
     }
 
     let publisher = Publisher::open(&ctx.broker).await?;
-    let messages: Vec<Outgoing> = jobs.iter().map(|job| job_message(&ctx.names, job)).collect();
-    publisher.publish_all(&messages).await.context("cannot publish the batch")?;
+    let messages: Vec<Outgoing> = jobs
+        .iter()
+        .map(|job| job_message(&ctx.names, job))
+        .collect();
+    publisher
+        .publish_all(&messages)
+        .await
+        .context("cannot publish the batch")?;
 
     let progress = Progress::new(jobs.len() as u64);
-    let mut pending: HashMap<Uuid, usize> = jobs.iter().enumerate().map(|(i, j)| (j.id, i)).collect();
+    let mut pending: HashMap<Uuid, usize> =
+        jobs.iter().enumerate().map(|(i, j)| (j.id, i)).collect();
     let mut collected: Vec<Option<JobResult>> = vec![None; jobs.len()];
     let mut failed = 0u64;
     let mut cost = Decimal::ZERO;
@@ -220,7 +245,12 @@ async fn summarize(
     );
     for (path, result) in documents.iter().zip(&collected) {
         if let Some(error) = result.as_ref().and_then(|r| r.error.as_ref()) {
-            eprintln!("  failed: {}: {}: {}", path.display(), error.code, error.message);
+            eprintln!(
+                "  failed: {}: {}: {}",
+                path.display(),
+                error.code,
+                error.message
+            );
         }
     }
     Ok(if failed > 0 {
@@ -230,7 +260,12 @@ async fn summarize(
     })
 }
 
-fn write_output(out: &str, documents: &[PathBuf], jobs: &[Job], results: &[Option<JobResult>]) -> anyhow::Result<()> {
+fn write_output(
+    out: &str,
+    documents: &[PathBuf],
+    jobs: &[Job],
+    results: &[Option<JobResult>],
+) -> anyhow::Result<()> {
     let mut writer: Box<dyn Write> = if out == "-" {
         Box::new(std::io::stdout().lock())
     } else {
@@ -249,7 +284,10 @@ fn write_output(out: &str, documents: &[PathBuf], jobs: &[Job], results: &[Optio
                 provider: result.provider.as_deref(),
                 model: result.model.as_deref(),
                 cost_usd: result.cost.amount_usd.to_string(),
-                error: result.error.as_ref().map(|e| format!("{}: {}", e.code, e.message)),
+                error: result
+                    .error
+                    .as_ref()
+                    .map(|e| format!("{}: {}", e.code, e.message)),
             },
             None => SummaryLine {
                 path: &path,

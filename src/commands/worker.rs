@@ -10,7 +10,10 @@ use crate::worker::{self, WorkerOptions};
 
 pub async fn run(settings: Settings, args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let options = WorkerOptions {
-        concurrency: args.concurrency.unwrap_or(settings.worker.concurrency).max(1),
+        concurrency: args
+            .concurrency
+            .unwrap_or(settings.worker.concurrency)
+            .max(1),
         exit_when_idle: args.exit_when_idle,
         idle_after: Duration::from_secs(1),
         grace: Duration::from_secs(settings.worker.shutdown_grace_secs),

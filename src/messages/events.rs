@@ -54,7 +54,13 @@ pub struct AuditEvent {
 
 impl AuditEvent {
     /// A new event with a fresh id.
-    pub fn new(tenant: &str, job_id: Option<Uuid>, kind: &str, at: DateTime<Utc>, details: Value) -> Self {
+    pub fn new(
+        tenant: &str,
+        job_id: Option<Uuid>,
+        kind: &str,
+        at: DateTime<Utc>,
+        details: Value,
+    ) -> Self {
         Self {
             schema: AUDIT_EVENT_SCHEMA.to_owned(),
             event_id: Uuid::now_v7(),

@@ -8,7 +8,9 @@ pub mod schema;
 
 pub use events::{AuditEvent, CostEvent};
 pub use job::{ChatMessage, ChatRequest, Job};
-pub use result::{AttemptReport, AttemptStatus, CostSummary, JobError, JobResult, JobStatus, Timings, Usage};
+pub use result::{
+    AttemptReport, AttemptStatus, CostSummary, JobError, JobResult, JobStatus, Timings, Usage,
+};
 
 /// The routing-key segment used when a job has no tenant or no batch.
 pub const NONE_SEGMENT: &str = "_";

@@ -65,7 +65,10 @@ impl JobResult {
 
     /// The assistant text of a successful result.
     pub fn text(&self) -> Option<&str> {
-        self.response.as_ref()?.pointer("/choices/0/message/content")?.as_str()
+        self.response
+            .as_ref()?
+            .pointer("/choices/0/message/content")?
+            .as_str()
     }
 }
 

@@ -36,7 +36,8 @@ fn compile(text: &str) -> Validator {
         .expect("embedded schema compiles")
 }
 
-static JOB: LazyLock<Validator> = LazyLock::new(|| compile(include_str!("../../schemas/job.v1.json")));
+static JOB: LazyLock<Validator> =
+    LazyLock::new(|| compile(include_str!("../../schemas/job.v1.json")));
 static RESULT: LazyLock<Validator> =
     LazyLock::new(|| compile(include_str!("../../schemas/result.v1.json")));
 static COST_EVENT: LazyLock<Validator> =
@@ -61,7 +62,11 @@ impl Schema {
             Some(error) => {
                 let path = error.instance_path().to_string();
                 Err(SchemaViolation {
-                    path: if path.is_empty() { "/".to_owned() } else { path },
+                    path: if path.is_empty() {
+                        "/".to_owned()
+                    } else {
+                        path
+                    },
                     message: error.to_string(),
                 })
             }
@@ -83,7 +88,10 @@ mod tests {
             ("audit", include_str!("../../schemas/audit_event.v1.json")),
         ] {
             let schema: Value = serde_json::from_str(text).unwrap();
-            assert!(jsonschema::validator_for(&schema).is_ok(), "{name} schema does not compile");
+            assert!(
+                jsonschema::validator_for(&schema).is_ok(),
+                "{name} schema does not compile"
+            );
         }
     }
 

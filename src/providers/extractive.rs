@@ -20,7 +20,11 @@ pub struct ExtractiveProvider;
 
 impl ExtractiveProvider {
     /// Answers with an extractive summary and real token counts.
-    pub fn complete(&self, request: &ChatRequest, model: &str) -> Result<Completion, ProviderError> {
+    pub fn complete(
+        &self,
+        request: &ChatRequest,
+        model: &str,
+    ) -> Result<Completion, ProviderError> {
         let document = request.last_user_text();
         if document.trim().is_empty() {
             return Err(ProviderError::new(
@@ -78,18 +82,33 @@ mod tests {
                     Deltas host rich farmland and large cities. Engineers now dam many rivers. \
                     Dams trap sediment, so deltas shrink. Shrinking deltas expose cities to floods. \
                     Some countries now release sediment through dams on purpose.";
-        let completion = ExtractiveProvider.complete(&request(text), "extractive-v1").unwrap();
-        let summary = completion.response["choices"][0]["message"]["content"].as_str().unwrap();
+        let completion = ExtractiveProvider
+            .complete(&request(text), "extractive-v1")
+            .unwrap();
+        let summary = completion.response["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap();
         assert!(!summary.is_empty() && summary.len() < text.len());
         assert!(text.contains(summary.split(". ").next().unwrap()));
-        assert_eq!(completion.usage.output_tokens, tokens::count(summary) as u64);
-        assert_eq!(completion.usage.input_tokens, tokens::count_prompt(&request(text)) as u64);
-        assert_eq!(completion.response["usage"]["prompt_tokens"], completion.usage.input_tokens);
+        assert_eq!(
+            completion.usage.output_tokens,
+            tokens::count(summary) as u64
+        );
+        assert_eq!(
+            completion.usage.input_tokens,
+            tokens::count_prompt(&request(text)) as u64
+        );
+        assert_eq!(
+            completion.response["usage"]["prompt_tokens"],
+            completion.usage.input_tokens
+        );
     }
 
     #[test]
     fn a_request_without_user_text_is_an_invalid_request() {
-        let err = ExtractiveProvider.complete(&request("   "), "extractive-v1").unwrap_err();
+        let err = ExtractiveProvider
+            .complete(&request("   "), "extractive-v1")
+            .unwrap_err();
         assert_eq!(err.class, ErrorClass::InvalidRequest);
     }
 }

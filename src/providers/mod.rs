@@ -116,7 +116,11 @@ pub enum Provider {
 
 impl Provider {
     /// Runs one chat completion against `model`.
-    pub async fn complete(&self, request: &ChatRequest, model: &str) -> Result<Completion, ProviderError> {
+    pub async fn complete(
+        &self,
+        request: &ChatRequest,
+        model: &str,
+    ) -> Result<Completion, ProviderError> {
         match self {
             Provider::Extractive(p) => p.complete(request, model),
             Provider::OpenAi(p) => p.complete(request, model).await,

@@ -69,7 +69,10 @@ impl From<OpenAiUsage> for Usage {
         Usage {
             input_tokens: usage.prompt_tokens,
             cached_input_tokens: prompt.as_ref().and_then(|p| p.cached_tokens).unwrap_or(0),
-            cache_write_tokens: prompt.as_ref().and_then(|p| p.cache_write_tokens).unwrap_or(0),
+            cache_write_tokens: prompt
+                .as_ref()
+                .and_then(|p| p.cache_write_tokens)
+                .unwrap_or(0),
             output_tokens: usage.completion_tokens,
             reasoning_tokens: usage
                 .completion_tokens_details
@@ -80,7 +83,12 @@ impl From<OpenAiUsage> for Usage {
 }
 
 impl OpenAiProvider {
-    pub fn new(http: reqwest::Client, base_url: String, keys: Vec<ApiKey>, timeout: Duration) -> Self {
+    pub fn new(
+        http: reqwest::Client,
+        base_url: String,
+        keys: Vec<ApiKey>,
+        timeout: Duration,
+    ) -> Self {
         Self {
             http,
             base_url: base_url.trim_end_matches('/').to_owned(),
@@ -99,7 +107,11 @@ impl OpenAiProvider {
     }
 
     /// One non-streaming chat completion.
-    pub async fn complete(&self, request: &ChatRequest, model: &str) -> Result<Completion, ProviderError> {
+    pub async fn complete(
+        &self,
+        request: &ChatRequest,
+        model: &str,
+    ) -> Result<Completion, ProviderError> {
         let Some(key) = self.key() else {
             return Err(ProviderError::new(
                 PROVIDER_TYPE,
@@ -108,7 +120,11 @@ impl OpenAiProvider {
             ));
         };
         let mut body = serde_json::to_value(request).map_err(|e| {
-            ProviderError::new(PROVIDER_TYPE, ErrorClass::InvalidRequest, format!("cannot encode request: {e}"))
+            ProviderError::new(
+                PROVIDER_TYPE,
+                ErrorClass::InvalidRequest,
+                format!("cannot encode request: {e}"),
+            )
         })?;
         if let Some(object) = body.as_object_mut() {
             object.insert("model".to_owned(), Value::from(model));
@@ -170,8 +186,13 @@ fn parse_openai_response(text: &str) -> Result<Completion, ProviderError> {
 /// Maps an error status (then the body's discriminator) to an error class. Never fails:
 /// a body that is not JSON (an HTML page from a proxy) still classifies by status.
 pub fn handle_openai_error(status: u16, body: &str) -> ProviderError {
-    let detail = serde_json::from_str::<OpenAiErrorBody>(body.trim_start()).ok().map(|b| b.error);
-    let kind = detail.as_ref().and_then(|d| d.kind.as_deref()).unwrap_or("");
+    let detail = serde_json::from_str::<OpenAiErrorBody>(body.trim_start())
+        .ok()
+        .map(|b| b.error);
+    let kind = detail
+        .as_ref()
+        .and_then(|d| d.kind.as_deref())
+        .unwrap_or("");
     let code = detail
         .as_ref()
         .and_then(|d| d.code.as_ref())
@@ -183,7 +204,9 @@ pub fn handle_openai_error(status: u16, body: &str) -> ProviderError {
         401 | 403 => ErrorClass::Auth,
         408 => ErrorClass::Timeout,
         409 => ErrorClass::Conflict,
-        429 if code == "insufficient_quota" || kind == "insufficient_quota" => ErrorClass::QuotaExhausted,
+        429 if code == "insufficient_quota" || kind == "insufficient_quota" => {
+            ErrorClass::QuotaExhausted
+        }
         429 => ErrorClass::RateLimited,
         503 | 529 => ErrorClass::Overloaded,
         504 => ErrorClass::Timeout,
@@ -218,7 +241,12 @@ mod tests {
             id: "main".to_owned(),
             secret: "sk-test".into(),
         };
-        OpenAiProvider::new(reqwest::Client::new(), format!("{}/v1", server.uri()), vec![key], timeout)
+        OpenAiProvider::new(
+            reqwest::Client::new(),
+            format!("{}/v1", server.uri()),
+            vec![key],
+            timeout,
+        )
     }
 
     fn request() -> ChatRequest {
@@ -242,7 +270,10 @@ mod tests {
             .complete(&request(), "gpt-x")
             .await
             .unwrap();
-        assert_eq!(completion.response["choices"][0]["message"]["content"], "Hi.");
+        assert_eq!(
+            completion.response["choices"][0]["message"]["content"],
+            "Hi."
+        );
         assert_eq!(
             completion.usage,
             Usage {
@@ -253,7 +284,8 @@ mod tests {
                 reasoning_tokens: 2
             }
         );
-        let sent: Value = serde_json::from_slice(&server.received_requests().await.unwrap()[0].body).unwrap();
+        let sent: Value =
+            serde_json::from_slice(&server.received_requests().await.unwrap()[0].body).unwrap();
         assert_eq!(sent["model"], "gpt-x");
     }
 
@@ -274,7 +306,11 @@ mod tests {
         assert_eq!(err.class, ErrorClass::RateLimited);
         assert_eq!(err.status, Some(429));
         assert!(err.is_retryable());
-        assert!(err.message.contains("Rate limit reached"), "{}", err.message);
+        assert!(
+            err.message.contains("Rate limit reached"),
+            "{}",
+            err.message
+        );
     }
 
     #[tokio::test]
@@ -313,7 +349,11 @@ mod tests {
     async fn a_slow_provider_times_out() {
         let server = MockServer::start().await;
         Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(200).set_body_string(COMPLETION).set_delay(Duration::from_secs(5)))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_string(COMPLETION)
+                    .set_delay(Duration::from_secs(5)),
+            )
             .mount(&server)
             .await;
         let err = provider(&server, Duration::from_millis(100))
@@ -327,12 +367,21 @@ mod tests {
     fn error_statuses_map_to_classes() {
         let quota = r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
         let context = r#"{"error":{"message":"too long","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#;
-        assert_eq!(handle_openai_error(429, quota).class, ErrorClass::QuotaExhausted);
-        assert_eq!(handle_openai_error(400, context).class, ErrorClass::ContextLength);
+        assert_eq!(
+            handle_openai_error(429, quota).class,
+            ErrorClass::QuotaExhausted
+        );
+        assert_eq!(
+            handle_openai_error(400, context).class,
+            ErrorClass::ContextLength
+        );
         assert_eq!(handle_openai_error(401, "").class, ErrorClass::Auth);
         assert_eq!(handle_openai_error(503, "").class, ErrorClass::Overloaded);
         assert_eq!(handle_openai_error(504, "").class, ErrorClass::Timeout);
-        assert_eq!(handle_openai_error(404, "").class, ErrorClass::InvalidRequest);
+        assert_eq!(
+            handle_openai_error(404, "").class,
+            ErrorClass::InvalidRequest
+        );
         assert!(!handle_openai_error(400, "{}").is_retryable());
     }
 }

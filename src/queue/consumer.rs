@@ -35,7 +35,10 @@ impl AckTracker {
         // The highest fresh tag inside the contiguous run acks all fresh tags below it; tags
         // it passes over were acked singly before and are no longer outstanding.
         let multiple = fresh.range(..=self.contiguous_through).next_back().copied();
-        let single = fresh.range(self.contiguous_through + 1..).copied().collect();
+        let single = fresh
+            .range(self.contiguous_through + 1..)
+            .copied()
+            .collect();
         AckPlan { multiple, single }
     }
 }

@@ -22,7 +22,10 @@ pub enum BrokerError {
     #[error("invalid broker url: {0}")]
     Url(String),
     #[error("broker refused a publish (nack) to {exchange} with routing key {routing_key}")]
-    Nacked { exchange: String, routing_key: String },
+    Nacked {
+        exchange: String,
+        routing_key: String,
+    },
     #[error(transparent)]
     Amqp(#[from] lapin::Error),
 }

@@ -63,7 +63,10 @@ fn durable_exchange() -> ExchangeDeclareOptions {
 
 fn quorum_arguments(extra: &[(&str, AMQPValue)]) -> FieldTable {
     let mut arguments = FieldTable::default();
-    arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
     for (key, value) in extra {
         arguments.insert((*key).into(), value.clone());
     }
@@ -71,7 +74,11 @@ fn quorum_arguments(extra: &[(&str, AMQPValue)]) -> FieldTable {
 }
 
 /// Declares the whole topology; declaring it again with the same settings changes nothing.
-pub async fn declare(channel: &Channel, names: &Names, delivery_limit: u32) -> Result<(), lapin::Error> {
+pub async fn declare(
+    channel: &Channel,
+    names: &Names,
+    delivery_limit: u32,
+) -> Result<(), lapin::Error> {
     for (exchange, kind) in [
         (names.jobs_exchange(), ExchangeKind::Direct),
         (names.dead_exchange(), ExchangeKind::Fanout),
@@ -79,7 +86,12 @@ pub async fn declare(channel: &Channel, names: &Names, delivery_limit: u32) -> R
         (names.events_exchange(), ExchangeKind::Topic),
     ] {
         channel
-            .exchange_declare(exchange.into(), kind, durable_exchange(), FieldTable::default())
+            .exchange_declare(
+                exchange.into(),
+                kind,
+                durable_exchange(),
+                FieldTable::default(),
+            )
             .await?;
     }
     let durable = QueueDeclareOptions {
@@ -99,8 +111,14 @@ pub async fn declare(channel: &Channel, names: &Names, delivery_limit: u32) -> R
         )
         .await?;
     let jobs_arguments = quorum_arguments(&[
-        ("x-delivery-limit", AMQPValue::LongInt(i32::try_from(delivery_limit).unwrap_or(i32::MAX))),
-        ("x-dead-letter-exchange", AMQPValue::LongString(names.dead_exchange().into())),
+        (
+            "x-delivery-limit",
+            AMQPValue::LongInt(i32::try_from(delivery_limit).unwrap_or(i32::MAX)),
+        ),
+        (
+            "x-dead-letter-exchange",
+            AMQPValue::LongString(names.dead_exchange().into()),
+        ),
     ]);
     channel
         .queue_declare(names.jobs_queue().into(), durable, jobs_arguments)
@@ -118,7 +136,10 @@ pub async fn declare(channel: &Channel, names: &Names, delivery_limit: u32) -> R
 }
 
 /// Messages ready in the jobs queue and consumers attached to it.
-pub async fn jobs_queue_depth(channel: &Channel, names: &Names) -> Result<(u32, u32), lapin::Error> {
+pub async fn jobs_queue_depth(
+    channel: &Channel,
+    names: &Names,
+) -> Result<(u32, u32), lapin::Error> {
     let queue = channel
         .queue_declare(
             names.jobs_queue().into(),

@@ -58,13 +58,20 @@ pub async fn dispatch(request: &ChatRequest, targets: &[Target]) -> Dispatched {
         let started_at = Utc::now();
         let clock = Instant::now();
         let key_id = target.provider.client.key_id().map(str::to_owned);
-        let result = target.provider.client.complete(request, &target.model).await;
+        let result = target
+            .provider
+            .client
+            .complete(request, &target.model)
+            .await;
         let latency_ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
         let (outcome, response) = match result {
             Ok(completion) => (Ok(completion.usage), Some(completion.response)),
             Err(error) => (Err(error), None),
         };
-        let retryable = outcome.as_ref().err().is_some_and(ProviderError::is_retryable);
+        let retryable = outcome
+            .as_ref()
+            .err()
+            .is_some_and(ProviderError::is_retryable);
         attempts.push(Attempt {
             id: Uuid::now_v7(),
             n: u32::try_from(index + 1).unwrap_or(u32::MAX),
@@ -96,7 +103,10 @@ pub async fn dispatch(request: &ChatRequest, targets: &[Target]) -> Dispatched {
 
 /// The job's error: the last failure's class as the code, and every attempt in the message.
 fn job_error(attempts: &[Attempt]) -> JobError {
-    let failures: Vec<&ProviderError> = attempts.iter().filter_map(|a| a.outcome.as_ref().err()).collect();
+    let failures: Vec<&ProviderError> = attempts
+        .iter()
+        .filter_map(|a| a.outcome.as_ref().err())
+        .collect();
     let Some(last) = failures.last() else {
         return JobError::new("no_targets", "the route has no targets");
     };
@@ -109,9 +119,19 @@ fn job_error(attempts: &[Attempt]) -> JobError {
         .iter()
         .filter_map(|a| {
             let e = a.outcome.as_ref().err()?;
-            Some(format!("#{} {}/{}: {} ({})", a.n, a.provider, a.model, e.class.as_str(), e.message))
+            Some(format!(
+                "#{} {}/{}: {} ({})",
+                a.n,
+                a.provider,
+                a.model,
+                e.class.as_str(),
+                e.message
+            ))
         })
         .collect::<Vec<_>>()
         .join("; ");
-    JobError::new(code, format!("{} attempt(s) failed: {listing}", failures.len()))
+    JobError::new(
+        code,
+        format!("{} attempt(s) failed: {listing}", failures.len()),
+    )
 }

@@ -24,8 +24,8 @@ use crate::messages::events::COST_EVENT_SCHEMA;
 use crate::messages::job::JOB_SCHEMA;
 use crate::messages::result::RESULT_SCHEMA;
 use crate::messages::{
-    AttemptReport, AttemptStatus, AuditEvent, CostEvent, CostSummary, Job, JobError, JobResult, JobStatus,
-    NONE_SEGMENT, Timings,
+    AttemptReport, AttemptStatus, AuditEvent, CostEvent, CostSummary, Job, JobError, JobResult,
+    JobStatus, NONE_SEGMENT, Timings,
 };
 use crate::queue::BrokerError;
 use crate::queue::consumer::AckTracker;
@@ -84,7 +84,12 @@ fn request_hash(request: &Value) -> String {
 
 impl FinishedJob {
     /// A job that went through dispatch, successful or not.
-    pub fn completed(tag: u64, job: &Job, received_at: DateTime<Utc>, dispatched: Dispatched) -> Self {
+    pub fn completed(
+        tag: u64,
+        job: &Job,
+        received_at: DateTime<Utc>,
+        dispatched: Dispatched,
+    ) -> Self {
         let finished_at = Utc::now();
         let request = serde_json::to_value(&job.request).unwrap_or(Value::Null);
         let mut cost = CostSummary::default();
@@ -168,7 +173,9 @@ impl FinishedJob {
                 usage,
             });
         }
-        let winner = dispatched.winner().map(|a| (a.provider.clone(), a.model.clone()));
+        let winner = dispatched
+            .winner()
+            .map(|a| (a.provider.clone(), a.model.clone()));
         let (status, response, error) = match dispatched.outcome {
             Ok(mut response) => {
                 strip_nul(&mut response);
@@ -237,7 +244,12 @@ impl FinishedJob {
 
     /// A message that could not become a served job: a `rejected` result, an audit event, and
     /// the original body bound for the dead-letter queue.
-    pub fn rejected(tag: u64, rejection: Rejection, received_at: DateTime<Utc>, original: Vec<u8>) -> Self {
+    pub fn rejected(
+        tag: u64,
+        rejection: Rejection,
+        received_at: DateTime<Utc>,
+        original: Vec<u8>,
+    ) -> Self {
         let finished_at = Utc::now();
         let result = JobResult {
             schema: RESULT_SCHEMA.to_owned(),
@@ -331,7 +343,10 @@ pub struct Finalizer {
 impl Finalizer {
     /// Finalizes groups until every sender is gone. Whatever is already waiting when a group
     /// starts joins it (up to `batch_size`), so groups grow with load and no job waits on a timer.
-    pub async fn run(mut self, mut inbox: mpsc::Receiver<Finished>) -> Result<FinalizeStats, FinalizeError> {
+    pub async fn run(
+        mut self,
+        mut inbox: mpsc::Receiver<Finished>,
+    ) -> Result<FinalizeStats, FinalizeError> {
         let mut group = Vec::with_capacity(self.batch_size);
         while inbox.recv_many(&mut group, self.batch_size).await > 0 {
             self.finalize_group(std::mem::take(&mut group)).await?;
@@ -348,7 +363,13 @@ impl Finalizer {
                 Finished::Requeue { tag } => {
                     self.acks.settle_elsewhere(tag);
                     self.consume_channel
-                        .basic_nack(tag, BasicNackOptions { multiple: false, requeue: true })
+                        .basic_nack(
+                            tag,
+                            BasicNackOptions {
+                                multiple: false,
+                                requeue: true,
+                            },
+                        )
                         .await
                         .map_err(FinalizeError::Ack)?;
                     continue;
@@ -373,10 +394,23 @@ impl Finalizer {
             }
         }
         outgoing.extend(republish.iter().map(|r| self.result_message(r)));
-        let costs: Vec<&CostEvent> = fresh.iter().flat_map(|j| j.costs.iter().map(|(_, c)| c)).collect();
+        let costs: Vec<&CostEvent> = fresh
+            .iter()
+            .flat_map(|j| j.costs.iter().map(|(_, c)| c))
+            .collect();
         let audits: Vec<&AuditEvent> = fresh.iter().flat_map(|j| j.audits.iter()).collect();
-        self.event_messages(&costs, CostEvent::routing_key, |e| e.event_id, &mut outgoing);
-        self.event_messages(&audits, AuditEvent::routing_key, |e| e.event_id, &mut outgoing);
+        self.event_messages(
+            &costs,
+            CostEvent::routing_key,
+            |e| e.event_id,
+            &mut outgoing,
+        );
+        self.event_messages(
+            &audits,
+            AuditEvent::routing_key,
+            |e| e.event_id,
+            &mut outgoing,
+        );
         self.publisher.publish_all(&outgoing).await?;
 
         let plan = self.acks.finish(tags);
@@ -400,7 +434,10 @@ impl Finalizer {
 
     /// Writes the group in one transaction. Returns the stored results of jobs whose result
     /// already existed (a duplicate processed concurrently), keyed by job id.
-    async fn commit(&self, fresh: &[FinishedJob]) -> Result<BTreeMap<Uuid, JobResult>, FinalizeError> {
+    async fn commit(
+        &self,
+        fresh: &[FinishedJob],
+    ) -> Result<BTreeMap<Uuid, JobResult>, FinalizeError> {
         if fresh.is_empty() {
             return Ok(BTreeMap::new());
         }
@@ -410,9 +447,16 @@ impl Finalizer {
         };
         let mut tx = self.pool.begin().await.map_err(store_error)?;
         let job_rows: Vec<JobRow> = fresh.iter().map(|j| j.job.clone()).collect();
-        jobs::insert_many(&mut tx, &job_rows).await.map_err(store_error)?;
-        let attempt_rows: Vec<AttemptRow> = fresh.iter().flat_map(|j| j.attempts.iter().cloned()).collect();
-        attempts::insert_many(&mut tx, &attempt_rows).await.map_err(store_error)?;
+        jobs::insert_many(&mut tx, &job_rows)
+            .await
+            .map_err(store_error)?;
+        let attempt_rows: Vec<AttemptRow> = fresh
+            .iter()
+            .flat_map(|j| j.attempts.iter().cloned())
+            .collect();
+        attempts::insert_many(&mut tx, &attempt_rows)
+            .await
+            .map_err(store_error)?;
         let result_refs: Vec<&JobResult> = fresh.iter().map(|j| &j.result).collect();
         let inserted = results::insert_many(&mut tx, &result_refs, Utc::now())
             .await
@@ -421,9 +465,13 @@ impl Finalizer {
             .iter()
             .flat_map(|j| j.costs.iter().map(|(attempt, cost)| (*attempt, cost)))
             .collect();
-        cost_ledger::insert_many(&mut tx, &costs).await.map_err(store_error)?;
+        cost_ledger::insert_many(&mut tx, &costs)
+            .await
+            .map_err(store_error)?;
         let audits: Vec<&AuditEvent> = fresh.iter().flat_map(|j| j.audits.iter()).collect();
-        audit::insert_many(&mut tx, &audits).await.map_err(store_error)?;
+        audit::insert_many(&mut tx, &audits)
+            .await
+            .map_err(store_error)?;
         let lost: Vec<Uuid> = if inserted.len() == fresh.len() {
             Vec::new()
         } else {
@@ -433,7 +481,9 @@ impl Finalizer {
                 .filter(|id| !inserted.contains(id))
                 .collect()
         };
-        let stored = results::find_latest_many(&mut tx, &lost).await.map_err(store_error)?;
+        let stored = results::find_latest_many(&mut tx, &lost)
+            .await
+            .map_err(store_error)?;
         tx.commit().await.map_err(store_error)?;
         Ok(stored.into_iter().map(|r| (r.job_id, r)).collect())
     }
@@ -450,7 +500,10 @@ impl Finalizer {
     }
 
     fn dead_letter_message(&self, result: &JobResult, body: &[u8]) -> Outgoing {
-        let error = result.error.as_ref().map_or_else(String::new, |e| format!("{}: {}", e.code, e.message));
+        let error = result
+            .error
+            .as_ref()
+            .map_or_else(String::new, |e| format!("{}: {}", e.code, e.message));
         let mut headers = FieldTable::default();
         headers.insert(ERROR_HEADER.into(), AMQPValue::LongString(error.into()));
         headers.insert(
@@ -476,17 +529,23 @@ impl Finalizer {
         event_id: impl Fn(&E) -> Uuid,
         outgoing: &mut Vec<Outgoing>,
     ) {
-        let message = |routing_key: String, body: Vec<u8>, message_id: Uuid, kind: String| Outgoing {
-            exchange: self.names.events_exchange(),
-            routing_key,
-            body,
-            message_id: message_id.to_string(),
-            kind,
-            headers: None,
-        };
+        let message =
+            |routing_key: String, body: Vec<u8>, message_id: Uuid, kind: String| Outgoing {
+                exchange: self.names.events_exchange(),
+                routing_key,
+                body,
+                message_id: message_id.to_string(),
+                kind,
+                headers: None,
+            };
         match self.event_publishing {
             EventPublishing::Single => outgoing.extend(events.iter().map(|event| {
-                message(routing_key(event), to_json(event), event_id(event), E::SCHEMA.to_owned())
+                message(
+                    routing_key(event),
+                    to_json(event),
+                    event_id(event),
+                    E::SCHEMA.to_owned(),
+                )
             })),
             EventPublishing::Batched => {
                 let mut by_key: BTreeMap<String, Vec<&E>> = BTreeMap::new();
@@ -494,7 +553,12 @@ impl Finalizer {
                     by_key.entry(routing_key(event)).or_default().push(event);
                 }
                 outgoing.extend(by_key.into_iter().map(|(key, batch)| {
-                    message(key, to_json(&batch), Uuid::now_v7(), format!("{}[]", E::SCHEMA))
+                    message(
+                        key,
+                        to_json(&batch),
+                        Uuid::now_v7(),
+                        format!("{}[]", E::SCHEMA),
+                    )
                 }));
             }
         }
@@ -523,7 +587,10 @@ fn to_json<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
 pub fn unknown_route(route: &str, known: &[&str]) -> JobError {
     JobError {
         code: "unknown_route".to_owned(),
-        message: format!("route {route:?} is not configured; known routes: {}", known.join(", ")),
+        message: format!(
+            "route {route:?} is not configured; known routes: {}",
+            known.join(", ")
+        ),
         path: Some("/route".to_owned()),
     }
 }

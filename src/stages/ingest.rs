@@ -64,14 +64,23 @@ impl Rejection {
 }
 
 /// Parses and validates one delivery body against `schemas/job.v1.json`.
-pub fn ingest(body: &[u8], message_id: Option<&str>, max_bytes: usize) -> Result<Job, Box<Rejection>> {
-    let reject = |parsed: Option<&Value>, error: JobError| Box::new(Rejection::new(body, parsed, message_id, error));
+pub fn ingest(
+    body: &[u8],
+    message_id: Option<&str>,
+    max_bytes: usize,
+) -> Result<Job, Box<Rejection>> {
+    let reject = |parsed: Option<&Value>, error: JobError| {
+        Box::new(Rejection::new(body, parsed, message_id, error))
+    };
     if body.len() > max_bytes {
         return Err(reject(
             None,
             JobError::new(
                 "too_large",
-                format!("message body is {} bytes; the limit is {max_bytes}", body.len()),
+                format!(
+                    "message body is {} bytes; the limit is {max_bytes}",
+                    body.len()
+                ),
             ),
         ));
     }
@@ -92,7 +101,10 @@ pub fn ingest(body: &[u8], message_id: Option<&str>, max_bytes: usize) -> Result
             Some(&value),
             JobError {
                 code: "schema_violation".to_owned(),
-                message: format!("job does not match job.v1 schema at {}: {}", violation.path, violation.message),
+                message: format!(
+                    "job does not match job.v1 schema at {}: {}",
+                    violation.path, violation.message
+                ),
                 path: Some(violation.path),
             },
         ));
@@ -109,7 +121,10 @@ pub fn ingest(body: &[u8], message_id: Option<&str>, max_bytes: usize) -> Result
     serde_json::from_value::<Job>(value.clone()).map_err(|e| {
         reject(
             Some(&value),
-            JobError::new("schema_violation", format!("job does not match job.v1 schema: {e}")),
+            JobError::new(
+                "schema_violation",
+                format!("job does not match job.v1 schema: {e}"),
+            ),
         )
     })
 }

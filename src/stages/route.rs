@@ -54,7 +54,10 @@ impl Routes {
 
     /// The targets of `alias`, in order; `None` for an unknown alias.
     pub fn resolve(&self, alias: &str) -> Option<&[Target]> {
-        self.by_alias.get(alias).map(Vec::as_slice).filter(|t| !t.is_empty())
+        self.by_alias
+            .get(alias)
+            .map(Vec::as_slice)
+            .filter(|t| !t.is_empty())
     }
 
     /// Known aliases, sorted, for error messages.

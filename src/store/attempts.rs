@@ -28,7 +28,11 @@ pub struct AttemptRow {
 
 fn tokens(rows: &[AttemptRow], field: impl Fn(&Usage) -> u64) -> Vec<Option<i64>> {
     rows.iter()
-        .map(|r| r.usage.as_ref().map(|u| i64::try_from(field(u)).unwrap_or(i64::MAX)))
+        .map(|r| {
+            r.usage
+                .as_ref()
+                .map(|u| i64::try_from(field(u)).unwrap_or(i64::MAX))
+        })
         .collect()
 }
 

@@ -6,7 +6,10 @@ use sqlx::types::Json;
 use crate::messages::AuditEvent;
 
 /// Appends events in one statement.
-pub async fn insert_many(conn: &mut PgConnection, events: &[&AuditEvent]) -> Result<(), sqlx::Error> {
+pub async fn insert_many(
+    conn: &mut PgConnection,
+    events: &[&AuditEvent],
+) -> Result<(), sqlx::Error> {
     if events.is_empty() {
         return Ok(());
     }

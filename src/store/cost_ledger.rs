@@ -13,7 +13,10 @@ fn tokens(entries: &[(Uuid, &CostEvent)], field: impl Fn(&CostEvent) -> u64) -> 
 }
 
 /// Inserts ledger rows, each `(attempt_id, event)`, in one statement.
-pub async fn insert_many(conn: &mut PgConnection, entries: &[(Uuid, &CostEvent)]) -> Result<(), sqlx::Error> {
+pub async fn insert_many(
+    conn: &mut PgConnection,
+    entries: &[(Uuid, &CostEvent)],
+) -> Result<(), sqlx::Error> {
     if entries.is_empty() {
         return Ok(());
     }

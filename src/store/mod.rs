@@ -94,7 +94,10 @@ pub async fn create_database_if_missing(options: &PgConnectOptions) -> Result<()
     if exists.is_none() {
         // Identifiers cannot be bound; the name was checked above to be [A-Za-z0-9_]+.
         let statement = format!("CREATE DATABASE \"{name}\"");
-        match sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut admin).await {
+        match sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(&mut admin)
+            .await
+        {
             Ok(_) => tracing::info!(database = %name, "Created the database."),
             // Another process created it between our check and our CREATE.
             Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
@@ -114,8 +117,11 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
 /// Opens a single connection (for tools that need no pool).
 pub async fn connect_one(url: &str) -> Result<PgConnection, StoreError> {
     let options = PgConnectOptions::from_str(url).map_err(StoreError::Url)?;
-    options.connect().await.map_err(|source| StoreError::Unreachable {
-        address: address(&options),
-        source,
-    })
+    options
+        .connect()
+        .await
+        .map_err(|source| StoreError::Unreachable {
+            address: address(&options),
+            source,
+        })
 }

@@ -39,7 +39,10 @@ pub async fn insert_many(
 }
 
 /// The latest stored result of a job, if it has one.
-pub async fn find_latest(conn: &mut PgConnection, job_id: Uuid) -> Result<Option<JobResult>, sqlx::Error> {
+pub async fn find_latest(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+) -> Result<Option<JobResult>, sqlx::Error> {
     let row: Option<Json<JobResult>> = sqlx::query_scalar(
         "SELECT body FROM results WHERE job_id = $1 ORDER BY generation DESC LIMIT 1",
     )
@@ -50,7 +53,10 @@ pub async fn find_latest(conn: &mut PgConnection, job_id: Uuid) -> Result<Option
 }
 
 /// The latest stored results of several jobs.
-pub async fn find_latest_many(conn: &mut PgConnection, job_ids: &[Uuid]) -> Result<Vec<JobResult>, sqlx::Error> {
+pub async fn find_latest_many(
+    conn: &mut PgConnection,
+    job_ids: &[Uuid],
+) -> Result<Vec<JobResult>, sqlx::Error> {
     let rows: Vec<Json<JobResult>> = sqlx::query_scalar(
         "SELECT DISTINCT ON (job_id) body FROM results WHERE job_id = ANY($1)
          ORDER BY job_id, generation DESC",

@@ -1,1 +1,11 @@
+//! Integration tests against the machine's real RabbitMQ and Postgres. Each test gets its own
+//! database and its own broker prefix, so tests run in parallel.
 
+mod helpers;
+
+mod bad_input;
+mod cli;
+mod duplicates;
+mod kill;
+mod pipeline;
+mod summarize;

@@ -1,0 +1,217 @@
+//! The command line as a user runs it: exit codes, stderr messages, idempotent migrate,
+//! publish and subscribe.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::Stdio;
+
+use switchyard::queue::topology;
+
+use crate::helpers::{spawn_app, switchyard};
+
+#[tokio::test]
+async fn migrate_is_idempotent() {
+    let app = spawn_app().await;
+    for run in 1..=2 {
+        let output = switchyard(&app).arg("migrate").output().unwrap();
+        assert!(
+            output.status.success(),
+            "run {run}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let migrations: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert_eq!(migrations, 1);
+    let channel = app.ctx.broker.create_channel().await.unwrap();
+    let (ready, _) = topology::jobs_queue_depth(&channel, &app.names)
+        .await
+        .unwrap();
+    assert_eq!(ready, 0);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn publish_prints_one_id_per_job_and_a_bad_line_publishes_nothing() {
+    let app = spawn_app().await;
+    let channel = app.ctx.broker.create_channel().await.unwrap();
+
+    let bad = "{\"messages\":[{\"role\":\"user\",\"content\":\"one\"}]}\n\n{\"messages\":[{\"role\":\"user\",\"content\":\"two\"}]}\n{\"messages\": 5}\n";
+    let mut child = switchyard(&app)
+        .args(["publish", "-", "--tenant", "acme", "--batch", "b1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(bad.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("line 4:"), "{stderr}");
+    assert!(stderr.contains("nothing was published"), "{stderr}");
+    assert!(output.stdout.is_empty());
+    assert_eq!(
+        topology::jobs_queue_depth(&channel, &app.names)
+            .await
+            .unwrap()
+            .0,
+        0
+    );
+
+    let output = switchyard(&app)
+        .args(["publish", "examples/requests.jsonl", "--tenant", "acme"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let ids: Vec<uuid::Uuid> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    let expected = std::fs::read_to_string("examples/requests.jsonl")
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count();
+    assert_eq!(ids.len(), expected);
+    assert_eq!(
+        topology::jobs_queue_depth(&channel, &app.names)
+            .await
+            .unwrap()
+            .0 as usize,
+        expected
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn subscribe_prints_each_result_as_one_json_line() {
+    let app = spawn_app().await;
+    let mut child = switchyard(&app)
+        .args(["subscribe", "acme.#", "--limit", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it is bound, so no result is published before it listens.
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.contains("listening"), "{line}");
+
+    let output = switchyard(&app)
+        .args(["publish", "examples/jobs.jsonl"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    app.run_worker_until_idle().await;
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(output.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["schema"] == "switchyard.result.v1" && l["tenant"] == "acme")
+    );
+    app.cleanup().await;
+}
+
+#[test]
+fn config_check_rejects_an_unknown_key_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[worker]\nconcurency = 4\n").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["--config", path.to_str().unwrap(), "config", "check"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("concurency"), "{stderr}");
+}
+
+#[test]
+fn config_check_accepts_the_example_config_and_never_prints_key_values() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["--config", "switchyard.example.toml", "config", "check"])
+        .env("OPENAI_API_KEY", "sk-very-secret-value")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("route default"), "{stdout}");
+    assert!(!stdout.contains("sk-very-secret-value"));
+}
+
+#[test]
+fn environment_variables_override_the_file() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["--config", "switchyard.example.toml", "config", "check"])
+        .env("SWITCHYARD_BROKER__PREFIX", "from-env")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&output.stdout).contains("\"from-env\""));
+}
+
+#[test]
+fn an_unreachable_broker_is_a_one_line_error_naming_the_address() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["publish", "examples/requests.jsonl"])
+        .env(
+            "SWITCHYARD_BROKER__URL",
+            "amqp://guest:guest@127.0.0.1:1/%2f",
+        )
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("127.0.0.1:1") && stderr.contains("rabbitmq-server -detached"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("guest:guest"),
+        "credentials are not printed: {stderr}"
+    );
+}
+
+#[test]
+fn an_unreachable_database_is_a_one_line_error_naming_the_address() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["worker", "--exit-when-idle"])
+        .env(
+            "SWITCHYARD_DATABASE__URL",
+            "postgres://postgres@127.0.0.1:1/nothing",
+        )
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("127.0.0.1:1") && stderr.contains("pg_ctlcluster"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,67 @@
+//! A job id whose result is already committed is answered from Postgres: the stored result is
+//! published again and the provider is not called a second time.
+
+use std::time::Duration;
+
+use switchyard::messages::JobResult;
+
+use crate::helpers::{FakeProvider, collect, fake_provider_config, job, spawn_app_with};
+
+#[tokio::test]
+async fn a_job_published_twice_is_answered_from_the_store_without_a_second_provider_call() {
+    let fake = FakeProvider::start(&[]);
+    let app = spawn_app_with(&fake_provider_config(&fake.url)).await;
+    let mut results = app.subscribe(false, "#").await;
+    let j = job(
+        "acme",
+        Some("dup"),
+        "fake",
+        "Only once. The provider must see this a single time.",
+    );
+
+    app.publish_job(&j).await;
+    app.run_worker_until_idle().await;
+    app.publish_job(&j).await;
+    let report = app.run_worker_until_idle().await;
+    assert_eq!(report.finalized.duplicates, 1);
+
+    assert_eq!(fake.requests().await, 1, "the provider was called once");
+    let deliveries = collect(&mut results, 2, Duration::from_secs(10)).await;
+    let first: JobResult = serde_json::from_slice(&deliveries[0].data).unwrap();
+    let second: JobResult = serde_json::from_slice(&deliveries[1].data).unwrap();
+    assert_eq!(first.job_id, j.id);
+    assert_eq!(
+        serde_json::to_value(&first).unwrap(),
+        serde_json::to_value(&second).unwrap(),
+        "the stored result is republished unchanged"
+    );
+    assert_eq!(deliveries[1].routing_key.as_str(), "acme.dup.succeeded");
+    assert_eq!(app.result_rows().await, (1, 1));
+    let ledger_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM cost_ledger")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert_eq!(ledger_rows, 1, "nothing is billed twice");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_same_job_in_flight_twice_still_gets_exactly_one_result_row() {
+    let fake = FakeProvider::start(&["--latency-ms", "200"]);
+    let app = spawn_app_with(&fake_provider_config(&fake.url)).await;
+    let mut results = app.subscribe(false, "#").await;
+    let j = job("acme", None, "fake", "Twice at once. Both copies race.");
+    app.publish_jobs(&[j.clone(), j.clone()]).await;
+    app.run_worker_until_idle().await;
+
+    assert_eq!(app.result_rows().await, (1, 1));
+    let deliveries = collect(&mut results, 2, Duration::from_secs(10)).await;
+    let first: JobResult = serde_json::from_slice(&deliveries[0].data).unwrap();
+    let second: JobResult = serde_json::from_slice(&deliveries[1].data).unwrap();
+    assert_eq!(
+        serde_json::to_value(&first).unwrap(),
+        serde_json::to_value(&second).unwrap(),
+        "both deliveries publish the one committed result"
+    );
+    app.cleanup().await;
+}

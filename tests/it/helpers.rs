@@ -1,0 +1,371 @@
+//! `spawn_app()` and friends: a fresh database, a random broker prefix with the topology
+//! declared, a `fake-provider` on a loopback port, and helpers to publish, run a worker and
+//! collect messages.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicGetOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Consumer};
+use serde_json::Value;
+use sqlx::{Connection, PgConnection, PgPool};
+use switchyard::app::Context;
+use switchyard::config::Settings;
+use switchyard::messages::{ChatMessage, ChatRequest, Job};
+use switchyard::queue::publisher::{Outgoing, Publisher};
+use switchyard::queue::topology::{JOBS_ROUTING_KEY, Names};
+use switchyard::worker::{self, WorkerOptions, WorkerReport};
+use uuid::Uuid;
+
+/// Postgres server the tests use (a database per test is created on it).
+pub fn database_server() -> String {
+    std::env::var("SWITCHYARD_TEST_DATABASE_SERVER")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+}
+
+/// RabbitMQ the tests use.
+pub fn broker_url() -> String {
+    std::env::var("SWITCHYARD_TEST_BROKER_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// A running fake provider.
+pub struct FakeProvider {
+    child: Child,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+}
+
+impl FakeProvider {
+    /// Starts `fake-provider` with extra flags and waits for its address.
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fake-provider"))
+            .args(["--port", "0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("fake-provider starts");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("fake-provider prints its address");
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line from fake-provider: {line:?}"))
+            .to_owned();
+        Self { child, url }
+    }
+
+    /// `GET /stats`.
+    pub async fn stats(&self) -> Value {
+        reqwest::get(format!("{}/stats", self.url))
+            .await
+            .expect("stats answer")
+            .json()
+            .await
+            .expect("stats are JSON")
+    }
+
+    /// Chat requests received, whatever their outcome.
+    pub async fn requests(&self) -> u64 {
+        self.stats().await["requests_total"]
+            .as_u64()
+            .expect("requests_total")
+    }
+}
+
+impl Drop for FakeProvider {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One test's world.
+pub struct TestApp {
+    pub ctx: Context,
+    pub names: Names,
+    pub database: String,
+    pub publisher: Publisher,
+    /// Config file with this app's database, prefix and providers, for spawned binaries.
+    pub config_file: tempfile::NamedTempFile,
+}
+
+/// TOML for a provider `fake` (OpenAI kind) at `url`, route `fake` → it.
+pub fn fake_provider_config(url: &str) -> String {
+    format!(
+        r#"
+[[providers]]
+name = "fake"
+kind = "openai"
+base_url = "{url}/v1"
+timeout_secs = 5
+# Any variable that is set will do: fake-provider accepts any bearer token.
+keys = [{{ id = "fake-key-1", env = "CARGO_MANIFEST_DIR" }}]
+models = [{{ name = "fake-model", prices = {{ input = "0.5", cached_input = "0.25", output = "1.5" }} }}]
+
+[[routes]]
+alias = "fake"
+targets = [{{ provider = "fake", model = "fake-model" }}]
+
+[[routes]]
+alias = "default"
+targets = [{{ provider = "extractive", model = "extractive-v1" }}]
+"#
+    )
+}
+
+/// An app with the default (built-in model only) configuration.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with("").await
+}
+
+/// An app whose settings are built-in defaults, then `extra_toml`, then this test's database
+/// and prefix.
+pub async fn spawn_app_with(extra_toml: &str) -> TestApp {
+    spawn_app_full("", extra_toml).await
+}
+
+/// Like [`spawn_app_with`], with extra lines for the `[worker]` section.
+pub async fn spawn_app_full(worker_toml: &str, extra_toml: &str) -> TestApp {
+    let suffix = Uuid::now_v7().simple().to_string();
+    let database = format!("sy_test_{suffix}");
+    let prefix = format!("sytest-{suffix}");
+    let toml = format!(
+        "[broker]\nurl = \"{}\"\nprefix = \"{prefix}\"\n\n[database]\nurl = \"{}/{database}\"\nmax_connections = 5\n\n[worker]\nconcurrency = 16\nshutdown_grace_secs = 10\n{worker_toml}\n{extra_toml}",
+        broker_url(),
+        database_server(),
+    );
+    let settings = Settings::from_toml(&toml).expect("test config is valid");
+    let config_file = tempfile::Builder::new()
+        .suffix(".toml")
+        .tempfile()
+        .expect("temp file");
+    std::fs::write(config_file.path(), &toml).expect("write config");
+    let ctx = Context::connect(settings.clone())
+        .await
+        .expect("connect to the test database and broker");
+    let publisher = Publisher::open(&ctx.broker).await.expect("publisher");
+    TestApp {
+        names: ctx.names.clone(),
+        ctx,
+        database,
+        publisher,
+        config_file,
+    }
+}
+
+/// A summarization-style request.
+pub fn request(text: &str) -> ChatRequest {
+    ChatRequest {
+        messages: vec![
+            ChatMessage::text_message("system", "Summarize."),
+            ChatMessage::text_message("user", text),
+        ],
+        max_tokens: Some(60),
+        ..ChatRequest::default()
+    }
+}
+
+/// A job for `tenant`/`batch` on `route`.
+pub fn job(tenant: &str, batch: Option<&str>, route: &str, text: &str) -> Job {
+    Job::new(tenant, batch, route, request(text))
+}
+
+impl TestApp {
+    pub fn pool(&self) -> &PgPool {
+        &self.ctx.pool
+    }
+
+    pub async fn publish_job(&self, job: &Job) {
+        self.publish_raw(&serde_json::to_vec(job).unwrap(), Some(&job.id.to_string()))
+            .await;
+    }
+
+    pub async fn publish_jobs(&self, jobs: &[Job]) {
+        let messages: Vec<Outgoing> = jobs
+            .iter()
+            .map(|job| switchyard::commands::publish::job_message(&self.names, job))
+            .collect();
+        self.publisher
+            .publish_all(&messages)
+            .await
+            .expect("publish jobs");
+    }
+
+    /// Publishes arbitrary bytes to the jobs exchange.
+    pub async fn publish_raw(&self, body: &[u8], message_id: Option<&str>) {
+        let mut properties = BasicProperties::default().with_delivery_mode(2);
+        if let Some(id) = message_id {
+            properties = properties.with_message_id(id.into());
+        }
+        self.publisher
+            .channel()
+            .basic_publish(
+                self.names.jobs_exchange().as_str().into(),
+                JOBS_ROUTING_KEY.into(),
+                Default::default(),
+                body,
+                properties,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+    }
+
+    /// Runs an in-process worker until the queue is empty and nothing is in flight.
+    pub async fn run_worker_until_idle(&self) -> WorkerReport {
+        let options = WorkerOptions {
+            concurrency: 16,
+            exit_when_idle: true,
+            idle_after: Duration::from_millis(500),
+            grace: Duration::from_secs(10),
+        };
+        tokio::time::timeout(Duration::from_secs(120), worker::run(&self.ctx, &options))
+            .await
+            .expect("worker finishes within 120 s")
+            .expect("worker runs without error")
+    }
+
+    /// A temporary queue bound to the results (or events) exchange with `pattern`.
+    pub async fn subscribe(&self, events: bool, pattern: &str) -> Consumer {
+        let channel = self.ctx.broker.create_channel().await.unwrap();
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let exchange = if events {
+            self.names.events_exchange()
+        } else {
+            self.names.results_exchange()
+        };
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                exchange.as_str().into(),
+                pattern.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .basic_consume(
+                queue.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+    }
+
+    /// Messages left in the dead-letter queue (drained).
+    pub async fn drain_dead_letters(&self) -> Vec<lapin::message::BasicGetMessage> {
+        let channel = self.ctx.broker.create_channel().await.unwrap();
+        let mut messages = Vec::new();
+        while let Some(message) = channel
+            .basic_get(
+                self.names.dead_queue().as_str().into(),
+                BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+        {
+            messages.push(message);
+        }
+        messages
+    }
+
+    /// Number of result rows per job id, as (distinct jobs, total rows).
+    pub async fn result_rows(&self) -> (i64, i64) {
+        sqlx::query_as("SELECT count(DISTINCT job_id), count(*) FROM results")
+            .fetch_one(self.pool())
+            .await
+            .unwrap()
+    }
+
+    /// Deletes this test's queues and exchanges and drops its database.
+    pub async fn cleanup(self) {
+        let channel = self.ctx.broker.create_channel().await.unwrap();
+        for queue in [self.names.jobs_queue(), self.names.dead_queue()] {
+            let _ = channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for exchange in [
+            self.names.jobs_exchange(),
+            self.names.dead_exchange(),
+            self.names.results_exchange(),
+            self.names.events_exchange(),
+        ] {
+            let _ = channel
+                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+        self.ctx.close().await;
+        if let Ok(mut admin) =
+            PgConnection::connect(&format!("{}/postgres", database_server())).await
+        {
+            let statement = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database);
+            let _ = sqlx::query(sqlx::AssertSqlSafe(statement))
+                .execute(&mut admin)
+                .await;
+        }
+    }
+}
+
+/// Receives `n` messages (or fails after `wait`).
+pub async fn collect(
+    consumer: &mut Consumer,
+    n: usize,
+    wait: Duration,
+) -> Vec<lapin::message::Delivery> {
+    let mut out = Vec::with_capacity(n);
+    let deadline = tokio::time::Instant::now() + wait;
+    while out.len() < n {
+        match tokio::time::timeout_at(deadline, consumer.next()).await {
+            Ok(Some(Ok(delivery))) => out.push(delivery),
+            Ok(other) => panic!("consumer ended: {other:?}"),
+            Err(_) => panic!("only {} of {n} messages arrived within {wait:?}", out.len()),
+        }
+    }
+    out
+}
+
+/// Every element of a message body: the body itself, or each item of a batched array.
+pub fn items(body: &[u8]) -> Vec<Value> {
+    match serde_json::from_slice::<Value>(body).expect("message body is JSON") {
+        Value::Array(items) => items,
+        value => vec![value],
+    }
+}
+
+/// `switchyard` binary with this app's config.
+pub fn switchyard(app: &TestApp) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    command.env("SWITCHYARD_CONFIG", app.config_file.path());
+    command.env_remove("RUST_LOG");
+    command
+}

@@ -1,0 +1,141 @@
+//! Crash and shutdown safety with real processes: a worker killed with SIGKILL mid-batch, or
+//! stopped with SIGTERM, loses no job and leaves exactly one result row per job.
+
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use crate::helpers::{
+    FakeProvider, TestApp, fake_provider_config, job, spawn_app_with, switchyard,
+};
+
+async fn results_count(app: &TestApp) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM results")
+        .fetch_one(app.pool())
+        .await
+        .unwrap()
+}
+
+fn start_worker(app: &TestApp, extra: &[&str]) -> Child {
+    switchyard(app)
+        .args(["worker", "--concurrency", "16"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("worker starts")
+}
+
+async fn wait_for_results(app: &TestApp, at_least: i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while results_count(app).await < at_least {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no progress: fewer than {at_least} results"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn finish_with_a_fresh_worker(app: &TestApp) {
+    let mut worker = start_worker(app, &["--exit-when-idle"]);
+    let status = tokio::task::spawn_blocking(move || worker.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "the final worker exits cleanly: {status}");
+}
+
+async fn assert_exactly_one_result_per_job(app: &TestApp, jobs: i64) {
+    let (distinct, rows) = app.result_rows().await;
+    assert_eq!(
+        (distinct, rows),
+        (jobs, jobs),
+        "every job has exactly one result row"
+    );
+    let unfinished: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM jobs WHERE id NOT IN (SELECT job_id FROM results)",
+    )
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
+    assert_eq!(unfinished, 0);
+}
+
+#[tokio::test]
+async fn a_worker_killed_with_sigkill_mid_batch_loses_nothing_and_duplicates_nothing() {
+    let fake = FakeProvider::start(&["--latency-ms", "20", "--jitter-ms", "10"]);
+    let app = spawn_app_with(&fake_provider_config(&fake.url)).await;
+    let jobs: Vec<_> = (0..600)
+        .map(|i| {
+            job(
+                "acme",
+                Some("chaos"),
+                "fake",
+                &format!("Job {i}. Survives a crash."),
+            )
+        })
+        .collect();
+    app.publish_jobs(&jobs).await;
+
+    for kill_at in [100, 250, 400] {
+        let mut worker = start_worker(&app, &[]);
+        wait_for_results(&app, kill_at).await;
+        worker.kill().expect("SIGKILL the worker");
+        worker.wait().unwrap();
+    }
+    let before_restart = results_count(&app).await;
+    assert!(
+        before_restart < 600,
+        "the kills happened mid-batch ({before_restart} results)"
+    );
+
+    finish_with_a_fresh_worker(&app).await;
+    assert_exactly_one_result_per_job(&app, 600).await;
+    let double_billed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT job_id FROM cost_ledger GROUP BY job_id HAVING count(*) > 1) d",
+    )
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
+    assert_eq!(double_billed, 0, "no committed job is billed twice");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn sigterm_stops_a_worker_cleanly_and_nothing_unfinished_is_acked() {
+    let fake = FakeProvider::start(&["--latency-ms", "100"]);
+    let app = spawn_app_with(&fake_provider_config(&fake.url)).await;
+    let jobs: Vec<_> = (0..300)
+        .map(|i| job("acme", None, "fake", &format!("Job {i}. Stops politely.")))
+        .collect();
+    app.publish_jobs(&jobs).await;
+
+    let worker = start_worker(&app, &[]);
+    wait_for_results(&app, 20).await;
+    let pid = worker.id().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::task::spawn_blocking(move || {
+        let mut worker = worker;
+        worker.wait()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM ends the worker with exit code 0"
+    );
+    assert!(
+        results_count(&app).await < 300,
+        "the worker stopped mid-batch"
+    );
+
+    finish_with_a_fresh_worker(&app).await;
+    assert_exactly_one_result_per_job(&app, 300).await;
+    app.cleanup().await;
+}

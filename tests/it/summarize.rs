@@ -1,0 +1,101 @@
+//! `switchyard summarize`: documents in, one JSON line per document out, in input order.
+
+use crate::helpers::{FakeProvider, fake_provider_config, spawn_app, spawn_app_with, switchyard};
+
+const DOC_A: &str = "# Harbor report\n\nThe harbor handled a record number of ships this year. \
+    Cargo volumes rose by twelve percent compared with last year. The new crane on pier four \
+    doubled the unloading speed. Dock workers praised the improved safety rails. \
+    The port authority plans a second crane for next spring.\n";
+const DOC_B: &str = "Bees prepare for winter by storing honey. A strong colony needs about twenty \
+    kilograms of honey to survive the cold months. Beekeepers check the weight of each hive in \
+    autumn. Light hives receive sugar syrup before the first frost. Mouse guards keep rodents out.";
+
+fn documents() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a-harbor.md"), DOC_A).unwrap();
+    std::fs::create_dir(dir.path().join("nested")).unwrap();
+    std::fs::write(dir.path().join("nested").join("b-bees.txt"), DOC_B).unwrap();
+    std::fs::write(dir.path().join("ignored.json"), "{}").unwrap();
+    dir
+}
+
+#[tokio::test]
+async fn summarize_writes_one_line_per_document_in_input_order() {
+    let app = spawn_app().await;
+    let docs = documents();
+    let out = docs.path().join("out.jsonl");
+    let output = switchyard(&app)
+        .args([
+            "summarize",
+            docs.path().to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("2 documents, 2 succeeded, 0 failed"),
+        "{stderr}"
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines[0]["path"].as_str().unwrap().ends_with("a-harbor.md"));
+    assert!(lines[1]["path"].as_str().unwrap().ends_with("b-bees.txt"));
+    for (line, doc) in lines.iter().zip([DOC_A, DOC_B]) {
+        assert_eq!(line["status"], "succeeded");
+        assert_eq!(line["provider"], "extractive");
+        assert_eq!(line["cost_usd"], "0");
+        let summary = line["summary"].as_str().unwrap();
+        assert!(
+            !summary.is_empty() && summary.len() < doc.len(),
+            "{summary}"
+        );
+    }
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn summarize_exits_non_zero_and_lists_failures_when_documents_fail() {
+    let fake = FakeProvider::start(&["--rate-500", "1"]);
+    let app = spawn_app_with(&fake_provider_config(&fake.url)).await;
+    let docs = documents();
+    let out = docs.path().join("out.jsonl");
+    let output = switchyard(&app)
+        .args([
+            "summarize",
+            docs.path().to_str().unwrap(),
+            "--route",
+            "fake",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("failed: ") && stderr.contains("all_attempts_failed"),
+        "{stderr}"
+    );
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(text.lines().count(), 2);
+    assert!(text.lines().all(|l| l.contains("\"status\":\"failed\"")));
+    app.cleanup().await;
+}
+
+#[test]
+fn summarize_with_no_documents_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["summarize", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no .txt or .md documents"));
+}
