@@ -209,7 +209,8 @@ async fn summarize(
     let mut collected: Vec<Option<JobResult>> = vec![None; jobs.len()];
     let mut failed = 0u64;
     let mut cost = Decimal::ZERO;
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let every = Duration::from_secs(2);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     while !pending.is_empty() {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => {
@@ -237,6 +238,13 @@ async fn summarize(
         handle.await.context("the in-process worker panicked")??;
     }
 
+    drop(results);
+    if let Err(error) = channel.close(200, "done".into()).await {
+        tracing::debug!(error = %error, "Results channel was already closed.");
+    }
+    if let Err(error) = publisher.channel().close(200, "done".into()).await {
+        tracing::debug!(error = %error, "Publisher channel was already closed.");
+    }
     write_output(&args.out, documents, jobs, &collected)?;
     eprintln!(
         "summarize: {} documents, {} succeeded, {failed} failed, cost ${cost} (batch {batch})",
