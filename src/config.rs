@@ -90,6 +90,20 @@ pub enum ProviderKind {
     Extractive,
     /// OpenAI chat completions and every compatible service, through `base_url`.
     Openai,
+    /// Anthropic Messages API.
+    Anthropic,
+    /// Google Gemini `generateContent`.
+    Gemini,
+}
+
+/// Which field carries the output-token cap for an `openai`-kind provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaxTokensField {
+    /// OpenAI itself (required by its reasoning models).
+    MaxCompletionTokens,
+    /// Most OpenAI-compatible services.
+    MaxTokens,
 }
 
 /// One upstream service.
@@ -108,6 +122,21 @@ pub struct ProviderSettings {
     /// Per-attempt timeout.
     #[serde(default = "default_timeout_secs")]
     pub timeout_secs: u64,
+    /// A stream that sends nothing for this long is interrupted.
+    #[serde(default = "default_stream_idle_secs")]
+    pub stream_idle_secs: u64,
+    /// Retries of a retryable failure on this provider (with backoff, honouring the
+    /// server's delay) before the job moves on to the next target.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// `openai` kind: the output-cap field; default `max_completion_tokens` for
+    /// api.openai.com and `max_tokens` for every other base URL.
+    #[serde(default)]
+    pub max_tokens_field: Option<MaxTokensField>,
+    /// `openai` kind: the service rejects unknown fields and nulls (Mistral): send only the
+    /// standard chat-completions fields and drop nulls.
+    #[serde(default)]
+    pub strict_fields: bool,
     #[serde(default)]
     pub models: Vec<ModelSettings>,
 }
@@ -165,6 +194,14 @@ pub struct TargetSettings {
 
 fn default_timeout_secs() -> u64 {
     60
+}
+
+fn default_stream_idle_secs() -> u64 {
+    30
+}
+
+fn default_max_retries() -> u32 {
+    1
 }
 
 impl Default for Settings {
@@ -272,6 +309,10 @@ impl Settings {
                 base_url: None,
                 keys: Vec::new(),
                 timeout_secs: default_timeout_secs(),
+                stream_idle_secs: default_stream_idle_secs(),
+                max_retries: 0,
+                max_tokens_field: None,
+                strict_fields: false,
                 models: vec![ModelSettings {
                     name: BUILTIN_MODEL.to_owned(),
                     context_window: None,
@@ -303,11 +344,11 @@ impl Settings {
             if !names.insert(provider.name.as_str()) {
                 return invalid(format!("provider {:?} is defined twice", provider.name));
             }
-            if provider.kind == ProviderKind::Openai {
+            if provider.kind != ProviderKind::Extractive {
                 match provider.base_url.as_deref().map(url::Url::parse) {
                     None => {
                         return invalid(format!(
-                            "provider {:?} (kind openai) needs base_url",
+                            "provider {:?} needs base_url",
                             provider.name
                         ));
                     }
@@ -321,8 +362,8 @@ impl Settings {
                 }
                 if provider.keys.is_empty() {
                     return invalid(format!(
-                        "provider {:?} (kind openai) needs at least one key: \
-                         keys = [{{ id = \"main\", env = \"OPENAI_API_KEY\" }}]",
+                        "provider {:?} needs at least one key: \
+                         keys = [{{ id = \"main\", env = \"API_KEY_VARIABLE\" }}]",
                         provider.name
                     ));
                 }

@@ -238,7 +238,7 @@ async fn handle(ctx: &Context, delivery: Delivery) -> Finished {
             body,
         )));
     };
-    let dispatched = dispatch(&job.request, targets).await;
+    let dispatched = dispatch(&job.request, targets, None).await;
     if let Err(error) = &dispatched.outcome {
         tracing::warn!(job_id = %job.id, code = %error.code, error.message = %error.message, "Job failed.");
     }

@@ -1,10 +1,9 @@
 //! The built-in `extractive` model: an offline, zero-cost summarizer that needs no key. It is
 //! the default route's target, so Switchyard works out of the box with no provider configured.
 
-use serde_json::json;
 use uuid::Uuid;
 
-use super::{Completion, ErrorClass, ProviderError};
+use super::{Call, Completion, ErrorClass, ProviderError, chat_completion, finish};
 use crate::messages::{ChatRequest, Usage};
 use crate::{summarizer, tokens};
 
@@ -24,6 +23,7 @@ impl ExtractiveProvider {
         &self,
         request: &ChatRequest,
         model: &str,
+        call: &Call<'_>,
     ) -> Result<Completion, ProviderError> {
         let document = request.last_user_text();
         if document.trim().is_empty() {
@@ -40,23 +40,21 @@ impl ExtractiveProvider {
             output_tokens: tokens::count(&summary) as u64,
             ..Usage::default()
         };
-        let response = json!({
-            "id": format!("chatcmpl-{}", Uuid::now_v7().simple()),
-            "object": "chat.completion",
-            "created": chrono::Utc::now().timestamp(),
-            "model": model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": summary, "refusal": null},
-                "logprobs": null,
-                "finish_reason": "stop"
-            }],
-            "usage": {
-                "prompt_tokens": usage.input_tokens,
-                "completion_tokens": usage.output_tokens,
-                "total_tokens": usage.input_tokens + usage.output_tokens
+        if let Some(on_delta) = call.on_delta {
+            // A "stream" of one chunk per sentence, so streaming jobs work offline too.
+            for (index, sentence) in summarizer::split_sentences(&summary).into_iter().enumerate() {
+                on_delta(&if index == 0 { sentence.to_owned() } else { format!(" {sentence}") });
             }
-        });
+        }
+        let response = chat_completion(
+            &format!("chatcmpl-{}", Uuid::now_v7().simple()),
+            model,
+            Some(&summary),
+            None,
+            finish::STOP,
+            Some("stop"),
+            &usage,
+        );
         Ok(Completion { response, usage })
     }
 }
@@ -65,6 +63,15 @@ impl ExtractiveProvider {
 mod tests {
     use super::*;
     use crate::messages::ChatMessage;
+
+    fn no_call() -> Call<'static> {
+        Call {
+            key: None,
+            timeout: std::time::Duration::from_secs(1),
+            idle_timeout: std::time::Duration::from_secs(1),
+            on_delta: None,
+        }
+    }
 
     fn request(text: &str) -> ChatRequest {
         ChatRequest {

@@ -1,23 +1,34 @@
 //! The provider boundary: one adapter per wire format behind the [`Provider`] enum, the
-//! registry built from config, and the error classes every failure is mapped to.
+//! registry built from config, per-provider key pools, and the error classes every failure
+//! is mapped to.
 
+pub mod anthropic;
 pub mod extractive;
+pub mod gemini;
+pub mod images;
+pub mod keys;
 pub mod openai;
+pub mod sse;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use reqwest::header::HeaderMap;
 use secrecy::SecretString;
-use serde_json::Value;
+use serde_json::{Value, json};
 
-use crate::config::{ModelSettings, ProviderKind, ProviderSettings, Settings};
+pub use keys::{ApiKey, KeyChoice, KeyPool, KeyStatus};
+
+use crate::config::{MaxTokensField, ModelSettings, ProviderKind, ProviderSettings, Settings};
 use crate::messages::{ChatRequest, Usage};
 
 /// A successful provider call, normalised.
 #[derive(Debug, Clone)]
 pub struct Completion {
-    /// OpenAI `chat.completion` object.
+    /// OpenAI `chat.completion` object. `choices[0].finish_reason` is canonical (`stop`,
+    /// `length`, `tool_calls`, `content_filter`, `other`) and `choices[0].native_finish_reason`
+    /// keeps the provider's own value.
     pub response: Value,
     pub usage: Usage,
 }
@@ -56,7 +67,7 @@ impl ErrorClass {
         }
     }
 
-    /// Whether another target may succeed where this one failed.
+    /// Whether another attempt (or target) may succeed where this one failed.
     pub fn is_retryable(self) -> bool {
         matches!(
             self,
@@ -81,6 +92,9 @@ pub struct ProviderError {
     pub raw_response: Option<String>,
     /// Usage the provider reported despite the failure (billed all the same).
     pub usage: Option<Usage>,
+    /// The provider's own retry delay (`retry-after-ms`, `retry-after`, Gemini `RetryInfo`,
+    /// reset headers).
+    pub retry_after: Option<Duration>,
 }
 
 impl ProviderError {
@@ -92,19 +106,73 @@ impl ProviderError {
             message: message.into(),
             raw_response: None,
             usage: None,
+            retry_after: None,
         }
     }
 
     pub fn is_retryable(&self) -> bool {
         self.class.is_retryable()
     }
+
+    /// A connection failure or timeout before a status arrived.
+    pub fn transport(provider_type: &'static str, error: &reqwest::Error) -> Self {
+        let class = if error.is_timeout() {
+            ErrorClass::Timeout
+        } else {
+            ErrorClass::ServerError
+        };
+        // `without_url` keeps query strings (which some gateways use for keys) out of messages.
+        let message = match error.status() {
+            Some(status) => format!("HTTP {}: {}", status.as_u16(), strip_url(error)),
+            None => strip_url(error),
+        };
+        Self::new(provider_type, class, message)
+    }
 }
 
-/// An API key by id; the secret is only exposed when building a request.
-#[derive(Debug, Clone)]
-pub struct ApiKey {
-    pub id: String,
-    pub secret: SecretString,
+fn strip_url(error: &reqwest::Error) -> String {
+    let mut message = error.to_string();
+    if let Some(url) = error.url() {
+        message = message.replace(url.as_str(), "<url>");
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+/// What an adapter needs for one call besides the request.
+pub struct Call<'a> {
+    /// The key to authenticate with (`None` only for the built-in provider).
+    pub key: Option<&'a ApiKey>,
+    /// Whole-call timeout (non-streaming) or time to the first byte (streaming).
+    pub timeout: Duration,
+    /// A stream that sends nothing for this long is interrupted.
+    pub idle_timeout: Duration,
+    /// Receives each text delta of a streamed response, in order. `None` unless the job asked
+    /// for `stream: true`.
+    pub on_delta: Option<&'a (dyn Fn(&str) + Send + Sync)>,
+}
+
+impl Call<'_> {
+    /// The key, or an `auth` error naming the provider type.
+    pub fn require_key(&self, provider_type: &'static str) -> Result<&ApiKey, ProviderError> {
+        self.key.ok_or_else(|| {
+            ProviderError::new(
+                provider_type,
+                ErrorClass::Auth,
+                "no API key is available: set the environment variable named in the provider's keys",
+            )
+        })
+    }
+
+    /// Whether the job asked for a streamed response.
+    pub fn streaming(&self) -> bool {
+        self.on_delta.is_some()
+    }
 }
 
 /// One adapter per wire format, dispatched by enum rather than trait object.
@@ -112,42 +180,53 @@ pub struct ApiKey {
 pub enum Provider {
     Extractive(extractive::ExtractiveProvider),
     OpenAi(openai::OpenAiProvider),
+    Anthropic(anthropic::AnthropicProvider),
+    Gemini(gemini::GeminiProvider),
 }
 
 impl Provider {
     /// Runs one chat completion against `model`.
-    pub async fn complete(
-        &self,
-        request: &ChatRequest,
-        model: &str,
-    ) -> Result<Completion, ProviderError> {
+    pub async fn complete(&self, request: &ChatRequest, model: &str, call: &Call<'_>) -> Result<Completion, ProviderError> {
         match self {
-            Provider::Extractive(p) => p.complete(request, model),
-            Provider::OpenAi(p) => p.complete(request, model).await,
+            Provider::Extractive(p) => p.complete(request, model, call),
+            Provider::OpenAi(p) => p.complete(request, model, call).await,
+            Provider::Anthropic(p) => p.complete(request, model, call).await,
+            Provider::Gemini(p) => p.complete(request, model, call).await,
         }
     }
 
-    /// The id of the key the next call will use, if the provider uses keys.
-    pub fn key_id(&self) -> Option<&str> {
+    /// The wire-format name.
+    pub fn provider_type(&self) -> &'static str {
         match self {
-            Provider::Extractive(_) => None,
-            Provider::OpenAi(p) => p.key_id(),
+            Provider::Extractive(_) => extractive::PROVIDER_TYPE,
+            Provider::OpenAi(_) => openai::PROVIDER_TYPE,
+            Provider::Anthropic(_) => anthropic::PROVIDER_TYPE,
+            Provider::Gemini(_) => gemini::PROVIDER_TYPE,
         }
     }
 }
 
-/// A configured provider: its client and the models (with prices) it serves.
+/// A configured provider: its client, keys, limits and the models (with prices) it serves.
 #[derive(Debug)]
 pub struct ProviderEntry {
     pub name: String,
     pub client: Provider,
+    pub keys: KeyPool,
+    pub timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_retries: u32,
     pub models: HashMap<String, ModelSettings>,
 }
 
 impl ProviderEntry {
-    /// The model's settings; the built-in provider serves any model name at zero cost.
+    /// The model's settings.
     pub fn model(&self, name: &str) -> Option<&ModelSettings> {
         self.models.get(name)
+    }
+
+    /// Whether calls need an API key.
+    pub fn needs_key(&self) -> bool {
+        !matches!(self.client, Provider::Extractive(_))
     }
 }
 
@@ -176,40 +255,61 @@ impl Registry {
     }
 }
 
+fn read_keys(settings: &ProviderSettings) -> Vec<ApiKey> {
+    settings
+        .keys
+        .iter()
+        .filter_map(|key| match std::env::var(&key.env) {
+            Ok(secret) if !secret.is_empty() => Some(ApiKey {
+                id: key.id.clone(),
+                secret: SecretString::from(secret),
+            }),
+            _ => {
+                tracing::warn!(
+                    provider = %settings.name,
+                    key_id = %key.id,
+                    env = %key.env,
+                    "API key environment variable is not set; the key is unavailable."
+                );
+                None
+            }
+        })
+        .collect()
+}
+
 fn build_entry(settings: &ProviderSettings, http: &reqwest::Client) -> ProviderEntry {
+    let base_url = settings.base_url.clone().unwrap_or_default();
     let client = match settings.kind {
         ProviderKind::Extractive => Provider::Extractive(extractive::ExtractiveProvider),
         ProviderKind::Openai => {
-            let keys = settings
-                .keys
-                .iter()
-                .filter_map(|key| match std::env::var(&key.env) {
-                    Ok(secret) if !secret.is_empty() => Some(ApiKey {
-                        id: key.id.clone(),
-                        secret: SecretString::from(secret),
-                    }),
-                    _ => {
-                        tracing::warn!(
-                            provider = %settings.name,
-                            key_id = %key.id,
-                            env = %key.env,
-                            "API key environment variable is not set; the key is unavailable."
-                        );
-                        None
-                    }
-                })
-                .collect();
+            let official = url::Url::parse(&base_url)
+                .ok()
+                .and_then(|u| u.host_str().map(|h| h == "api.openai.com"))
+                .unwrap_or(false);
+            let max_tokens_field = settings.max_tokens_field.unwrap_or(if official {
+                MaxTokensField::MaxCompletionTokens
+            } else {
+                MaxTokensField::MaxTokens
+            });
             Provider::OpenAi(openai::OpenAiProvider::new(
                 http.clone(),
-                settings.base_url.clone().unwrap_or_default(),
-                keys,
-                Duration::from_secs(settings.timeout_secs),
+                base_url,
+                openai::OpenAiOptions {
+                    max_tokens_field,
+                    strict_fields: settings.strict_fields,
+                },
             ))
         }
+        ProviderKind::Anthropic => Provider::Anthropic(anthropic::AnthropicProvider::new(http.clone(), base_url)),
+        ProviderKind::Gemini => Provider::Gemini(gemini::GeminiProvider::new(http.clone(), base_url)),
     };
     ProviderEntry {
         name: settings.name.clone(),
         client,
+        keys: KeyPool::new(read_keys(settings)),
+        timeout: Duration::from_secs(settings.timeout_secs),
+        idle_timeout: Duration::from_secs(settings.stream_idle_secs),
+        max_retries: settings.max_retries,
         models: settings
             .models
             .iter()
@@ -218,14 +318,166 @@ fn build_entry(settings: &ProviderSettings, http: &reqwest::Client) -> ProviderE
     }
 }
 
-/// Cuts `text` to at most `max` bytes on a char boundary, for error excerpts.
+/// Cuts `text` to at most `max` bytes on a char boundary, for error excerpts. NUL characters
+/// are dropped (Postgres text cannot hold them).
 pub fn excerpt(text: &str, max: usize) -> String {
+    let text = if text.contains('\0') {
+        std::borrow::Cow::Owned(text.replace('\0', ""))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    };
     if text.len() <= max {
-        return text.to_owned();
+        return text.into_owned();
     }
     let mut end = max;
     while !text.is_char_boundary(end) {
         end -= 1;
     }
     format!("{}…", &text[..end])
+}
+
+/// The retry delay a response's headers ask for: `retry-after-ms`, then `retry-after`
+/// (seconds or an HTTP date).
+pub fn retry_after_from_headers(headers: &HeaderMap) -> Option<Duration> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    if let Some(ms) = header("retry-after-ms").and_then(|v| v.parse::<f64>().ok())
+        && ms.is_finite()
+        && ms >= 0.0
+    {
+        return Some(Duration::from_secs_f64(ms / 1000.0));
+    }
+    let value = header("retry-after")?;
+    if let Ok(seconds) = value.parse::<f64>() {
+        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
+    }
+    let date = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let wait = date.with_timezone(&chrono::Utc) - chrono::Utc::now();
+    Some(wait.to_std().unwrap_or(Duration::ZERO))
+}
+
+/// A Go-style duration as in OpenAI's `x-ratelimit-reset-*` headers (`1s`, `6m0s`, `20ms`,
+/// `18.642s`) or a protobuf duration (`38.8s`).
+pub fn parse_go_duration(text: &str) -> Option<Duration> {
+    let mut total = 0f64;
+    let mut number = String::new();
+    let mut chars = text.trim().chars().peekable();
+    let mut any = false;
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() || c == '.' {
+            number.push(c);
+            continue;
+        }
+        let value: f64 = number.parse().ok()?;
+        number.clear();
+        let unit = match c {
+            'h' => 3600.0,
+            'm' if chars.peek() == Some(&'s') => {
+                chars.next();
+                0.001
+            }
+            'm' => 60.0,
+            's' => 1.0,
+            _ => return None,
+        };
+        total += value * unit;
+        any = true;
+    }
+    (any && number.is_empty() && total.is_finite()).then(|| Duration::from_secs_f64(total))
+}
+
+/// Canonical `finish_reason` values.
+pub mod finish {
+    pub const STOP: &str = "stop";
+    pub const LENGTH: &str = "length";
+    pub const TOOL_CALLS: &str = "tool_calls";
+    pub const CONTENT_FILTER: &str = "content_filter";
+    pub const OTHER: &str = "other";
+}
+
+/// Builds the normalised OpenAI `chat.completion` object every adapter returns.
+pub fn chat_completion(
+    id: &str,
+    model: &str,
+    text: Option<&str>,
+    tool_calls: Option<Value>,
+    finish_reason: &str,
+    native_finish_reason: Option<&str>,
+    usage: &Usage,
+) -> Value {
+    let mut message = json!({ "role": "assistant", "content": text, "refusal": null });
+    if let Some(calls) = tool_calls
+        && let Some(object) = message.as_object_mut()
+    {
+        object.insert("tool_calls".to_owned(), calls);
+    }
+    json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": chrono::Utc::now().timestamp(),
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": message,
+            "logprobs": null,
+            "finish_reason": finish_reason,
+            "native_finish_reason": native_finish_reason,
+        }],
+        "usage": usage_json(usage),
+    })
+}
+
+/// OpenAI-shaped usage for a normalised [`Usage`].
+pub fn usage_json(usage: &Usage) -> Value {
+    json!({
+        "prompt_tokens": usage.input_tokens,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.input_tokens + usage.output_tokens,
+        "prompt_tokens_details": {
+            "cached_tokens": usage.cached_input_tokens,
+            "cache_write_tokens": usage.cache_write_tokens,
+        },
+        "completion_tokens_details": { "reasoning_tokens": usage.reasoning_tokens },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    #[test]
+    fn retry_after_ms_wins_over_retry_after() {
+        let mut headers = HeaderMap::new();
+        headers.insert("retry-after", HeaderValue::from_static("7"));
+        assert_eq!(retry_after_from_headers(&headers), Some(Duration::from_secs(7)));
+        headers.insert("retry-after-ms", HeaderValue::from_static("250"));
+        assert_eq!(retry_after_from_headers(&headers), Some(Duration::from_millis(250)));
+    }
+
+    #[test]
+    fn retry_after_may_be_an_http_date() {
+        let mut headers = HeaderMap::new();
+        let at = (chrono::Utc::now() + chrono::Duration::seconds(30)).to_rfc2822();
+        headers.insert("retry-after", HeaderValue::from_str(&at).unwrap());
+        let wait = retry_after_from_headers(&headers).unwrap();
+        assert!(wait > Duration::from_secs(25) && wait <= Duration::from_secs(30), "{wait:?}");
+        headers.insert("retry-after", HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        assert_eq!(retry_after_from_headers(&headers), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn go_durations_parse() {
+        assert_eq!(parse_go_duration("1s"), Some(Duration::from_secs(1)));
+        assert_eq!(parse_go_duration("6m0s"), Some(Duration::from_secs(360)));
+        assert_eq!(parse_go_duration("20ms"), Some(Duration::from_millis(20)));
+        assert_eq!(parse_go_duration("18.642s"), Some(Duration::from_millis(18642)));
+        assert_eq!(parse_go_duration("soon"), None);
+        assert_eq!(parse_go_duration("12"), None);
+    }
+
+    #[test]
+    fn excerpts_cut_on_char_boundaries_and_drop_nul() {
+        assert_eq!(excerpt("héllo", 2), "h…");
+        assert_eq!(excerpt("a\0b", 10), "ab");
+    }
 }

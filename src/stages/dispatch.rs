@@ -1,16 +1,38 @@
-//! Calls the route's targets in order until one succeeds: a retryable failure moves on to the
-//! next target, a permanent one stops the job with the provider's reason.
+//! Calls the route's targets in order until one succeeds. Within a target: rotate across its
+//! healthy keys (an `auth` or `quota_exhausted` key is taken out, a `rate_limited` key rests
+//! for its retry delay and another key is tried), and retry retryable failures with `backon`
+//! backoff, honouring the server's delay. A retryable failure that outlasts the retries moves
+//! on to the next target; a permanent one stops the job with the provider's reason.
 
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::route::Target;
 use crate::config::Prices;
 use crate::messages::{ChatRequest, JobError, Usage};
-use crate::providers::ProviderError;
+use crate::providers::{ApiKey, Call, ErrorClass, KeyChoice, KeyStatus, ProviderError};
+
+/// Longest server-requested delay honoured by an in-place retry; a longer one moves on.
+const MAX_HONOURED_DELAY: Duration = Duration::from_secs(10);
+/// Longest wait for a resting key of a target before moving on to the next target.
+const MAX_KEY_WAIT: Duration = Duration::from_secs(10);
+/// Rest given to a rate-limited key whose response named no delay.
+const DEFAULT_KEY_REST: Duration = Duration::from_secs(1);
+
+/// A change of a key's health, audited with the key's id (never the key).
+#[derive(Debug, Clone)]
+pub struct KeyEvent {
+    /// `key_disabled`, `key_exhausted` or `key_rate_limited`.
+    pub kind: &'static str,
+    pub key_id: String,
+    pub rest_ms: Option<u64>,
+}
 
 /// One provider call and how it ended.
 #[derive(Debug, Clone)]
@@ -25,6 +47,7 @@ pub struct Attempt {
     pub ended_at: DateTime<Utc>,
     pub latency_ms: u64,
     pub outcome: Result<Usage, ProviderError>,
+    pub key_event: Option<KeyEvent>,
 }
 
 impl Attempt {
@@ -51,47 +74,116 @@ impl Dispatched {
     }
 }
 
+/// What a streamed job's subscribers are told, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamItem {
+    /// Text from attempt `attempt`.
+    Delta { attempt: u32, text: String },
+    /// Every earlier delta of attempt `attempt` is void: that attempt failed.
+    Void { attempt: u32 },
+}
+
+/// Where a streamed job's deltas go (the worker publishes them as chunk events).
+#[derive(Debug, Clone)]
+pub struct StreamSink {
+    tx: mpsc::UnboundedSender<StreamItem>,
+}
+
+impl StreamSink {
+    pub fn new() -> (Self, mpsc::UnboundedReceiver<StreamItem>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Self { tx }, rx)
+    }
+
+    fn send(&self, item: StreamItem) {
+        // The receiver lives as long as the job; a closed one only means nobody listens.
+        let _ = self.tx.send(item);
+    }
+}
+
 /// Runs `request` against `targets` in order.
-pub async fn dispatch(request: &ChatRequest, targets: &[Target]) -> Dispatched {
-    let mut attempts = Vec::with_capacity(1);
-    for (index, target) in targets.iter().enumerate() {
-        let started_at = Utc::now();
-        let clock = Instant::now();
-        let key_id = target.provider.client.key_id().map(str::to_owned);
-        let result = target
-            .provider
-            .client
-            .complete(request, &target.model)
-            .await;
-        let latency_ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let (outcome, response) = match result {
-            Ok(completion) => (Ok(completion.usage), Some(completion.response)),
-            Err(error) => (Err(error), None),
-        };
-        let retryable = outcome
-            .as_ref()
-            .err()
-            .is_some_and(ProviderError::is_retryable);
-        attempts.push(Attempt {
-            id: Uuid::now_v7(),
-            n: u32::try_from(index + 1).unwrap_or(u32::MAX),
-            provider: target.provider.name.clone(),
-            model: target.model.clone(),
-            key_id,
-            prices: target.prices.clone(),
-            started_at,
-            ended_at: Utc::now(),
-            latency_ms,
-            outcome,
-        });
-        if let Some(response) = response {
-            return Dispatched {
-                attempts,
-                outcome: Ok(response),
+pub async fn dispatch(request: &ChatRequest, targets: &[Target], stream: Option<&StreamSink>) -> Dispatched {
+    let mut attempts: Vec<Attempt> = Vec::with_capacity(1);
+    'targets: for target in targets {
+        let entry = &target.provider;
+        let mut tried_keys: Vec<String> = Vec::new();
+        let mut retries_left = entry.max_retries;
+        // Bounds key rotation and retries together, whatever the keys' health does meanwhile.
+        let mut calls_left = entry.keys.len() + entry.max_retries as usize + 1;
+        let mut backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter()
+            .without_max_times()
+            .build();
+        loop {
+            let key = if entry.needs_key() {
+                match entry.keys.pick(&tried_keys) {
+                    KeyChoice::Key(key) => Some(key),
+                    KeyChoice::AllResting(wait) if wait <= MAX_KEY_WAIT => {
+                        tokio::time::sleep(wait).await;
+                        tried_keys.clear();
+                        continue;
+                    }
+                    choice => {
+                        let reason = match choice {
+                            KeyChoice::AllResting(wait) => format!("every key is rate limited for {wait:?}"),
+                            _ if tried_keys.is_empty() => "no usable API key (none set, or all disabled or exhausted)".to_owned(),
+                            _ => "no other usable API key".to_owned(),
+                        };
+                        if tried_keys.is_empty() {
+                            attempts.push(no_key_attempt(target, attempts.len(), reason));
+                        }
+                        continue 'targets;
+                    }
+                }
+            } else {
+                None
             };
-        }
-        if !retryable {
-            break;
+            if calls_left == 0 {
+                continue 'targets;
+            }
+            calls_left -= 1;
+            let n = u32::try_from(attempts.len() + 1).unwrap_or(u32::MAX);
+            let attempt = call_once(request, target, key.as_ref(), n, stream).await;
+            let error = match &attempt.outcome {
+                Ok(_) => {
+                    let response = attempt.response.clone().unwrap_or(Value::Null);
+                    attempts.push(attempt.with_response_dropped());
+                    return Dispatched {
+                        attempts,
+                        outcome: Ok(response),
+                    };
+                }
+                Err(error) => error.clone(),
+            };
+            attempts.push(attempt.with_response_dropped());
+            if let Some(key) = &key
+                && matches!(error.class, ErrorClass::Auth | ErrorClass::QuotaExhausted | ErrorClass::RateLimited)
+            {
+                tried_keys.push(key.id.clone());
+                // Another key of the same provider is tried before the job moves on.
+                if !matches!(entry.keys.pick(&tried_keys), KeyChoice::NoneUsable) {
+                    continue;
+                }
+                if error.class != ErrorClass::RateLimited {
+                    continue 'targets;
+                }
+            }
+            if !error.is_retryable() {
+                break 'targets;
+            }
+            if retries_left == 0 {
+                continue 'targets;
+            }
+            let delay = match error.retry_after {
+                Some(delay) if delay > MAX_HONOURED_DELAY => continue 'targets,
+                Some(delay) => delay,
+                None => backoff.next().unwrap_or(Duration::from_secs(1)),
+            };
+            retries_left -= 1;
+            tried_keys.clear();
+            tokio::time::sleep(delay).await;
         }
     }
     let error = job_error(&attempts);
@@ -101,12 +193,132 @@ pub async fn dispatch(request: &ChatRequest, targets: &[Target]) -> Dispatched {
     }
 }
 
+/// One call of one target with one key, its key bookkeeping, and its stream handling.
+async fn call_once(
+    request: &ChatRequest,
+    target: &Target,
+    key: Option<&ApiKey>,
+    n: u32,
+    stream: Option<&StreamSink>,
+) -> AttemptWithResponse {
+    let entry = &target.provider;
+    let streamed_any = AtomicBool::new(false);
+    let on_delta = |text: &str| {
+        streamed_any.store(true, Ordering::Relaxed);
+        if let Some(sink) = stream {
+            sink.send(StreamItem::Delta {
+                attempt: n,
+                text: text.to_owned(),
+            });
+        }
+    };
+    let call = Call {
+        key,
+        timeout: entry.timeout,
+        idle_timeout: entry.idle_timeout,
+        on_delta: stream.map(|_| &on_delta as &(dyn Fn(&str) + Send + Sync)),
+    };
+    let started_at = Utc::now();
+    let clock = Instant::now();
+    let result = entry.client.complete(request, &target.model, &call).await;
+    let latency_ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let (outcome, response) = match result {
+        Ok(completion) => (Ok(completion.usage), Some(completion.response)),
+        Err(error) => {
+            if let Some(sink) = stream
+                && streamed_any.load(Ordering::Relaxed)
+            {
+                sink.send(StreamItem::Void { attempt: n });
+            }
+            (Err(error), None)
+        }
+    };
+    let key_event = match (&outcome, key) {
+        (Err(error), Some(key)) => key_health(entry, key, error),
+        _ => None,
+    };
+    AttemptWithResponse {
+        attempt: Attempt {
+            id: Uuid::now_v7(),
+            n,
+            provider: entry.name.clone(),
+            model: target.model.clone(),
+            key_id: key.map(|k| k.id.clone()),
+            prices: target.prices.clone(),
+            started_at,
+            ended_at: Utc::now(),
+            latency_ms,
+            outcome,
+            key_event,
+        },
+        response,
+    }
+}
+
+/// Updates the key's health after a failure and says what changed.
+fn key_health(entry: &crate::providers::ProviderEntry, key: &ApiKey, error: &ProviderError) -> Option<KeyEvent> {
+    let (kind, status, rest) = match error.class {
+        ErrorClass::Auth => ("key_disabled", KeyStatus::Disabled, None),
+        ErrorClass::QuotaExhausted => ("key_exhausted", KeyStatus::Exhausted, None),
+        ErrorClass::RateLimited => {
+            let rest = error.retry_after.unwrap_or(DEFAULT_KEY_REST);
+            ("key_rate_limited", KeyStatus::Resting(Instant::now() + rest), Some(rest))
+        }
+        _ => return None,
+    };
+    entry.keys.set(&key.id, status);
+    tracing::warn!(provider = %entry.name, key_id = %key.id, event = kind, rest = ?rest, "API key health changed.");
+    Some(KeyEvent {
+        kind,
+        key_id: key.id.clone(),
+        rest_ms: rest.map(|r| u64::try_from(r.as_millis()).unwrap_or(u64::MAX)),
+    })
+}
+
+/// An attempt that never reached the provider because no key was usable.
+fn no_key_attempt(target: &Target, previous: usize, reason: String) -> Attempt {
+    let now = Utc::now();
+    Attempt {
+        id: Uuid::now_v7(),
+        n: u32::try_from(previous + 1).unwrap_or(u32::MAX),
+        provider: target.provider.name.clone(),
+        model: target.model.clone(),
+        key_id: None,
+        prices: target.prices.clone(),
+        started_at: now,
+        ended_at: now,
+        latency_ms: 0,
+        outcome: Err(ProviderError::new(
+            target.provider.client.provider_type(),
+            ErrorClass::Auth,
+            reason,
+        )),
+        key_event: None,
+    }
+}
+
+/// An attempt with the response body of a success, which only the winner carries onwards.
+struct AttemptWithResponse {
+    attempt: Attempt,
+    response: Option<Value>,
+}
+
+impl std::ops::Deref for AttemptWithResponse {
+    type Target = Attempt;
+    fn deref(&self) -> &Attempt {
+        &self.attempt
+    }
+}
+
+impl AttemptWithResponse {
+    fn with_response_dropped(self) -> Attempt {
+        self.attempt
+    }
+}
+
 /// The job's error: the last failure's class as the code, and every attempt in the message.
 fn job_error(attempts: &[Attempt]) -> JobError {
-    let failures: Vec<&ProviderError> = attempts
-        .iter()
-        .filter_map(|a| a.outcome.as_ref().err())
-        .collect();
+    let failures: Vec<&ProviderError> = attempts.iter().filter_map(|a| a.outcome.as_ref().err()).collect();
     let Some(last) = failures.last() else {
         return JobError::new("no_targets", "the route has no targets");
     };
@@ -119,19 +331,9 @@ fn job_error(attempts: &[Attempt]) -> JobError {
         .iter()
         .filter_map(|a| {
             let e = a.outcome.as_ref().err()?;
-            Some(format!(
-                "#{} {}/{}: {} ({})",
-                a.n,
-                a.provider,
-                a.model,
-                e.class.as_str(),
-                e.message
-            ))
+            Some(format!("#{} {}/{}: {} ({})", a.n, a.provider, a.model, e.class.as_str(), e.message))
         })
         .collect::<Vec<_>>()
         .join("; ");
-    JobError::new(
-        code,
-        format!("{} attempt(s) failed: {listing}", failures.len()),
-    )
+    JobError::new(code, format!("{} attempt(s) failed: {listing}", failures.len()))
 }
