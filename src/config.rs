@@ -347,10 +347,7 @@ impl Settings {
             if provider.kind != ProviderKind::Extractive {
                 match provider.base_url.as_deref().map(url::Url::parse) {
                     None => {
-                        return invalid(format!(
-                            "provider {:?} needs base_url",
-                            provider.name
-                        ));
+                        return invalid(format!("provider {:?} needs base_url", provider.name));
                     }
                     Some(Err(e)) => {
                         return invalid(format!(

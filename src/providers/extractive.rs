@@ -42,8 +42,15 @@ impl ExtractiveProvider {
         };
         if let Some(on_delta) = call.on_delta {
             // A "stream" of one chunk per sentence, so streaming jobs work offline too.
-            for (index, sentence) in summarizer::split_sentences(&summary).into_iter().enumerate() {
-                on_delta(&if index == 0 { sentence.to_owned() } else { format!(" {sentence}") });
+            for (index, sentence) in summarizer::split_sentences(&summary)
+                .into_iter()
+                .enumerate()
+            {
+                on_delta(&if index == 0 {
+                    sentence.to_owned()
+                } else {
+                    format!(" {sentence}")
+                });
             }
         }
         let response = chat_completion(
@@ -90,7 +97,7 @@ mod tests {
                     Dams trap sediment, so deltas shrink. Shrinking deltas expose cities to floods. \
                     Some countries now release sediment through dams on purpose.";
         let completion = ExtractiveProvider
-            .complete(&request(text), "extractive-v1")
+            .complete(&request(text), "extractive-v1", &no_call())
             .unwrap();
         let summary = completion.response["choices"][0]["message"]["content"]
             .as_str()
@@ -114,7 +121,7 @@ mod tests {
     #[test]
     fn a_request_without_user_text_is_an_invalid_request() {
         let err = ExtractiveProvider
-            .complete(&request("   "), "extractive-v1")
+            .complete(&request("   "), "extractive-v1", &no_call())
             .unwrap_err();
         assert_eq!(err.class, ErrorClass::InvalidRequest);
     }

@@ -20,7 +20,16 @@ impl GeminiProvider {
         Self { http, base_url }
     }
 
-    pub async fn complete(&self, _request: &ChatRequest, _model: &str, _call: &Call<'_>) -> Result<Completion, ProviderError> {
-        Err(ProviderError::new(PROVIDER_TYPE, ErrorClass::InvalidRequest, "the gemini adapter is not available yet"))
+    pub async fn complete(
+        &self,
+        _request: &ChatRequest,
+        _model: &str,
+        _call: &Call<'_>,
+    ) -> Result<Completion, ProviderError> {
+        Err(ProviderError::new(
+            PROVIDER_TYPE,
+            ErrorClass::InvalidRequest,
+            "the gemini adapter is not available yet",
+        ))
     }
 }

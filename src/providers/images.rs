@@ -44,13 +44,20 @@ pub fn parse_data_url(url: &str) -> Result<InlineImage, String> {
 }
 
 /// Fetches an http(s) image and returns it inline.
-pub async fn fetch_inline(http: &reqwest::Client, url: &str, timeout: Duration) -> Result<InlineImage, String> {
+pub async fn fetch_inline(
+    http: &reqwest::Client,
+    url: &str,
+    timeout: Duration,
+) -> Result<InlineImage, String> {
     if url.starts_with("data:") {
         return parse_data_url(url);
     }
     let parsed = url::Url::parse(url).map_err(|e| format!("image URL {url:?} is invalid: {e}"))?;
     if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(format!("image URL scheme {:?} is not supported", parsed.scheme()));
+        return Err(format!(
+            "image URL scheme {:?} is not supported",
+            parsed.scheme()
+        ));
     }
     let response = http
         .get(parsed)
@@ -60,7 +67,10 @@ pub async fn fetch_inline(http: &reqwest::Client, url: &str, timeout: Duration) 
         .map_err(|e| format!("cannot fetch image {url}: {}", e.without_url()))?;
     let status = response.status();
     if !status.is_success() {
-        return Err(format!("cannot fetch image {url}: HTTP {}", status.as_u16()));
+        return Err(format!(
+            "cannot fetch image {url}: HTTP {}",
+            status.as_u16()
+        ));
     }
     let mime = response
         .headers()
@@ -76,7 +86,9 @@ pub async fn fetch_inline(http: &reqwest::Client, url: &str, timeout: Duration) 
         .await
         .map_err(|e| format!("cannot read image {url}: {}", e.without_url()))?;
     if bytes.len() > MAX_IMAGE_BYTES {
-        return Err(format!("image {url} is larger than {MAX_IMAGE_BYTES} bytes"));
+        return Err(format!(
+            "image {url} is larger than {MAX_IMAGE_BYTES} bytes"
+        ));
     }
     Ok(InlineImage {
         mime,
@@ -97,17 +109,40 @@ mod tests {
 
     #[test]
     fn broken_data_urls_say_what_is_wrong() {
-        assert!(parse_data_url("data:image/png;base64,@@@").unwrap_err().contains("not valid base64"));
-        assert!(parse_data_url("data:image/png,abc").unwrap_err().contains("not base64-encoded"));
-        assert!(parse_data_url("data:text/plain;base64,aGk=").unwrap_err().contains("not an image"));
-        assert!(parse_data_url("data:image/png;base64").unwrap_err().contains("no ','"));
+        assert!(
+            parse_data_url("data:image/png;base64,@@@")
+                .unwrap_err()
+                .contains("not valid base64")
+        );
+        assert!(
+            parse_data_url("data:image/png,abc")
+                .unwrap_err()
+                .contains("not base64-encoded")
+        );
+        assert!(
+            parse_data_url("data:text/plain;base64,aGk=")
+                .unwrap_err()
+                .contains("not an image")
+        );
+        assert!(
+            parse_data_url("data:image/png;base64")
+                .unwrap_err()
+                .contains("no ','")
+        );
     }
 
     #[tokio::test]
     async fn an_unreachable_image_is_a_clear_error() {
-        let err = fetch_inline(&reqwest::Client::new(), "http://127.0.0.1:1/cat.png", Duration::from_secs(2))
-            .await
-            .unwrap_err();
-        assert!(err.contains("cannot fetch image http://127.0.0.1:1/cat.png"), "{err}");
+        let err = fetch_inline(
+            &reqwest::Client::new(),
+            "http://127.0.0.1:1/cat.png",
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            err.contains("cannot fetch image http://127.0.0.1:1/cat.png"),
+            "{err}"
+        );
     }
 }

@@ -65,7 +65,9 @@ impl KeyPool {
 
     fn statuses(&self) -> std::sync::MutexGuard<'_, Vec<KeyStatus>> {
         // A poisoned lock only means another task panicked mid-update of plain enums.
-        self.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The next healthy key in round-robin order, skipping ids in `tried`.
@@ -142,13 +144,19 @@ mod tests {
         pool.set("a", KeyStatus::Disabled);
         pool.set("b", KeyStatus::Exhausted);
         assert!((0..5).all(|_| picked(pool.pick(&[])) == "c"));
-        assert!(matches!(pool.pick(&["c".to_owned()]), KeyChoice::NoneUsable));
+        assert!(matches!(
+            pool.pick(&["c".to_owned()]),
+            KeyChoice::NoneUsable
+        ));
     }
 
     #[test]
     fn a_resting_key_comes_back_after_its_delay() {
         let pool = pool(&["a"]);
-        pool.set("a", KeyStatus::Resting(Instant::now() + Duration::from_secs(30)));
+        pool.set(
+            "a",
+            KeyStatus::Resting(Instant::now() + Duration::from_secs(30)),
+        );
         assert!(matches!(pool.pick(&[]), KeyChoice::AllResting(d) if d > Duration::from_secs(29)));
         pool.set("a", KeyStatus::Resting(Instant::now()));
         assert_eq!(picked(pool.pick(&[])), "a");

@@ -186,7 +186,12 @@ pub enum Provider {
 
 impl Provider {
     /// Runs one chat completion against `model`.
-    pub async fn complete(&self, request: &ChatRequest, model: &str, call: &Call<'_>) -> Result<Completion, ProviderError> {
+    pub async fn complete(
+        &self,
+        request: &ChatRequest,
+        model: &str,
+        call: &Call<'_>,
+    ) -> Result<Completion, ProviderError> {
         match self {
             Provider::Extractive(p) => p.complete(request, model, call),
             Provider::OpenAi(p) => p.complete(request, model, call).await,
@@ -300,8 +305,12 @@ fn build_entry(settings: &ProviderSettings, http: &reqwest::Client) -> ProviderE
                 },
             ))
         }
-        ProviderKind::Anthropic => Provider::Anthropic(anthropic::AnthropicProvider::new(http.clone(), base_url)),
-        ProviderKind::Gemini => Provider::Gemini(gemini::GeminiProvider::new(http.clone(), base_url)),
+        ProviderKind::Anthropic => {
+            Provider::Anthropic(anthropic::AnthropicProvider::new(http.clone(), base_url))
+        }
+        ProviderKind::Gemini => {
+            Provider::Gemini(gemini::GeminiProvider::new(http.clone(), base_url))
+        }
     };
     ProviderEntry {
         name: settings.name.clone(),
@@ -339,7 +348,12 @@ pub fn excerpt(text: &str, max: usize) -> String {
 /// The retry delay a response's headers ask for: `retry-after-ms`, then `retry-after`
 /// (seconds or an HTTP date).
 pub fn retry_after_from_headers(headers: &HeaderMap) -> Option<Duration> {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
     if let Some(ms) = header("retry-after-ms").and_then(|v| v.parse::<f64>().ok())
         && ms.is_finite()
         && ms >= 0.0
@@ -449,9 +463,15 @@ mod tests {
     fn retry_after_ms_wins_over_retry_after() {
         let mut headers = HeaderMap::new();
         headers.insert("retry-after", HeaderValue::from_static("7"));
-        assert_eq!(retry_after_from_headers(&headers), Some(Duration::from_secs(7)));
+        assert_eq!(
+            retry_after_from_headers(&headers),
+            Some(Duration::from_secs(7))
+        );
         headers.insert("retry-after-ms", HeaderValue::from_static("250"));
-        assert_eq!(retry_after_from_headers(&headers), Some(Duration::from_millis(250)));
+        assert_eq!(
+            retry_after_from_headers(&headers),
+            Some(Duration::from_millis(250))
+        );
     }
 
     #[test]
@@ -460,8 +480,14 @@ mod tests {
         let at = (chrono::Utc::now() + chrono::Duration::seconds(30)).to_rfc2822();
         headers.insert("retry-after", HeaderValue::from_str(&at).unwrap());
         let wait = retry_after_from_headers(&headers).unwrap();
-        assert!(wait > Duration::from_secs(25) && wait <= Duration::from_secs(30), "{wait:?}");
-        headers.insert("retry-after", HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        assert!(
+            wait > Duration::from_secs(25) && wait <= Duration::from_secs(30),
+            "{wait:?}"
+        );
+        headers.insert(
+            "retry-after",
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
         assert_eq!(retry_after_from_headers(&headers), Some(Duration::ZERO));
     }
 
@@ -470,7 +496,10 @@ mod tests {
         assert_eq!(parse_go_duration("1s"), Some(Duration::from_secs(1)));
         assert_eq!(parse_go_duration("6m0s"), Some(Duration::from_secs(360)));
         assert_eq!(parse_go_duration("20ms"), Some(Duration::from_millis(20)));
-        assert_eq!(parse_go_duration("18.642s"), Some(Duration::from_millis(18642)));
+        assert_eq!(
+            parse_go_duration("18.642s"),
+            Some(Duration::from_millis(18642))
+        );
         assert_eq!(parse_go_duration("soon"), None);
         assert_eq!(parse_go_duration("12"), None);
     }

@@ -9,8 +9,8 @@ use serde_json::{Map, Value};
 
 use super::sse::SseParser;
 use super::{
-    Call, Completion, ErrorClass, ProviderError, chat_completion, excerpt, finish, parse_go_duration,
-    retry_after_from_headers,
+    Call, Completion, ErrorClass, ProviderError, chat_completion, excerpt, finish,
+    parse_go_duration, retry_after_from_headers,
 };
 use crate::config::MaxTokensField;
 use crate::messages::{ChatRequest, Usage};
@@ -127,7 +127,8 @@ impl From<OpenAiUsage> for Usage {
             .unwrap_or(0);
         // xAI reports reasoning outside `completion_tokens` but inside `total_tokens`.
         let reasoning_outside = reasoning > 0
-            && usage.total_tokens == Some(usage.prompt_tokens + usage.completion_tokens + reasoning);
+            && usage.total_tokens
+                == Some(usage.prompt_tokens + usage.completion_tokens + reasoning);
         Usage {
             input_tokens: usage.prompt_tokens,
             cached_input_tokens: prompt
@@ -165,12 +166,25 @@ impl OpenAiProvider {
     }
 
     /// The JSON body sent for `request` on `model`.
-    fn body(&self, request: &ChatRequest, model: &str, stream: bool) -> Result<Value, ProviderError> {
+    fn body(
+        &self,
+        request: &ChatRequest,
+        model: &str,
+        stream: bool,
+    ) -> Result<Value, ProviderError> {
         let mut body = serde_json::to_value(request).map_err(|e| {
-            ProviderError::new(PROVIDER_TYPE, ErrorClass::InvalidRequest, format!("cannot encode request: {e}"))
+            ProviderError::new(
+                PROVIDER_TYPE,
+                ErrorClass::InvalidRequest,
+                format!("cannot encode request: {e}"),
+            )
         })?;
         let Some(object) = body.as_object_mut() else {
-            return Err(ProviderError::new(PROVIDER_TYPE, ErrorClass::InvalidRequest, "request is not an object"));
+            return Err(ProviderError::new(
+                PROVIDER_TYPE,
+                ErrorClass::InvalidRequest,
+                "request is not an object",
+            ));
         };
         object.insert("model".to_owned(), Value::from(model));
         let cap = object
@@ -188,7 +202,10 @@ impl OpenAiProvider {
         object.remove("stream_options");
         if stream {
             object.insert("stream".to_owned(), Value::Bool(true));
-            object.insert("stream_options".to_owned(), serde_json::json!({ "include_usage": true }));
+            object.insert(
+                "stream_options".to_owned(),
+                serde_json::json!({ "include_usage": true }),
+            );
         } else {
             object.remove("stream");
         }
@@ -205,7 +222,12 @@ impl OpenAiProvider {
     }
 
     /// One chat completion, streamed when the call has a delta receiver.
-    pub async fn complete(&self, request: &ChatRequest, model: &str, call: &Call<'_>) -> Result<Completion, ProviderError> {
+    pub async fn complete(
+        &self,
+        request: &ChatRequest,
+        model: &str,
+        call: &Call<'_>,
+    ) -> Result<Completion, ProviderError> {
         let key = call.require_key(PROVIDER_TYPE)?;
         let body = self.body(request, model, call.streaming())?;
         let builder = self
@@ -216,7 +238,13 @@ impl OpenAiProvider {
         if call.streaming() {
             let response = tokio::time::timeout(call.timeout, builder.send())
                 .await
-                .map_err(|_| ProviderError::new(PROVIDER_TYPE, ErrorClass::Timeout, "no response headers in time"))?
+                .map_err(|_| {
+                    ProviderError::new(
+                        PROVIDER_TYPE,
+                        ErrorClass::Timeout,
+                        "no response headers in time",
+                    )
+                })?
                 .map_err(|e| ProviderError::transport(PROVIDER_TYPE, &e))?;
             let status = response.status().as_u16();
             if !(200..300).contains(&status) {
@@ -267,7 +295,10 @@ fn parse_openai_response(text: &str, model: &str) -> Result<Completion, Provider
     let value: Value = serde_json::from_str(text.trim_start())
         .map_err(|e| malformed(text, format!("response body is not JSON: {e}")))?;
     if let Some(error) = value.get("error").filter(|e| !e.is_null()) {
-        return Err(malformed(text, format!("200 response carries an error: {error}")));
+        return Err(malformed(
+            text,
+            format!("200 response carries an error: {error}"),
+        ));
     }
     let parsed: OpenAiResponse = serde_json::from_value(value)
         .map_err(|e| malformed(text, format!("response is not a chat.completion: {e}")))?;
@@ -280,7 +311,9 @@ fn parse_openai_response(text: &str, model: &str) -> Result<Completion, Provider
         refusal: None,
         tool_calls: None,
     });
-    let tool_calls = message.tool_calls.filter(|c| c.as_array().is_some_and(|a| !a.is_empty()));
+    let tool_calls = message
+        .tool_calls
+        .filter(|c| c.as_array().is_some_and(|a| !a.is_empty()));
     let refused = message.content.is_none() && message.refusal.is_some();
     let native = choice.finish_reason.as_deref();
     let finish_reason = canonical_finish(native, tool_calls.is_some(), refused);
@@ -313,7 +346,10 @@ impl ToolCallParts {
             while self.calls.len() <= index {
                 let mut call = Map::new();
                 call.insert("type".to_owned(), Value::from("function"));
-                call.insert("function".to_owned(), serde_json::json!({ "name": "", "arguments": "" }));
+                call.insert(
+                    "function".to_owned(),
+                    serde_json::json!({ "name": "", "arguments": "" }),
+                );
                 self.calls.push(call);
             }
             let call = &mut self.calls[index];
@@ -325,7 +361,10 @@ impl ToolCallParts {
             {
                 for field in ["name", "arguments"] {
                     if let Some(part) = function.get(field).and_then(Value::as_str) {
-                        let joined = format!("{}{part}", target.get(field).and_then(Value::as_str).unwrap_or(""));
+                        let joined = format!(
+                            "{}{part}",
+                            target.get(field).and_then(Value::as_str).unwrap_or("")
+                        );
                         target.insert(field.to_owned(), Value::from(joined));
                     }
                 }
@@ -334,13 +373,18 @@ impl ToolCallParts {
     }
 
     fn into_value(self) -> Option<Value> {
-        (!self.calls.is_empty()).then(|| Value::Array(self.calls.into_iter().map(Value::Object).collect()))
+        (!self.calls.is_empty())
+            .then(|| Value::Array(self.calls.into_iter().map(Value::Object).collect()))
     }
 }
 
 /// Reads an SSE chat-completions stream. EOF before `[DONE]`, an `error` chunk after HTTP 200,
 /// or silence longer than the idle timeout is a failed attempt, never a partial success.
-async fn read_openai_stream(response: reqwest::Response, model: &str, call: &Call<'_>) -> Result<Completion, ProviderError> {
+async fn read_openai_stream(
+    response: reqwest::Response,
+    model: &str,
+    call: &Call<'_>,
+) -> Result<Completion, ProviderError> {
     let mut bytes = response.bytes_stream();
     let mut parser = SseParser::new();
     let mut text = String::new();
@@ -356,11 +400,19 @@ async fn read_openai_stream(response: reqwest::Response, model: &str, call: &Cal
     loop {
         let next = tokio::time::timeout(call.idle_timeout, bytes.next())
             .await
-            .map_err(|_| interrupted(usage, format!("stream stalled for {:?}", call.idle_timeout)))?;
+            .map_err(|_| {
+                interrupted(usage, format!("stream stalled for {:?}", call.idle_timeout))
+            })?;
         let events = match next {
             Some(Ok(chunk)) => parser.feed(&chunk),
             Some(Err(e)) => {
-                return Err(interrupted(usage, format!("stream broke: {}", ProviderError::transport(PROVIDER_TYPE, &e).message)));
+                return Err(interrupted(
+                    usage,
+                    format!(
+                        "stream broke: {}",
+                        ProviderError::transport(PROVIDER_TYPE, &e).message
+                    ),
+                ));
             }
             None => {
                 if parser.finish().is_some_and(|e| e.data.trim() == "[DONE]") {
@@ -390,17 +442,25 @@ async fn read_openai_stream(response: reqwest::Response, model: &str, call: &Cal
             }
             if id.is_none() {
                 id = chunk.get("id").and_then(Value::as_str).map(str::to_owned);
-                response_model = chunk.get("model").and_then(Value::as_str).map(str::to_owned);
+                response_model = chunk
+                    .get("model")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
             }
             // Usage may come on any chunk (DeepSeek, xAI) or in `x_groq.usage`: keep the last.
-            for found in [chunk.get("usage"), chunk.pointer("/x_groq/usage")].into_iter().flatten() {
+            for found in [chunk.get("usage"), chunk.pointer("/x_groq/usage")]
+                .into_iter()
+                .flatten()
+            {
                 if let Ok(parsed) = serde_json::from_value::<OpenAiUsage>(found.clone())
                     && !found.is_null()
                 {
                     usage = Some(parsed.into());
                 }
             }
-            let Some(choice) = chunk.pointer("/choices/0") else { continue };
+            let Some(choice) = chunk.pointer("/choices/0") else {
+                continue;
+            };
             if let Some(delta) = choice.pointer("/delta/content").and_then(Value::as_str)
                 && !delta.is_empty()
             {
@@ -414,7 +474,10 @@ async fn read_openai_stream(response: reqwest::Response, model: &str, call: &Cal
             }
             if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
                 if reason == "error" {
-                    return Err(interrupted(usage, "stream finished with finish_reason \"error\"".to_owned()));
+                    return Err(interrupted(
+                        usage,
+                        "stream finished with finish_reason \"error\"".to_owned(),
+                    ));
                 }
                 native_finish = Some(reason.to_owned());
             }
@@ -442,16 +505,27 @@ async fn read_openai_stream(response: reqwest::Response, model: &str, call: &Cal
 fn stream_error(error: &Value, usage: Option<Usage>) -> ProviderError {
     let kind = error.get("type").and_then(Value::as_str).unwrap_or("");
     let code = error.get("code").map(|c| c.to_string()).unwrap_or_default();
-    let class = if kind.contains("overloaded") || code.contains("overloaded") || code == "503" || code == "529" {
+    let class = if kind.contains("overloaded")
+        || code.contains("overloaded")
+        || code == "503"
+        || code == "529"
+    {
         ErrorClass::Overloaded
     } else {
         ErrorClass::StreamInterrupted
     };
-    let message = error.get("message").and_then(Value::as_str).unwrap_or("error event in stream");
+    let message = error
+        .get("message")
+        .and_then(Value::as_str)
+        .unwrap_or("error event in stream");
     ProviderError {
         usage,
         raw_response: Some(excerpt(&error.to_string(), EXCERPT_BYTES)),
-        ..ProviderError::new(PROVIDER_TYPE, class, format!("error after HTTP 200: {message}"))
+        ..ProviderError::new(
+            PROVIDER_TYPE,
+            class,
+            format!("error after HTTP 200: {message}"),
+        )
     }
 }
 
@@ -471,10 +545,14 @@ fn error_object(body: &str) -> Option<Map<String, Value>> {
             _ => None,
         },
         // A one-element array wrapper.
-        Value::Array(items) => items.into_iter().next().and_then(|v| v.get("error").cloned()).and_then(|v| match v {
-            Value::Object(inner) => Some(inner),
-            _ => None,
-        }),
+        Value::Array(items) => items
+            .into_iter()
+            .next()
+            .and_then(|v| v.get("error").cloned())
+            .and_then(|v| match v {
+                Value::Object(inner) => Some(inner),
+                _ => None,
+            }),
         _ => None,
     }
 }
@@ -491,7 +569,10 @@ fn retry_delay(headers: &HeaderMap) -> Option<std::time::Duration> {
                     .is_some_and(|v| v.trim() == "0")
             })
             .filter_map(|kind| {
-                let reset = headers.get(format!("x-ratelimit-reset-{kind}"))?.to_str().ok()?;
+                let reset = headers
+                    .get(format!("x-ratelimit-reset-{kind}"))?
+                    .to_str()
+                    .ok()?;
                 parse_go_duration(reset)
             })
             .max()
@@ -561,7 +642,11 @@ mod tests {
     }
 
     fn provider(server: &MockServer, options: OpenAiOptions) -> OpenAiProvider {
-        OpenAiProvider::new(reqwest::Client::new(), format!("{}/v1", server.uri()), options)
+        OpenAiProvider::new(
+            reqwest::Client::new(),
+            format!("{}/v1", server.uri()),
+            options,
+        )
     }
 
     fn compatible() -> OpenAiOptions {
@@ -579,7 +664,11 @@ mod tests {
         }
     }
 
-    async fn call(server: &MockServer, options: OpenAiOptions, timeout: Duration) -> Result<Completion, ProviderError> {
+    async fn call(
+        server: &MockServer,
+        options: OpenAiOptions,
+        timeout: Duration,
+    ) -> Result<Completion, ProviderError> {
         let key = key();
         let call = Call {
             key: Some(&key),
@@ -587,7 +676,9 @@ mod tests {
             idle_timeout: Duration::from_secs(2),
             on_delta: None,
         };
-        provider(server, options).complete(&request(), "gpt-x", &call).await
+        provider(server, options)
+            .complete(&request(), "gpt-x", &call)
+            .await
     }
 
     async fn serve(status: u16, body: &str) -> MockServer {
@@ -610,10 +701,18 @@ mod tests {
             .expect(1)
             .mount(&server)
             .await;
-        let completion = call(&server, compatible(), Duration::from_secs(5)).await.unwrap();
-        assert_eq!(completion.response["choices"][0]["message"]["content"], "Hi.");
+        let completion = call(&server, compatible(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(
+            completion.response["choices"][0]["message"]["content"],
+            "Hi."
+        );
         assert_eq!(completion.response["choices"][0]["finish_reason"], "stop");
-        assert_eq!(completion.response["choices"][0]["native_finish_reason"], "stop");
+        assert_eq!(
+            completion.response["choices"][0]["native_finish_reason"],
+            "stop"
+        );
         assert_eq!(
             completion.usage,
             Usage {
@@ -624,7 +723,8 @@ mod tests {
                 reasoning_tokens: 2
             }
         );
-        let sent: Value = serde_json::from_slice(&server.received_requests().await.unwrap()[0].body).unwrap();
+        let sent: Value =
+            serde_json::from_slice(&server.received_requests().await.unwrap()[0].body).unwrap();
         assert_eq!(sent["model"], "gpt-x");
         assert_eq!(sent["max_tokens"], 50);
         assert!(sent.get("max_completion_tokens").is_none());
@@ -637,8 +737,11 @@ mod tests {
             max_tokens_field: MaxTokensField::MaxCompletionTokens,
             strict_fields: false,
         };
-        call(&server, options, Duration::from_secs(5)).await.unwrap();
-        let sent: Value = serde_json::from_slice(&server.received_requests().await.unwrap()[0].body).unwrap();
+        call(&server, options, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let sent: Value =
+            serde_json::from_slice(&server.received_requests().await.unwrap()[0].body).unwrap();
         assert_eq!(sent["max_completion_tokens"], 50);
         assert!(sent.get("max_tokens").is_none());
     }
@@ -678,17 +781,25 @@ mod tests {
             .expect(1)
             .mount(&server)
             .await;
-        let err = call(&server, compatible(), Duration::from_secs(5)).await.unwrap_err();
+        let err = call(&server, compatible(), Duration::from_secs(5))
+            .await
+            .unwrap_err();
         assert_eq!(err.class, ErrorClass::RateLimited);
         assert_eq!(err.status, Some(429));
         assert_eq!(err.retry_after, Some(Duration::from_secs(3)));
-        assert!(err.message.contains("Rate limit reached"), "{}", err.message);
+        assert!(
+            err.message.contains("Rate limit reached"),
+            "{}",
+            err.message
+        );
     }
 
     #[tokio::test]
     async fn a_502_with_an_html_body_is_a_server_error() {
         let server = serve(502, "<html>Bad gateway</html>").await;
-        let err = call(&server, compatible(), Duration::from_secs(5)).await.unwrap_err();
+        let err = call(&server, compatible(), Duration::from_secs(5))
+            .await
+            .unwrap_err();
         assert_eq!(err.class, ErrorClass::ServerError);
         assert!(err.message.contains("Bad gateway"));
     }
@@ -696,7 +807,9 @@ mod tests {
     #[tokio::test]
     async fn a_malformed_200_body_is_a_server_error_that_keeps_the_body() {
         let server = serve(200, "{\"choices\": [tru").await;
-        let err = call(&server, compatible(), Duration::from_secs(5)).await.unwrap_err();
+        let err = call(&server, compatible(), Duration::from_secs(5))
+            .await
+            .unwrap_err();
         assert_eq!(err.class, ErrorClass::ServerError);
         assert_eq!(err.raw_response.as_deref(), Some("{\"choices\": [tru"));
     }
@@ -705,10 +818,16 @@ mod tests {
     async fn a_slow_provider_times_out() {
         let server = MockServer::start().await;
         Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(200).set_body_string(COMPLETION).set_delay(Duration::from_secs(5)))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_string(COMPLETION)
+                    .set_delay(Duration::from_secs(5)),
+            )
             .mount(&server)
             .await;
-        let err = call(&server, compatible(), Duration::from_millis(100)).await.unwrap_err();
+        let err = call(&server, compatible(), Duration::from_millis(100))
+            .await
+            .unwrap_err();
         assert_eq!(err.class, ErrorClass::Timeout);
     }
 
@@ -716,22 +835,78 @@ mod tests {
     fn every_row_of_the_classification_table_maps_to_its_class() {
         let none = HeaderMap::new();
         let cases: &[(u16, &str, ErrorClass)] = &[
-            (400, r#"{"error":{"message":"bad","type":"invalid_request_error","param":null,"code":null}}"#, ErrorClass::InvalidRequest),
-            (400, r#"{"error":{"message":"too long","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#, ErrorClass::ContextLength),
-            (400, r#"{"error":{"message":"filtered","type":null,"param":"prompt","code":"content_filter"}}"#, ErrorClass::ContentFiltered),
-            (401, r#"{"error":{"message":"Incorrect API key","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#, ErrorClass::Auth),
-            (402, r#"{"error":{"message":"Insufficient Balance","type":"unknown_error"}}"#, ErrorClass::QuotaExhausted),
-            (403, r#"{"error":{"message":"Country not supported","type":"request_forbidden"}}"#, ErrorClass::Auth),
-            (404, r#"{"error":{"message":"model not found","type":"invalid_request_error","code":"model_not_found"}}"#, ErrorClass::InvalidRequest),
+            (
+                400,
+                r#"{"error":{"message":"bad","type":"invalid_request_error","param":null,"code":null}}"#,
+                ErrorClass::InvalidRequest,
+            ),
+            (
+                400,
+                r#"{"error":{"message":"too long","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#,
+                ErrorClass::ContextLength,
+            ),
+            (
+                400,
+                r#"{"error":{"message":"filtered","type":null,"param":"prompt","code":"content_filter"}}"#,
+                ErrorClass::ContentFiltered,
+            ),
+            (
+                401,
+                r#"{"error":{"message":"Incorrect API key","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#,
+                ErrorClass::Auth,
+            ),
+            (
+                402,
+                r#"{"error":{"message":"Insufficient Balance","type":"unknown_error"}}"#,
+                ErrorClass::QuotaExhausted,
+            ),
+            (
+                403,
+                r#"{"error":{"message":"Country not supported","type":"request_forbidden"}}"#,
+                ErrorClass::Auth,
+            ),
+            (
+                404,
+                r#"{"error":{"message":"model not found","type":"invalid_request_error","code":"model_not_found"}}"#,
+                ErrorClass::InvalidRequest,
+            ),
             (408, "", ErrorClass::Timeout),
             (409, "", ErrorClass::Conflict),
-            (422, r#"{"object":"error","message":{"detail":[{"type":"extra_forbidden"}]},"type":"invalid_request_error"}"#, ErrorClass::InvalidRequest),
-            (429, r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#, ErrorClass::QuotaExhausted),
-            (429, r#"{"error":{"message":"Rate limit","type":"tokens","code":"rate_limit_exceeded"}}"#, ErrorClass::RateLimited),
-            (429, r#"{"error":{"code":429,"message":"Rate limit exceeded: free-models-per-min"}}"#, ErrorClass::RateLimited),
-            (500, r#"{"error":{"message":"The server had an error","type":"server_error","param":null,"code":null}}"#, ErrorClass::ServerError),
-            (502, "<html><body>502 Bad Gateway</body></html>", ErrorClass::ServerError),
-            (503, r#"{"error":{"message":"The engine is currently overloaded","type":"server_error"}}"#, ErrorClass::Overloaded),
+            (
+                422,
+                r#"{"object":"error","message":{"detail":[{"type":"extra_forbidden"}]},"type":"invalid_request_error"}"#,
+                ErrorClass::InvalidRequest,
+            ),
+            (
+                429,
+                r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#,
+                ErrorClass::QuotaExhausted,
+            ),
+            (
+                429,
+                r#"{"error":{"message":"Rate limit","type":"tokens","code":"rate_limit_exceeded"}}"#,
+                ErrorClass::RateLimited,
+            ),
+            (
+                429,
+                r#"{"error":{"code":429,"message":"Rate limit exceeded: free-models-per-min"}}"#,
+                ErrorClass::RateLimited,
+            ),
+            (
+                500,
+                r#"{"error":{"message":"The server had an error","type":"server_error","param":null,"code":null}}"#,
+                ErrorClass::ServerError,
+            ),
+            (
+                502,
+                "<html><body>502 Bad Gateway</body></html>",
+                ErrorClass::ServerError,
+            ),
+            (
+                503,
+                r#"{"error":{"message":"The engine is currently overloaded","type":"server_error"}}"#,
+                ErrorClass::Overloaded,
+            ),
             (504, "<html>Gateway Timeout</html>", ErrorClass::Timeout),
             (529, "", ErrorClass::Overloaded),
         ];
@@ -741,15 +916,28 @@ mod tests {
             assert_eq!(err.status, Some(*status));
         }
         let mistral = handle_openai_error(422, &none, cases[9].1);
-        assert!(mistral.message.contains("extra_forbidden"), "{}", mistral.message);
+        assert!(
+            mistral.message.contains("extra_forbidden"),
+            "{}",
+            mistral.message
+        );
     }
 
     #[test]
     fn a_429_without_retry_after_uses_the_exhausted_limits_reset() {
         let mut headers = HeaderMap::new();
-        headers.insert("x-ratelimit-remaining-requests", HeaderValue::from_static("0"));
-        headers.insert("x-ratelimit-reset-requests", HeaderValue::from_static("1.5s"));
-        headers.insert("x-ratelimit-remaining-tokens", HeaderValue::from_static("900"));
+        headers.insert(
+            "x-ratelimit-remaining-requests",
+            HeaderValue::from_static("0"),
+        );
+        headers.insert(
+            "x-ratelimit-reset-requests",
+            HeaderValue::from_static("1.5s"),
+        );
+        headers.insert(
+            "x-ratelimit-remaining-tokens",
+            HeaderValue::from_static("900"),
+        );
         headers.insert("x-ratelimit-reset-tokens", HeaderValue::from_static("6m0s"));
         let err = handle_openai_error(429, &headers, "");
         assert_eq!(err.retry_after, Some(Duration::from_millis(1500)));
@@ -779,18 +967,34 @@ mod tests {
     fn a_refusal_is_a_content_filter_finish_and_tool_calls_infer_their_finish() {
         let refusal = r#"{"choices":[{"index":0,"message":{"role":"assistant","content":null,"refusal":"I can't help with that."},"finish_reason":"stop"}]}"#;
         let completion = parse_openai_response(refusal, "m").unwrap();
-        assert_eq!(completion.response["choices"][0]["finish_reason"], "content_filter");
-        assert_eq!(completion.response["choices"][0]["native_finish_reason"], "stop");
+        assert_eq!(
+            completion.response["choices"][0]["finish_reason"],
+            "content_filter"
+        );
+        assert_eq!(
+            completion.response["choices"][0]["native_finish_reason"],
+            "stop"
+        );
         let tools = r#"{"choices":[{"index":0,"message":{"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{}"}}]},"finish_reason":""}]}"#;
         let completion = parse_openai_response(tools, "m").unwrap();
-        assert_eq!(completion.response["choices"][0]["finish_reason"], "tool_calls");
-        assert_eq!(completion.response["choices"][0]["message"]["tool_calls"][0]["id"], "c1");
+        assert_eq!(
+            completion.response["choices"][0]["finish_reason"],
+            "tool_calls"
+        );
+        assert_eq!(
+            completion.response["choices"][0]["message"]["tool_calls"][0]["id"],
+            "c1"
+        );
     }
 
     async fn stream(body: &str) -> (Result<Completion, ProviderError>, Vec<String>) {
         let server = MockServer::start().await;
         Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(200).insert_header("content-type", "text/event-stream").set_body_string(body))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .insert_header("content-type", "text/event-stream")
+                    .set_body_string(body),
+            )
             .mount(&server)
             .await;
         let deltas = Mutex::new(Vec::new());
@@ -802,8 +1006,11 @@ mod tests {
             idle_timeout: Duration::from_secs(2),
             on_delta: Some(&on_delta),
         };
-        let result = provider(&server, compatible()).complete(&request(), "gpt-x", &call).await;
-        let sent: Value = serde_json::from_slice(&server.received_requests().await.unwrap()[0].body).unwrap();
+        let result = provider(&server, compatible())
+            .complete(&request(), "gpt-x", &call)
+            .await;
+        let sent: Value =
+            serde_json::from_slice(&server.received_requests().await.unwrap()[0].body).unwrap();
         assert_eq!(sent["stream"], true);
         assert_eq!(sent["stream_options"]["include_usage"], true);
         (result, deltas.into_inner().unwrap())
@@ -821,7 +1028,10 @@ mod tests {
         let (result, deltas) = stream(body).await;
         let completion = result.unwrap();
         assert_eq!(deltas, ["Hel", "lo"]);
-        assert_eq!(completion.response["choices"][0]["message"]["content"], "Hello");
+        assert_eq!(
+            completion.response["choices"][0]["message"]["content"],
+            "Hello"
+        );
         assert_eq!(completion.response["choices"][0]["finish_reason"], "stop");
         assert_eq!(completion.usage.input_tokens, 9);
         assert_eq!(completion.usage.output_tokens, 2);
@@ -856,6 +1066,9 @@ mod tests {
         let call = &completion.response["choices"][0]["message"]["tool_calls"][0];
         assert_eq!(call["id"], "call_1");
         assert_eq!(call["function"]["arguments"], "{\"city\":\"Oslo\"}");
-        assert_eq!(completion.response["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(
+            completion.response["choices"][0]["finish_reason"],
+            "tool_calls"
+        );
     }
 }

@@ -58,7 +58,11 @@ impl SseParser {
     /// Call at end of stream: returns a last event that was not followed by a blank line.
     pub fn finish(&mut self) -> Option<SseEvent> {
         let line = std::mem::take(&mut self.line);
-        let from_line = if line.is_empty() { None } else { self.end_line(&line) };
+        let from_line = if line.is_empty() {
+            None
+        } else {
+            self.end_line(&line)
+        };
         from_line.or_else(|| self.dispatch())
     }
 
@@ -138,7 +142,9 @@ mod tests {
 
     #[test]
     fn comments_are_skipped_and_event_names_kept() {
-        let events = parse_all(b": OPENROUTER PROCESSING\n\nevent: message_stop\ndata: {}\n\n: keep-alive\n\n");
+        let events = parse_all(
+            b": OPENROUTER PROCESSING\n\nevent: message_stop\ndata: {}\n\n: keep-alive\n\n",
+        );
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].event.as_deref(), Some("message_stop"));
     }

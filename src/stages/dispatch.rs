@@ -102,7 +102,11 @@ impl StreamSink {
 }
 
 /// Runs `request` against `targets` in order.
-pub async fn dispatch(request: &ChatRequest, targets: &[Target], stream: Option<&StreamSink>) -> Dispatched {
+pub async fn dispatch(
+    request: &ChatRequest,
+    targets: &[Target],
+    stream: Option<&StreamSink>,
+) -> Dispatched {
     let mut attempts: Vec<Attempt> = Vec::with_capacity(1);
     'targets: for target in targets {
         let entry = &target.provider;
@@ -127,8 +131,13 @@ pub async fn dispatch(request: &ChatRequest, targets: &[Target], stream: Option<
                     }
                     choice => {
                         let reason = match choice {
-                            KeyChoice::AllResting(wait) => format!("every key is rate limited for {wait:?}"),
-                            _ if tried_keys.is_empty() => "no usable API key (none set, or all disabled or exhausted)".to_owned(),
+                            KeyChoice::AllResting(wait) => {
+                                format!("every key is rate limited for {wait:?}")
+                            }
+                            _ if tried_keys.is_empty() => {
+                                "no usable API key (none set, or all disabled or exhausted)"
+                                    .to_owned()
+                            }
                             _ => "no other usable API key".to_owned(),
                         };
                         if tried_keys.is_empty() {
@@ -159,7 +168,10 @@ pub async fn dispatch(request: &ChatRequest, targets: &[Target], stream: Option<
             };
             attempts.push(attempt.with_response_dropped());
             if let Some(key) = &key
-                && matches!(error.class, ErrorClass::Auth | ErrorClass::QuotaExhausted | ErrorClass::RateLimited)
+                && matches!(
+                    error.class,
+                    ErrorClass::Auth | ErrorClass::QuotaExhausted | ErrorClass::RateLimited
+                )
             {
                 tried_keys.push(key.id.clone());
                 // Another key of the same provider is tried before the job moves on.
@@ -256,13 +268,21 @@ async fn call_once(
 }
 
 /// Updates the key's health after a failure and says what changed.
-fn key_health(entry: &crate::providers::ProviderEntry, key: &ApiKey, error: &ProviderError) -> Option<KeyEvent> {
+fn key_health(
+    entry: &crate::providers::ProviderEntry,
+    key: &ApiKey,
+    error: &ProviderError,
+) -> Option<KeyEvent> {
     let (kind, status, rest) = match error.class {
         ErrorClass::Auth => ("key_disabled", KeyStatus::Disabled, None),
         ErrorClass::QuotaExhausted => ("key_exhausted", KeyStatus::Exhausted, None),
         ErrorClass::RateLimited => {
             let rest = error.retry_after.unwrap_or(DEFAULT_KEY_REST);
-            ("key_rate_limited", KeyStatus::Resting(Instant::now() + rest), Some(rest))
+            (
+                "key_rate_limited",
+                KeyStatus::Resting(Instant::now() + rest),
+                Some(rest),
+            )
         }
         _ => return None,
     };
@@ -318,7 +338,10 @@ impl AttemptWithResponse {
 
 /// The job's error: the last failure's class as the code, and every attempt in the message.
 fn job_error(attempts: &[Attempt]) -> JobError {
-    let failures: Vec<&ProviderError> = attempts.iter().filter_map(|a| a.outcome.as_ref().err()).collect();
+    let failures: Vec<&ProviderError> = attempts
+        .iter()
+        .filter_map(|a| a.outcome.as_ref().err())
+        .collect();
     let Some(last) = failures.last() else {
         return JobError::new("no_targets", "the route has no targets");
     };
@@ -331,9 +354,19 @@ fn job_error(attempts: &[Attempt]) -> JobError {
         .iter()
         .filter_map(|a| {
             let e = a.outcome.as_ref().err()?;
-            Some(format!("#{} {}/{}: {} ({})", a.n, a.provider, a.model, e.class.as_str(), e.message))
+            Some(format!(
+                "#{} {}/{}: {} ({})",
+                a.n,
+                a.provider,
+                a.model,
+                e.class.as_str(),
+                e.message
+            ))
         })
         .collect::<Vec<_>>()
         .join("; ");
-    JobError::new(code, format!("{} attempt(s) failed: {listing}", failures.len()))
+    JobError::new(
+        code,
+        format!("{} attempt(s) failed: {listing}", failures.len()),
+    )
 }
