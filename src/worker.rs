@@ -23,7 +23,10 @@ use crate::messages::JobResult;
 use crate::queue::consumer::AckTracker;
 use crate::queue::publisher::Publisher;
 use crate::queue::topology;
-use crate::stages::dispatch::dispatch;
+use crate::messages::events::STREAM_CHUNK_SCHEMA;
+use crate::messages::{ChunkKind, Job, StreamChunk};
+use crate::queue::publisher::Outgoing;
+use crate::stages::dispatch::{StreamItem, StreamSink, dispatch};
 use crate::stages::finalize::{FinalizeStats, Finalizer, Finished, FinishedJob, unknown_route};
 use crate::stages::ingest::{Rejection, ingest};
 use crate::store::results;
@@ -79,6 +82,8 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
             format!("cannot consume from queue {queue} (run `switchyard migrate`?)")
         })?;
     let publisher = Publisher::open(&ctx.broker).await?;
+    // Stream chunks go on their own confirm channel so they never wait behind a finalize group.
+    let streams = Publisher::open(&ctx.broker).await?;
     let (outbox, inbox) = mpsc::channel(usize::from(options.concurrency) * 2);
     let finalizer = Finalizer {
         pool: ctx.pool.clone(),
@@ -105,7 +110,7 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
                 Some(Ok(delivery)) => {
                     idle_since = None;
                     received.fetch_add(1, Ordering::Relaxed);
-                    processing.spawn(process(ctx.clone(), delivery, outbox.clone(), abandon.clone()));
+                    processing.spawn(process(ctx.clone(), streams.clone(), delivery, outbox.clone(), abandon.clone()));
                 }
                 Some(Err(error)) => return Err(error).context("the jobs consumer failed"),
                 None => break WorkerExit::ConsumerCancelled,
@@ -175,20 +180,21 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
 /// leaves the delivery unacked for redelivery.
 async fn process(
     ctx: Context,
+    streams: Publisher,
     delivery: Delivery,
     outbox: mpsc::Sender<Finished>,
     abandon: CancellationToken,
 ) {
     let finished = tokio::select! {
         _ = abandon.cancelled() => return,
-        finished = handle(&ctx, delivery) => finished,
+        finished = handle(&ctx, &streams, delivery) => finished,
     };
     if outbox.send(finished).await.is_err() {
         tracing::warn!("Finalizer is gone; the job stays unacked and will be redelivered.");
     }
 }
 
-async fn handle(ctx: &Context, delivery: Delivery) -> Finished {
+async fn handle(ctx: &Context, streams: &Publisher, delivery: Delivery) -> Finished {
     let received_at = Utc::now();
     let tag = delivery.delivery_tag;
     let message_id = delivery
@@ -238,7 +244,25 @@ async fn handle(ctx: &Context, delivery: Delivery) -> Finished {
             body,
         )));
     };
-    let dispatched = dispatch(&job.request, targets, None).await;
+    let dispatched = if job.request.wants_stream() {
+        let (sink, items) = StreamSink::new();
+        let relay = relay_stream(ctx, streams, &job, items);
+        let (dispatched, relayed) = tokio::join!(
+            async {
+                let dispatched = dispatch(&job.request, targets, Some(&sink)).await;
+                drop(sink);
+                dispatched
+            },
+            relay
+        );
+        if let Err(error) = relayed {
+            // Chunks are a convenience; the result (with the whole text) still follows.
+            tracing::warn!(job_id = %job.id, error.message = %error, "Could not publish stream chunks.");
+        }
+        dispatched
+    } else {
+        dispatch(&job.request, targets, None).await
+    };
     if let Err(error) = &dispatched.outcome {
         tracing::warn!(job_id = %job.id, code = %error.code, error.message = %error.message, "Job failed.");
     }
@@ -248,6 +272,50 @@ async fn handle(ctx: &Context, delivery: Delivery) -> Finished {
         received_at,
         dispatched,
     )))
+}
+
+/// Publishes a streamed job's deltas and void markers as chunk events, in order, until the
+/// dispatch drops its sink; returns once the broker confirmed them all, so every chunk
+/// precedes the job's result.
+async fn relay_stream(
+    ctx: &Context,
+    streams: &Publisher,
+    job: &Job,
+    mut items: mpsc::UnboundedReceiver<StreamItem>,
+) -> Result<(), crate::queue::BrokerError> {
+    let mut seq = 0u64;
+    let mut batch = Vec::with_capacity(64);
+    while items.recv_many(&mut batch, 64).await > 0 {
+        let messages: Vec<Outgoing> = batch
+            .drain(..)
+            .map(|item| {
+                let (attempt, kind, text) = match item {
+                    StreamItem::Delta { attempt, text } => (attempt, ChunkKind::Delta, Some(text)),
+                    StreamItem::Void { attempt } => (attempt, ChunkKind::Void, None),
+                };
+                let chunk = StreamChunk {
+                    schema: STREAM_CHUNK_SCHEMA.to_owned(),
+                    job_id: job.id,
+                    tenant: job.tenant.clone(),
+                    attempt,
+                    seq,
+                    kind,
+                    text,
+                };
+                seq += 1;
+                Outgoing {
+                    exchange: ctx.names.events_exchange(),
+                    routing_key: chunk.routing_key(),
+                    body: serde_json::to_vec(&chunk).unwrap_or_default(),
+                    message_id: format!("{}.{}", job.id, chunk.seq),
+                    kind: STREAM_CHUNK_SCHEMA.to_owned(),
+                    headers: None,
+                }
+            })
+            .collect();
+        streams.publish_all(&messages).await?;
+    }
+    Ok(())
 }
 
 /// Looks up a committed result, retrying briefly through a transient database error.

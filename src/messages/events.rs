@@ -77,3 +77,35 @@ impl AuditEvent {
         format!("audit.{}.{}", self.tenant, self.kind)
     }
 }
+
+/// The `schema` value of a stream chunk.
+pub const STREAM_CHUNK_SCHEMA: &str = "switchyard.stream_chunk.v1";
+
+/// What a stream chunk carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChunkKind {
+    /// More text of attempt `attempt`.
+    Delta,
+    /// Every earlier delta of attempt `attempt` is void.
+    Void,
+}
+
+/// A piece of a streamed answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StreamChunk {
+    pub schema: String,
+    pub job_id: Uuid,
+    pub tenant: String,
+    pub attempt: u32,
+    pub seq: u64,
+    pub kind: ChunkKind,
+    pub text: Option<String>,
+}
+
+impl StreamChunk {
+    /// `stream.<tenant>.<job_id>`.
+    pub fn routing_key(&self) -> String {
+        format!("stream.{}.{}", self.tenant, self.job_id)
+    }
+}

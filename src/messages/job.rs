@@ -59,6 +59,11 @@ impl ChatRequest {
         self.max_completion_tokens.or(self.max_tokens)
     }
 
+    /// Whether the caller asked for a streamed answer (`"stream": true`).
+    pub fn wants_stream(&self) -> bool {
+        self.extra.get("stream").and_then(Value::as_bool).unwrap_or(false)
+    }
+
     /// Text of the last user message, the one a summarizer works on.
     pub fn last_user_text(&self) -> String {
         self.messages

@@ -6,7 +6,7 @@ pub mod job;
 pub mod result;
 pub mod schema;
 
-pub use events::{AuditEvent, CostEvent};
+pub use events::{AuditEvent, ChunkKind, CostEvent, StreamChunk};
 pub use job::{ChatMessage, ChatRequest, Job};
 pub use result::{
     AttemptReport, AttemptStatus, CostSummary, JobError, JobResult, JobStatus, Timings, Usage,

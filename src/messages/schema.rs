@@ -13,6 +13,7 @@ pub enum Schema {
     Result,
     CostEvent,
     AuditEvent,
+    StreamChunk,
 }
 
 /// A schema violation: which field (JSON pointer) and what is wrong with it.
@@ -42,6 +43,8 @@ static RESULT: LazyLock<Validator> =
     LazyLock::new(|| compile(include_str!("../../schemas/result.v1.json")));
 static COST_EVENT: LazyLock<Validator> =
     LazyLock::new(|| compile(include_str!("../../schemas/cost_event.v1.json")));
+static STREAM_CHUNK: LazyLock<Validator> =
+    LazyLock::new(|| compile(include_str!("../../schemas/stream_chunk.v1.json")));
 static AUDIT_EVENT: LazyLock<Validator> =
     LazyLock::new(|| compile(include_str!("../../schemas/audit_event.v1.json")));
 
@@ -52,6 +55,7 @@ impl Schema {
             Schema::Result => &RESULT,
             Schema::CostEvent => &COST_EVENT,
             Schema::AuditEvent => &AUDIT_EVENT,
+            Schema::StreamChunk => &STREAM_CHUNK,
         }
     }
 
@@ -86,6 +90,7 @@ mod tests {
             ("result", include_str!("../../schemas/result.v1.json")),
             ("cost", include_str!("../../schemas/cost_event.v1.json")),
             ("audit", include_str!("../../schemas/audit_event.v1.json")),
+            ("stream", include_str!("../../schemas/stream_chunk.v1.json")),
         ] {
             let schema: Value = serde_json::from_str(text).unwrap();
             assert!(

@@ -137,6 +137,18 @@ impl FinishedJob {
                     }),
                 ));
             }
+            if let Some(event) = &attempt.key_event {
+                audits.push(AuditEvent::new(
+                    &job.tenant,
+                    Some(job.id),
+                    event.kind,
+                    attempt.ended_at,
+                    json!({
+                        "provider": attempt.provider, "key_id": event.key_id, "rest_ms": event.rest_ms,
+                        "attempt": attempt.n, "route": job.route, "batch": job.batch,
+                    }),
+                ));
+            }
             let status = if error.is_some() {
                 AttemptStatus::Failed
             } else {
