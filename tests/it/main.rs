@@ -14,4 +14,5 @@ mod cli;
 mod duplicates;
 mod kill;
 mod pipeline;
+mod providers;
 mod summarize;

@@ -180,7 +180,10 @@ async fn a_provider_error_is_a_failed_result_with_status_and_body_excerpt() {
     let result: JobResult = serde_json::from_slice(&delivery.data).unwrap();
     assert_eq!(delivery.routing_key.as_str(), "acme._.failed");
     assert_eq!(result.status, JobStatus::Failed);
-    let attempt = &result.attempts[0];
+    // One call and one retry (the provider's default `max_retries = 1`), both 500.
+    assert_eq!(result.attempts.len(), 2);
+    assert_eq!(fake.requests().await, 2);
+    let attempt = &result.attempts[1];
     assert_eq!(attempt.http_status, Some(500));
     assert_eq!(attempt.error_class.as_deref(), Some("server_error"));
     assert!(
@@ -203,6 +206,6 @@ async fn a_provider_error_is_a_failed_result_with_status_and_body_excerpt() {
     .fetch_one(app.pool())
     .await
     .unwrap();
-    assert_eq!(failed_attempts, 1);
+    assert_eq!(failed_attempts, 2);
     app.cleanup().await;
 }
