@@ -1,5 +1,5 @@
 //! The application context: one struct of cheap, clonable handles (Postgres pool, broker
-//! connection, provider registry, routes, shutdown token, task tracker) built once at start.
+//! connection, provider registry, router, shutdown token, task tracker) built once at start.
 
 use std::sync::Arc;
 
@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Settings;
 use crate::providers::Registry;
 use crate::queue::topology::{self, Names};
-use crate::stages::route::Routes;
+use crate::routing::Router;
 use crate::{queue, store};
 
 /// Handles every command and task shares.
@@ -22,7 +22,7 @@ pub struct Context {
     pub broker: Arc<lapin::Connection>,
     pub names: Names,
     pub registry: Registry,
-    pub routes: Routes,
+    pub router: Router,
     /// Cancelled on SIGTERM/SIGINT (or by a command that is done).
     pub shutdown: CancellationToken,
     /// Every spawned task, so shutdown can wait for them.
@@ -49,14 +49,14 @@ impl Context {
             .build()
             .context("cannot build the HTTP client")?;
         let registry = Registry::from_settings(&settings, &http);
-        let routes = Routes::from_settings(&settings, &registry);
+        let router = Router::from_settings(&settings, &registry);
         Ok(Self {
             settings: Arc::new(settings),
             pool,
             broker: Arc::new(broker),
             names,
             registry,
-            routes,
+            router,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         })

@@ -26,6 +26,8 @@ pub struct Settings {
     pub worker: WorkerSettings,
     pub providers: Vec<ProviderSettings>,
     pub routes: Vec<RouteSettings>,
+    pub tenants: Vec<TenantSettings>,
+    pub routing: RoutingSettings,
 }
 
 /// RabbitMQ connection and naming.
@@ -119,6 +121,9 @@ pub struct ProviderSettings {
     /// API keys, each referenced by an id and read from an environment variable.
     #[serde(default)]
     pub keys: Vec<KeySettings>,
+    /// Where the provider processes data, for residency rules (e.g. `eu`, `us`).
+    #[serde(default)]
+    pub region: Option<String>,
     /// Per-attempt timeout.
     #[serde(default = "default_timeout_secs")]
     pub timeout_secs: u64,
@@ -156,10 +161,33 @@ pub struct KeySettings {
 #[serde(deny_unknown_fields)]
 pub struct ModelSettings {
     pub name: String,
+    /// Prompt plus output tokens the model accepts; unknown ⇒ not checked.
     #[serde(default)]
     pub context_window: Option<u32>,
+    /// What the model can do beyond text. Undeclared capabilities are assumed absent, so a
+    /// job needing them is never sent to a model that may not have them.
+    #[serde(default = "default_capabilities")]
+    pub capabilities: Vec<Capability>,
     #[serde(default)]
     pub prices: Prices,
+}
+
+/// A feature a job may need from a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Capability {
+    /// Image inputs.
+    Vision,
+    /// `response_format` with a JSON schema.
+    JsonSchema,
+    /// Function tools.
+    Tools,
+    /// Streamed responses.
+    Streaming,
+}
+
+fn default_capabilities() -> Vec<Capability> {
+    vec![Capability::Streaming]
 }
 
 /// USD per million tokens, exact decimal.
@@ -181,7 +209,37 @@ pub struct Prices {
 #[serde(deny_unknown_fields)]
 pub struct RouteSettings {
     pub alias: String,
+    /// How `targets` are ordered for each job.
+    #[serde(default)]
+    pub policy: Policy,
     pub targets: Vec<TargetSettings>,
+    /// Tried in this order after the policy-ordered targets.
+    #[serde(default)]
+    pub fallback: Vec<TargetSettings>,
+    /// Moves to another target allowed after the first (1 + depth targets at most).
+    #[serde(default = "default_failover_depth")]
+    pub max_failover_depth: u8,
+    /// Non-retryable error classes that still fail over (e.g. `context_length`, to reach a
+    /// larger-context model).
+    #[serde(default)]
+    pub failover_on: Vec<String>,
+}
+
+/// How a route orders its targets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// First eligible target in order.
+    #[default]
+    Priority,
+    /// Shares by `weight`.
+    Weighted,
+    /// Lowest estimated cost for the job's tokens.
+    Cheapest,
+    /// Lowest recent latency, with occasional exploration.
+    Fastest,
+    /// Most free concurrency.
+    LeastBusy,
 }
 
 /// One provider + model pair of a route.
@@ -190,6 +248,60 @@ pub struct RouteSettings {
 pub struct TargetSettings {
     pub provider: String,
     pub model: String,
+    /// Share under the `weighted` policy.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Per-attempt timeout on this target (default: the provider's `timeout_secs`).
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+fn default_failover_depth() -> u8 {
+    2
+}
+
+/// Per-tenant policy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSettings {
+    pub name: String,
+    /// Data residency: jobs of this tenant only go to providers in these regions.
+    #[serde(default)]
+    pub regions: Option<Vec<String>>,
+    /// Only these providers may serve this tenant.
+    #[serde(default)]
+    pub allowed_providers: Option<Vec<String>>,
+}
+
+/// Circuit breakers and routing behaviour.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingSettings {
+    /// Consecutive retryable failures that open a target's circuit.
+    pub breaker_consecutive_failures: u32,
+    /// Error rate over the last `breaker_window` calls that opens it.
+    pub breaker_error_rate: f64,
+    pub breaker_window: u32,
+    /// How long an open circuit skips its target before one probe is let through.
+    pub breaker_open_secs: u64,
+    /// Share of jobs the `fastest` policy sends to a random target to notice recoveries.
+    pub exploration_rate: f64,
+}
+
+impl Default for RoutingSettings {
+    fn default() -> Self {
+        Self {
+            breaker_consecutive_failures: 5,
+            breaker_error_rate: 0.5,
+            breaker_window: 20,
+            breaker_open_secs: 5,
+            exploration_rate: 0.05,
+        }
+    }
 }
 
 fn default_timeout_secs() -> u64 {
@@ -213,11 +325,19 @@ impl Default for Settings {
             providers: Vec::new(),
             routes: vec![RouteSettings {
                 alias: "default".to_owned(),
+                policy: Policy::Priority,
                 targets: vec![TargetSettings {
                     provider: BUILTIN_PROVIDER.to_owned(),
                     model: BUILTIN_MODEL.to_owned(),
+                    weight: 1,
+                    timeout_secs: None,
                 }],
+                fallback: Vec::new(),
+                max_failover_depth: default_failover_depth(),
+                failover_on: Vec::new(),
             }],
+            tenants: Vec::new(),
+            routing: RoutingSettings::default(),
         }
     }
 }
@@ -254,6 +374,15 @@ impl Default for WorkerSettings {
         }
     }
 }
+
+/// Non-retryable error classes a route may opt in to fail over on.
+pub const FAILOVER_CLASSES: &[&str] = &[
+    "context_length",
+    "invalid_request",
+    "content_filtered",
+    "auth",
+    "quota_exhausted",
+];
 
 /// Why settings could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -308,6 +437,7 @@ impl Settings {
                 kind: ProviderKind::Extractive,
                 base_url: None,
                 keys: Vec::new(),
+                region: None,
                 timeout_secs: default_timeout_secs(),
                 stream_idle_secs: default_stream_idle_secs(),
                 max_retries: 0,
@@ -316,6 +446,7 @@ impl Settings {
                 models: vec![ModelSettings {
                     name: BUILTIN_MODEL.to_owned(),
                     context_window: None,
+                    capabilities: default_capabilities(),
                     prices: Prices::default(),
                 }],
             });
@@ -374,7 +505,25 @@ impl Settings {
             if route.targets.is_empty() {
                 return invalid(format!("route {:?} has no targets", route.alias));
             }
-            for target in &route.targets {
+            if route.max_failover_depth > 3 {
+                return invalid(format!(
+                    "route {:?}: max_failover_depth is at most 3, got {}",
+                    route.alias, route.max_failover_depth
+                ));
+            }
+            for class in &route.failover_on {
+                if !FAILOVER_CLASSES.contains(&class.as_str()) {
+                    return invalid(format!(
+                        "route {:?}: failover_on {class:?} is not one of {}",
+                        route.alias,
+                        FAILOVER_CLASSES.join(", ")
+                    ));
+                }
+            }
+            if route.policy == Policy::Weighted && route.targets.iter().all(|t| t.weight == 0) {
+                return invalid(format!("route {:?}: every weight is 0", route.alias));
+            }
+            for target in route.targets.iter().chain(&route.fallback) {
                 let Some(provider) = providers.iter().find(|p| p.name == target.provider) else {
                     return invalid(format!(
                         "route {:?} names unknown provider {:?}",

@@ -32,6 +32,7 @@ pub mod config;
 pub mod messages;
 pub mod providers;
 pub mod queue;
+pub mod routing;
 pub mod stages;
 pub mod store;
 pub mod summarizer;

@@ -20,15 +20,17 @@ use tokio_util::task::TaskTracker;
 
 use crate::app::Context;
 use crate::messages::JobResult;
-use crate::queue::consumer::AckTracker;
-use crate::queue::publisher::Publisher;
-use crate::queue::topology;
 use crate::messages::events::STREAM_CHUNK_SCHEMA;
 use crate::messages::{ChunkKind, Job, StreamChunk};
+use crate::queue::consumer::AckTracker;
 use crate::queue::publisher::Outgoing;
-use crate::stages::dispatch::{StreamItem, StreamSink, dispatch};
-use crate::stages::finalize::{FinalizeStats, Finalizer, Finished, FinishedJob, unknown_route};
+use crate::queue::publisher::Publisher;
+use crate::queue::topology;
+use crate::routing::RouteError;
+use crate::stages::dispatch::{Dispatched, StreamItem, StreamSink, dispatch};
+use crate::stages::finalize::{FinalizeStats, Finalizer, Finished, FinishedJob};
 use crate::stages::ingest::{Rejection, ingest};
+use crate::stages::route::route;
 use crate::store::results;
 
 /// How a worker runs.
@@ -96,6 +98,12 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
         stats: FinalizeStats::default(),
     };
     let mut finalizing = Some(ctx.tasks.spawn(finalizer.run(inbox)));
+    let sharing = ctx.shutdown.child_token();
+    ctx.tasks.spawn(crate::routing::share_health(
+        ctx.router.clone(),
+        ctx.pool.clone(),
+        sharing.clone(),
+    ));
     let processing = TaskTracker::new();
     let abandon = CancellationToken::new();
     let received = Arc::new(AtomicU64::new(0));
@@ -155,6 +163,7 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
         processing.wait().await;
     }
     drop(outbox);
+    sharing.cancel();
     let finalized = match finalizing {
         Some(handle) => handle.await.context("the finalizer panicked")??,
         None => FinalizeStats::default(),
@@ -233,17 +242,33 @@ async fn handle(ctx: &Context, streams: &Publisher, delivery: Delivery) -> Finis
             return Finished::Requeue { tag };
         }
     }
-    let Some(targets) = ctx.routes.resolve(&job.route) else {
-        let error = unknown_route(&job.route, &ctx.routes.aliases());
-        tracing::warn!(job_id = %job.id, error.message = %error.message, "Rejected a job.");
-        let rejection = Rejection::for_job(&job, &body, error);
-        return Finished::Job(Box::new(FinishedJob::rejected(
-            tag,
-            rejection,
-            received_at,
-            body,
-        )));
+    let plan = match route(&ctx.router, &job) {
+        Ok(plan) => plan,
+        Err(RouteError::UnknownRoute(error)) => {
+            tracing::warn!(job_id = %job.id, error.message = %error.message, "Rejected a job.");
+            let rejection = Rejection::for_job(&job, &body, error);
+            return Finished::Job(Box::new(FinishedJob::rejected(
+                tag,
+                rejection,
+                received_at,
+                body,
+            )));
+        }
+        Err(RouteError::NoEligibleTarget(error)) => {
+            tracing::warn!(job_id = %job.id, error.message = %error.message, "Job failed.");
+            let dispatched = Dispatched {
+                attempts: Vec::new(),
+                outcome: Err(error),
+            };
+            return Finished::Job(Box::new(FinishedJob::completed(
+                tag,
+                &job,
+                received_at,
+                dispatched,
+            )));
+        }
     };
+    let targets = &plan;
     let dispatched = if job.request.wants_stream() {
         let (sink, items) = StreamSink::new();
         let relay = relay_stream(ctx, streams, &job, items);

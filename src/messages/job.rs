@@ -17,6 +17,9 @@ pub struct Job {
     pub batch: Option<String>,
     pub route: String,
     pub request: ChatRequest,
+    /// Data residency for this job: only providers in these regions may serve it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regions: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Value>,
 }
@@ -31,6 +34,7 @@ impl Job {
             batch: batch.map(str::to_owned),
             route: route.to_owned(),
             request,
+            regions: None,
             metadata: None,
         }
     }
@@ -61,7 +65,10 @@ impl ChatRequest {
 
     /// Whether the caller asked for a streamed answer (`"stream": true`).
     pub fn wants_stream(&self) -> bool {
-        self.extra.get("stream").and_then(Value::as_bool).unwrap_or(false)
+        self.extra
+            .get("stream")
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
     }
 
     /// Text of the last user message, the one a summarizer works on.

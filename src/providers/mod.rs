@@ -67,6 +67,25 @@ impl ErrorClass {
         }
     }
 
+    /// The class named `name` (its snake_case name).
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            ErrorClass::RateLimited,
+            ErrorClass::Overloaded,
+            ErrorClass::ServerError,
+            ErrorClass::Timeout,
+            ErrorClass::StreamInterrupted,
+            ErrorClass::Conflict,
+            ErrorClass::QuotaExhausted,
+            ErrorClass::Auth,
+            ErrorClass::InvalidRequest,
+            ErrorClass::ContentFiltered,
+            ErrorClass::ContextLength,
+        ]
+        .into_iter()
+        .find(|class| class.as_str() == name)
+    }
+
     /// Whether another attempt (or target) may succeed where this one failed.
     pub fn is_retryable(self) -> bool {
         matches!(

@@ -13,10 +13,11 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::route::Target;
 use crate::config::Prices;
 use crate::messages::{ChatRequest, JobError, Usage};
 use crate::providers::{ApiKey, Call, ErrorClass, KeyChoice, KeyStatus, ProviderError};
+use crate::routing::health::{Admission, Transition};
+use crate::routing::{Plan, Target};
 
 /// Longest server-requested delay honoured by an in-place retry; a longer one moves on.
 const MAX_HONOURED_DELAY: Duration = Duration::from_secs(10);
@@ -48,6 +49,8 @@ pub struct Attempt {
     pub latency_ms: u64,
     pub outcome: Result<Usage, ProviderError>,
     pub key_event: Option<KeyEvent>,
+    /// A circuit-breaker transition this attempt caused.
+    pub circuit: Option<Transition>,
 }
 
 impl Attempt {
@@ -101,17 +104,21 @@ impl StreamSink {
     }
 }
 
-/// Runs `request` against `targets` in order.
+/// Runs `request` against the plan's targets in order. Moving on to the next target is
+/// immediate; retries with backoff happen only on the last target, where there is nowhere
+/// else to go.
 pub async fn dispatch(
     request: &ChatRequest,
-    targets: &[Target],
+    plan: &Plan,
     stream: Option<&StreamSink>,
 ) -> Dispatched {
     let mut attempts: Vec<Attempt> = Vec::with_capacity(1);
-    'targets: for target in targets {
+    let last = plan.targets.len().saturating_sub(1);
+    'targets: for (index, target) in plan.targets.iter().enumerate() {
         let entry = &target.provider;
+        let is_last = index == last;
         let mut tried_keys: Vec<String> = Vec::new();
-        let mut retries_left = entry.max_retries;
+        let mut retries_left = if is_last { entry.max_retries } else { 0 };
         // Bounds key rotation and retries together, whatever the keys' health does meanwhile.
         let mut calls_left = entry.keys.len() + entry.max_retries as usize + 1;
         let mut backoff = ExponentialBuilder::default()
@@ -152,9 +159,15 @@ pub async fn dispatch(
             if calls_left == 0 {
                 continue 'targets;
             }
+            let probe = match target.health.admit() {
+                Admission::Go => false,
+                Admission::Probe => true,
+                // The circuit opened (here or on another worker) since the plan was made.
+                Admission::Skip => continue 'targets,
+            };
             calls_left -= 1;
             let n = u32::try_from(attempts.len() + 1).unwrap_or(u32::MAX);
-            let attempt = call_once(request, target, key.as_ref(), n, stream).await;
+            let attempt = call_once(request, target, key.as_ref(), n, stream, probe).await;
             let error = match &attempt.outcome {
                 Ok(_) => {
                     let response = attempt.response.clone().unwrap_or(Value::Null);
@@ -183,6 +196,9 @@ pub async fn dispatch(
                 }
             }
             if !error.is_retryable() {
+                if plan.failover_on.contains(&error.class) {
+                    continue 'targets;
+                }
                 break 'targets;
             }
             if retries_left == 0 {
@@ -212,6 +228,7 @@ async fn call_once(
     key: Option<&ApiKey>,
     n: u32,
     stream: Option<&StreamSink>,
+    probe: bool,
 ) -> AttemptWithResponse {
     let entry = &target.provider;
     let streamed_any = AtomicBool::new(false);
@@ -226,14 +243,32 @@ async fn call_once(
     };
     let call = Call {
         key,
-        timeout: entry.timeout,
+        timeout: target.timeout,
         idle_timeout: entry.idle_timeout,
         on_delta: stream.map(|_| &on_delta as &(dyn Fn(&str) + Send + Sync)),
     };
     let started_at = Utc::now();
     let clock = Instant::now();
-    let result = entry.client.complete(request, &target.model, &call).await;
-    let latency_ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let result = {
+        let _in_flight = target.health.start_call();
+        entry.client.complete(request, &target.model, &call).await
+    };
+    let elapsed = clock.elapsed();
+    let latency_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+    // Only failures that say something about the target's health count against it.
+    let unhealthy = result
+        .as_ref()
+        .err()
+        .is_some_and(|e| e.is_retryable() && e.class != ErrorClass::RateLimited);
+    let counts = result.is_ok() || unhealthy;
+    let circuit = if counts {
+        target.health.record(elapsed, unhealthy, probe)
+    } else {
+        None
+    };
+    if let Some(transition) = circuit {
+        tracing::warn!(target = %target.label(), transition = transition.kind(), "Circuit breaker changed state.");
+    }
     let (outcome, response) = match result {
         Ok(completion) => (Ok(completion.usage), Some(completion.response)),
         Err(error) => {
@@ -262,6 +297,7 @@ async fn call_once(
             latency_ms,
             outcome,
             key_event,
+            circuit,
         },
         response,
     }
@@ -314,6 +350,7 @@ fn no_key_attempt(target: &Target, previous: usize, reason: String) -> Attempt {
             reason,
         )),
         key_event: None,
+        circuit: None,
     }
 }
 

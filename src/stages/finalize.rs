@@ -24,8 +24,8 @@ use crate::messages::events::COST_EVENT_SCHEMA;
 use crate::messages::job::JOB_SCHEMA;
 use crate::messages::result::RESULT_SCHEMA;
 use crate::messages::{
-    AttemptReport, AttemptStatus, AuditEvent, CostEvent, CostSummary, Job, JobError, JobResult,
-    JobStatus, NONE_SEGMENT, Timings,
+    AttemptReport, AttemptStatus, AuditEvent, CostEvent, CostSummary, Job, JobResult, JobStatus,
+    NONE_SEGMENT, Timings,
 };
 use crate::queue::BrokerError;
 use crate::queue::consumer::AckTracker;
@@ -137,6 +137,15 @@ impl FinishedJob {
                     }),
                 ));
             }
+            if let Some(transition) = attempt.circuit {
+                audits.push(AuditEvent::new(
+                    &job.tenant,
+                    Some(job.id),
+                    transition.kind(),
+                    attempt.ended_at,
+                    json!({ "target": format!("{}/{}", attempt.provider, attempt.model), "attempt": attempt.n }),
+                ));
+            }
             if let Some(event) = &attempt.key_event {
                 audits.push(AuditEvent::new(
                     &job.tenant,
@@ -184,6 +193,31 @@ impl FinishedJob {
                 latency_ms: i64::try_from(attempt.latency_ms).unwrap_or(i64::MAX),
                 usage,
             });
+        }
+        for pair in dispatched.attempts.windows(2) {
+            let (from, to) = (&pair[0], &pair[1]);
+            let Err(error) = &from.outcome else { continue };
+            if (&from.provider, &from.model) == (&to.provider, &to.model) {
+                continue;
+            }
+            tracing::info!(
+                job_id = %job.id, from = %format!("{}/{}", from.provider, from.model),
+                to = %format!("{}/{}", to.provider, to.model), error_class = error.class.as_str(),
+                "Failed over to the next target."
+            );
+            audits.push(AuditEvent::new(
+                &job.tenant,
+                Some(job.id),
+                "failover",
+                from.ended_at,
+                json!({
+                    "route": job.route, "batch": job.batch, "request_sha256": request_hash(&request),
+                    "from": format!("{}/{}", from.provider, from.model),
+                    "to": format!("{}/{}", to.provider, to.model),
+                    "error_class": error.class.as_str(), "http_status": error.status,
+                    "latency_ms": from.latency_ms, "attempt": from.n,
+                }),
+            ));
         }
         let winner = dispatched
             .winner()
@@ -593,16 +627,4 @@ impl HasSchema for AuditEvent {
 fn to_json<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     // Serializing our own message types cannot fail: they hold no maps with non-string keys.
     serde_json::to_vec(value).unwrap_or_default()
-}
-
-/// The error for a job whose route alias is not configured.
-pub fn unknown_route(route: &str, known: &[&str]) -> JobError {
-    JobError {
-        code: "unknown_route".to_owned(),
-        message: format!(
-            "route {route:?} is not configured; known routes: {}",
-            known.join(", ")
-        ),
-        path: Some("/route".to_owned()),
-    }
 }

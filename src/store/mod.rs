@@ -4,6 +4,7 @@
 
 pub mod attempts;
 pub mod audit;
+pub mod circuits;
 pub mod cost_ledger;
 pub mod jobs;
 pub mod results;

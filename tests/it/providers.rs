@@ -45,11 +45,14 @@ targets = [{{ provider = "{name}", model = "m-{kind}" }}]
 
 fn stream_job(tenant: &str, route: &str, text: &str) -> switchyard::messages::Job {
     let mut j = job(tenant, None, route, text);
-    j.request.extra.insert("stream".to_owned(), Value::Bool(true));
+    j.request
+        .extra
+        .insert("stream".to_owned(), Value::Bool(true));
     j
 }
 
-const TEXT: &str = "Tides follow the moon across every ocean of the world. Sailors have timed them for centuries.";
+const TEXT: &str =
+    "Tides follow the moon across every ocean of the world. Sailors have timed them for centuries.";
 
 #[tokio::test]
 async fn one_route_per_wire_format_gives_text_finish_reason_and_usage() {
@@ -78,14 +81,20 @@ async fn one_route_per_wire_format_gives_text_finish_reason_and_usage() {
         assert_eq!(response["object"], "chat.completion");
         assert_eq!(response["choices"][0]["finish_reason"], "stop");
         let usage = result.cost.usage;
-        assert!(usage.input_tokens > 10 && usage.output_tokens > 5, "{usage:?}");
+        assert!(
+            usage.input_tokens > 10 && usage.output_tokens > 5,
+            "{usage:?}"
+        );
         assert_eq!(response["usage"]["prompt_tokens"], usage.input_tokens);
         assert_eq!(response["usage"]["completion_tokens"], usage.output_tokens);
         // input at $1/M and output at $2/M.
         let expected = rust_decimal::Decimal::from(usage.input_tokens + 2 * usage.output_tokens)
             / rust_decimal::Decimal::from(1_000_000);
         assert_eq!(result.cost.amount_usd, expected);
-        by_provider.insert(result.provider.clone().unwrap(), response["choices"][0]["native_finish_reason"].clone());
+        by_provider.insert(
+            result.provider.clone().unwrap(),
+            response["choices"][0]["native_finish_reason"].clone(),
+        );
     }
     assert_eq!(by_provider["p-openai"], "stop");
     assert_eq!(by_provider["p-anthropic"], "end_turn");
@@ -98,13 +107,23 @@ async fn one_route_per_wire_format_gives_text_finish_reason_and_usage() {
 }
 
 /// Collects a streamed job's chunks until its result arrives.
-async fn chunks_and_result(app: &TestApp, tenant: &str, job_id: uuid::Uuid) -> (Vec<Value>, JobResult) {
-    let mut events = app.subscribe(true, &format!("stream.{tenant}.{job_id}")).await;
+async fn chunks_and_result(
+    app: &TestApp,
+    tenant: &str,
+    job_id: uuid::Uuid,
+) -> (Vec<Value>, JobResult) {
+    let mut events = app
+        .subscribe(true, &format!("stream.{tenant}.{job_id}"))
+        .await;
     let mut results = app.subscribe(false, &format!("{tenant}.#")).await;
     app.run_worker_until_idle().await;
-    let result: JobResult = serde_json::from_slice(&collect(&mut results, 1, Duration::from_secs(10)).await[0].data).unwrap();
+    let result: JobResult =
+        serde_json::from_slice(&collect(&mut results, 1, Duration::from_secs(10)).await[0].data)
+            .unwrap();
     let mut chunks = Vec::new();
-    while let Ok(Some(Ok(delivery))) = tokio::time::timeout(Duration::from_millis(500), events.next()).await {
+    while let Ok(Some(Ok(delivery))) =
+        tokio::time::timeout(Duration::from_millis(500), events.next()).await
+    {
         let chunk: Value = serde_json::from_slice(&delivery.data).unwrap();
         Schema::StreamChunk.validate(&chunk).unwrap();
         chunks.push(chunk);
@@ -120,13 +139,29 @@ async fn a_streamed_job_yields_ordered_chunks_and_a_final_result_for_every_wire_
         let j = stream_job("acme", &format!("r-{kind}"), TEXT);
         app.publish_job(&j).await;
         let (chunks, result) = chunks_and_result(&app, "acme", j.id).await;
-        assert_eq!(result.status, JobStatus::Succeeded, "{kind}: {:?}", result.error);
+        assert_eq!(
+            result.status,
+            JobStatus::Succeeded,
+            "{kind}: {:?}",
+            result.error
+        );
         assert!(chunks.len() >= 3, "{kind}: only {} chunks", chunks.len());
         let seqs: Vec<u64> = chunks.iter().map(|c| c["seq"].as_u64().unwrap()).collect();
-        assert_eq!(seqs, (0..chunks.len() as u64).collect::<Vec<_>>(), "{kind}: chunks in order");
+        assert_eq!(
+            seqs,
+            (0..chunks.len() as u64).collect::<Vec<_>>(),
+            "{kind}: chunks in order"
+        );
         let text: String = chunks.iter().map(|c| c["text"].as_str().unwrap()).collect();
-        assert_eq!(Some(text.as_str()), result.text(), "{kind}: chunks add up to the result");
-        assert!(result.cost.usage.output_tokens > 0, "{kind}: streamed usage is recorded");
+        assert_eq!(
+            Some(text.as_str()),
+            result.text(),
+            "{kind}: chunks add up to the result"
+        );
+        assert!(
+            result.cost.usage.output_tokens > 0,
+            "{kind}: streamed usage is recorded"
+        );
     }
     app.cleanup().await;
 }
@@ -166,20 +201,31 @@ targets = [{{ provider = "broken", model = "m" }}, {{ provider = "healthy", mode
     assert_eq!(result.status, JobStatus::Succeeded);
     assert_eq!(result.provider.as_deref(), Some("healthy"));
     assert_eq!(result.attempts.len(), 2);
-    assert_eq!(result.attempts[0].error_class.as_deref(), Some("stream_interrupted"));
+    assert_eq!(
+        result.attempts[0].error_class.as_deref(),
+        Some("stream_interrupted")
+    );
     let void_at = chunks
         .iter()
         .position(|c| c["kind"] == "void")
         .expect("a void chunk is published");
     assert_eq!(chunks[void_at]["attempt"], 1);
     assert!(void_at > 0, "the cut stream had sent chunks first");
-    assert!(chunks[..void_at].iter().all(|c| c["attempt"] == 1 && c["kind"] == "delta"));
+    assert!(
+        chunks[..void_at]
+            .iter()
+            .all(|c| c["attempt"] == 1 && c["kind"] == "delta")
+    );
     let after: String = chunks[void_at + 1..]
         .iter()
         .inspect(|c| assert_eq!(c["attempt"], 2))
         .map(|c| c["text"].as_str().unwrap())
         .collect();
-    assert_eq!(Some(after.as_str()), result.text(), "the second attempt's chunks are the answer");
+    assert_eq!(
+        Some(after.as_str()),
+        result.text(),
+        "the second attempt's chunks are the answer"
+    );
     app.cleanup().await;
 }
 
@@ -206,7 +252,16 @@ targets = [{{ provider = "multi", model = "m" }}]
         fake.url
     );
     let app = spawn_app_with(&config).await;
-    let jobs: Vec<_> = (0..30).map(|i| job("acme", Some("keys"), "multi", &format!("Job {i}. Keys rotate."))).collect();
+    let jobs: Vec<_> = (0..30)
+        .map(|i| {
+            job(
+                "acme",
+                Some("keys"),
+                "multi",
+                &format!("Job {i}. Keys rotate."),
+            )
+        })
+        .collect();
     app.publish_jobs(&jobs).await;
     // A separate process, so the keys' environment variables can be set for it alone.
     let status = switchyard(&app)
@@ -220,16 +275,18 @@ targets = [{{ provider = "multi", model = "m" }}]
         .unwrap();
     assert!(status.success());
 
-    let succeeded: i64 = sqlx::query_scalar("SELECT count(*) FROM results WHERE status = 'succeeded'")
-        .fetch_one(app.pool())
-        .await
-        .unwrap();
-    assert_eq!(succeeded, 30);
-    let winners: Vec<(Option<String>, i64)> =
-        sqlx::query_as("SELECT key_id, count(*) FROM attempts WHERE outcome = 'succeeded' GROUP BY key_id")
-            .fetch_all(app.pool())
+    let succeeded: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM results WHERE status = 'succeeded'")
+            .fetch_one(app.pool())
             .await
             .unwrap();
+    assert_eq!(succeeded, 30);
+    let winners: Vec<(Option<String>, i64)> = sqlx::query_as(
+        "SELECT key_id, count(*) FROM attempts WHERE outcome = 'succeeded' GROUP BY key_id",
+    )
+    .fetch_all(app.pool())
+    .await
+    .unwrap();
     assert_eq!(winners, vec![(Some("k-good".to_owned()), 30)]);
     let audited: Vec<(String, String)> = sqlx::query_as(
         "SELECT DISTINCT kind, details->>'key_id' FROM audit_events WHERE kind LIKE 'key_%' ORDER BY kind",
@@ -246,8 +303,14 @@ targets = [{{ provider = "multi", model = "m" }}]
     );
     let stats = fake.stats().await;
     // Each bad key is taken out after its first failure (a few jobs may race it at once).
-    assert!(stats["by_auth"]["revoked"].as_u64().unwrap() <= 4, "{stats}");
-    assert!(stats["by_auth"]["exhausted"].as_u64().unwrap() <= 4, "{stats}");
+    assert!(
+        stats["by_auth"]["revoked"].as_u64().unwrap() <= 4,
+        "{stats}"
+    );
+    assert!(
+        stats["by_auth"]["exhausted"].as_u64().unwrap() <= 4,
+        "{stats}"
+    );
     assert_eq!(stats["by_auth"]["good"], 30);
     app.cleanup().await;
 }

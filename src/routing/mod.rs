@@ -1,0 +1,381 @@
+//! Routing: which targets may serve a job, in which order. A route's targets are filtered by
+//! what the job needs (capabilities, context window), where its data may go (tenant and job
+//! regions, the tenant's provider allow-list), target health (open circuits) and a budget
+//! hook, then ordered by the route's policy; the explicit fallback chain follows, and the
+//! whole plan is cut to `1 + max_failover_depth` targets.
+
+pub mod health;
+pub mod policy;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use health::TargetHealth;
+use policy::WeightedRoundRobin;
+
+use crate::config::{
+    Capability, ModelSettings, Policy, Prices, Settings, TargetSettings, TenantSettings,
+};
+use crate::messages::{Job, JobError};
+use crate::providers::{ErrorClass, ProviderEntry, Registry};
+
+/// One provider + model a route may use.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub provider: Arc<ProviderEntry>,
+    pub model: String,
+    pub prices: Prices,
+    pub capabilities: Vec<Capability>,
+    pub context_window: Option<u32>,
+    /// Per-attempt timeout on this target.
+    pub timeout: Duration,
+    pub weight: u32,
+    pub region: Option<String>,
+    pub max_concurrency: Option<usize>,
+    pub health: Arc<TargetHealth>,
+}
+
+impl Target {
+    /// `provider/model`.
+    pub fn label(&self) -> &str {
+        &self.health.key
+    }
+}
+
+/// A configured route, resolved.
+#[derive(Debug)]
+pub struct Route {
+    pub alias: String,
+    pub policy: Policy,
+    pub targets: Vec<Target>,
+    pub fallback: Vec<Target>,
+    pub max_failover_depth: u8,
+    pub failover_on: Vec<ErrorClass>,
+    wrr: WeightedRoundRobin,
+}
+
+/// The targets to try for one job, in order, and the route's failover rules.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub targets: Vec<Target>,
+    /// Non-retryable classes that still move on to the next target.
+    pub failover_on: Vec<ErrorClass>,
+}
+
+/// Why a job has no plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteError {
+    /// The alias is not configured (the job is rejected: it can never be served).
+    UnknownRoute(JobError),
+    /// Every target was excluded (the job fails; it may succeed later).
+    NoEligibleTarget(JobError),
+}
+
+/// What a job needs from a target.
+#[derive(Debug, Clone, Copy, Default)]
+struct Needs {
+    vision: bool,
+    json_schema: bool,
+    tools: bool,
+    streaming: bool,
+}
+
+impl Needs {
+    fn of(job: &Job) -> Self {
+        let request = &job.request;
+        let vision = request.messages.iter().any(|m| {
+            m.content.as_array().is_some_and(|parts| {
+                parts
+                    .iter()
+                    .any(|p| p.get("type").and_then(|t| t.as_str()) == Some("image_url"))
+            })
+        });
+        let json_schema = request
+            .extra
+            .get("response_format")
+            .and_then(|f| f.get("type"))
+            .and_then(|t| t.as_str())
+            == Some("json_schema");
+        let tools = request
+            .extra
+            .get("tools")
+            .and_then(|t| t.as_array())
+            .is_some_and(|t| !t.is_empty());
+        Self {
+            vision,
+            json_schema,
+            tools,
+            streaming: request.wants_stream(),
+        }
+    }
+
+    fn missing(&self, capabilities: &[Capability]) -> Option<&'static str> {
+        [
+            (self.vision, Capability::Vision, "vision"),
+            (self.json_schema, Capability::JsonSchema, "json_schema"),
+            (self.tools, Capability::Tools, "tools"),
+            (self.streaming, Capability::Streaming, "streaming"),
+        ]
+        .into_iter()
+        .find(|(needed, capability, _)| *needed && !capabilities.contains(capability))
+        .map(|(_, _, name)| name)
+    }
+}
+
+/// Every route, the tenants' policies and the health of every target.
+#[derive(Debug, Clone, Default)]
+pub struct Router {
+    routes: Arc<HashMap<String, Arc<Route>>>,
+    tenants: Arc<HashMap<String, TenantSettings>>,
+    health: Arc<HashMap<String, Arc<TargetHealth>>>,
+    exploration_rate: f64,
+}
+
+impl Router {
+    /// Resolves every route against the registry. One [`TargetHealth`] per provider/model,
+    /// shared by every route that uses it.
+    pub fn from_settings(settings: &Settings, registry: &Registry) -> Self {
+        let mut health: HashMap<String, Arc<TargetHealth>> = HashMap::new();
+        let mut resolve = |target: &TargetSettings| -> Option<Target> {
+            let provider = registry.get(&target.provider)?.clone();
+            let model: Option<&ModelSettings> = provider.model(&target.model);
+            let key = format!("{}/{}", target.provider, target.model);
+            let health = health
+                .entry(key.clone())
+                .or_insert_with(|| Arc::new(TargetHealth::new(key, &settings.routing)))
+                .clone();
+            let provider_settings = settings
+                .all_providers()
+                .into_iter()
+                .find(|p| p.name == target.provider);
+            Some(Target {
+                model: target.model.clone(),
+                prices: model.map(|m| m.prices.clone()).unwrap_or_default(),
+                capabilities: model
+                    .map(|m| m.capabilities.clone())
+                    .unwrap_or_else(|| vec![Capability::Streaming]),
+                context_window: model.and_then(|m| m.context_window),
+                timeout: target
+                    .timeout_secs
+                    .map(Duration::from_secs)
+                    .unwrap_or(provider.timeout),
+                weight: target.weight,
+                region: provider_settings.as_ref().and_then(|p| p.region.clone()),
+                max_concurrency: None,
+                health,
+                provider,
+            })
+        };
+        let routes = settings
+            .routes
+            .iter()
+            .map(|route| {
+                let targets: Vec<Target> = route.targets.iter().filter_map(&mut resolve).collect();
+                let fallback: Vec<Target> =
+                    route.fallback.iter().filter_map(&mut resolve).collect();
+                let resolved = Route {
+                    alias: route.alias.clone(),
+                    policy: route.policy,
+                    wrr: WeightedRoundRobin::new(targets.len()),
+                    targets,
+                    fallback,
+                    max_failover_depth: route.max_failover_depth,
+                    failover_on: route
+                        .failover_on
+                        .iter()
+                        .filter_map(|c| ErrorClass::parse(c))
+                        .collect(),
+                };
+                (route.alias.clone(), Arc::new(resolved))
+            })
+            .collect();
+        let tenants = settings
+            .tenants
+            .iter()
+            .map(|t| (t.name.clone(), t.clone()))
+            .collect();
+        Self {
+            routes: Arc::new(routes),
+            tenants: Arc::new(tenants),
+            health: Arc::new(health),
+            exploration_rate: settings.routing.exploration_rate,
+        }
+    }
+
+    /// Known aliases, sorted, for error messages.
+    pub fn aliases(&self) -> Vec<&str> {
+        let mut aliases: Vec<&str> = self.routes.keys().map(String::as_str).collect();
+        aliases.sort_unstable();
+        aliases
+    }
+
+    /// Every target's health, by `provider/model`.
+    pub fn health(&self) -> impl Iterator<Item = &Arc<TargetHealth>> {
+        self.health.values()
+    }
+
+    /// The health of `provider/model`.
+    pub fn health_of(&self, key: &str) -> Option<&Arc<TargetHealth>> {
+        self.health.get(key)
+    }
+
+    /// The targets for `job`, in order. `excluded` is the budget hook: it may exclude a target
+    /// with a reason.
+    pub fn plan(
+        &self,
+        job: &Job,
+        excluded: &dyn Fn(&Target) -> Option<String>,
+    ) -> Result<Plan, RouteError> {
+        let Some(route) = self.routes.get(&job.route) else {
+            return Err(RouteError::UnknownRoute(JobError {
+                code: "unknown_route".to_owned(),
+                message: format!(
+                    "route {:?} is not configured; known routes: {}",
+                    job.route,
+                    self.aliases().join(", ")
+                ),
+                path: Some("/route".to_owned()),
+            }));
+        };
+        let needs = Needs::of(job);
+        let tenant = self.tenants.get(&job.tenant);
+        let regions = allowed_regions(
+            tenant.and_then(|t| t.regions.as_deref()),
+            job.regions.as_deref(),
+        );
+        let prompt_tokens = std::cell::OnceCell::new();
+        let prompt =
+            || *prompt_tokens.get_or_init(|| crate::tokens::count_prompt(&job.request) as u64);
+        let output = u64::from(job.request.output_cap().unwrap_or(0));
+        let now = Instant::now();
+        let mut reasons: Vec<String> = Vec::new();
+        let mut eligible = |target: &Target| -> bool {
+            let reason = if let Some(capability) = needs.missing(&target.capabilities) {
+                Some(format!("model lacks {capability}"))
+            } else if let Some(window) = target.context_window
+                && prompt() + output > u64::from(window)
+            {
+                Some(format!(
+                    "context window {window} < {} prompt + {output} output tokens",
+                    prompt()
+                ))
+            } else if let Some(allowed) = &regions
+                && !target.region.as_ref().is_some_and(|r| allowed.contains(r))
+            {
+                Some(format!(
+                    "region {} is outside the allowed regions [{}]",
+                    target.region.as_deref().unwrap_or("(unknown)"),
+                    allowed.iter().cloned().collect::<Vec<_>>().join(", ")
+                ))
+            } else if let Some(allowed) = tenant.and_then(|t| t.allowed_providers.as_ref())
+                && !allowed.contains(&target.provider.name)
+            {
+                Some(format!("provider is not allowed for tenant {}", job.tenant))
+            } else if let Some(until) = target.health.is_open(now) {
+                Some(format!(
+                    "circuit open for {:?}",
+                    until.saturating_duration_since(now)
+                ))
+            } else {
+                excluded(target)
+            };
+            match reason {
+                Some(reason) => {
+                    reasons.push(format!("{}: {reason}", target.label()));
+                    false
+                }
+                None => true,
+            }
+        };
+        let mut ordered: Vec<Target> = route
+            .targets
+            .iter()
+            .filter(|t| eligible(t))
+            .cloned()
+            .collect();
+        let weights: Vec<(String, u32)> = route
+            .targets
+            .iter()
+            .map(|t| (t.label().to_owned(), t.weight))
+            .collect();
+        policy::order(
+            route.policy,
+            &mut ordered,
+            &route.wrr,
+            &weights,
+            || (prompt(), output),
+            self.exploration_rate,
+        );
+        for target in &route.fallback {
+            if !ordered.iter().any(|t| t.label() == target.label()) && eligible(target) {
+                ordered.push(target.clone());
+            }
+        }
+        if ordered.is_empty() {
+            return Err(RouteError::NoEligibleTarget(JobError::new(
+                "no_eligible_target",
+                format!(
+                    "no eligible target on route {:?}: {}",
+                    route.alias,
+                    reasons.join("; ")
+                ),
+            )));
+        }
+        ordered.truncate(1 + usize::from(route.max_failover_depth));
+        Ok(Plan {
+            targets: ordered,
+            failover_on: route.failover_on.clone(),
+        })
+    }
+}
+
+/// The regions a job may use: the intersection of the tenant's and the job's, when either
+/// restricts them.
+fn allowed_regions(tenant: Option<&[String]>, job: Option<&[String]>) -> Option<BTreeSet<String>> {
+    match (tenant, job) {
+        (None, None) => None,
+        (Some(only), None) | (None, Some(only)) => Some(only.iter().cloned().collect()),
+        (Some(a), Some(b)) => Some(a.iter().filter(|r| b.contains(r)).cloned().collect()),
+    }
+}
+
+/// Shares circuit openings between workers through Postgres, once a second: publishes this
+/// worker's openings and adopts everyone else's. Stops on `shutdown`.
+pub async fn share_health(
+    router: Router,
+    pool: sqlx::PgPool,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(error) = sync_once(&router, &pool).await {
+            tracing::warn!(error.message = %error, "Could not share circuit-breaker state.");
+        }
+    }
+}
+
+async fn sync_once(router: &Router, pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let now = chrono::Utc::now();
+    let instant_now = Instant::now();
+    for health in router.health() {
+        if let Some(until) = health.take_unshared() {
+            let remaining = until.saturating_duration_since(instant_now);
+            let open_until = now + chrono::Duration::from_std(remaining).unwrap_or_default();
+            crate::store::circuits::open(&mut conn, &health.key, open_until, now).await?;
+        }
+    }
+    for (target, open_until) in crate::store::circuits::open_now(&mut conn, now).await? {
+        if let Some(health) = router.health_of(&target) {
+            let remaining = (open_until - now).to_std().unwrap_or_default();
+            health.open_until(instant_now + remaining);
+        }
+    }
+    Ok(())
+}
