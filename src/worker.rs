@@ -258,6 +258,7 @@ async fn handle(ctx: &Context, streams: &Publisher, delivery: Delivery) -> Finis
             tracing::warn!(job_id = %job.id, error.message = %error.message, "Job failed.");
             let dispatched = Dispatched {
                 attempts: Vec::new(),
+                skipped: Vec::new(),
                 outcome: Err(error),
             };
             return Finished::Job(Box::new(FinishedJob::completed(

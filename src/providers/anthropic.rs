@@ -224,8 +224,8 @@ impl<'a> AnthropicRequestBody<'a> {
         let format = response_format(extra.get("response_format"))?;
         let mut system = system.join("\n\n");
         if matches!(format, ResponseFormat::JsonObject) {
-            // No native JSON mode: an instruction is the closest equivalent. The caller's
-            // schema validation (if any) still runs on the result.
+            // Anthropic has no JSON mode without a schema: an instruction in the system
+            // prompt is the closest equivalent, so the output is likely, not guaranteed, JSON.
             if !system.is_empty() {
                 system.push_str("\n\n");
             }

@@ -59,6 +59,8 @@ pub struct Route {
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub targets: Vec<Target>,
+    /// Targets left out because their circuit is open (`provider/model`), for the audit.
+    pub skipped: Vec<String>,
     /// Non-retryable classes that still move on to the next target.
     pub failover_on: Vec<ErrorClass>,
 }
@@ -250,6 +252,7 @@ impl Router {
         let output = u64::from(job.request.output_cap().unwrap_or(0));
         let now = Instant::now();
         let mut reasons: Vec<String> = Vec::new();
+        let mut skipped: Vec<String> = Vec::new();
         let mut eligible = |target: &Target| -> bool {
             let reason = if let Some(capability) = needs.missing(&target.capabilities) {
                 Some(format!("model lacks {capability}"))
@@ -273,6 +276,7 @@ impl Router {
             {
                 Some(format!("provider is not allowed for tenant {}", job.tenant))
             } else if let Some(until) = target.health.is_open(now) {
+                skipped.push(target.label().to_owned());
                 Some(format!(
                     "circuit open for {:?}",
                     until.saturating_duration_since(now)
@@ -325,6 +329,7 @@ impl Router {
         ordered.truncate(1 + usize::from(route.max_failover_depth));
         Ok(Plan {
             targets: ordered,
+            skipped,
             failover_on: route.failover_on.clone(),
         })
     }
@@ -378,4 +383,163 @@ async fn sync_once(router: &Router, pool: &sqlx::PgPool) -> Result<(), sqlx::Err
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messages::{ChatMessage, ChatRequest};
+    use serde_json::json;
+
+    const CONFIG: &str = r#"
+[[providers]]
+name = "us-big"
+kind = "openai"
+base_url = "http://127.0.0.1:9/v1"
+region = "us"
+keys = [{ id = "k", env = "PATH" }]
+models = [{ name = "big", context_window = 100000, capabilities = ["vision", "tools", "json_schema", "streaming"], prices = { input = "5", output = "15" } }]
+
+[[providers]]
+name = "eu-small"
+kind = "openai"
+base_url = "http://127.0.0.1:9/v1"
+region = "eu"
+keys = [{ id = "k", env = "PATH" }]
+models = [{ name = "small", context_window = 50, prices = { input = "0.1", output = "0.2" } }]
+
+[[providers]]
+name = "eu-mid"
+kind = "openai"
+base_url = "http://127.0.0.1:9/v1"
+region = "eu"
+keys = [{ id = "k", env = "PATH" }]
+models = [{ name = "mid", context_window = 100000, prices = { input = "1", output = "2" } }]
+
+[[routes]]
+alias = "chain"
+targets = [{ provider = "us-big", model = "big" }, { provider = "eu-small", model = "small" }]
+fallback = [{ provider = "eu-mid", model = "mid" }]
+
+[[routes]]
+alias = "cheap"
+policy = "cheapest"
+targets = [{ provider = "us-big", model = "big" }, { provider = "eu-mid", model = "mid" }, { provider = "eu-small", model = "small" }]
+
+[[routes]]
+alias = "shallow"
+max_failover_depth = 0
+targets = [{ provider = "us-big", model = "big" }, { provider = "eu-mid", model = "mid" }]
+
+[[tenants]]
+name = "eu-corp"
+regions = ["eu"]
+
+[[tenants]]
+name = "picky"
+allowed_providers = ["eu-mid"]
+"#;
+
+    fn router() -> Router {
+        let settings = Settings::from_toml(CONFIG).unwrap();
+        Router::from_settings(&settings, &Registry::from_settings(&settings, &reqwest::Client::new()))
+    }
+
+    fn job(tenant: &str, route: &str, text: &str) -> Job {
+        let request = ChatRequest {
+            messages: vec![ChatMessage::text_message("user", text)],
+            max_tokens: Some(10),
+            ..ChatRequest::default()
+        };
+        Job::new(tenant, None, route, request)
+    }
+
+    fn labels(plan: &Plan) -> Vec<&str> {
+        plan.targets.iter().map(Target::label).collect()
+    }
+
+    #[test]
+    fn targets_keep_their_order_and_the_fallback_chain_follows() {
+        let plan = router().plan(&job("t", "chain", "hi"), &|_| None).unwrap();
+        assert_eq!(labels(&plan), ["us-big/big", "eu-small/small", "eu-mid/mid"]);
+    }
+
+    #[test]
+    fn a_prompt_larger_than_a_context_window_skips_that_model() {
+        let long = "word ".repeat(200);
+        let plan = router().plan(&job("t", "chain", &long), &|_| None).unwrap();
+        assert_eq!(labels(&plan), ["us-big/big", "eu-mid/mid"]);
+    }
+
+    #[test]
+    fn a_job_needing_vision_only_goes_to_models_declaring_it() {
+        let mut j = job("t", "chain", "x");
+        j.request.messages[0].content = json!([{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]);
+        let plan = router().plan(&j, &|_| None).unwrap();
+        assert_eq!(labels(&plan), ["us-big/big"]);
+    }
+
+    #[test]
+    fn tenant_regions_keep_jobs_inside_them() {
+        let plan = router().plan(&job("eu-corp", "chain", "hi"), &|_| None).unwrap();
+        assert_eq!(labels(&plan), ["eu-small/small", "eu-mid/mid"]);
+        let mut j = job("t", "chain", "hi");
+        j.regions = Some(vec!["eu".to_owned()]);
+        assert_eq!(labels(&router().plan(&j, &|_| None).unwrap()), ["eu-small/small", "eu-mid/mid"]);
+    }
+
+    #[test]
+    fn no_eligible_target_lists_every_target_and_why() {
+        let mut j = job("eu-corp", "chain", &"word ".repeat(200));
+        j.regions = Some(vec!["eu".to_owned(), "us".to_owned()]);
+        j.request.extra.insert("tools".to_owned(), json!([{"type": "function", "function": {"name": "f"}}]));
+        let Err(RouteError::NoEligibleTarget(error)) = router().plan(&j, &|_| None) else {
+            panic!("expected no eligible target");
+        };
+        assert_eq!(error.code, "no_eligible_target");
+        assert!(error.message.contains("us-big/big: region us is outside the allowed regions [eu]"), "{}", error.message);
+        assert!(error.message.contains("eu-small/small: model lacks tools"), "{}", error.message);
+        assert!(error.message.contains("eu-mid/mid: model lacks tools"), "{}", error.message);
+    }
+
+    #[test]
+    fn the_tenant_allow_list_and_the_budget_hook_exclude_targets() {
+        assert_eq!(labels(&router().plan(&job("picky", "chain", "hi"), &|_| None).unwrap()), ["eu-mid/mid"]);
+        let hook = |t: &Target| (t.provider.name == "us-big").then(|| "budget exhausted".to_owned());
+        assert_eq!(
+            labels(&router().plan(&job("t", "chain", "hi"), &hook).unwrap()),
+            ["eu-small/small", "eu-mid/mid"]
+        );
+    }
+
+    #[test]
+    fn cheapest_orders_by_estimated_cost() {
+        let plan = router().plan(&job("t", "cheap", "hi"), &|_| None).unwrap();
+        assert_eq!(labels(&plan), ["eu-small/small", "eu-mid/mid", "us-big/big"]);
+    }
+
+    #[test]
+    fn the_plan_is_cut_to_the_failover_depth() {
+        assert_eq!(labels(&router().plan(&job("t", "shallow", "hi"), &|_| None).unwrap()), ["us-big/big"]);
+    }
+
+    #[test]
+    fn an_open_circuit_leaves_the_target_out_and_says_so() {
+        let router = router();
+        router
+            .health_of("us-big/big")
+            .unwrap()
+            .open_until(Instant::now() + Duration::from_secs(60));
+        let plan = router.plan(&job("t", "chain", "hi"), &|_| None).unwrap();
+        assert_eq!(labels(&plan), ["eu-small/small", "eu-mid/mid"]);
+        assert_eq!(plan.skipped, ["us-big/big"]);
+    }
+
+    #[test]
+    fn an_unknown_route_is_its_own_error() {
+        assert!(matches!(
+            router().plan(&job("t", "nope", "hi"), &|_| None),
+            Err(RouteError::UnknownRoute(_))
+        ));
+    }
 }

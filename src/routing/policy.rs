@@ -66,7 +66,7 @@ pub fn order(
             // out for one job; a pick that is not eligible falls back to the heaviest eligible.
             let weights: Vec<u32> = all_weights.iter().map(|(_, w)| *w).collect();
             let picked = &all_weights[wrr.pick(&weights)].0;
-            targets.sort_by(|a, b| b.weight.cmp(&a.weight));
+            targets.sort_by_key(|t| std::cmp::Reverse(t.weight));
             if let Some(position) = targets.iter().position(|t| &t.health.key == picked) {
                 let first = targets.remove(position);
                 targets.insert(0, first);

@@ -67,6 +67,8 @@ impl Attempt {
 #[derive(Debug, Clone)]
 pub struct Dispatched {
     pub attempts: Vec<Attempt>,
+    /// Targets passed over because their circuit was open (`provider/model`).
+    pub skipped: Vec<String>,
     pub outcome: Result<Value, JobError>,
 }
 
@@ -113,6 +115,7 @@ pub async fn dispatch(
     stream: Option<&StreamSink>,
 ) -> Dispatched {
     let mut attempts: Vec<Attempt> = Vec::with_capacity(1);
+    let mut skipped = plan.skipped.clone();
     let last = plan.targets.len().saturating_sub(1);
     'targets: for (index, target) in plan.targets.iter().enumerate() {
         let entry = &target.provider;
@@ -163,7 +166,10 @@ pub async fn dispatch(
                 Admission::Go => false,
                 Admission::Probe => true,
                 // The circuit opened (here or on another worker) since the plan was made.
-                Admission::Skip => continue 'targets,
+                Admission::Skip => {
+                    skipped.push(target.label().to_owned());
+                    continue 'targets;
+                }
             };
             calls_left -= 1;
             let n = u32::try_from(attempts.len() + 1).unwrap_or(u32::MAX);
@@ -174,6 +180,7 @@ pub async fn dispatch(
                     attempts.push(attempt.with_response_dropped());
                     return Dispatched {
                         attempts,
+                        skipped,
                         outcome: Ok(response),
                     };
                 }
@@ -214,9 +221,10 @@ pub async fn dispatch(
             tokio::time::sleep(delay).await;
         }
     }
-    let error = job_error(&attempts);
+    let error = job_error(&attempts, &skipped);
     Dispatched {
         attempts,
+        skipped,
         outcome: Err(error),
     }
 }
@@ -374,13 +382,16 @@ impl AttemptWithResponse {
 }
 
 /// The job's error: the last failure's class as the code, and every attempt in the message.
-fn job_error(attempts: &[Attempt]) -> JobError {
+fn job_error(attempts: &[Attempt], skipped: &[String]) -> JobError {
     let failures: Vec<&ProviderError> = attempts
         .iter()
         .filter_map(|a| a.outcome.as_ref().err())
         .collect();
     let Some(last) = failures.last() else {
-        return JobError::new("no_targets", "the route has no targets");
+        return JobError::new(
+            "no_eligible_target",
+            format!("every target's circuit opened before it could be called: {}", skipped.join(", ")),
+        );
     };
     let code = if last.is_retryable() {
         "all_attempts_failed"

@@ -194,6 +194,21 @@ impl FinishedJob {
                 usage,
             });
         }
+        if let Some(first) = dispatched.attempts.first() {
+            for from in &dispatched.skipped {
+                audits.push(AuditEvent::new(
+                    &job.tenant,
+                    Some(job.id),
+                    "failover",
+                    first.started_at,
+                    json!({
+                        "route": job.route, "batch": job.batch, "request_sha256": request_hash(&request),
+                        "from": from, "to": format!("{}/{}", first.provider, first.model),
+                        "error_class": "circuit_open", "http_status": null, "latency_ms": 0, "attempt": 0,
+                    }),
+                ));
+            }
+        }
         for pair in dispatched.attempts.windows(2) {
             let (from, to) = (&pair[0], &pair[1]);
             let Err(error) = &from.outcome else { continue };
