@@ -996,10 +996,6 @@ fn malformed(text: &str, reason: String) -> ProviderError {
 /// (`promptTokenCount`), a completion keeps that usage in cost accounting, and it is the same
 /// shape as a blocked *output* (`finishReason: SAFETY`) and the OpenAI adapter's refusals, so
 /// callers see one "the provider's filter said no" outcome for every provider.
-#[expect(
-    clippy::result_large_err,
-    reason = "ProviderError (136 bytes) is the crate-wide error type; boxing it is a crate-wide decision"
-)]
 fn parse_gemini_response(text: &str, model: &str) -> Result<Completion, ProviderError> {
     let value: Value = serde_json::from_str(text.trim_start())
         .map_err(|e| malformed(text, format!("response body is not JSON: {e}")))?;
@@ -1112,10 +1108,6 @@ async fn read_gemini_stream(
 
 /// One SSE event: raw (non-SSE) text is buffered until it parses as JSON (a Google error may
 /// arrive pretty-printed over many lines); `data:` is a `GenerateContentResponse` or an error.
-#[expect(
-    clippy::result_large_err,
-    reason = "ProviderError (136 bytes) is the crate-wide error type; boxing it is a crate-wide decision"
-)]
 fn handle_stream_event(
     event: SseEvent,
     assembly: &mut GeminiAssembly,

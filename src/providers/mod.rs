@@ -377,11 +377,11 @@ pub fn retry_after_from_headers(headers: &HeaderMap) -> Option<Duration> {
         && ms.is_finite()
         && ms >= 0.0
     {
-        return Some(Duration::from_secs_f64(ms / 1000.0));
+        return Duration::try_from_secs_f64(ms / 1000.0).ok();
     }
     let value = header("retry-after")?;
     if let Ok(seconds) = value.parse::<f64>() {
-        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
+        return Duration::try_from_secs_f64(seconds).ok();
     }
     let date = chrono::DateTime::parse_from_rfc2822(value).ok()?;
     let wait = date.with_timezone(&chrono::Utc) - chrono::Utc::now();
@@ -415,7 +415,10 @@ pub fn parse_go_duration(text: &str) -> Option<Duration> {
         total += value * unit;
         any = true;
     }
-    (any && number.is_empty() && total.is_finite()).then(|| Duration::from_secs_f64(total))
+    if !any || !number.is_empty() {
+        return None;
+    }
+    Duration::try_from_secs_f64(total).ok()
 }
 
 /// Canonical `finish_reason` values.
@@ -508,6 +511,16 @@ mod tests {
             HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
         );
         assert_eq!(retry_after_from_headers(&headers), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn absurd_delays_are_ignored_not_a_panic() {
+        let mut headers = HeaderMap::new();
+        headers.insert("retry-after", HeaderValue::from_static("1e30"));
+        assert_eq!(retry_after_from_headers(&headers), None);
+        headers.insert("retry-after-ms", HeaderValue::from_static("-5"));
+        assert_eq!(retry_after_from_headers(&headers), None);
+        assert_eq!(parse_go_duration("99999999999999999999999s"), None);
     }
 
     #[test]

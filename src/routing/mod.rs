@@ -442,7 +442,10 @@ allowed_providers = ["eu-mid"]
 
     fn router() -> Router {
         let settings = Settings::from_toml(CONFIG).unwrap();
-        Router::from_settings(&settings, &Registry::from_settings(&settings, &reqwest::Client::new()))
+        Router::from_settings(
+            &settings,
+            &Registry::from_settings(&settings, &reqwest::Client::new()),
+        )
     }
 
     fn job(tenant: &str, route: &str, text: &str) -> Job {
@@ -461,7 +464,10 @@ allowed_providers = ["eu-mid"]
     #[test]
     fn targets_keep_their_order_and_the_fallback_chain_follows() {
         let plan = router().plan(&job("t", "chain", "hi"), &|_| None).unwrap();
-        assert_eq!(labels(&plan), ["us-big/big", "eu-small/small", "eu-mid/mid"]);
+        assert_eq!(
+            labels(&plan),
+            ["us-big/big", "eu-small/small", "eu-mid/mid"]
+        );
     }
 
     #[test]
@@ -474,38 +480,69 @@ allowed_providers = ["eu-mid"]
     #[test]
     fn a_job_needing_vision_only_goes_to_models_declaring_it() {
         let mut j = job("t", "chain", "x");
-        j.request.messages[0].content = json!([{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]);
+        j.request.messages[0].content =
+            json!([{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]);
         let plan = router().plan(&j, &|_| None).unwrap();
         assert_eq!(labels(&plan), ["us-big/big"]);
     }
 
     #[test]
     fn tenant_regions_keep_jobs_inside_them() {
-        let plan = router().plan(&job("eu-corp", "chain", "hi"), &|_| None).unwrap();
+        let plan = router()
+            .plan(&job("eu-corp", "chain", "hi"), &|_| None)
+            .unwrap();
         assert_eq!(labels(&plan), ["eu-small/small", "eu-mid/mid"]);
         let mut j = job("t", "chain", "hi");
         j.regions = Some(vec!["eu".to_owned()]);
-        assert_eq!(labels(&router().plan(&j, &|_| None).unwrap()), ["eu-small/small", "eu-mid/mid"]);
+        assert_eq!(
+            labels(&router().plan(&j, &|_| None).unwrap()),
+            ["eu-small/small", "eu-mid/mid"]
+        );
     }
 
     #[test]
     fn no_eligible_target_lists_every_target_and_why() {
         let mut j = job("eu-corp", "chain", &"word ".repeat(200));
         j.regions = Some(vec!["eu".to_owned(), "us".to_owned()]);
-        j.request.extra.insert("tools".to_owned(), json!([{"type": "function", "function": {"name": "f"}}]));
+        j.request.extra.insert(
+            "tools".to_owned(),
+            json!([{"type": "function", "function": {"name": "f"}}]),
+        );
         let Err(RouteError::NoEligibleTarget(error)) = router().plan(&j, &|_| None) else {
             panic!("expected no eligible target");
         };
         assert_eq!(error.code, "no_eligible_target");
-        assert!(error.message.contains("us-big/big: region us is outside the allowed regions [eu]"), "{}", error.message);
-        assert!(error.message.contains("eu-small/small: model lacks tools"), "{}", error.message);
-        assert!(error.message.contains("eu-mid/mid: model lacks tools"), "{}", error.message);
+        assert!(
+            error
+                .message
+                .contains("us-big/big: region us is outside the allowed regions [eu]"),
+            "{}",
+            error.message
+        );
+        assert!(
+            error.message.contains("eu-small/small: model lacks tools"),
+            "{}",
+            error.message
+        );
+        assert!(
+            error.message.contains("eu-mid/mid: model lacks tools"),
+            "{}",
+            error.message
+        );
     }
 
     #[test]
     fn the_tenant_allow_list_and_the_budget_hook_exclude_targets() {
-        assert_eq!(labels(&router().plan(&job("picky", "chain", "hi"), &|_| None).unwrap()), ["eu-mid/mid"]);
-        let hook = |t: &Target| (t.provider.name == "us-big").then(|| "budget exhausted".to_owned());
+        assert_eq!(
+            labels(
+                &router()
+                    .plan(&job("picky", "chain", "hi"), &|_| None)
+                    .unwrap()
+            ),
+            ["eu-mid/mid"]
+        );
+        let hook =
+            |t: &Target| (t.provider.name == "us-big").then(|| "budget exhausted".to_owned());
         assert_eq!(
             labels(&router().plan(&job("t", "chain", "hi"), &hook).unwrap()),
             ["eu-small/small", "eu-mid/mid"]
@@ -515,12 +552,22 @@ allowed_providers = ["eu-mid"]
     #[test]
     fn cheapest_orders_by_estimated_cost() {
         let plan = router().plan(&job("t", "cheap", "hi"), &|_| None).unwrap();
-        assert_eq!(labels(&plan), ["eu-small/small", "eu-mid/mid", "us-big/big"]);
+        assert_eq!(
+            labels(&plan),
+            ["eu-small/small", "eu-mid/mid", "us-big/big"]
+        );
     }
 
     #[test]
     fn the_plan_is_cut_to_the_failover_depth() {
-        assert_eq!(labels(&router().plan(&job("t", "shallow", "hi"), &|_| None).unwrap()), ["us-big/big"]);
+        assert_eq!(
+            labels(
+                &router()
+                    .plan(&job("t", "shallow", "hi"), &|_| None)
+                    .unwrap()
+            ),
+            ["us-big/big"]
+        );
     }
 
     #[test]

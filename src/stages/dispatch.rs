@@ -390,7 +390,10 @@ fn job_error(attempts: &[Attempt], skipped: &[String]) -> JobError {
     let Some(last) = failures.last() else {
         return JobError::new(
             "no_eligible_target",
-            format!("every target's circuit opened before it could be called: {}", skipped.join(", ")),
+            format!(
+                "every target's circuit opened before it could be called: {}",
+                skipped.join(", ")
+            ),
         );
     };
     let code = if last.is_retryable() {

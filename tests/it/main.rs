@@ -15,4 +15,5 @@ mod duplicates;
 mod kill;
 mod pipeline;
 mod providers;
+mod routing;
 mod summarize;
