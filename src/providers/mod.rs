@@ -8,6 +8,8 @@ pub mod gemini;
 pub mod images;
 pub mod keys;
 pub mod openai;
+#[cfg(test)]
+mod robustness;
 pub mod sse;
 
 use std::collections::HashMap;
