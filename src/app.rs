@@ -12,6 +12,7 @@ use crate::config::Settings;
 use crate::providers::Registry;
 use crate::queue::topology::{self, Names};
 use crate::routing::Router;
+use crate::routing::limits::{self, Limiter};
 use crate::{queue, store};
 
 /// Handles every command and task shares.
@@ -23,6 +24,8 @@ pub struct Context {
     pub names: Names,
     pub registry: Registry,
     pub router: Router,
+    /// Limits shared across workers through Postgres; `None` when no provider has limits.
+    pub limiter: Option<Limiter>,
     /// Cancelled on SIGTERM/SIGINT (or by a command that is done).
     pub shutdown: CancellationToken,
     /// Every spawned task, so shutdown can wait for them.
@@ -50,6 +53,17 @@ impl Context {
             .context("cannot build the HTTP client")?;
         let registry = Registry::from_settings(&settings, &http);
         let router = Router::from_settings(&settings, &registry);
+        let scopes = limits::scopes(&settings);
+        let limiter = if scopes.is_empty() {
+            None
+        } else {
+            let max_wait = std::time::Duration::from_secs(settings.routing.max_limit_wait_secs);
+            Some(
+                Limiter::new(pool.clone(), &scopes, max_wait)
+                    .await
+                    .context("cannot register the shared limits")?,
+            )
+        };
         Ok(Self {
             settings: Arc::new(settings),
             pool,
@@ -57,6 +71,7 @@ impl Context {
             names,
             registry,
             router,
+            limiter,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         })

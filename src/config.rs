@@ -142,8 +142,33 @@ pub struct ProviderSettings {
     /// standard chat-completions fields and drop nulls.
     #[serde(default)]
     pub strict_fields: bool,
+    /// Limits of the whole provider, shared by every worker through Postgres.
+    #[serde(default)]
+    pub limits: Option<Limits>,
     #[serde(default)]
     pub models: Vec<ModelSettings>,
+}
+
+/// Concurrency and rate limits, held across every worker sharing the database.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Calls in flight at once.
+    #[serde(default)]
+    pub max_concurrency: Option<u32>,
+    /// Requests per window (per minute with the default window).
+    #[serde(default)]
+    pub rpm: Option<u32>,
+    /// Tokens (prompt estimate + output cap, corrected to actual usage) per window.
+    #[serde(default)]
+    pub tpm: Option<u64>,
+    /// The rate window; 60 s makes `rpm`/`tpm` per minute. Tests shrink it.
+    #[serde(default = "default_window_secs")]
+    pub window_secs: u64,
+}
+
+fn default_window_secs() -> u64 {
+    60
 }
 
 /// An API key by reference: the secret itself never appears in config, logs or Postgres.
@@ -154,6 +179,9 @@ pub struct KeySettings {
     pub id: String,
     /// Name of the environment variable holding the key.
     pub env: String,
+    /// Limits of this key alone, shared by every worker through Postgres.
+    #[serde(default)]
+    pub limits: Option<Limits>,
 }
 
 /// A model a provider serves and what it costs.
@@ -290,6 +318,9 @@ pub struct RoutingSettings {
     pub breaker_open_secs: u64,
     /// Share of jobs the `fastest` policy sends to a random target to notice recoveries.
     pub exploration_rate: f64,
+    /// Longest wait for a limited target's capacity before moving on; a job whose every
+    /// target is limited for longer is parked in a delayed retry queue.
+    pub max_limit_wait_secs: u64,
 }
 
 impl Default for RoutingSettings {
@@ -300,6 +331,7 @@ impl Default for RoutingSettings {
             breaker_window: 20,
             breaker_open_secs: 5,
             exploration_rate: 0.05,
+            max_limit_wait_secs: 10,
         }
     }
 }
@@ -443,6 +475,7 @@ impl Settings {
                 max_retries: 0,
                 max_tokens_field: None,
                 strict_fields: false,
+                limits: None,
                 models: vec![ModelSettings {
                     name: BUILTIN_MODEL.to_owned(),
                     context_window: None,

@@ -99,7 +99,15 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
     };
     let mut finalizing = Some(ctx.tasks.spawn(finalizer.run(inbox)));
     let sharing = ctx.shutdown.child_token();
-    ctx.tasks.spawn(crate::routing::share_health(
+    let (rests, announced) = mpsc::unbounded_channel();
+    ctx.registry.announce_rests_to(&rests);
+    ctx.tasks.spawn(crate::routing::sharing::share_key_rests(
+        ctx.registry.clone(),
+        ctx.pool.clone(),
+        announced,
+        sharing.clone(),
+    ));
+    ctx.tasks.spawn(crate::routing::sharing::share_health(
         ctx.router.clone(),
         ctx.pool.clone(),
         sharing.clone(),
@@ -130,7 +138,7 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
                 }
             }
             _ = idle_tick.tick(), if options.exit_when_idle => {
-                if processing.is_empty() && topology::jobs_queue_depth(&channel, &ctx.names).await?.0 == 0 {
+                if processing.is_empty() && topology::pending_jobs(&channel, &ctx.names).await? == 0 {
                     let since = *idle_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= options.idle_after {
                         break WorkerExit::Idle;
@@ -259,6 +267,7 @@ async fn handle(ctx: &Context, streams: &Publisher, delivery: Delivery) -> Finis
             let dispatched = Dispatched {
                 attempts: Vec::new(),
                 skipped: Vec::new(),
+                park: None,
                 outcome: Err(error),
             };
             return Finished::Job(Box::new(FinishedJob::completed(
@@ -275,7 +284,8 @@ async fn handle(ctx: &Context, streams: &Publisher, delivery: Delivery) -> Finis
         let relay = relay_stream(ctx, streams, &job, items);
         let (dispatched, relayed) = tokio::join!(
             async {
-                let dispatched = dispatch(&job.request, targets, Some(&sink)).await;
+                let dispatched =
+                    dispatch(&job.request, targets, Some(&sink), ctx.limiter.as_ref()).await;
                 drop(sink);
                 dispatched
             },
@@ -287,8 +297,12 @@ async fn handle(ctx: &Context, streams: &Publisher, delivery: Delivery) -> Finis
         }
         dispatched
     } else {
-        dispatch(&job.request, targets, None).await
+        dispatch(&job.request, targets, None, ctx.limiter.as_ref()).await
     };
+    if let Some(wait) = dispatched.park {
+        tracing::info!(job_id = %job.id, wait = ?wait, "Every target is rate limited; parking the job.");
+        return Finished::Park { tag, body, wait };
+    }
     if let Err(error) = &dispatched.outcome {
         tracing::warn!(job_id = %job.id, code = %error.code, error.message = %error.message, "Job failed.");
     }

@@ -961,7 +961,17 @@ struct Counters {
     by_key_status: BTreeMap<String, BTreeMap<String, u64>>,
     /// When the last [`MAX_RECORDED_STARTS`] requests started, oldest first.
     starts: VecDeque<Instant>,
+    /// Per credential: when its last injected 429 was sent and until when it asked the client
+    /// to wait (`retry-after`).
+    rests: BTreeMap<String, (Instant, Instant)>,
+    /// Requests that arrived on a credential while its `retry-after` was still running, more
+    /// than [`REST_GRACE`] after the 429 was sent (requests already on the wire when the 429
+    /// left are not the client's fault).
+    early_after_429: u64,
 }
+
+/// See [`Counters::early_after_429`].
+const REST_GRACE: Duration = Duration::from_millis(100);
 
 /// Request statistics, safe to share between handlers.
 #[derive(Debug, Default)]
@@ -991,6 +1001,8 @@ struct StatsSnapshot {
     by_format: BTreeMap<String, u64>,
     /// Answers by credential, then status.
     by_key_status: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Requests that ignored a running `retry-after` (see `Counters::early_after_429`).
+    early_after_429: u64,
 }
 
 /// The `GET /stats/window` answer.
@@ -1041,8 +1053,15 @@ impl Stats {
             c.requests_total += 1;
             *c.by_auth.entry(key.clone()).or_insert(0) += 1;
             *c.by_format.entry(format.to_owned()).or_insert(0) += 1;
+            let now = Instant::now();
+            if let Some((sent, until)) = c.rests.get(&key)
+                && now > *sent + REST_GRACE
+                && now < *until
+            {
+                c.early_after_429 += 1;
+            }
             // Taken under the lock, so the instants stay sorted.
-            c.starts.push_back(Instant::now());
+            c.starts.push_back(now);
             while c.starts.len() > MAX_RECORDED_STARTS {
                 c.starts.pop_front();
             }
@@ -1069,7 +1088,16 @@ impl Stats {
             by_auth: c.by_auth.clone(),
             by_format,
             by_key_status: c.by_key_status.clone(),
+            early_after_429: c.early_after_429,
         }
+    }
+
+    /// Remembers that `credential` was told to wait `rest`.
+    fn rest(&self, credential: Option<&str>, rest: Duration) {
+        let now = Instant::now();
+        self.lock()
+            .rests
+            .insert(credential.unwrap_or("<none>").to_owned(), (now, now + rest));
     }
 
     /// The busiest `ms`-millisecond window.
@@ -1258,6 +1286,10 @@ async fn handle_chat<W: WireFormat>(
         }
         Fault::ServerError => return finish(&in_flight, wire.error(&ApiError::ServerError)),
         Fault::RateLimited => {
+            state.stats.rest(
+                credential.as_deref(),
+                Duration::from_secs(state.config.retry_after),
+            );
             let err = ApiError::RateLimited(state.config.retry_after);
             return finish(&in_flight, wire.error(&err));
         }

@@ -37,12 +37,23 @@ pub enum KeyChoice {
     NoneUsable,
 }
 
+/// A key told to wait by its provider (`retry-after`), announced to every worker.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeyRest {
+    pub provider: String,
+    pub key_id: String,
+    /// Unix milliseconds until which the key rests.
+    pub until_ms: i64,
+}
+
 /// The keys of one provider, shared by every job of a worker.
 #[derive(Debug, Default)]
 pub struct KeyPool {
     keys: Vec<ApiKey>,
     status: Mutex<Vec<KeyStatus>>,
     next: AtomicUsize,
+    /// Where rests are announced so other workers learn of them (set by the worker).
+    announcer: Mutex<Option<tokio::sync::mpsc::UnboundedSender<KeyRest>>>,
 }
 
 impl KeyPool {
@@ -52,6 +63,7 @@ impl KeyPool {
             keys,
             status,
             next: AtomicUsize::new(0),
+            announcer: Mutex::new(None),
         }
     }
 
@@ -99,6 +111,45 @@ impl KeyPool {
     pub fn set(&self, id: &str, status: KeyStatus) {
         if let Some(index) = self.keys.iter().position(|k| k.id == id) {
             self.statuses()[index] = status;
+        }
+    }
+
+    /// Sends this pool's rests to `announcer` from now on.
+    pub fn announce_to(&self, announcer: tokio::sync::mpsc::UnboundedSender<KeyRest>) {
+        *self
+            .announcer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(announcer);
+    }
+
+    /// Tells every worker (through the announcer) that key `id` of `provider` rests for `rest`.
+    pub fn announce_rest(&self, provider: &str, id: &str, rest: Duration) {
+        if let Some(announcer) = self
+            .announcer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+        {
+            let until = chrono::Utc::now() + chrono::Duration::from_std(rest).unwrap_or_default();
+            let _ = announcer.send(KeyRest {
+                provider: provider.to_owned(),
+                key_id: id.to_owned(),
+                until_ms: until.timestamp_millis(),
+            });
+        }
+    }
+
+    /// Adopts a rest another worker announced, unless the key is already out for longer.
+    pub fn adopt_rest(&self, id: &str, until: Instant) {
+        if let Some(index) = self.keys.iter().position(|k| k.id == id) {
+            let mut statuses = self.statuses();
+            match statuses[index] {
+                KeyStatus::Healthy => statuses[index] = KeyStatus::Resting(until),
+                KeyStatus::Resting(current) if current < until => {
+                    statuses[index] = KeyStatus::Resting(until)
+                }
+                _ => {}
+            }
         }
     }
 

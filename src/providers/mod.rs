@@ -20,7 +20,7 @@ use reqwest::header::HeaderMap;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 
-pub use keys::{ApiKey, KeyChoice, KeyPool, KeyStatus};
+pub use keys::{ApiKey, KeyChoice, KeyPool, KeyRest, KeyStatus};
 
 use crate::config::{MaxTokensField, ModelSettings, ProviderKind, ProviderSettings, Settings};
 use crate::messages::{ChatRequest, Usage};
@@ -242,6 +242,8 @@ pub struct ProviderEntry {
     pub idle_timeout: Duration,
     pub max_retries: u32,
     pub models: HashMap<String, ModelSettings>,
+    /// Limits shared across workers, if any are configured.
+    pub scopes: crate::routing::limits::ProviderScopes,
 }
 
 impl ProviderEntry {
@@ -278,6 +280,13 @@ impl Registry {
 
     pub fn get(&self, name: &str) -> Option<&Arc<ProviderEntry>> {
         self.entries.get(name)
+    }
+
+    /// Sends every key pool's rests to `announcer`.
+    pub fn announce_rests_to(&self, announcer: &tokio::sync::mpsc::UnboundedSender<KeyRest>) {
+        for entry in self.entries.values() {
+            entry.keys.announce_to(announcer.clone());
+        }
     }
 }
 
@@ -340,6 +349,7 @@ fn build_entry(settings: &ProviderSettings, http: &reqwest::Client) -> ProviderE
         timeout: Duration::from_secs(settings.timeout_secs),
         idle_timeout: Duration::from_secs(settings.stream_idle_secs),
         max_retries: settings.max_retries,
+        scopes: crate::routing::limits::ProviderScopes::from_settings(settings),
         models: settings
             .models
             .iter()

@@ -4,6 +4,10 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 
+/// Delays of the retry queues: a parked job waits there, then dead-letters back to the jobs
+/// exchange (no delayed-message plugin needed).
+pub const RETRY_TIERS_SECS: [u64; 3] = [1, 10, 60];
+
 /// The routing key jobs are published with on the jobs exchange.
 pub const JOBS_ROUTING_KEY: &str = "jobs";
 
@@ -41,6 +45,24 @@ impl Names {
 
     pub fn dead_queue(&self) -> String {
         format!("{}.dead", self.prefix)
+    }
+
+    /// The delayed retry queue whose delay is the shortest that covers `wait` (longest tier
+    /// for anything longer).
+    pub fn retry_queue(&self, wait: std::time::Duration) -> String {
+        let tier = RETRY_TIERS_SECS
+            .iter()
+            .find(|tier| std::time::Duration::from_secs(**tier) >= wait)
+            .unwrap_or(&RETRY_TIERS_SECS[RETRY_TIERS_SECS.len() - 1]);
+        format!("{}.retry.{tier}s", self.prefix)
+    }
+
+    /// Every delayed retry queue with its delay in seconds.
+    pub fn retry_queues(&self) -> Vec<(String, u64)> {
+        RETRY_TIERS_SECS
+            .iter()
+            .map(|tier| (format!("{}.retry.{tier}s", self.prefix), *tier))
+            .collect()
     }
 
     /// Topic exchange of results, routing key `<tenant>.<batch>.<status>`.
@@ -123,6 +145,25 @@ pub async fn declare(
     channel
         .queue_declare(names.jobs_queue().into(), durable, jobs_arguments)
         .await?;
+    for (queue, delay) in names.retry_queues() {
+        let arguments = quorum_arguments(&[
+            (
+                "x-message-ttl",
+                AMQPValue::LongLongInt(i64::try_from(delay * 1000).unwrap_or(i64::MAX)),
+            ),
+            (
+                "x-dead-letter-exchange",
+                AMQPValue::LongString(names.jobs_exchange().into()),
+            ),
+            (
+                "x-dead-letter-routing-key",
+                AMQPValue::LongString(JOBS_ROUTING_KEY.into()),
+            ),
+        ]);
+        channel
+            .queue_declare(queue.as_str().into(), durable, arguments)
+            .await?;
+    }
     channel
         .queue_bind(
             names.jobs_queue().into(),
@@ -153,6 +194,22 @@ pub async fn jobs_queue_depth(
     Ok((queue.message_count(), queue.consumer_count()))
 }
 
+/// Jobs waiting anywhere: ready in the jobs queue or parked in a retry queue.
+pub async fn pending_jobs(channel: &Channel, names: &Names) -> Result<u64, lapin::Error> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let mut pending = u64::from(jobs_queue_depth(channel, names).await?.0);
+    for (queue, _) in names.retry_queues() {
+        let queue = channel
+            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+            .await?;
+        pending += u64::from(queue.message_count());
+    }
+    Ok(pending)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,5 +227,22 @@ mod tests {
         ] {
             assert!(name.starts_with("t1."), "{name}");
         }
+    }
+
+    #[test]
+    fn a_parked_job_goes_to_the_shortest_tier_that_covers_its_wait() {
+        let names = Names::new("p");
+        assert_eq!(
+            names.retry_queue(std::time::Duration::from_millis(300)),
+            "p.retry.1s"
+        );
+        assert_eq!(
+            names.retry_queue(std::time::Duration::from_secs(5)),
+            "p.retry.10s"
+        );
+        assert_eq!(
+            names.retry_queue(std::time::Duration::from_secs(3600)),
+            "p.retry.60s"
+        );
     }
 }

@@ -231,6 +231,7 @@ mod tests {
                 breaker_window: 10,
                 breaker_open_secs: 60,
                 exploration_rate: 0.0,
+                max_limit_wait_secs: 10,
             },
         )
     }

@@ -5,7 +5,9 @@
 //! whole plan is cut to `1 + max_failover_depth` targets.
 
 pub mod health;
+pub mod limits;
 pub mod policy;
+pub mod sharing;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -343,46 +345,6 @@ fn allowed_regions(tenant: Option<&[String]>, job: Option<&[String]>) -> Option<
         (Some(only), None) | (None, Some(only)) => Some(only.iter().cloned().collect()),
         (Some(a), Some(b)) => Some(a.iter().filter(|r| b.contains(r)).cloned().collect()),
     }
-}
-
-/// Shares circuit openings between workers through Postgres, once a second: publishes this
-/// worker's openings and adopts everyone else's. Stops on `shutdown`.
-pub async fn share_health(
-    router: Router,
-    pool: sqlx::PgPool,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        if let Err(error) = sync_once(&router, &pool).await {
-            tracing::warn!(error.message = %error, "Could not share circuit-breaker state.");
-        }
-    }
-}
-
-async fn sync_once(router: &Router, pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
-    let mut conn = pool.acquire().await?;
-    let now = chrono::Utc::now();
-    let instant_now = Instant::now();
-    for health in router.health() {
-        if let Some(until) = health.take_unshared() {
-            let remaining = until.saturating_duration_since(instant_now);
-            let open_until = now + chrono::Duration::from_std(remaining).unwrap_or_default();
-            crate::store::circuits::open(&mut conn, &health.key, open_until, now).await?;
-        }
-    }
-    for (target, open_until) in crate::store::circuits::open_now(&mut conn, now).await? {
-        if let Some(health) = router.health_of(&target) {
-            let remaining = (open_until - now).to_std().unwrap_or_default();
-            health.open_until(instant_now + remaining);
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

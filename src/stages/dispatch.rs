@@ -17,6 +17,7 @@ use crate::config::Prices;
 use crate::messages::{ChatRequest, JobError, Usage};
 use crate::providers::{ApiKey, Call, ErrorClass, KeyChoice, KeyStatus, ProviderError};
 use crate::routing::health::{Admission, Transition};
+use crate::routing::limits::{Acquired, Limiter};
 use crate::routing::{Plan, Target};
 
 /// Longest server-requested delay honoured by an in-place retry; a longer one moves on.
@@ -69,6 +70,9 @@ pub struct Dispatched {
     pub attempts: Vec<Attempt>,
     /// Targets passed over because their circuit was open (`provider/model`).
     pub skipped: Vec<String>,
+    /// Every target was rate limited for at least this long and nothing was called: the job
+    /// should be retried later rather than failed.
+    pub park: Option<Duration>,
     pub outcome: Result<Value, JobError>,
 }
 
@@ -113,9 +117,19 @@ pub async fn dispatch(
     request: &ChatRequest,
     plan: &Plan,
     stream: Option<&StreamSink>,
+    limiter: Option<&Limiter>,
 ) -> Dispatched {
     let mut attempts: Vec<Attempt> = Vec::with_capacity(1);
     let mut skipped = plan.skipped.clone();
+    // The longest wait of a target passed over because it was rate limited.
+    let mut limited: Option<Duration> = None;
+    let estimate = std::sync::OnceLock::new();
+    let units = || {
+        *estimate.get_or_init(|| {
+            crate::tokens::count_prompt(request) as u64
+                + u64::from(request.output_cap().unwrap_or(0))
+        })
+    };
     let last = plan.targets.len().saturating_sub(1);
     'targets: for (index, target) in plan.targets.iter().enumerate() {
         let entry = &target.provider;
@@ -138,6 +152,10 @@ pub async fn dispatch(
                         tokio::time::sleep(wait).await;
                         tried_keys.clear();
                         continue;
+                    }
+                    KeyChoice::AllResting(wait) if tried_keys.is_empty() => {
+                        limited = limited.max(Some(wait));
+                        continue 'targets;
                     }
                     choice => {
                         let reason = match choice {
@@ -171,9 +189,49 @@ pub async fn dispatch(
                     continue 'targets;
                 }
             };
+            let scopes = entry.scopes.for_call(key.as_ref().map(|k| k.id.as_str()));
+            let lease = match limiter.filter(|_| !scopes.is_empty()) {
+                None => None,
+                Some(limiter) => {
+                    let units = if scopes.iter().any(|s| s.counts_tokens()) {
+                        units()
+                    } else {
+                        0
+                    };
+                    match limiter
+                        .acquire(&scopes, units, limiter.max_wait(), target.timeout)
+                        .await
+                    {
+                        Ok(Acquired::Granted(lease)) => Some(lease),
+                        Ok(Acquired::TooLong(wait)) => {
+                            limited = limited.max(Some(wait));
+                            continue 'targets;
+                        }
+                        Err(error) => {
+                            tracing::warn!(target = %target.label(), error.message = %error, "Cannot reach the shared limiter; treating the target as limited.");
+                            limited = limited.max(Some(Duration::from_secs(1)));
+                            continue 'targets;
+                        }
+                    }
+                }
+            };
             calls_left -= 1;
             let n = u32::try_from(attempts.len() + 1).unwrap_or(u32::MAX);
             let attempt = call_once(request, target, key.as_ref(), n, stream, probe).await;
+            if let (Some(limiter), Some(lease)) = (limiter, lease) {
+                let actual = attempt
+                    .billed_usage()
+                    .map(|u| u.input_tokens + u.output_tokens);
+                limiter.release(lease, actual).await;
+                if let (Err(error), Some(key)) = (&attempt.outcome, &key)
+                    && error.class == ErrorClass::RateLimited
+                    && let Some(scope) = entry.scopes.keys.get(&key.id)
+                {
+                    limiter
+                        .pause(scope, error.retry_after.unwrap_or(DEFAULT_KEY_REST))
+                        .await;
+                }
+            }
             let error = match &attempt.outcome {
                 Ok(_) => {
                     let response = attempt.response.clone().unwrap_or(Value::Null);
@@ -181,6 +239,7 @@ pub async fn dispatch(
                     return Dispatched {
                         attempts,
                         skipped,
+                        park: None,
                         outcome: Ok(response),
                     };
                 }
@@ -221,10 +280,14 @@ pub async fn dispatch(
             tokio::time::sleep(delay).await;
         }
     }
+    // Nothing was tried because every target was limited for long: park the job rather than
+    // fail it or hold a worker slot.
+    let park = limited.filter(|_| attempts.is_empty());
     let error = job_error(&attempts, &skipped);
     Dispatched {
         attempts,
         skipped,
+        park,
         outcome: Err(error),
     }
 }
@@ -331,6 +394,9 @@ fn key_health(
         _ => return None,
     };
     entry.keys.set(&key.id, status);
+    if let Some(rest) = rest {
+        entry.keys.announce_rest(&entry.name, &key.id, rest);
+    }
     tracing::warn!(provider = %entry.name, key_id = %key.id, event = kind, rest = ?rest, "API key health changed.");
     Some(KeyEvent {
         kind,

@@ -47,6 +47,13 @@ pub enum Finished {
     Duplicate { tag: u64, result: Box<JobResult> },
     /// The job could not be looked up (database trouble): return it to the queue.
     Requeue { tag: u64 },
+    /// Every target is rate limited for at least `wait`: republish the job to the delayed
+    /// retry queue whose delay covers it, then ack.
+    Park {
+        tag: u64,
+        body: Vec<u8>,
+        wait: std::time::Duration,
+    },
 }
 
 /// Everything one job writes and publishes.
@@ -419,6 +426,7 @@ impl Finalizer {
         let mut tags = Vec::with_capacity(group.len());
         let mut fresh = Vec::new();
         let mut republish = Vec::new();
+        let mut parked = Vec::new();
         for item in group {
             match item {
                 Finished::Requeue { tag } => {
@@ -436,11 +444,12 @@ impl Finalizer {
                     continue;
                 }
                 Finished::Job(ref job) => tags.push(job.tag),
-                Finished::Duplicate { tag, .. } => tags.push(tag),
+                Finished::Duplicate { tag, .. } | Finished::Park { tag, .. } => tags.push(tag),
             }
             match item {
                 Finished::Job(job) => fresh.push(*job),
                 Finished::Duplicate { result, .. } => republish.push(*result),
+                Finished::Park { body, wait, .. } => parked.push((body, wait)),
                 Finished::Requeue { .. } => {}
             }
         }
@@ -455,6 +464,11 @@ impl Finalizer {
             }
         }
         outgoing.extend(republish.iter().map(|r| self.result_message(r)));
+        outgoing.extend(
+            parked
+                .into_iter()
+                .map(|(body, wait)| self.park_message(body, wait)),
+        );
         let costs: Vec<&CostEvent> = fresh
             .iter()
             .flat_map(|j| j.costs.iter().map(|(_, c)| c))
@@ -533,15 +547,15 @@ impl Finalizer {
         audit::insert_many(&mut tx, &audits)
             .await
             .map_err(store_error)?;
-        let lost: Vec<Uuid> = if inserted.len() == fresh.len() {
-            Vec::new()
-        } else {
-            fresh
-                .iter()
-                .map(|j| j.result.job_id)
-                .filter(|id| !inserted.contains(id))
-                .collect()
-        };
+        // A job lost the race when its result row was already there, or when an earlier copy
+        // of the same job in this very group claimed the row.
+        let inserted: std::collections::HashSet<Uuid> = inserted.into_iter().collect();
+        let mut claimed = std::collections::HashSet::with_capacity(fresh.len());
+        let lost: Vec<Uuid> = fresh
+            .iter()
+            .map(|j| j.result.job_id)
+            .filter(|id| !(inserted.contains(id) && claimed.insert(*id)))
+            .collect();
         let stored = results::find_latest_many(&mut tx, &lost)
             .await
             .map_err(store_error)?;
@@ -556,6 +570,22 @@ impl Finalizer {
             body: to_json(result),
             message_id: result.job_id.to_string(),
             kind: RESULT_SCHEMA.to_owned(),
+            headers: None,
+        }
+    }
+
+    fn park_message(&self, body: Vec<u8>, wait: std::time::Duration) -> Outgoing {
+        let queue = self.names.retry_queue(wait);
+        let message_id = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("id").and_then(|id| id.as_str()).map(str::to_owned))
+            .unwrap_or_default();
+        Outgoing {
+            exchange: String::new(),
+            routing_key: queue,
+            body,
+            message_id,
+            kind: JOB_SCHEMA.to_owned(),
             headers: None,
         }
     }

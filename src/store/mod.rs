@@ -7,6 +7,7 @@ pub mod audit;
 pub mod circuits;
 pub mod cost_ledger;
 pub mod jobs;
+pub mod limiter;
 pub mod results;
 
 use std::str::FromStr;

@@ -309,7 +309,16 @@ impl TestApp {
     /// Deletes this test's queues and exchanges and drops its database.
     pub async fn cleanup(self) {
         let channel = self.ctx.broker.create_channel().await.unwrap();
-        for queue in [self.names.jobs_queue(), self.names.dead_queue()] {
+        let retry: Vec<String> = self
+            .names
+            .retry_queues()
+            .into_iter()
+            .map(|(q, _)| q)
+            .collect();
+        for queue in [self.names.jobs_queue(), self.names.dead_queue()]
+            .into_iter()
+            .chain(retry)
+        {
             let _ = channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                 .await;

@@ -13,6 +13,7 @@ mod bad_input;
 mod cli;
 mod duplicates;
 mod kill;
+mod limits;
 mod pipeline;
 mod providers;
 mod routing;

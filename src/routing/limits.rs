@@ -1,0 +1,290 @@
+//! Concurrency and rate limits per provider and per key, held across every worker that shares
+//! the database. A call first takes a local FIFO permit (so jobs of one worker are served in
+//! order), then a concurrency slot (a lease that expires if its worker dies), then room in the
+//! request/token window. When the wait would be longer than the caller accepts, nothing is held
+//! and the caller moves on (or parks the job).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use sqlx::PgPool;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use uuid::Uuid;
+
+use crate::config::{Limits, Settings};
+use crate::store::limiter::{self, Rate};
+
+/// Poll interval while waiting for a concurrency slot held by another worker.
+const SLOT_POLL: Duration = Duration::from_millis(20);
+
+/// One limited scope: a provider or one of its keys.
+#[derive(Debug, Clone)]
+pub struct Scope {
+    pub name: String,
+    pub limits: Limits,
+}
+
+impl Scope {
+    pub fn provider(name: &str, limits: Limits) -> Self {
+        Self {
+            name: format!("provider:{name}"),
+            limits,
+        }
+    }
+
+    pub fn key(provider: &str, key_id: &str, limits: Limits) -> Self {
+        Self {
+            name: format!("key:{provider}:{key_id}"),
+            limits,
+        }
+    }
+
+    /// Whether a token estimate is needed.
+    pub fn counts_tokens(&self) -> bool {
+        self.limits.tpm.is_some()
+    }
+}
+
+/// What holds a call's capacity until it is released.
+#[derive(Debug, Default)]
+pub struct Lease {
+    slots: Vec<(String, i32)>,
+    events: Vec<Uuid>,
+    _permits: Vec<OwnedSemaphorePermit>,
+}
+
+/// The outcome of [`Limiter::acquire`].
+#[derive(Debug)]
+pub enum Acquired {
+    Granted(Lease),
+    /// Capacity frees up later than the caller would wait; nothing is held.
+    TooLong(Duration),
+}
+
+/// Shared-limit handle of one worker.
+#[derive(Debug, Clone)]
+pub struct Limiter {
+    pool: PgPool,
+    /// This worker's id on the slots it holds.
+    holder: Uuid,
+    /// Local FIFO queues in front of each concurrency-limited scope.
+    local: Arc<HashMap<String, Arc<Semaphore>>>,
+    /// Longest wait for capacity before the caller moves on.
+    max_wait: Duration,
+    /// How long calls are remembered: twice the longest window.
+    keep: Duration,
+}
+
+/// Every scope the settings define.
+pub fn scopes(settings: &Settings) -> Vec<Scope> {
+    let mut scopes = Vec::new();
+    for provider in &settings.providers {
+        let any = provider.limits.is_some() || provider.keys.iter().any(|k| k.limits.is_some());
+        if !any {
+            continue;
+        }
+        if let Some(limits) = &provider.limits {
+            scopes.push(Scope::provider(&provider.name, limits.clone()));
+        }
+        // Every key of a limited provider gets a scope, so a retry-after pauses it everywhere.
+        for key in &provider.keys {
+            scopes.push(Scope::key(
+                &provider.name,
+                &key.id,
+                key.limits.clone().unwrap_or_default(),
+            ));
+        }
+    }
+    scopes
+}
+
+impl Limiter {
+    /// Registers every scope (creating slots) and builds the local queues.
+    pub async fn new(
+        pool: PgPool,
+        scopes: &[Scope],
+        max_wait: Duration,
+    ) -> Result<Self, sqlx::Error> {
+        let mut conn = pool.acquire().await?;
+        let mut local = HashMap::new();
+        for scope in scopes {
+            limiter::register(&mut conn, &scope.name, scope.limits.max_concurrency).await?;
+            if let Some(max) = scope.limits.max_concurrency {
+                local.insert(scope.name.clone(), Arc::new(Semaphore::new(max as usize)));
+            }
+        }
+        drop(conn);
+        Ok(Self {
+            pool,
+            holder: Uuid::now_v7(),
+            local: Arc::new(local),
+            max_wait,
+            keep: 2 * Duration::from_secs(
+                scopes
+                    .iter()
+                    .map(|s| s.limits.window_secs)
+                    .max()
+                    .unwrap_or(60),
+            ),
+        })
+    }
+
+    /// Longest wait for capacity before moving on.
+    pub fn max_wait(&self) -> Duration {
+        self.max_wait
+    }
+
+    /// Waits (at most `max_wait`) for room in every scope, for a call of `units` tokens that
+    /// may take up to `call_timeout`.
+    pub async fn acquire(
+        &self,
+        scopes: &[&Scope],
+        units: u64,
+        max_wait: Duration,
+        call_timeout: Duration,
+    ) -> Result<Acquired, sqlx::Error> {
+        let deadline = tokio::time::Instant::now() + max_wait;
+        let mut lease = Lease::default();
+        for scope in scopes {
+            if let Some(queue) = self.local.get(&scope.name) {
+                match tokio::time::timeout_at(deadline, queue.clone().acquire_owned()).await {
+                    Ok(Ok(permit)) => lease._permits.push(permit),
+                    _ => {
+                        self.release(lease, None).await;
+                        return Ok(Acquired::TooLong(max_wait));
+                    }
+                }
+            }
+        }
+        for scope in scopes {
+            if scope.limits.max_concurrency.is_some() {
+                loop {
+                    let now = Utc::now();
+                    let expires = now
+                        + chrono::Duration::from_std(call_timeout + Duration::from_secs(30))
+                            .unwrap_or_default();
+                    if let Some(slot) =
+                        limiter::take_slot(&self.pool, &scope.name, self.holder, now, expires)
+                            .await?
+                    {
+                        lease.slots.push((scope.name.clone(), slot));
+                        break;
+                    }
+                    if tokio::time::Instant::now() + SLOT_POLL > deadline {
+                        self.release(lease, None).await;
+                        return Ok(Acquired::TooLong(max_wait));
+                    }
+                    tokio::time::sleep(SLOT_POLL + Duration::from_millis(fastrand::u64(0..10)))
+                        .await;
+                }
+            }
+        }
+        for scope in scopes {
+            let window = Duration::from_secs(scope.limits.window_secs.max(1));
+            loop {
+                let event = Uuid::now_v7();
+                let decision = limiter::take_rate(
+                    &self.pool,
+                    &scope.name,
+                    event,
+                    Utc::now(),
+                    window,
+                    scope.limits.rpm,
+                    scope.limits.tpm,
+                    units,
+                )
+                .await?;
+                match decision {
+                    Rate::Granted => {
+                        lease.events.push(event);
+                        break;
+                    }
+                    Rate::Wait(wait) if tokio::time::Instant::now() + wait <= deadline => {
+                        tokio::time::sleep(wait + Duration::from_millis(fastrand::u64(0..5))).await;
+                    }
+                    Rate::Wait(wait) => {
+                        self.release(lease, None).await;
+                        return Ok(Acquired::TooLong(wait));
+                    }
+                }
+            }
+        }
+        Ok(Acquired::Granted(lease))
+    }
+
+    /// Frees the lease's slots and corrects its token counts to `actual_units`.
+    pub async fn release(&self, lease: Lease, actual_units: Option<u64>) {
+        for (scope, slot) in &lease.slots {
+            if let Err(error) = limiter::release_slot(&self.pool, scope, *slot, self.holder).await {
+                tracing::warn!(scope = %scope, error.message = %error, "Could not release a slot; it frees when its lease expires.");
+            }
+        }
+        if let Some(units) = actual_units {
+            for event in &lease.events {
+                if let Err(error) = limiter::settle_units(&self.pool, *event, units).await {
+                    tracing::warn!(error.message = %error, "Could not correct a token count.");
+                }
+            }
+        }
+    }
+
+    /// Pauses a scope for every worker (a provider's retry-after on a key).
+    pub async fn pause(&self, scope: &Scope, rest: Duration) {
+        let until = Utc::now() + chrono::Duration::from_std(rest).unwrap_or_default();
+        if let Err(error) = limiter::pause(&self.pool, &scope.name, until).await {
+            tracing::warn!(scope = %scope.name, error.message = %error, "Could not share a key's pause.");
+        }
+    }
+
+    /// Forgets calls older than any window needs.
+    pub async fn prune(&self) -> Result<(), sqlx::Error> {
+        limiter::prune(
+            &self.pool,
+            Utc::now() - chrono::Duration::from_std(self.keep).unwrap_or_default(),
+        )
+        .await
+    }
+}
+
+/// The limited scopes of one provider: the provider's own and one per key.
+#[derive(Debug, Clone, Default)]
+pub struct ProviderScopes {
+    pub provider: Option<Scope>,
+    pub keys: HashMap<String, Scope>,
+}
+
+impl ProviderScopes {
+    /// The scopes of `settings`' provider (empty when it has no limits anywhere).
+    pub fn from_settings(settings: &crate::config::ProviderSettings) -> Self {
+        let any = settings.limits.is_some() || settings.keys.iter().any(|k| k.limits.is_some());
+        if !any {
+            return Self::default();
+        }
+        Self {
+            provider: settings
+                .limits
+                .clone()
+                .map(|l| Scope::provider(&settings.name, l)),
+            keys: settings
+                .keys
+                .iter()
+                .map(|k| {
+                    (
+                        k.id.clone(),
+                        Scope::key(&settings.name, &k.id, k.limits.clone().unwrap_or_default()),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// The scopes a call with `key_id` takes room in.
+    pub fn for_call(&self, key_id: Option<&str>) -> Vec<&Scope> {
+        self.provider
+            .iter()
+            .chain(key_id.and_then(|id| self.keys.get(id)))
+            .collect()
+    }
+}

@@ -1,0 +1,95 @@
+//! How workers share what they learn: circuit openings through the `circuit_breakers` table
+//! (once a second), key rests through Postgres `NOTIFY`/`LISTEN` (within milliseconds), and
+//! pruning of the limiter's call log.
+
+use std::time::{Duration, Instant};
+
+use super::Router;
+
+/// Shares circuit openings between workers through Postgres, once a second: publishes this
+/// worker's openings and adopts everyone else's. Stops on `shutdown`.
+pub async fn share_health(
+    router: Router,
+    pool: sqlx::PgPool,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(error) = sync_once(&router, &pool).await {
+            tracing::warn!(error.message = %error, "Could not share circuit-breaker state.");
+        }
+    }
+}
+
+async fn sync_once(router: &Router, pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let now = chrono::Utc::now();
+    let instant_now = Instant::now();
+    for health in router.health() {
+        if let Some(until) = health.take_unshared() {
+            let remaining = until.saturating_duration_since(instant_now);
+            let open_until = now + chrono::Duration::from_std(remaining).unwrap_or_default();
+            crate::store::circuits::open(&mut conn, &health.key, open_until, now).await?;
+        }
+    }
+    for (target, open_until) in crate::store::circuits::open_now(&mut conn, now).await? {
+        if let Some(health) = router.health_of(&target) {
+            let remaining = (open_until - now).to_std().unwrap_or_default();
+            health.open_until(instant_now + remaining);
+        }
+    }
+    Ok(())
+}
+
+/// The Postgres channel key rests are announced on.
+const KEY_REST_CHANNEL: &str = "switchyard_key_rest";
+
+/// Announces this worker's key rests to every worker (Postgres `NOTIFY`) and adopts theirs
+/// (`LISTEN`), so a provider's retry-after pauses the key everywhere within milliseconds,
+/// without a database round trip per call.
+pub async fn share_key_rests(
+    registry: crate::providers::Registry,
+    pool: sqlx::PgPool,
+    mut local: tokio::sync::mpsc::UnboundedReceiver<crate::providers::KeyRest>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+        Ok(mut listener) => match listener.listen(KEY_REST_CHANNEL).await {
+            Ok(()) => Some(listener),
+            Err(error) => {
+                tracing::warn!(error.message = %error, "Cannot listen for key rests; they stay local to this worker.");
+                None
+            }
+        },
+        Err(error) => {
+            tracing::warn!(error.message = %error, "Cannot listen for key rests; they stay local to this worker.");
+            None
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            rest = local.recv() => {
+                let Some(rest) = rest else { return };
+                let payload = serde_json::to_string(&rest).unwrap_or_default();
+                if let Err(error) = sqlx::query("SELECT pg_notify($1, $2)").bind(KEY_REST_CHANNEL).bind(payload).execute(&pool).await {
+                    tracing::warn!(error.message = %error, "Cannot announce a key rest.");
+                }
+            }
+            notification = async { listener.as_mut()?.recv().await.ok() }, if listener.is_some() => {
+                let Some(notification) = notification else { continue };
+                let Ok(rest) = serde_json::from_str::<crate::providers::KeyRest>(notification.payload()) else { continue };
+                let now_ms = chrono::Utc::now().timestamp_millis();
+                let remaining = Duration::from_millis(u64::try_from(rest.until_ms - now_ms).unwrap_or(0));
+                if let Some(entry) = registry.get(&rest.provider) {
+                    entry.keys.adopt_rest(&rest.key_id, Instant::now() + remaining);
+                }
+            }
+        }
+    }
+}

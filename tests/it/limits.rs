@@ -1,0 +1,205 @@
+//! Limits shared by every worker process through Postgres: concurrency and request rate,
+//! a provider's retry-after pausing its key everywhere, and parking when every target is
+//! limited for long.
+
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use crate::helpers::{FakeProvider, TestApp, job, spawn_app_with, switchyard};
+
+fn workers(app: &TestApp, count: usize) -> Vec<Child> {
+    (0..count)
+        .map(|_| {
+            switchyard(app)
+                .args(["worker", "--exit-when-idle", "--concurrency", "16"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
+async fn wait_all(children: Vec<Child>) {
+    for mut child in children {
+        let status = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success(), "worker exited with {status}");
+    }
+}
+
+async fn succeeded(app: &TestApp) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM results WHERE status = 'succeeded'")
+        .fetch_one(app.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn three_worker_processes_together_never_exceed_the_providers_concurrency_or_rate() {
+    let fake = FakeProvider::start(&["--latency-ms", "150"]);
+    // 40 requests per 2 s window stands in for 1,200 rpm; concurrency 8.
+    let config = format!(
+        r#"
+[[providers]]
+name = "limited"
+kind = "openai"
+base_url = "{}/v1"
+keys = [{{ id = "k", env = "CARGO_MANIFEST_DIR" }}]
+limits = {{ max_concurrency = 8, rpm = 40, window_secs = 2 }}
+models = [{{ name = "m" }}]
+
+[[routes]]
+alias = "limited"
+targets = [{{ provider = "limited", model = "m" }}]
+"#,
+        fake.url
+    );
+    let app = spawn_app_with(&config).await;
+    let jobs: Vec<_> = (0..150)
+        .map(|i| job("acme", None, "limited", &format!("Job {i}.")))
+        .collect();
+    app.publish_jobs(&jobs).await;
+    wait_all(workers(&app, 3)).await;
+
+    assert_eq!(
+        succeeded(&app).await,
+        150,
+        "every job was served (waiting, not dropped)"
+    );
+    let stats = fake.stats().await;
+    assert_eq!(stats["requests_total"], 150);
+    let max_in_flight = stats["max_in_flight"].as_u64().unwrap();
+    assert!(
+        max_in_flight <= 8,
+        "{max_in_flight} calls in flight at once"
+    );
+    assert!(
+        max_in_flight >= 4,
+        "the limit, not the workers, was the bottleneck: {max_in_flight}"
+    );
+    // Arrival jitter of a few ms is allowed for by measuring a 1.9 s window.
+    let window: serde_json::Value = reqwest::get(format!("{}/stats/window?ms=1900", fake.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let busiest = window["max_requests"].as_u64().unwrap();
+    assert!(busiest <= 40, "{busiest} requests within one window");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_retry_after_pauses_the_key_for_every_worker_and_every_job_still_succeeds() {
+    let fake = FakeProvider::start(&["--rate-429", "0.2", "--retry-after", "1", "--seed", "42"]);
+    let config = format!(
+        r#"
+[[providers]]
+name = "flaky"
+kind = "openai"
+base_url = "{}/v1"
+max_retries = 8
+keys = [{{ id = "only", env = "CARGO_MANIFEST_DIR" }}]
+models = [{{ name = "m" }}]
+
+[[routes]]
+alias = "flaky"
+targets = [{{ provider = "flaky", model = "m" }}]
+"#,
+        fake.url
+    );
+    let app = spawn_app_with(&config).await;
+    let jobs: Vec<_> = (0..40)
+        .map(|i| job("acme", None, "flaky", &format!("Job {i}.")))
+        .collect();
+    app.publish_jobs(&jobs).await;
+    wait_all(workers(&app, 2)).await;
+
+    assert_eq!(succeeded(&app).await, 40);
+    let stats = fake.stats().await;
+    assert!(
+        stats["by_status"]["429"].as_u64().unwrap_or(0) >= 3,
+        "the fault was injected: {stats}"
+    );
+    assert_eq!(
+        stats["early_after_429"], 0,
+        "a request reached the key before its retry-after passed: {stats}"
+    );
+    let rate_limited: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_events WHERE kind = 'key_rate_limited'")
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+    assert!(rate_limited >= 3);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_job_whose_every_target_is_limited_for_long_is_parked_and_comes_back() {
+    let fake = FakeProvider::start(&[]);
+    let config = format!(
+        r#"
+[routing]
+max_limit_wait_secs = 1
+
+[[providers]]
+name = "trickle"
+kind = "openai"
+base_url = "{}/v1"
+keys = [{{ id = "k", env = "CARGO_MANIFEST_DIR" }}]
+limits = {{ rpm = 1, window_secs = 3 }}
+models = [{{ name = "m" }}]
+
+[[routes]]
+alias = "trickle"
+targets = [{{ provider = "trickle", model = "m" }}]
+"#,
+        fake.url
+    );
+    let app = spawn_app_with(&config).await;
+    let jobs: Vec<_> = (0..3)
+        .map(|i| job("acme", None, "trickle", &format!("Job {i}.")))
+        .collect();
+    app.publish_jobs(&jobs).await;
+    let parked_seen = {
+        let worker = workers(&app, 1);
+        // While the worker runs, parked jobs wait in a retry queue instead of a worker slot.
+        let channel = app.ctx.broker.create_channel().await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let mut seen = false;
+        while tokio::time::Instant::now() < deadline && !seen {
+            let (queue, _) = &app.names.retry_queues()[1];
+            let depth = channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    Default::default(),
+                )
+                .await
+                .unwrap()
+                .message_count();
+            seen = depth > 0;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        wait_all(worker).await;
+        seen
+    };
+    assert!(parked_seen, "a job waited in the 10 s retry queue");
+    assert_eq!(
+        succeeded(&app).await,
+        3,
+        "parked jobs came back and were served"
+    );
+    assert_eq!(
+        fake.requests().await,
+        3,
+        "a parked job made no provider call"
+    );
+    app.cleanup().await;
+}
