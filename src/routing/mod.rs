@@ -166,7 +166,11 @@ impl Router {
                     .unwrap_or(provider.timeout),
                 weight: target.weight,
                 region: provider_settings.as_ref().and_then(|p| p.region.clone()),
-                max_concurrency: None,
+                max_concurrency: provider_settings
+                    .as_ref()
+                    .and_then(|p| p.limits.as_ref())
+                    .and_then(|l| l.max_concurrency)
+                    .map(|m| m as usize),
                 health,
                 provider,
             })
@@ -550,5 +554,95 @@ allowed_providers = ["eu-mid"]
             router().plan(&job("t", "nope", "hi"), &|_| None),
             Err(RouteError::UnknownRoute(_))
         ));
+    }
+
+    fn policy_router(policy: &str) -> Router {
+        let text = format!(
+            "{CONFIG}\n[[routes]]\nalias = \"p\"\npolicy = \"{policy}\"\ntargets = [{{ provider = \"us-big\", model = \"big\" }}, {{ provider = \"eu-mid\", model = \"mid\" }}]\n"
+        );
+        let mut settings = Settings::from_toml(&text).unwrap();
+        settings.routing.exploration_rate = 0.0;
+        settings.providers[0].limits = Some(crate::config::Limits {
+            max_concurrency: Some(4),
+            ..crate::config::Limits::default()
+        });
+        settings.providers[2].limits = Some(crate::config::Limits {
+            max_concurrency: Some(10),
+            ..crate::config::Limits::default()
+        });
+        Router::from_settings(
+            &settings,
+            &Registry::from_settings(&settings, &reqwest::Client::new()),
+        )
+    }
+
+    #[test]
+    fn fastest_prefers_the_lowest_recent_latency_and_measures_new_targets_first() {
+        let router = policy_router("fastest");
+        let j = job("t", "p", "hi");
+        router
+            .health_of("us-big/big")
+            .unwrap()
+            .record(Duration::from_millis(50), false, false);
+        assert_eq!(
+            labels(&router.plan(&j, &|_| None).unwrap())[0],
+            "eu-mid/mid",
+            "unmeasured goes first"
+        );
+        router
+            .health_of("eu-mid/mid")
+            .unwrap()
+            .record(Duration::from_millis(500), false, false);
+        assert_eq!(
+            labels(&router.plan(&j, &|_| None).unwrap())[0],
+            "us-big/big"
+        );
+    }
+
+    #[test]
+    fn fastest_explores_other_targets_at_its_exploration_rate() {
+        let text = format!(
+            "{CONFIG}\n[routing]\nexploration_rate = 0.5\n[[routes]]\nalias = \"p\"\npolicy = \"fastest\"\ntargets = [{{ provider = \"us-big\", model = \"big\" }}, {{ provider = \"eu-mid\", model = \"mid\" }}]\n"
+        );
+        let settings = Settings::from_toml(&text).unwrap();
+        let router = Router::from_settings(
+            &settings,
+            &Registry::from_settings(&settings, &reqwest::Client::new()),
+        );
+        router
+            .health_of("us-big/big")
+            .unwrap()
+            .record(Duration::from_millis(10), false, false);
+        router
+            .health_of("eu-mid/mid")
+            .unwrap()
+            .record(Duration::from_millis(900), false, false);
+        let j = job("t", "p", "hi");
+        let slow_first = (0..400)
+            .filter(|_| labels(&router.plan(&j, &|_| None).unwrap())[0] == "eu-mid/mid")
+            .count();
+        assert!(
+            (120..=280).contains(&slow_first),
+            "explored {slow_first} of 400"
+        );
+    }
+
+    #[test]
+    fn least_busy_prefers_the_most_free_concurrency() {
+        let router = policy_router("least_busy");
+        let j = job("t", "p", "hi");
+        // us-big: 4 slots, eu-mid: 10 slots.
+        assert_eq!(
+            labels(&router.plan(&j, &|_| None).unwrap())[0],
+            "eu-mid/mid"
+        );
+        let mid = router.health_of("eu-mid/mid").unwrap().clone();
+        let busy: Vec<_> = (0..8).map(|_| mid.start_call()).collect();
+        assert_eq!(
+            labels(&router.plan(&j, &|_| None).unwrap())[0],
+            "us-big/big",
+            "4 free beats 2 free"
+        );
+        drop(busy);
     }
 }

@@ -487,3 +487,121 @@ fn job_error(attempts: &[Attempt], skipped: &[String]) -> JobError {
         format!("{} attempt(s) failed: {listing}", failures.len()),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+    use crate::messages::{ChatMessage, Job};
+    use crate::providers::Registry;
+    use crate::routing::{RouteError, Router};
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    const OK: &str = r#"{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"big answer"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
+    const TOO_LONG: &str = r#"{"error":{"message":"maximum context length is 8192 tokens","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#;
+
+    async fn server(status: u16, body: &str) -> MockServer {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(status).set_body_string(body))
+            .mount(&server)
+            .await;
+        server
+    }
+
+    fn plan(small: &MockServer, large: &MockServer, failover_on: &str) -> Plan {
+        let text = format!(
+            r#"
+[[providers]]
+name = "small"
+kind = "openai"
+base_url = "{}/v1"
+keys = [{{ id = "k", env = "PATH" }}]
+models = [{{ name = "s" }}]
+
+[[providers]]
+name = "large"
+kind = "openai"
+base_url = "{}/v1"
+keys = [{{ id = "k", env = "PATH" }}]
+models = [{{ name = "l" }}]
+
+[[routes]]
+alias = "r"
+failover_on = [{failover_on}]
+targets = [{{ provider = "small", model = "s" }}, {{ provider = "large", model = "l" }}]
+"#,
+            small.uri(),
+            large.uri()
+        );
+        let settings = Settings::from_toml(&text).unwrap();
+        let router = Router::from_settings(
+            &settings,
+            &Registry::from_settings(&settings, &reqwest::Client::new()),
+        );
+        let request = ChatRequest {
+            messages: vec![ChatMessage::text_message("user", "long document")],
+            ..ChatRequest::default()
+        };
+        match router.plan(&Job::new("t", None, "r", request), &|_| None) {
+            Ok(plan) => plan,
+            Err(RouteError::UnknownRoute(e) | RouteError::NoEligibleTarget(e)) => panic!("{e:?}"),
+        }
+    }
+
+    fn request() -> ChatRequest {
+        ChatRequest {
+            messages: vec![ChatMessage::text_message("user", "long document")],
+            ..ChatRequest::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_context_length_error_stops_the_job_unless_the_route_opts_in_to_fail_over() {
+        let small = server(400, TOO_LONG).await;
+        let large = server(200, OK).await;
+
+        let stopped = dispatch(&request(), &plan(&small, &large, ""), None, None).await;
+        assert_eq!(stopped.attempts.len(), 1, "no failover by default");
+        let error = stopped.outcome.unwrap_err();
+        assert_eq!(error.code, "context_length");
+        assert!(
+            error.message.contains("maximum context length"),
+            "{}",
+            error.message
+        );
+
+        let rescued = dispatch(
+            &request(),
+            &plan(&small, &large, "\"context_length\""),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(rescued.attempts.len(), 2);
+        assert_eq!(rescued.winner().map(|a| a.provider.as_str()), Some("large"));
+        assert_eq!(
+            rescued.outcome.unwrap()["choices"][0]["message"]["content"],
+            "big answer"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_retryable_failure_moves_on_at_once_without_retrying_a_target_that_has_a_successor() {
+        let broken = server(503, "").await;
+        let healthy = server(200, OK).await;
+        let dispatched = dispatch(&request(), &plan(&broken, &healthy, ""), None, None).await;
+        assert_eq!(
+            dispatched.attempts.len(),
+            2,
+            "one call to the primary, then the fallback"
+        );
+        assert_eq!(broken.received_requests().await.unwrap().len(), 1);
+        assert_eq!(
+            dispatched.attempts[0].outcome.as_ref().unwrap_err().class,
+            ErrorClass::Overloaded
+        );
+        assert!(dispatched.outcome.is_ok());
+    }
+}

@@ -29,7 +29,7 @@ async fn count(app: &TestApp, sql: &'static str) -> i64 {
 #[tokio::test]
 async fn a_dead_primary_fails_over_for_every_job_and_once_open_its_circuit_lets_only_probes_through()
  {
-    let dead = FakeProvider::start(&["--rate-500", "1"]);
+    let dead = FakeProvider::start(&["--rate-503", "1"]);
     let healthy = FakeProvider::start(&[]);
     let config = format!(
         "{}{}
