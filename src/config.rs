@@ -74,6 +74,9 @@ pub struct WorkerSettings {
     /// Publish cost and audit events as one array message per finalize group and routing
     /// key (`batched`) or one message per event (`single`).
     pub event_publishing: EventPublishing,
+    /// Where the worker serves `/healthz`, `/readyz` and `/metrics` (e.g. `127.0.0.1:9464`);
+    /// off when unset.
+    pub http_addr: Option<String>,
 }
 
 /// See [`WorkerSettings::event_publishing`].
@@ -403,6 +406,7 @@ impl Default for WorkerSettings {
             finalize_batch_size: 256,
             shutdown_grace_secs: 30,
             event_publishing: EventPublishing::Batched,
+            http_addr: None,
         }
     }
 }

@@ -29,6 +29,7 @@ pub mod budget;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod http;
 pub mod messages;
 pub mod providers;
 pub mod queue;

@@ -99,6 +99,15 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
     };
     let mut finalizing = Some(ctx.tasks.spawn(finalizer.run(inbox)));
     let sharing = ctx.shutdown.child_token();
+    if let Some(addr) = &ctx.settings.worker.http_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot serve health and metrics on {addr}"))?;
+        tracing::info!(addr = %addr, "Serving /healthz, /readyz and /metrics.");
+        ctx.tasks
+            .spawn(crate::http::serve(listener, ctx.clone(), sharing.clone()));
+    }
+    crate::http::metrics_handle();
     let (rests, announced) = mpsc::unbounded_channel();
     ctx.registry.announce_rests_to(&rests);
     ctx.tasks.spawn(crate::routing::sharing::share_key_rests(
@@ -300,6 +309,7 @@ async fn handle(ctx: &Context, streams: &Publisher, delivery: Delivery) -> Finis
         dispatch(&job.request, targets, None, ctx.limiter.as_ref()).await
     };
     if let Some(wait) = dispatched.park {
+        metrics::counter!("switchyard_jobs_parked_total").increment(1);
         tracing::info!(job_id = %job.id, wait = ?wait, "Every target is rate limited; parking the job.");
         return Finished::Park { tag, body, wait };
     }

@@ -337,7 +337,19 @@ async fn call_once(
     } else {
         None
     };
+    metrics::counter!(
+        "switchyard_provider_calls_total",
+        "provider" => entry.name.clone(),
+        "outcome" => result.as_ref().err().map_or("succeeded", |e| e.class.as_str()),
+    )
+    .increment(1);
     if let Some(transition) = circuit {
+        metrics::counter!(
+            "switchyard_circuit_transitions_total",
+            "target" => target.label().to_owned(),
+            "to" => transition.kind(),
+        )
+        .increment(1);
         tracing::warn!(target = %target.label(), transition = transition.kind(), "Circuit breaker changed state.");
     }
     let (outcome, response) = match result {
@@ -394,6 +406,7 @@ fn key_health(
         _ => return None,
     };
     entry.keys.set(&key.id, status);
+    metrics::counter!("switchyard_key_events_total", "provider" => entry.name.clone(), "event" => kind).increment(1);
     if let Some(rest) = rest {
         entry.keys.announce_rest(&entry.name, &key.id, rest);
     }

@@ -501,6 +501,15 @@ impl Finalizer {
                 .await
                 .map_err(FinalizeError::Ack)?;
         }
+        for job in &fresh {
+            metrics::counter!("switchyard_jobs_total", "status" => job.result.status.as_str())
+                .increment(1);
+            let failovers = job.audits.iter().filter(|a| a.kind == "failover").count();
+            if failovers > 0 {
+                metrics::counter!("switchyard_failovers_total").increment(failovers as u64);
+            }
+        }
+        metrics::counter!("switchyard_duplicates_total").increment(republish.len() as u64);
         self.stats.groups += 1;
         self.stats.jobs += fresh.len() as u64;
         self.stats.duplicates += republish.len() as u64;

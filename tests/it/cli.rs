@@ -218,3 +218,54 @@ fn an_unreachable_database_is_a_one_line_error_naming_the_address() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn a_worker_serves_health_readiness_and_metrics() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let app = crate::helpers::spawn_app().await;
+    app.publish_job(&crate::helpers::job(
+        "acme",
+        None,
+        "default",
+        "Counted. Then scraped.",
+    ))
+    .await;
+    let mut worker = switchyard(&app)
+        .args(["worker"])
+        .env("SWITCHYARD_WORKER__HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut metrics = String::new();
+    for _ in 0..200 {
+        if let Ok(response) = reqwest::get(format!("{base}/metrics")).await {
+            metrics = response.text().await.unwrap();
+            if metrics.contains("switchyard_jobs_total") {
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        metrics.contains(r#"switchyard_jobs_total{status="succeeded"} 1"#),
+        "{metrics}"
+    );
+    let health = reqwest::get(format!("{base}/healthz")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    assert_eq!(ready.text().await.unwrap(), "database: up\nbroker: up\n");
+    let pid = worker.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(worker.wait().unwrap().success());
+    app.cleanup().await;
+}

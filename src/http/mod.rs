@@ -1,0 +1,72 @@
+//! The worker's HTTP side: `/healthz` (the process runs), `/readyz` (Postgres and RabbitMQ
+//! answer), `/metrics` (Prometheus text).
+
+use std::sync::OnceLock;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::Context;
+
+static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide metrics recorder once and returns its handle (`None` if another
+/// recorder was installed first).
+pub fn metrics_handle() -> Option<&'static PrometheusHandle> {
+    PROMETHEUS
+        .get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
+        .as_ref()
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(ctx): State<Context>) -> (StatusCode, String) {
+    let database = sqlx::query("SELECT 1").execute(&ctx.pool).await.is_ok();
+    let broker = ctx.broker.status().connected();
+    let status = if database && broker {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        format!("database: {}\nbroker: {}\n", up(database), up(broker)),
+    )
+}
+
+fn up(ok: bool) -> &'static str {
+    if ok { "up" } else { "down" }
+}
+
+async fn metrics() -> (StatusCode, String) {
+    match metrics_handle() {
+        Some(handle) => (StatusCode::OK, handle.render()),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics recorder unavailable\n".to_owned(),
+        ),
+    }
+}
+
+/// Serves until `shutdown` on an already bound listener.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    ctx: Context,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    metrics_handle();
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(ctx);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
