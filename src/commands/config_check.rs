@@ -43,7 +43,24 @@ pub fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
             .iter()
             .map(|t| format!("{}/{}", t.provider, t.model))
             .collect();
-        writeln!(out, "route {} -> {}", route.alias, targets.join(" -> "))?;
+        let fallback: Vec<String> = route
+            .fallback
+            .iter()
+            .map(|t| format!("{}/{}", t.provider, t.model))
+            .collect();
+        let fallback = if fallback.is_empty() {
+            String::new()
+        } else {
+            format!("; fallback {}", fallback.join(" -> "))
+        };
+        writeln!(
+            out,
+            "route {} ({:?}, failover depth {}) -> {}{fallback}",
+            route.alias,
+            route.policy,
+            route.max_failover_depth,
+            targets.join(" -> ")
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
