@@ -8,6 +8,7 @@
 //! Anthropic equivalent (`n`, `seed`, penalties, `logprobs`, …) are dropped. Responses come
 //! back as the normalised OpenAI `chat.completion` object built by [`chat_completion`].
 
+use super::{Answer, send};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -1134,45 +1135,10 @@ impl AnthropicProvider {
             .header("x-api-key", key_header)
             .header("anthropic-version", ANTHROPIC_VERSION)
             .json(&body);
-        if call.streaming() {
-            let response = tokio::time::timeout(call.timeout, builder.send())
-                .await
-                .map_err(|_| {
-                    ProviderError::new(
-                        PROVIDER_TYPE,
-                        ErrorClass::Timeout,
-                        "no response headers in time",
-                    )
-                })?
-                .map_err(|e| ProviderError::transport(PROVIDER_TYPE, &e))?;
-            let status = response.status().as_u16();
-            if !(200..300).contains(&status) {
-                let headers = response.headers().clone();
-                // The body only refines the class; a slow or broken one must not hang us.
-                let text = tokio::time::timeout(call.timeout, response.text())
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .unwrap_or_default();
-                return Err(handle_anthropic_error(status, &headers, &text));
-            }
-            return read_anthropic_stream(response, model, call).await;
+        match send(builder, call, PROVIDER_TYPE, handle_anthropic_error).await? {
+            Answer::Stream(response) => read_anthropic_stream(response, model, call).await,
+            Answer::Body(text) => parse_anthropic_response(&text, model),
         }
-        let response = builder
-            .timeout(call.timeout)
-            .send()
-            .await
-            .map_err(|e| ProviderError::transport(PROVIDER_TYPE, &e))?;
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let text = response
-            .text()
-            .await
-            .map_err(|e| ProviderError::transport(PROVIDER_TYPE, &e))?;
-        if !(200..300).contains(&status) {
-            return Err(handle_anthropic_error(status, &headers, &text));
-        }
-        parse_anthropic_response(&text, model)
     }
 }
 

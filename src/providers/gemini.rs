@@ -3,6 +3,7 @@
 //! responses and SSE streams folded back into a normalised `chat.completion`, and Google RPC
 //! error bodies classified per §6.
 
+use super::{Answer, send};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -783,46 +784,10 @@ impl GeminiProvider {
             .post(url)
             .header("x-goog-api-key", key_header)
             .json(&body);
-        if call.streaming() {
-            let response = tokio::time::timeout(call.timeout, builder.send())
-                .await
-                .map_err(|_| {
-                    ProviderError::new(
-                        PROVIDER_TYPE,
-                        ErrorClass::Timeout,
-                        "no response headers in time",
-                    )
-                })?
-                .map_err(|e| ProviderError::transport(PROVIDER_TYPE, &e))?;
-            let status = response.status().as_u16();
-            if !(200..300).contains(&status) {
-                let headers = response.headers().clone();
-                // No client timeout covers a streamed call's body; a stalled error body must
-                // not hold the attempt, and classification works on any (even empty) body.
-                let text = tokio::time::timeout(call.idle_timeout, response.text())
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .unwrap_or_default();
-                return Err(handle_gemini_error(status, &headers, &text));
-            }
-            return read_gemini_stream(response, model, call).await;
+        match send(builder, call, PROVIDER_TYPE, handle_gemini_error).await? {
+            Answer::Stream(response) => read_gemini_stream(response, model, call).await,
+            Answer::Body(text) => parse_gemini_response(&text, model),
         }
-        let response = builder
-            .timeout(call.timeout)
-            .send()
-            .await
-            .map_err(|e| ProviderError::transport(PROVIDER_TYPE, &e))?;
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let text = response
-            .text()
-            .await
-            .map_err(|e| ProviderError::transport(PROVIDER_TYPE, &e))?;
-        if !(200..300).contains(&status) {
-            return Err(handle_gemini_error(status, &headers, &text));
-        }
-        parse_gemini_response(&text, model)
     }
 }
 

@@ -358,6 +358,62 @@ fn build_entry(settings: &ProviderSettings, http: &reqwest::Client) -> ProviderE
     }
 }
 
+/// What a provider sent back to a successful request: a stream to read, or a whole body.
+pub enum Answer {
+    Stream(reqwest::Response),
+    Body(String),
+}
+
+/// Sends `builder` under the call's timeouts: the whole call for a plain request, the
+/// response headers for a streamed one. A non-2xx status becomes `classify`'s error; the
+/// error body of a stream is read for at most the idle timeout (it only refines the class).
+pub async fn send(
+    builder: reqwest::RequestBuilder,
+    call: &Call<'_>,
+    provider_type: &'static str,
+    classify: impl Fn(u16, &HeaderMap, &str) -> ProviderError,
+) -> Result<Answer, ProviderError> {
+    if call.streaming() {
+        let response = tokio::time::timeout(call.timeout, builder.send())
+            .await
+            .map_err(|_| {
+                ProviderError::new(
+                    provider_type,
+                    ErrorClass::Timeout,
+                    "no response headers in time",
+                )
+            })?
+            .map_err(|e| ProviderError::transport(provider_type, &e))?;
+        let status = response.status().as_u16();
+        if (200..300).contains(&status) {
+            return Ok(Answer::Stream(response));
+        }
+        let headers = response.headers().clone();
+        let text = tokio::time::timeout(call.idle_timeout, response.text())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        return Err(classify(status, &headers, &text));
+    }
+    let response = builder
+        .timeout(call.timeout)
+        .send()
+        .await
+        .map_err(|e| ProviderError::transport(provider_type, &e))?;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let text = response
+        .text()
+        .await
+        .map_err(|e| ProviderError::transport(provider_type, &e))?;
+    if (200..300).contains(&status) {
+        Ok(Answer::Body(text))
+    } else {
+        Err(classify(status, &headers, &text))
+    }
+}
+
 /// Cuts `text` to at most `max` bytes on a char boundary, for error excerpts. NUL characters
 /// are dropped (Postgres text cannot hold them).
 pub fn excerpt(text: &str, max: usize) -> String {

@@ -1,6 +1,7 @@
 //! OpenAI chat completions, and every OpenAI-compatible service through `base_url` (Groq,
 //! Mistral, DeepSeek, Together, OpenRouter, vLLM, Ollama, …), non-streaming and streaming.
 
+use super::{Answer, send};
 use futures::StreamExt;
 use reqwest::header::HeaderMap;
 use secrecy::ExposeSecret;
@@ -235,40 +236,10 @@ impl OpenAiProvider {
             .post(format!("{}/chat/completions", self.base_url))
             .bearer_auth(key.secret.expose_secret())
             .json(&body);
-        if call.streaming() {
-            let response = tokio::time::timeout(call.timeout, builder.send())
-                .await
-                .map_err(|_| {
-                    ProviderError::new(
-                        PROVIDER_TYPE,
-                        ErrorClass::Timeout,
-                        "no response headers in time",
-                    )
-                })?
-                .map_err(|e| ProviderError::transport(PROVIDER_TYPE, &e))?;
-            let status = response.status().as_u16();
-            if !(200..300).contains(&status) {
-                let headers = response.headers().clone();
-                let text = response.text().await.unwrap_or_default();
-                return Err(handle_openai_error(status, &headers, &text));
-            }
-            return read_openai_stream(response, model, call).await;
+        match send(builder, call, PROVIDER_TYPE, handle_openai_error).await? {
+            Answer::Stream(response) => read_openai_stream(response, model, call).await,
+            Answer::Body(text) => parse_openai_response(&text, model),
         }
-        let response = builder
-            .timeout(call.timeout)
-            .send()
-            .await
-            .map_err(|e| ProviderError::transport(PROVIDER_TYPE, &e))?;
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let text = response
-            .text()
-            .await
-            .map_err(|e| ProviderError::transport(PROVIDER_TYPE, &e))?;
-        if !(200..300).contains(&status) {
-            return Err(handle_openai_error(status, &headers, &text));
-        }
-        parse_openai_response(&text, model)
     }
 }
 
