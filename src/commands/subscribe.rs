@@ -6,8 +6,6 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 
 use crate::cli::SubscribeArgs;
 use crate::config::Settings;
@@ -23,37 +21,11 @@ pub async fn run(settings: Settings, args: SubscribeArgs) -> anyhow::Result<Exit
         names.results_exchange()
     };
     let channel = broker.create_channel().await?;
-    let temporary = QueueDeclareOptions {
-        exclusive: true,
-        auto_delete: true,
-        ..QueueDeclareOptions::default()
-    };
-    let queue = channel
-        .queue_declare("".into(), temporary, FieldTable::default())
-        .await?;
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            exchange.as_str().into(),
-            args.pattern.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
+    let mut consumer = queue::listen(&channel, &exchange, &args.pattern)
         .await
         .with_context(|| {
             format!("cannot bind to exchange {exchange} (run `switchyard migrate`?)")
         })?;
-    let mut consumer = channel
-        .basic_consume(
-            queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
     eprintln!("subscribe: listening on {exchange} for {:?}", args.pattern);
     let mut seen = 0u64;
     let mut out = std::io::stdout();

@@ -11,8 +11,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use rust_decimal::Decimal;
 use serde::Serialize;
 use serde_json::json;
@@ -141,35 +139,9 @@ async fn summarize(
 ) -> anyhow::Result<ExitCode> {
     // Listen before publishing so no result can slip past.
     let channel = ctx.broker.create_channel().await?;
-    let temporary = QueueDeclareOptions {
-        exclusive: true,
-        auto_delete: true,
-        ..QueueDeclareOptions::default()
-    };
-    let queue = channel
-        .queue_declare("".into(), temporary, FieldTable::default())
-        .await?;
     let pattern = format!("{}.{batch}.*", args.tenant);
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            ctx.names.results_exchange().as_str().into(),
-            pattern.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let mut results = channel
-        .basic_consume(
-            queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let mut results =
+        crate::queue::listen(&channel, &ctx.names.results_exchange(), &pattern).await?;
 
     let (_, consumers) = topology::jobs_queue_depth(&channel, &ctx.names).await?;
     let local_worker = (consumers == 0).then(|| {

@@ -8,7 +8,7 @@
 //! Anthropic equivalent (`n`, `seed`, penalties, `logprobs`, …) are dropped. Responses come
 //! back as the normalised OpenAI `chat.completion` object built by [`chat_completion`].
 
-use super::{Answer, send};
+use super::{Answer, EXCERPT_BYTES, send};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -35,9 +35,6 @@ const ANTHROPIC_VERSION: &str = "2023-06-01";
 
 /// `max_tokens` is required by Anthropic; this is sent when the job sets no cap.
 const DEFAULT_MAX_TOKENS: u32 = 4096;
-
-/// Longest body excerpt kept in an error.
-const EXCERPT_BYTES: usize = 512;
 
 /// Appended to the system prompt for `response_format: {"type":"json_object"}`, which has no
 /// native Anthropic equivalent.
@@ -785,10 +782,7 @@ impl AnthropicResponse {
 }
 
 fn malformed(text: &str, reason: String) -> ProviderError {
-    ProviderError {
-        raw_response: Some(excerpt(text, EXCERPT_BYTES)),
-        ..ProviderError::new(PROVIDER_TYPE, ErrorClass::ServerError, reason)
-    }
+    ProviderError::malformed(PROVIDER_TYPE, text, reason)
 }
 
 /// An error object delivered with HTTP 200 (a stream's `event: error`, or a 200 body of type

@@ -3,7 +3,7 @@
 //! responses and SSE streams folded back into a normalised `chat.completion`, and Google RPC
 //! error bodies classified per §6.
 
-use super::{Answer, send};
+use super::{Answer, EXCERPT_BYTES, send};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -23,9 +23,6 @@ use crate::messages::{ChatMessage, ChatRequest, Usage};
 
 /// Wire-format name used in errors and attempts.
 pub const PROVIDER_TYPE: &str = "gemini";
-
-/// Longest body excerpt kept in an error.
-const EXCERPT_BYTES: usize = 512;
 
 /// `generationConfig.stopSequences` holds at most this many entries (GEM-PROTO).
 const MAX_STOP_SEQUENCES: usize = 5;
@@ -947,10 +944,7 @@ impl GeminiAssembly {
 }
 
 fn malformed(text: &str, reason: String) -> ProviderError {
-    ProviderError {
-        raw_response: Some(excerpt(text, EXCERPT_BYTES)),
-        ..ProviderError::new(PROVIDER_TYPE, ErrorClass::ServerError, reason)
-    }
+    ProviderError::malformed(PROVIDER_TYPE, text, reason)
 }
 
 /// Parses a 2xx body into a normalised completion; an unusable body is a server error.

@@ -25,6 +25,9 @@ pub use keys::{ApiKey, KeyChoice, KeyPool, KeyRest, KeyStatus};
 use crate::config::{MaxTokensField, ModelSettings, ProviderKind, ProviderSettings, Settings};
 use crate::messages::{ChatRequest, Usage};
 
+/// Longest excerpt of a provider's body kept in an error.
+pub const EXCERPT_BYTES: usize = 512;
+
 /// A successful provider call, normalised.
 #[derive(Debug, Clone)]
 pub struct Completion {
@@ -133,6 +136,14 @@ impl ProviderError {
 
     pub fn is_retryable(&self) -> bool {
         self.class.is_retryable()
+    }
+
+    /// A 2xx body that cannot be used: a retryable server error that keeps an excerpt of it.
+    pub fn malformed(provider_type: &'static str, body: &str, reason: String) -> Self {
+        Self {
+            raw_response: Some(excerpt(body, EXCERPT_BYTES)),
+            ..Self::new(provider_type, ErrorClass::ServerError, reason)
+        }
     }
 
     /// A connection failure or timeout before a status arrived.

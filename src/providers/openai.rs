@@ -1,7 +1,7 @@
 //! OpenAI chat completions, and every OpenAI-compatible service through `base_url` (Groq,
 //! Mistral, DeepSeek, Together, OpenRouter, vLLM, Ollama, …), non-streaming and streaming.
 
-use super::{Answer, send};
+use super::{Answer, EXCERPT_BYTES, send};
 use futures::StreamExt;
 use reqwest::header::HeaderMap;
 use secrecy::ExposeSecret;
@@ -18,9 +18,6 @@ use crate::messages::{ChatRequest, Usage};
 
 /// Wire-format name used in errors and attempts.
 pub const PROVIDER_TYPE: &str = "openai";
-
-/// Longest body excerpt kept in an error.
-const EXCERPT_BYTES: usize = 512;
 
 /// Request fields a strict service (Mistral) accepts; everything else is dropped for it.
 const STRICT_FIELDS: &[&str] = &[
@@ -255,10 +252,7 @@ fn strip_nulls(value: &mut Value) {
 }
 
 fn malformed(text: &str, reason: String) -> ProviderError {
-    ProviderError {
-        raw_response: Some(excerpt(text, EXCERPT_BYTES)),
-        ..ProviderError::new(PROVIDER_TYPE, ErrorClass::ServerError, reason)
-    }
+    ProviderError::malformed(PROVIDER_TYPE, text, reason)
 }
 
 /// Parses a 2xx body into a normalised completion; an unusable body is a server error.

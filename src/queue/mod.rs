@@ -30,6 +30,45 @@ pub enum BrokerError {
     Amqp(#[from] lapin::Error),
 }
 
+/// A temporary (exclusive, auto-delete) queue bound to `exchange` with `pattern`, consumed
+/// without acks: for listeners such as `subscribe` and `summarize`.
+pub async fn listen(
+    channel: &lapin::Channel,
+    exchange: &str,
+    pattern: &str,
+) -> Result<lapin::Consumer, lapin::Error> {
+    use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    let temporary = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..QueueDeclareOptions::default()
+    };
+    let queue = channel
+        .queue_declare("".into(), temporary, FieldTable::default())
+        .await?;
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            exchange.into(),
+            pattern.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}
+
 /// `host:port` of an AMQP URL, without credentials, for error messages.
 pub fn broker_address(url: &str) -> String {
     match url::Url::parse(url) {

@@ -7,11 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicGetOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::FieldTable;
+use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{BasicProperties, Consumer};
 use serde_json::Value;
 use sqlx::{Connection, PgConnection, PgPool};
@@ -240,43 +236,12 @@ impl TestApp {
     /// A temporary queue bound to the results (or events) exchange with `pattern`.
     pub async fn subscribe(&self, events: bool, pattern: &str) -> Consumer {
         let channel = self.ctx.broker.create_channel().await.unwrap();
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
         let exchange = if events {
             self.names.events_exchange()
         } else {
             self.names.results_exchange()
         };
-        channel
-            .queue_bind(
-                queue.name().clone(),
-                exchange.as_str().into(),
-                pattern.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        channel
-            .basic_consume(
-                queue.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+        switchyard::queue::listen(&channel, &exchange, pattern)
             .await
             .unwrap()
     }
