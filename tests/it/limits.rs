@@ -203,3 +203,52 @@ targets = [{{ provider = "trickle", model = "m" }}]
     );
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn token_limits_count_estimates_and_are_corrected_to_actual_usage() {
+    use switchyard::config::Limits;
+    use switchyard::routing::limits::{Acquired, Limiter, Scope};
+    let app = spawn_app_with("").await;
+    let scope = Scope::provider(
+        "tpm-test",
+        Limits {
+            tpm: Some(100),
+            ..Limits::default()
+        },
+    );
+    let limiter = Limiter::new(
+        app.pool().clone(),
+        std::slice::from_ref(&scope),
+        Duration::ZERO,
+    )
+    .await
+    .unwrap();
+    let timeout = Duration::from_secs(5);
+    let Acquired::Granted(first) = limiter
+        .acquire(&[&scope], 60, Duration::ZERO, timeout)
+        .await
+        .unwrap()
+    else {
+        panic!("an empty window grants the first call");
+    };
+    assert!(
+        matches!(
+            limiter
+                .acquire(&[&scope], 60, Duration::ZERO, timeout)
+                .await
+                .unwrap(),
+            Acquired::TooLong(_)
+        ),
+        "60 + 60 estimated tokens exceed 100 per window"
+    );
+    // The first call really used 10 tokens: the correction frees room for another 60.
+    limiter.release(first, Some(10)).await;
+    assert!(matches!(
+        limiter
+            .acquire(&[&scope], 60, Duration::ZERO, timeout)
+            .await
+            .unwrap(),
+        Acquired::Granted(_)
+    ));
+    app.cleanup().await;
+}
