@@ -8,11 +8,13 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::budget::Budgets;
 use crate::config::Settings;
 use crate::providers::Registry;
 use crate::queue::topology::{self, Names};
 use crate::routing::Router;
 use crate::routing::limits::{self, Limiter};
+use crate::stages::dispatch::Shared;
 use crate::{queue, store};
 
 /// Handles every command and task shares.
@@ -26,6 +28,8 @@ pub struct Context {
     pub router: Router,
     /// Limits shared across workers through Postgres; `None` when no provider has limits.
     pub limiter: Option<Limiter>,
+    /// Budgets enforced through Postgres; `None` when none are configured.
+    pub budgets: Option<Budgets>,
     /// Cancelled on SIGTERM/SIGINT (or by a command that is done).
     pub shutdown: CancellationToken,
     /// Every spawned task, so shutdown can wait for them.
@@ -53,6 +57,7 @@ impl Context {
             .context("cannot build the HTTP client")?;
         let registry = Registry::from_settings(&settings, &http);
         let router = Router::from_settings(&settings, &registry);
+        let budgets = Budgets::from_settings(&settings, &pool);
         let scopes = limits::scopes(&settings);
         let limiter = if scopes.is_empty() {
             None
@@ -72,9 +77,18 @@ impl Context {
             registry,
             router,
             limiter,
+            budgets,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         })
+    }
+
+    /// The cross-worker state a dispatch consults.
+    pub fn shared(&self) -> Shared<'_> {
+        Shared {
+            limiter: self.limiter.as_ref(),
+            budgets: self.budgets.as_ref(),
+        }
     }
 
     /// Cancels `shutdown` on the first SIGTERM or SIGINT.

@@ -28,6 +28,63 @@ pub struct Settings {
     pub routes: Vec<RouteSettings>,
     pub tenants: Vec<TenantSettings>,
     pub routing: RoutingSettings,
+    pub budgets: Vec<BudgetSettings>,
+}
+
+/// A spending cap on one scope: exactly one of `tenant`, `provider`, `key`
+/// (`provider/key id`), `route` or `batch`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetSettings {
+    pub name: String,
+    #[serde(default)]
+    pub tenant: Option<String>,
+    #[serde(default)]
+    pub provider: Option<String>,
+    #[serde(default)]
+    pub key: Option<String>,
+    #[serde(default)]
+    pub route: Option<String>,
+    #[serde(default)]
+    pub batch: Option<String>,
+    /// USD, exact decimal (write it as a string).
+    #[serde(with = "rust_decimal::serde::str")]
+    pub cap_usd: Decimal,
+    /// `hard` budgets are enforced; `soft` ones only alert.
+    #[serde(default)]
+    pub mode: BudgetMode,
+    /// Spending starts fresh each period (history is kept).
+    #[serde(default)]
+    pub period: BudgetPeriod,
+    /// Percentages of the cap that emit an audit event and a metric, once per period.
+    #[serde(default = "default_alerts")]
+    pub alerts: Vec<u32>,
+}
+
+fn default_alerts() -> Vec<u32> {
+    vec![50, 80, 100]
+}
+
+/// See [`BudgetSettings::mode`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetMode {
+    #[default]
+    Hard,
+    Soft,
+}
+
+/// See [`BudgetSettings::period`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetPeriod {
+    /// Calendar month, UTC.
+    #[default]
+    Month,
+    /// Calendar day, UTC.
+    Day,
+    /// Never resets.
+    Total,
 }
 
 /// RabbitMQ connection and naming.
@@ -324,6 +381,11 @@ pub struct RoutingSettings {
     /// Longest wait for a limited target's capacity before moving on; a job whose every
     /// target is limited for longer is parked in a delayed retry queue.
     pub max_limit_wait_secs: u64,
+    /// A budget reservation outlives its attempt's timeout by this long; then it expires and
+    /// is released (its worker died).
+    pub reservation_grace_secs: u64,
+    /// Output tokens reserved for a job that sets no `max_tokens`.
+    pub default_output_reservation: u32,
 }
 
 impl Default for RoutingSettings {
@@ -335,6 +397,8 @@ impl Default for RoutingSettings {
             breaker_open_secs: 5,
             exploration_rate: 0.05,
             max_limit_wait_secs: 10,
+            reservation_grace_secs: 60,
+            default_output_reservation: 4096,
         }
     }
 }
@@ -373,6 +437,7 @@ impl Default for Settings {
             }],
             tenants: Vec::new(),
             routing: RoutingSettings::default(),
+            budgets: Vec::new(),
         }
     }
 }
@@ -575,6 +640,31 @@ impl Settings {
                         route.alias, target.model, target.provider
                     ));
                 }
+            }
+        }
+        let mut budget_names = HashSet::new();
+        for budget in &self.budgets {
+            if !budget_names.insert(budget.name.as_str()) {
+                return invalid(format!("budget {:?} is defined twice", budget.name));
+            }
+            let scopes = [
+                &budget.tenant,
+                &budget.provider,
+                &budget.key,
+                &budget.route,
+                &budget.batch,
+            ]
+            .iter()
+            .filter(|s| s.is_some())
+            .count();
+            if scopes != 1 {
+                return invalid(format!(
+                    "budget {:?} needs exactly one of tenant, provider, key, route, batch",
+                    budget.name
+                ));
+            }
+            if budget.cap_usd < Decimal::ZERO {
+                return invalid(format!("budget {:?} has a negative cap", budget.name));
             }
         }
         Ok(())

@@ -96,6 +96,7 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
         event_publishing: ctx.settings.worker.event_publishing,
         acks: AckTracker::default(),
         stats: FinalizeStats::default(),
+        budgets: ctx.budgets.clone(),
     };
     let mut finalizing = Some(ctx.tasks.spawn(finalizer.run(inbox)));
     let sharing = ctx.shutdown.child_token();
@@ -118,6 +119,8 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
     ));
     ctx.tasks.spawn(crate::routing::sharing::share_health(
         ctx.router.clone(),
+        ctx.limiter.clone(),
+        ctx.budgets.clone(),
         ctx.pool.clone(),
         sharing.clone(),
     ));
@@ -276,6 +279,7 @@ async fn handle(ctx: &Context, streams: &Publisher, delivery: Delivery) -> Finis
             let dispatched = Dispatched {
                 attempts: Vec::new(),
                 skipped: Vec::new(),
+                reroutes: Vec::new(),
                 park: None,
                 outcome: Err(error),
             };
@@ -293,8 +297,7 @@ async fn handle(ctx: &Context, streams: &Publisher, delivery: Delivery) -> Finis
         let relay = relay_stream(ctx, streams, &job, items);
         let (dispatched, relayed) = tokio::join!(
             async {
-                let dispatched =
-                    dispatch(&job.request, targets, Some(&sink), ctx.limiter.as_ref()).await;
+                let dispatched = dispatch(&job, targets, Some(&sink), ctx.shared()).await;
                 drop(sink);
                 dispatched
             },
@@ -306,7 +309,7 @@ async fn handle(ctx: &Context, streams: &Publisher, delivery: Delivery) -> Finis
         }
         dispatched
     } else {
-        dispatch(&job.request, targets, None, ctx.limiter.as_ref()).await
+        dispatch(&job, targets, None, ctx.shared()).await
     };
     if let Some(wait) = dispatched.park {
         metrics::counter!("switchyard_jobs_parked_total").increment(1);

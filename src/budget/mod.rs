@@ -1,4 +1,285 @@
-//! Money: prices and the exact-decimal cost of an attempt. (Budgets and reservations build on
-//! this.)
+//! Money: prices, the exact-decimal cost of an attempt, and budgets that are never overshot.
+//!
+//! Before each provider call the dispatch stage reserves the call's maximum cost (every byte
+//! of the prompt as a token — no tokenizer counts more — plus the output cap, at the target's
+//! prices) on every hard budget that applies, atomically in Postgres. The finalize transaction
+//! settles each reservation to the actual cost. Reservations of a worker that died expire and
+//! are released. A hard budget's `spent + reserved` can therefore never pass its cap.
 
 pub mod pricing;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Datelike, TimeZone, Utc};
+use rust_decimal::Decimal;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::config::{BudgetMode, BudgetPeriod, BudgetSettings, Prices, Settings};
+use crate::messages::{CostEvent, Job, JobError, Usage};
+use crate::store::budgets::{self, Ask, Refusal, Settlement};
+
+/// A reservation held for one attempt, to settle in the finalize transaction.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub reservation: Uuid,
+    pub budget: String,
+    pub period_start: DateTime<Utc>,
+}
+
+/// The outcome of [`Budgets::reserve`].
+#[derive(Debug)]
+pub enum Reserved {
+    Held(Vec<Held>),
+    /// A provider or key budget cannot cover the call: skip this target, try the next.
+    Reroute(Refusal),
+    /// A tenant, route or batch budget cannot cover it: the job fails.
+    Refused(Refusal),
+    /// Spent alone leaves room, but calls in flight hold it: wait for them to settle.
+    Busy(Refusal),
+}
+
+/// Budgets of the config, with the pool that enforces them.
+#[derive(Debug, Clone)]
+pub struct Budgets {
+    pool: PgPool,
+    budgets: Arc<Vec<BudgetSettings>>,
+    grace: Duration,
+    default_output: u32,
+    /// Longest wait for in-flight reservations to settle before the job is parked.
+    max_wait: Duration,
+}
+
+/// Output tokens assumed for a job without `max_tokens` when no config says otherwise.
+pub const DEFAULT_OUTPUT_RESERVATION: u32 = 4096;
+
+/// The most a call of `job` can cost at `prices`: every prompt byte as a token (no tokenizer
+/// yields more tokens than bytes) plus the output cap, or `default_output` without one.
+pub fn max_cost(job: &Job, prices: &Prices, default_output: u32) -> Decimal {
+    let messages = job.request.messages.len() as u64;
+    let prompt: u64 =
+        job.request.all_text().map(|t| t.len() as u64).sum::<u64>() + 4 * messages + 3;
+    let output = u64::from(job.request.output_cap().unwrap_or(default_output));
+    pricing::cost(
+        &Usage {
+            input_tokens: prompt,
+            output_tokens: output,
+            ..Usage::default()
+        },
+        prices,
+    )
+}
+
+/// The start of the period containing `now`.
+pub fn period_start(period: BudgetPeriod, now: DateTime<Utc>) -> DateTime<Utc> {
+    let start = match period {
+        BudgetPeriod::Month => Utc.with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0),
+        BudgetPeriod::Day => Utc.with_ymd_and_hms(now.year(), now.month(), now.day(), 0, 0, 0),
+        BudgetPeriod::Total => Utc.with_ymd_and_hms(2000, 1, 1, 0, 0, 0),
+    };
+    start.single().unwrap_or(now)
+}
+
+/// The `budget_exceeded` error for a refusal, naming the budget and its figures.
+pub fn exceeded(refusal: &Refusal, needed: Decimal) -> JobError {
+    JobError::new(
+        "budget_exceeded",
+        format!(
+            "budget {:?} cannot cover ${needed}: cap ${}, spent ${}, reserved ${}, period from {}",
+            refusal.budget,
+            refusal.cap.normalize(),
+            refusal.spent.normalize(),
+            refusal.reserved.normalize(),
+            refusal.period_start.format("%Y-%m-%d")
+        ),
+    )
+}
+
+impl Budgets {
+    /// `None` when the config has no budgets.
+    pub fn from_settings(settings: &Settings, pool: &PgPool) -> Option<Self> {
+        (!settings.budgets.is_empty()).then(|| Self {
+            pool: pool.clone(),
+            budgets: Arc::new(settings.budgets.clone()),
+            grace: Duration::from_secs(settings.routing.reservation_grace_secs),
+            default_output: settings.routing.default_output_reservation,
+            max_wait: Duration::from_secs(settings.routing.max_limit_wait_secs),
+        })
+    }
+
+    /// The configured budget called `name`.
+    pub fn get(&self, name: &str) -> Option<&BudgetSettings> {
+        self.budgets.iter().find(|b| b.name == name)
+    }
+
+    /// The most a call of `job` can cost at `prices` (see [`max_cost`]).
+    pub fn max_cost(&self, job: &Job, prices: &Prices) -> Decimal {
+        max_cost(job, prices, self.default_output)
+    }
+
+    fn applies(budget: &BudgetSettings, job: &Job, provider: &str, key_id: Option<&str>) -> bool {
+        let key = key_id.map(|k| format!("{provider}/{k}"));
+        budget.tenant.as_deref() == Some(job.tenant.as_str())
+            || budget.provider.as_deref() == Some(provider)
+            || (budget.key.is_some() && budget.key == key)
+            || budget.route.as_deref() == Some(job.route.as_str())
+            || (budget.batch.is_some() && budget.batch == job.batch)
+    }
+
+    /// Reserves `amount` on every hard budget that applies to a call of `job` on `provider`
+    /// with `key_id` (soft budgets only alert). Held until `call_timeout` plus the grace.
+    pub async fn reserve(
+        &self,
+        job: &Job,
+        provider: &str,
+        key_id: Option<&str>,
+        amount: Decimal,
+        call_timeout: Duration,
+    ) -> Result<Reserved, sqlx::Error> {
+        let now = Utc::now();
+        let mut applicable: Vec<&BudgetSettings> = self
+            .budgets
+            .iter()
+            .filter(|b| b.mode == BudgetMode::Hard && Self::applies(b, job, provider, key_id))
+            .collect();
+        if applicable.is_empty() {
+            return Ok(Reserved::Held(Vec::new()));
+        }
+        applicable.sort_by(|a, b| a.name.cmp(&b.name));
+        let asks: Vec<Ask<'_>> = applicable
+            .iter()
+            .map(|b| Ask {
+                budget: &b.name,
+                period_start: period_start(b.period, now),
+                cap: b.cap_usd,
+                hard: true,
+            })
+            .collect();
+        let ids: Vec<Uuid> = asks.iter().map(|_| Uuid::now_v7()).collect();
+        let expires =
+            now + chrono::Duration::from_std(call_timeout + self.grace).unwrap_or_default();
+        match budgets::reserve(&self.pool, &asks, amount, &ids, expires).await? {
+            Ok(()) => Ok(Reserved::Held(
+                asks.iter()
+                    .zip(ids)
+                    .map(|(ask, id)| Held {
+                        reservation: id,
+                        budget: ask.budget.to_owned(),
+                        period_start: ask.period_start,
+                    })
+                    .collect(),
+            )),
+            Err(refusal) => {
+                let by_target = self
+                    .get(&refusal.budget)
+                    .is_some_and(|b| b.provider.is_some() || b.key.is_some());
+                Ok(if by_target {
+                    // Another target can serve the job now.
+                    Reserved::Reroute(refusal)
+                } else if refusal.spent + amount <= refusal.cap {
+                    Reserved::Busy(refusal)
+                } else {
+                    Reserved::Refused(refusal)
+                })
+            }
+        }
+    }
+
+    /// The settlements of one billed call: each reservation it held (hard budgets) and every
+    /// soft budget that applies, at the call's actual cost.
+    pub fn settlements(&self, holds: &[Held], cost: Option<&CostEvent>) -> Vec<Settlement> {
+        let actual = cost.map_or(Decimal::ZERO, |c| c.amount_usd);
+        let mut settlements: Vec<Settlement> = holds
+            .iter()
+            .map(|hold| Settlement {
+                reservation: Some(hold.reservation),
+                budget: hold.budget.clone(),
+                period_start: hold.period_start,
+                cap: self.get(&hold.budget).map_or(Decimal::ZERO, |b| b.cap_usd),
+                actual,
+            })
+            .collect();
+        if let Some(cost) = cost {
+            let now = Utc::now();
+            settlements.extend(
+                self.budgets
+                    .iter()
+                    .filter(|b| b.mode == BudgetMode::Soft)
+                    .filter(|b| {
+                        let key = cost
+                            .key_id
+                            .as_ref()
+                            .map(|k| format!("{}/{k}", cost.provider));
+                        b.tenant.as_deref() == Some(cost.tenant.as_str())
+                            || b.provider.as_deref() == Some(cost.provider.as_str())
+                            || (b.key.is_some() && b.key == key)
+                            || b.route.as_deref() == Some(cost.route.as_str())
+                            || (b.batch.is_some() && b.batch == cost.batch)
+                    })
+                    .map(|b| Settlement {
+                        reservation: None,
+                        budget: b.name.clone(),
+                        period_start: period_start(b.period, now),
+                        cap: b.cap_usd,
+                        actual,
+                    }),
+            );
+        }
+        settlements
+    }
+
+    /// Longest wait for in-flight reservations to settle.
+    pub fn max_wait(&self) -> Duration {
+        self.max_wait
+    }
+
+    /// Every configured budget.
+    pub fn all(&self) -> &[BudgetSettings] {
+        &self.budgets
+    }
+
+    /// Releases reservations whose worker died.
+    pub async fn release_expired(&self) -> Result<u64, sqlx::Error> {
+        budgets::release_expired(&self.pool, Utc::now()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periods_start_at_the_calendar_boundary_in_utc() {
+        let now = Utc.with_ymd_and_hms(2026, 11, 25, 17, 30, 5).unwrap();
+        assert_eq!(
+            period_start(BudgetPeriod::Month, now),
+            Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap()
+        );
+        assert_eq!(
+            period_start(BudgetPeriod::Day, now),
+            Utc.with_ymd_and_hms(2026, 11, 25, 0, 0, 0).unwrap()
+        );
+        assert_eq!(
+            period_start(BudgetPeriod::Total, now),
+            period_start(BudgetPeriod::Total, Utc::now())
+        );
+    }
+
+    #[test]
+    fn budget_exceeded_names_the_budget_and_its_figures() {
+        let refusal = Refusal {
+            budget: "acme".to_owned(),
+            cap: Decimal::new(100, 2),
+            spent: Decimal::new(99, 2),
+            reserved: Decimal::new(2, 2),
+            period_start: Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap(),
+        };
+        let error = exceeded(&refusal, Decimal::new(2, 2));
+        assert_eq!(error.code, "budget_exceeded");
+        assert_eq!(
+            error.message,
+            "budget \"acme\" cannot cover $0.02: cap $1, spent $0.99, reserved $0.02, period from 2026-11-01"
+        );
+    }
+}

@@ -17,6 +17,13 @@ pub struct Job {
     pub batch: Option<String>,
     pub route: String,
     pub request: ChatRequest,
+    /// A cap on what this job may cost, all attempts together (USD, exact decimal string).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "rust_decimal::serde::str_option"
+    )]
+    pub max_cost_usd: Option<rust_decimal::Decimal>,
     /// Data residency for this job: only providers in these regions may serve it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub regions: Option<Vec<String>>,
@@ -34,6 +41,7 @@ impl Job {
             batch: batch.map(str::to_owned),
             route: route.to_owned(),
             request,
+            max_cost_usd: None,
             regions: None,
             metadata: None,
         }

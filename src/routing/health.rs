@@ -232,6 +232,8 @@ mod tests {
                 breaker_open_secs: 60,
                 exploration_rate: 0.0,
                 max_limit_wait_secs: 10,
+                reservation_grace_secs: 60,
+                default_output_reservation: 4096,
             },
         )
     }

@@ -1,20 +1,24 @@
 //! How workers share what they learn: circuit openings through the `circuit_breakers` table
-//! (once a second), key rests through Postgres `NOTIFY`/`LISTEN` (within milliseconds), and
-//! pruning of the limiter's call log.
+//! (once a second), key rests through Postgres `NOTIFY`/`LISTEN` (within milliseconds),
+//! releasing expired budget reservations, and pruning of the limiter's call log.
 
 use std::time::{Duration, Instant};
 
 use super::Router;
 
-/// Shares circuit openings between workers through Postgres, once a second: publishes this
-/// worker's openings and adopts everyone else's. Stops on `shutdown`.
+/// Once a second: shares circuit openings between workers through Postgres (publishes this
+/// worker's, adopts everyone else's) and releases budget reservations of workers that died;
+/// every 30 s, prunes the limiter's call log. Stops on `shutdown`.
 pub async fn share_health(
     router: Router,
+    limiter: Option<super::limits::Limiter>,
+    budgets: Option<crate::budget::Budgets>,
     pool: sqlx::PgPool,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = 0u64;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -22,6 +26,18 @@ pub async fn share_health(
         }
         if let Err(error) = sync_once(&router, &pool).await {
             tracing::warn!(error.message = %error, "Could not share circuit-breaker state.");
+        }
+        if let Some(budgets) = &budgets
+            && let Err(error) = budgets.release_expired().await
+        {
+            tracing::warn!(error.message = %error, "Could not release expired budget reservations.");
+        }
+        ticks += 1;
+        if let Some(limiter) = &limiter
+            && ticks % 30 == 0
+            && let Err(error) = limiter.prune().await
+        {
+            tracing::warn!(error.message = %error, "Could not prune the limiter's call log.");
         }
     }
 }

@@ -13,11 +13,13 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use crate::budget::{Budgets, Held, Reserved, exceeded};
 use crate::config::Prices;
+use crate::messages::Job;
 use crate::messages::{ChatRequest, JobError, Usage};
 use crate::providers::{ApiKey, Call, ErrorClass, KeyChoice, KeyStatus, ProviderError};
 use crate::routing::health::{Admission, Transition};
-use crate::routing::limits::{Acquired, Limiter};
+use crate::routing::limits::{Acquired, Lease, Limiter};
 use crate::routing::{Plan, Target};
 
 /// Longest server-requested delay honoured by an in-place retry; a longer one moves on.
@@ -52,6 +54,8 @@ pub struct Attempt {
     pub key_event: Option<KeyEvent>,
     /// A circuit-breaker transition this attempt caused.
     pub circuit: Option<Transition>,
+    /// Budget reservations held for this call, settled to its actual cost at finalize.
+    pub holds: Vec<Held>,
 }
 
 impl Attempt {
@@ -73,6 +77,8 @@ pub struct Dispatched {
     /// Every target was rate limited for at least this long and nothing was called: the job
     /// should be retried later rather than failed.
     pub park: Option<Duration>,
+    /// Targets passed over because their provider or key budget could not cover the call.
+    pub reroutes: Vec<(String, JobError)>,
     pub outcome: Result<Value, JobError>,
 }
 
@@ -80,6 +86,20 @@ impl Dispatched {
     /// The attempt that produced the response.
     pub fn winner(&self) -> Option<&Attempt> {
         self.attempts.last().filter(|a| a.outcome.is_ok())
+    }
+}
+
+/// Cross-worker state a dispatch consults; both parts are `None` when not configured.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Shared<'a> {
+    pub limiter: Option<&'a Limiter>,
+    pub budgets: Option<&'a Budgets>,
+}
+
+/// Gives back a limiter lease that was not used for a call.
+async fn release(limiter: Option<&Limiter>, lease: Option<Lease>) {
+    if let (Some(limiter), Some(lease)) = (limiter, lease) {
+        limiter.release(lease, Some(0)).await;
     }
 }
 
@@ -114,12 +134,18 @@ impl StreamSink {
 /// immediate; retries with backoff happen only on the last target, where there is nowhere
 /// else to go.
 pub async fn dispatch(
-    request: &ChatRequest,
+    job: &Job,
     plan: &Plan,
     stream: Option<&StreamSink>,
-    limiter: Option<&Limiter>,
+    shared: Shared<'_>,
 ) -> Dispatched {
+    let request = &job.request;
+    let limiter = shared.limiter;
     let mut attempts: Vec<Attempt> = Vec::with_capacity(1);
+    // Targets passed over because a provider or key budget could not cover the call.
+    let mut reroutes: Vec<(String, JobError)> = Vec::new();
+    // Set when a tenant, route, batch or job budget refuses the call: the job stops.
+    let mut refused: Option<JobError> = None;
     let mut skipped = plan.skipped.clone();
     // The longest wait of a target passed over because it was rate limited.
     let mut limited: Option<Duration> = None;
@@ -215,9 +241,83 @@ pub async fn dispatch(
                     }
                 }
             };
+            let mut holds = Vec::new();
+            if shared.budgets.is_some() || job.max_cost_usd.is_some() {
+                let needed = shared
+                    .budgets
+                    .map(|b| b.max_cost(job, &target.prices))
+                    .unwrap_or_else(|| {
+                        crate::budget::max_cost(
+                            job,
+                            &target.prices,
+                            crate::budget::DEFAULT_OUTPUT_RESERVATION,
+                        )
+                    });
+                if let Some(cap) = job.max_cost_usd {
+                    let so_far: rust_decimal::Decimal = attempts
+                        .iter()
+                        .filter_map(|a| {
+                            a.billed_usage()
+                                .map(|u| crate::budget::pricing::cost(&u, &a.prices))
+                        })
+                        .sum();
+                    if so_far + needed > cap {
+                        release(limiter, lease).await;
+                        refused = Some(JobError::new(
+                            "budget_exceeded",
+                            format!(
+                                "the job's own cap ${cap} cannot cover ${needed} more (spent ${so_far} on earlier attempts)"
+                            ),
+                        ));
+                        break 'targets;
+                    }
+                }
+                if let Some(budgets) = shared.budgets {
+                    let key_id = key.as_ref().map(|k| k.id.as_str());
+                    let deadline = tokio::time::Instant::now() + budgets.max_wait();
+                    let mut reserved = budgets
+                        .reserve(job, &entry.name, key_id, needed, target.timeout)
+                        .await;
+                    // Room held by calls in flight frees up when they settle: wait, don't fail.
+                    while matches!(reserved, Ok(Reserved::Busy(_)))
+                        && tokio::time::Instant::now() < deadline
+                    {
+                        tokio::time::sleep(Duration::from_millis(20 + fastrand::u64(0..30))).await;
+                        reserved = budgets
+                            .reserve(job, &entry.name, key_id, needed, target.timeout)
+                            .await;
+                    }
+                    match reserved {
+                        Ok(Reserved::Held(held)) => holds = held,
+                        Ok(Reserved::Busy(_)) => {
+                            release(limiter, lease).await;
+                            limited = limited.max(Some(budgets.max_wait()));
+                            continue 'targets;
+                        }
+                        Ok(Reserved::Reroute(refusal)) => {
+                            release(limiter, lease).await;
+                            reroutes.push((target.label().to_owned(), exceeded(&refusal, needed)));
+                            continue 'targets;
+                        }
+                        Ok(Reserved::Refused(refusal)) => {
+                            release(limiter, lease).await;
+                            refused = Some(exceeded(&refusal, needed));
+                            break 'targets;
+                        }
+                        Err(error) => {
+                            // Without a reservation the cap cannot be guaranteed: do not call.
+                            release(limiter, lease).await;
+                            tracing::warn!(error.message = %error, "Cannot reserve budget; treating the target as limited.");
+                            limited = limited.max(Some(Duration::from_secs(1)));
+                            continue 'targets;
+                        }
+                    }
+                }
+            }
             calls_left -= 1;
             let n = u32::try_from(attempts.len() + 1).unwrap_or(u32::MAX);
-            let attempt = call_once(request, target, key.as_ref(), n, stream, probe).await;
+            let mut attempt = call_once(request, target, key.as_ref(), n, stream, probe).await;
+            attempt.attempt.holds = holds;
             if let (Some(limiter), Some(lease)) = (limiter, lease) {
                 let actual = attempt
                     .billed_usage()
@@ -239,6 +339,7 @@ pub async fn dispatch(
                     return Dispatched {
                         attempts,
                         skipped,
+                        reroutes,
                         park: None,
                         outcome: Ok(response),
                     };
@@ -282,11 +383,26 @@ pub async fn dispatch(
     }
     // Nothing was tried because every target was limited for long: park the job rather than
     // fail it or hold a worker slot.
-    let park = limited.filter(|_| attempts.is_empty());
-    let error = job_error(&attempts, &skipped);
+    let park = limited.filter(|_| attempts.is_empty() && refused.is_none());
+    let error = match refused {
+        Some(error) => error,
+        None if attempts.is_empty() && !reroutes.is_empty() => JobError::new(
+            "budget_exceeded",
+            format!(
+                "no target's budget can cover the job: {}",
+                reroutes
+                    .iter()
+                    .map(|(t, e)| format!("{t}: {}", e.message))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        ),
+        None => job_error(&attempts, &skipped),
+    };
     Dispatched {
         attempts,
         skipped,
+        reroutes,
         park,
         outcome: Err(error),
     }
@@ -381,6 +497,7 @@ async fn call_once(
             outcome,
             key_event,
             circuit,
+            holds: Vec::new(),
         },
         response,
     }
@@ -438,6 +555,7 @@ fn no_key_attempt(target: &Target, previous: usize, reason: String) -> Attempt {
         )),
         key_event: None,
         circuit: None,
+        holds: Vec::new(),
     }
 }
 
@@ -505,7 +623,7 @@ fn job_error(attempts: &[Attempt], skipped: &[String]) -> JobError {
 mod tests {
     use super::*;
     use crate::config::Settings;
-    use crate::messages::{ChatMessage, Job};
+    use crate::messages::ChatMessage;
     use crate::providers::Registry;
     use crate::routing::{RouteError, Router};
     use wiremock::matchers::method;
@@ -563,11 +681,16 @@ targets = [{{ provider = "small", model = "s" }}, {{ provider = "large", model =
         }
     }
 
-    fn request() -> ChatRequest {
-        ChatRequest {
-            messages: vec![ChatMessage::text_message("user", "long document")],
-            ..ChatRequest::default()
-        }
+    fn request() -> Job {
+        Job::new(
+            "t",
+            None,
+            "r",
+            ChatRequest {
+                messages: vec![ChatMessage::text_message("user", "long document")],
+                ..ChatRequest::default()
+            },
+        )
     }
 
     #[tokio::test]
@@ -575,7 +698,13 @@ targets = [{{ provider = "small", model = "s" }}, {{ provider = "large", model =
         let small = server(400, TOO_LONG).await;
         let large = server(200, OK).await;
 
-        let stopped = dispatch(&request(), &plan(&small, &large, ""), None, None).await;
+        let stopped = dispatch(
+            &request(),
+            &plan(&small, &large, ""),
+            None,
+            Shared::default(),
+        )
+        .await;
         assert_eq!(stopped.attempts.len(), 1, "no failover by default");
         let error = stopped.outcome.unwrap_err();
         assert_eq!(error.code, "context_length");
@@ -589,7 +718,7 @@ targets = [{{ provider = "small", model = "s" }}, {{ provider = "large", model =
             &request(),
             &plan(&small, &large, "\"context_length\""),
             None,
-            None,
+            Shared::default(),
         )
         .await;
         assert_eq!(rescued.attempts.len(), 2);
@@ -604,7 +733,13 @@ targets = [{{ provider = "small", model = "s" }}, {{ provider = "large", model =
     async fn a_retryable_failure_moves_on_at_once_without_retrying_a_target_that_has_a_successor() {
         let broken = server(503, "").await;
         let healthy = server(200, OK).await;
-        let dispatched = dispatch(&request(), &plan(&broken, &healthy, ""), None, None).await;
+        let dispatched = dispatch(
+            &request(),
+            &plan(&broken, &healthy, ""),
+            None,
+            Shared::default(),
+        )
+        .await;
         assert_eq!(
             dispatched.attempts.len(),
             2,

@@ -69,6 +69,8 @@ pub struct FinishedJob {
     pub audits: Vec<AuditEvent>,
     /// The original message, for the dead-letter queue, when the job was rejected.
     pub dead_letter: Option<Vec<u8>>,
+    /// Budget reservations per attempt id, settled in the finalize transaction.
+    pub holds: Vec<(Uuid, Vec<crate::budget::Held>)>,
 }
 
 fn millis_between(from: DateTime<Utc>, to: DateTime<Utc>) -> u64 {
@@ -201,6 +203,20 @@ impl FinishedJob {
                 usage,
             });
         }
+        for (target, error) in &dispatched.reroutes {
+            audits.push(AuditEvent::new(
+                &job.tenant,
+                Some(job.id),
+                "budget_reroute",
+                finished_at,
+                json!({ "target": target, "route": job.route, "batch": job.batch, "reason": error.message }),
+            ));
+        }
+        let holds: Vec<(Uuid, Vec<crate::budget::Held>)> = dispatched
+            .attempts
+            .iter()
+            .map(|a| (a.id, a.holds.clone()))
+            .collect();
         if let Some(first) = dispatched.attempts.first() {
             for from in &dispatched.skipped {
                 audits.push(AuditEvent::new(
@@ -307,6 +323,7 @@ impl FinishedJob {
             costs,
             audits,
             dead_letter: None,
+            holds,
         }
     }
 
@@ -367,6 +384,7 @@ impl FinishedJob {
             costs: Vec::new(),
             audits: vec![audit],
             dead_letter: Some(original),
+            holds: Vec::new(),
         }
     }
 }
@@ -406,6 +424,8 @@ pub struct Finalizer {
     pub event_publishing: EventPublishing,
     pub acks: AckTracker,
     pub stats: FinalizeStats,
+    /// Budgets to settle and alert on; `None` when none are configured.
+    pub budgets: Option<crate::budget::Budgets>,
 }
 
 impl Finalizer {
@@ -453,7 +473,7 @@ impl Finalizer {
                 Finished::Requeue { .. } => {}
             }
         }
-        let lost_races = self.commit(&fresh).await?;
+        let (lost_races, alerts) = self.commit(&fresh).await?;
         let mut outgoing = Vec::with_capacity(fresh.len() * 2 + republish.len());
         for job in &fresh {
             // A job that lost a race with a concurrent duplicate publishes the winner's result.
@@ -473,7 +493,11 @@ impl Finalizer {
             .iter()
             .flat_map(|j| j.costs.iter().map(|(_, c)| c))
             .collect();
-        let audits: Vec<&AuditEvent> = fresh.iter().flat_map(|j| j.audits.iter()).collect();
+        let audits: Vec<&AuditEvent> = fresh
+            .iter()
+            .flat_map(|j| j.audits.iter())
+            .chain(&alerts)
+            .collect();
         self.event_messages(
             &costs,
             CostEvent::routing_key,
@@ -521,9 +545,9 @@ impl Finalizer {
     async fn commit(
         &self,
         fresh: &[FinishedJob],
-    ) -> Result<BTreeMap<Uuid, JobResult>, FinalizeError> {
+    ) -> Result<(BTreeMap<Uuid, JobResult>, Vec<AuditEvent>), FinalizeError> {
         if fresh.is_empty() {
-            return Ok(BTreeMap::new());
+            return Ok((BTreeMap::new(), Vec::new()));
         }
         let store_error = |source| FinalizeError::Store {
             jobs: fresh.len(),
@@ -568,8 +592,18 @@ impl Finalizer {
         let stored = results::find_latest_many(&mut tx, &lost)
             .await
             .map_err(store_error)?;
+        let alerts = match &self.budgets {
+            Some(budgets) => settle_budgets(&mut tx, budgets, fresh)
+                .await
+                .map_err(store_error)?,
+            None => Vec::new(),
+        };
+        let alert_refs: Vec<&AuditEvent> = alerts.iter().collect();
+        audit::insert_many(&mut tx, &alert_refs)
+            .await
+            .map_err(store_error)?;
         tx.commit().await.map_err(store_error)?;
-        Ok(stored.into_iter().map(|r| (r.job_id, r)).collect())
+        Ok((stored.into_iter().map(|r| (r.job_id, r)).collect(), alerts))
     }
 
     fn result_message(&self, result: &JobResult) -> Outgoing {
@@ -663,6 +697,62 @@ impl Finalizer {
             }
         }
     }
+}
+
+/// Settles the group's budget reservations (and soft budgets) to actual costs, then announces
+/// every alert threshold newly crossed, once per budget period.
+async fn settle_budgets(
+    conn: &mut sqlx::PgConnection,
+    budgets: &crate::budget::Budgets,
+    fresh: &[FinishedJob],
+) -> Result<Vec<AuditEvent>, sqlx::Error> {
+    let mut settlements = Vec::new();
+    for job in fresh {
+        for (attempt, holds) in &job.holds {
+            let cost = job
+                .costs
+                .iter()
+                .find(|(id, _)| id == attempt)
+                .map(|(_, c)| c);
+            settlements.extend(budgets.settlements(holds, cost));
+        }
+    }
+    crate::store::budgets::settle(conn, &settlements).await?;
+    let mut touched: Vec<(String, chrono::DateTime<Utc>)> = settlements
+        .iter()
+        .map(|s| (s.budget.clone(), s.period_start))
+        .collect();
+    touched.sort();
+    touched.dedup();
+    let mut alerts = Vec::new();
+    for (name, period_start) in touched {
+        let Some(budget) = budgets.get(&name) else {
+            continue;
+        };
+        let mut levels = budget.alerts.clone();
+        levels.sort_unstable();
+        for level in levels {
+            let level = i32::try_from(level).unwrap_or(i32::MAX);
+            if let Some((spent, cap)) =
+                crate::store::budgets::mark_alert(conn, &name, period_start, level).await?
+            {
+                metrics::counter!("switchyard_budget_alerts_total", "budget" => name.clone(), "level" => level.to_string())
+                    .increment(1);
+                alerts.push(AuditEvent::new(
+                    budget.tenant.as_deref().unwrap_or(NONE_SEGMENT),
+                    None,
+                    "budget_alert",
+                    Utc::now(),
+                    json!({
+                        "budget": name, "level_percent": level, "spent_usd": spent.normalize().to_string(),
+                        "cap_usd": cap.normalize().to_string(), "period_start": period_start,
+                        "mode": format!("{:?}", budget.mode).to_lowercase(),
+                    }),
+                ));
+            }
+        }
+    }
+    Ok(alerts)
 }
 
 /// The schema name an event type is published under.

@@ -10,6 +10,7 @@
 mod helpers;
 
 mod bad_input;
+mod budgets;
 mod cli;
 mod duplicates;
 mod kill;

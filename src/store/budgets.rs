@@ -1,0 +1,188 @@
+//! The `budget_periods` and `budget_reservations` tables: atomic reservation against hard caps,
+//! settlement in the finalize transaction, and release of expired reservations.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+/// One budget a call must reserve on.
+#[derive(Debug, Clone)]
+pub struct Ask<'a> {
+    pub budget: &'a str,
+    pub period_start: DateTime<Utc>,
+    pub cap: Decimal,
+    pub hard: bool,
+}
+
+/// A budget that could not cover a reservation, with its figures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub budget: String,
+    pub cap: Decimal,
+    pub spent: Decimal,
+    pub reserved: Decimal,
+    pub period_start: DateTime<Utc>,
+}
+
+/// Reserves `amount` on every budget of `asks` in one transaction (all or none). Budgets are
+/// locked in name order, so concurrent reservations cannot deadlock.
+pub async fn reserve(
+    pool: &PgPool,
+    asks: &[Ask<'_>],
+    amount: Decimal,
+    ids: &[Uuid],
+    expires_at: DateTime<Utc>,
+) -> Result<Result<(), Refusal>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    for (ask, id) in asks.iter().zip(ids) {
+        sqlx::query(
+            "INSERT INTO budget_periods (budget, period_start, cap) VALUES ($1, $2, $3)
+             ON CONFLICT (budget, period_start) DO NOTHING",
+        )
+        .bind(ask.budget)
+        .bind(ask.period_start)
+        .bind(ask.cap)
+        .execute(&mut *tx)
+        .await?;
+        let granted: Option<Decimal> = sqlx::query_scalar(
+            "UPDATE budget_periods SET reserved = reserved + $3
+             WHERE budget = $1 AND period_start = $2 AND (NOT $4 OR spent + reserved + $3 <= $5)
+             RETURNING reserved",
+        )
+        .bind(ask.budget)
+        .bind(ask.period_start)
+        .bind(amount)
+        .bind(ask.hard)
+        .bind(ask.cap)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if granted.is_none() {
+            let (spent, reserved): (Decimal, Decimal) =
+                sqlx::query_as("SELECT spent, reserved FROM budget_periods WHERE budget = $1 AND period_start = $2")
+                    .bind(ask.budget)
+                    .bind(ask.period_start)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            tx.rollback().await?;
+            return Ok(Err(Refusal {
+                budget: ask.budget.to_owned(),
+                cap: ask.cap,
+                spent,
+                reserved,
+                period_start: ask.period_start,
+            }));
+        }
+        sqlx::query(
+            "INSERT INTO budget_reservations (id, budget, period_start, amount, expires_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(id)
+        .bind(ask.budget)
+        .bind(ask.period_start)
+        .bind(amount)
+        .bind(expires_at)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(Ok(()))
+}
+
+/// What one call actually cost on one budget, and the reservation it releases (soft budgets
+/// hold none).
+#[derive(Debug, Clone)]
+pub struct Settlement {
+    pub reservation: Option<Uuid>,
+    pub budget: String,
+    pub period_start: DateTime<Utc>,
+    pub cap: Decimal,
+    pub actual: Decimal,
+}
+
+/// Inside the finalize transaction: adds each call's actual cost to its budgets' `spent` and
+/// releases the reservation — unless it already expired, in which case only `spent` grows.
+pub async fn settle(
+    conn: &mut PgConnection,
+    settlements: &[Settlement],
+) -> Result<(), sqlx::Error> {
+    if settlements.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO budget_periods (budget, period_start, cap)
+         SELECT DISTINCT * FROM UNNEST($1::text[], $2::timestamptz[], $3::numeric[])
+         ON CONFLICT (budget, period_start) DO NOTHING",
+    )
+    .bind(
+        settlements
+            .iter()
+            .map(|s| s.budget.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        settlements
+            .iter()
+            .map(|s| s.period_start)
+            .collect::<Vec<_>>(),
+    )
+    .bind(settlements.iter().map(|s| s.cap).collect::<Vec<_>>())
+    .execute(&mut *conn)
+    .await?;
+    let ids: Vec<Uuid> = settlements.iter().filter_map(|s| s.reservation).collect();
+    sqlx::query(
+        "WITH gone AS (DELETE FROM budget_reservations WHERE id = ANY($1) RETURNING budget, period_start, amount),
+              held AS (SELECT budget, period_start, sum(amount) AS amount FROM gone GROUP BY budget, period_start)
+         UPDATE budget_periods p SET reserved = p.reserved - held.amount
+         FROM held WHERE p.budget = held.budget AND p.period_start = held.period_start",
+    )
+    .bind(&ids)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "WITH spent AS (SELECT budget, period_start, sum(actual) AS actual
+                        FROM UNNEST($1::text[], $2::timestamptz[], $3::numeric[]) AS t(budget, period_start, actual)
+                        GROUP BY budget, period_start)
+         UPDATE budget_periods p SET spent = p.spent + spent.actual
+         FROM spent WHERE p.budget = spent.budget AND p.period_start = spent.period_start",
+    )
+    .bind(settlements.iter().map(|s| s.budget.clone()).collect::<Vec<_>>())
+    .bind(settlements.iter().map(|s| s.period_start).collect::<Vec<_>>())
+    .bind(settlements.iter().map(|s| s.actual).collect::<Vec<_>>())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Raises the announced alert level of a budget period; returns `(spent, cap)` when `level` is
+/// newly reached.
+pub async fn mark_alert(
+    conn: &mut PgConnection,
+    budget: &str,
+    period_start: DateTime<Utc>,
+    level: i32,
+) -> Result<Option<(Decimal, Decimal)>, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE budget_periods SET alerted = $3
+         WHERE budget = $1 AND period_start = $2 AND alerted < $3 AND spent * 100 >= cap * $3
+         RETURNING spent, cap",
+    )
+    .bind(budget)
+    .bind(period_start)
+    .bind(level)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Releases reservations that expired before `now` (their workers died).
+pub async fn release_expired(pool: &PgPool, now: DateTime<Utc>) -> Result<u64, sqlx::Error> {
+    let result = sqlx::query(
+        "WITH gone AS (DELETE FROM budget_reservations WHERE expires_at < $1 RETURNING budget, period_start, amount),
+              held AS (SELECT budget, period_start, sum(amount) AS amount FROM gone GROUP BY budget, period_start)
+         UPDATE budget_periods p SET reserved = p.reserved - held.amount
+         FROM held WHERE p.budget = held.budget AND p.period_start = held.period_start",
+    )
+    .bind(now)
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected())
+}

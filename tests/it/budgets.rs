@@ -1,0 +1,361 @@
+//! Budgets are never overshot, however many workers run at once: reservations before the call,
+//! settlement in the finalize transaction, reroute on a provider budget, expiry of a dead
+//! worker's reservations, soft alerts once per period, and a per-job cap.
+
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+use switchyard::messages::JobStatus;
+
+use crate::helpers::{FakeProvider, TestApp, job, spawn_app_with, switchyard};
+
+/// A provider at `url` whose calls cost about $0.01 each with the fake's usage.
+fn provider(name: &str, url: &str) -> String {
+    format!(
+        r#"
+[[providers]]
+name = "{name}"
+kind = "openai"
+base_url = "{url}/v1"
+timeout_secs = 5
+keys = [{{ id = "{name}-key", env = "CARGO_MANIFEST_DIR" }}]
+models = [{{ name = "m", prices = {{ input = "300", output = "1000" }} }}]
+"#
+    )
+}
+
+fn workers(app: &TestApp, count: usize, concurrency: u16) -> Vec<Child> {
+    (0..count)
+        .map(|_| {
+            switchyard(app)
+                .args([
+                    "worker",
+                    "--exit-when-idle",
+                    "--concurrency",
+                    &concurrency.to_string(),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
+async fn wait_all(children: Vec<Child>) {
+    for mut child in children {
+        let status = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success(), "worker exited with {status}");
+    }
+}
+
+async fn decimal(app: &TestApp, sql: &'static str) -> Decimal {
+    sqlx::query_scalar::<_, Option<Decimal>>(sql)
+        .fetch_one(app.pool())
+        .await
+        .unwrap()
+        .unwrap_or_default()
+}
+
+async fn count(app: &TestApp, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(app.pool()).await.unwrap()
+}
+
+#[tokio::test]
+async fn three_workers_at_concurrency_64_never_spend_past_a_tenants_hard_cap() {
+    let fake = FakeProvider::start(&["--latency-ms", "30"]);
+    let config = format!(
+        "{}
+[[routes]]
+alias = \"paid\"
+targets = [{{ provider = \"p\", model = \"m\" }}]
+
+[[budgets]]
+name = \"acme-monthly\"
+tenant = \"acme\"
+cap_usd = \"1.00\"
+",
+        provider("p", &fake.url)
+    );
+    let app = spawn_app_with(&config).await;
+    let jobs: Vec<_> = (0..500)
+        .map(|i| {
+            job(
+                "acme",
+                Some("spend"),
+                "paid",
+                &format!("Job {i}. Costs money."),
+            )
+        })
+        .collect();
+    app.publish_jobs(&jobs).await;
+    wait_all(workers(&app, 3, 64)).await;
+
+    let ledger = decimal(
+        &app,
+        "SELECT sum(amount_usd) FROM cost_ledger WHERE tenant = 'acme'",
+    )
+    .await;
+    assert!(ledger <= Decimal::ONE, "spent ${ledger} on a $1.00 cap");
+    assert!(
+        ledger >= Decimal::new(80, 2),
+        "the budget was used, not refused early: ${ledger}"
+    );
+    let succeeded = count(
+        &app,
+        "SELECT count(*) FROM results WHERE status = 'succeeded'",
+    )
+    .await;
+    let refused = count(
+        &app,
+        "SELECT count(*) FROM results WHERE status = 'failed' AND error_code = 'budget_exceeded'",
+    )
+    .await;
+    eprintln!("tenant cap $1.00: spent ${ledger}, {succeeded} jobs served, {refused} refused");
+    assert_eq!(
+        succeeded + refused,
+        500,
+        "every other job fails with budget_exceeded"
+    );
+    assert!(refused > 0);
+    assert_eq!(
+        fake.requests().await as i64,
+        succeeded,
+        "refused jobs never reached the provider"
+    );
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM (SELECT job_id FROM cost_ledger GROUP BY job_id HAVING count(*) > 1) d").await,
+        0,
+        "nothing is double-counted"
+    );
+    let (spent, reserved): (Decimal, Decimal) =
+        sqlx::query_as("SELECT spent, reserved FROM budget_periods WHERE budget = 'acme-monthly'")
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        spent, ledger,
+        "the budget's spent equals the ledger to the last decimal"
+    );
+    assert_eq!(reserved, Decimal::ZERO);
+    let message: String = sqlx::query_scalar(
+        "SELECT body->'error'->>'message' FROM results WHERE error_code = 'budget_exceeded' LIMIT 1",
+    )
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
+    assert!(
+        message.contains("budget \"acme-monthly\"")
+            && message.contains("cap $1")
+            && message.contains("period from"),
+        "{message}"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_provider_cap_reroutes_the_excess_to_the_next_provider() {
+    let capped = FakeProvider::start(&[]);
+    let other = FakeProvider::start(&[]);
+    let config = format!(
+        "{}{}
+[[routes]]
+alias = \"two\"
+targets = [{{ provider = \"capped\", model = \"m\" }}, {{ provider = \"other\", model = \"m\" }}]
+
+[[budgets]]
+name = \"capped-monthly\"
+provider = \"capped\"
+cap_usd = \"0.30\"
+",
+        provider("capped", &capped.url),
+        provider("other", &other.url)
+    );
+    let app = spawn_app_with(&config).await;
+    let jobs: Vec<_> = (0..100)
+        .map(|i| job("acme", None, "two", &format!("Job {i}. Goes somewhere.")))
+        .collect();
+    app.publish_jobs(&jobs).await;
+    wait_all(workers(&app, 2, 32)).await;
+
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM results WHERE status = 'succeeded'"
+        )
+        .await,
+        100
+    );
+    let on_capped = decimal(
+        &app,
+        "SELECT sum(amount_usd) FROM cost_ledger WHERE provider = 'capped'",
+    )
+    .await;
+    assert!(
+        on_capped <= Decimal::new(30, 2),
+        "spent ${on_capped} on a $0.30 provider cap"
+    );
+    let rerouted = count(
+        &app,
+        "SELECT count(*) FROM audit_events WHERE kind = 'budget_reroute'",
+    )
+    .await;
+    let on_other = count(
+        &app,
+        "SELECT count(*) FROM attempts WHERE provider = 'other' AND outcome = 'succeeded'",
+    )
+    .await;
+    assert!(rerouted > 0 && on_other > 0);
+    assert_eq!(
+        rerouted, on_other,
+        "one budget_reroute event per job served by the next provider"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn reservations_of_a_killed_worker_expire_and_the_budget_adds_up_afterwards() {
+    let fake = FakeProvider::start(&["--latency-ms", "1500"]);
+    let config = format!(
+        "{}
+[routing]
+reservation_grace_secs = 1
+
+[[routes]]
+alias = \"slow\"
+targets = [{{ provider = \"p\", model = \"m\" }}]
+
+[[budgets]]
+name = \"acme-total\"
+tenant = \"acme\"
+cap_usd = \"10\"
+period = \"total\"
+",
+        provider("p", &fake.url)
+    );
+    let app = spawn_app_with(&config).await;
+    let jobs: Vec<_> = (0..20)
+        .map(|i| job("acme", None, "slow", &format!("Job {i}. Interrupted.")))
+        .collect();
+    app.publish_jobs(&jobs).await;
+    let mut worker = workers(&app, 1, 16).remove(0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while count(&app, "SELECT count(*) FROM budget_reservations").await < 10 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker never reserved"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    worker.kill().unwrap();
+    worker.wait().unwrap();
+    let held = decimal(
+        &app,
+        "SELECT reserved FROM budget_periods WHERE budget = 'acme-total'",
+    )
+    .await;
+    assert!(
+        held > Decimal::ZERO,
+        "the dead worker left reservations behind"
+    );
+
+    // Past their expiry (timeout 5 s + grace 1 s), a running worker releases them.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    app.run_worker_until_idle().await;
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM budget_reservations").await,
+        0
+    );
+    let (spent, reserved): (Decimal, Decimal) =
+        sqlx::query_as("SELECT spent, reserved FROM budget_periods WHERE budget = 'acme-total'")
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+    let ledger = decimal(&app, "SELECT sum(amount_usd) FROM cost_ledger").await;
+    assert_eq!(reserved, Decimal::ZERO);
+    assert_eq!(
+        spent, ledger,
+        "spent + reserved is exactly the ledger afterwards"
+    );
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM results WHERE status = 'succeeded'"
+        )
+        .await,
+        20
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_soft_budget_alerts_once_per_threshold_and_a_job_cap_stops_its_job() {
+    let fake = FakeProvider::start(&[]);
+    let config = format!(
+        "{}
+[[routes]]
+alias = \"paid\"
+targets = [{{ provider = \"p\", model = \"m\" }}]
+
+[[budgets]]
+name = \"acme-soft\"
+tenant = \"acme\"
+cap_usd = \"0.05\"
+mode = \"soft\"
+",
+        provider("p", &fake.url)
+    );
+    let app = spawn_app_with(&config).await;
+    let jobs: Vec<_> = (0..20)
+        .map(|i| {
+            job(
+                "acme",
+                None,
+                "paid",
+                &format!("Job {i}. Over the soft cap."),
+            )
+        })
+        .collect();
+    app.publish_jobs(&jobs).await;
+    let mut capped = job("acme", None, "paid", "Too expensive for its own cap.");
+    capped.max_cost_usd = Some(Decimal::new(1, 6));
+    app.publish_job(&capped).await;
+    app.run_worker_until_idle().await;
+
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM results WHERE status = 'succeeded'"
+        )
+        .await,
+        20,
+        "soft budgets never block"
+    );
+    let levels: Vec<i64> = sqlx::query_scalar(
+        "SELECT (details->>'level_percent')::int8 FROM audit_events WHERE kind = 'budget_alert' ORDER BY 1",
+    )
+    .fetch_all(app.pool())
+    .await
+    .unwrap();
+    assert_eq!(levels, [50, 80, 100], "each threshold once per period");
+    let (status, code): (String, String) =
+        sqlx::query_as("SELECT status, error_code FROM results WHERE job_id = $1")
+            .bind(capped.id)
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        (status.as_str(), code.as_str()),
+        (JobStatus::Failed.as_str(), "budget_exceeded")
+    );
+    assert_eq!(
+        fake.requests().await,
+        20,
+        "the capped job never reached the provider"
+    );
+    app.cleanup().await;
+}
