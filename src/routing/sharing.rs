@@ -34,7 +34,7 @@ pub async fn share_health(
         }
         ticks += 1;
         if let Some(limiter) = &limiter
-            && ticks % 30 == 0
+            && ticks.is_multiple_of(30)
             && let Err(error) = limiter.prune().await
         {
             tracing::warn!(error.message = %error, "Could not prune the limiter's call log.");
