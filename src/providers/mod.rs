@@ -3,6 +3,8 @@
 //! is mapped to.
 
 pub mod anthropic;
+#[cfg(test)]
+mod cost_tests;
 pub mod extractive;
 pub mod gemini;
 pub mod images;
