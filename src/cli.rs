@@ -45,9 +45,44 @@ pub enum Command {
     Subscribe(SubscribeArgs),
     /// Summarize documents (.txt, .md, directories of them) as one batch.
     Summarize(SummarizeArgs),
+    /// Reports from the ledger.
+    #[command(subcommand)]
+    Report(ReportCommand),
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReportCommand {
+    /// Cost totals from the ledger (exact decimals).
+    Costs(ReportCostsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReportCostsArgs {
+    /// A calendar month, YYYY-MM (default: the current month).
+    #[arg(long)]
+    pub month: Option<String>,
+    /// Start (YYYY-MM-DD or RFC 3339), inclusive.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// End (YYYY-MM-DD or RFC 3339), exclusive.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Group by these, comma separated.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub by: Vec<crate::store::cost_ledger::Dimension>,
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: ReportFormat,
+}
+
+/// How a report is printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportFormat {
+    Table,
+    Csv,
+    Json,
 }
 
 #[derive(Debug, clap::Args)]

@@ -12,7 +12,10 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     // The summarizer draws a progress bar on stderr; keep routine logs out of its way.
     let level = match cli.command {
-        Command::Summarize(_) | Command::Publish(_) | Command::Subscribe(_) => "warn",
+        Command::Summarize(_)
+        | Command::Publish(_)
+        | Command::Subscribe(_)
+        | Command::Report(_) => "warn",
         _ => "info",
     };
     telemetry::init(cli.log_format, level);

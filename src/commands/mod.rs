@@ -4,13 +4,14 @@
 pub mod config_check;
 pub mod migrate;
 pub mod publish;
+pub mod report;
 pub mod subscribe;
 pub mod summarize;
 pub mod worker;
 
 use std::process::ExitCode;
 
-use crate::cli::{Command, ConfigCommand};
+use crate::cli::{Command, ConfigCommand, ReportCommand};
 use crate::config::Settings;
 
 /// Exit code for runtime failures (broker or database unreachable, …).
@@ -33,6 +34,7 @@ pub async fn run(command: Command, settings: Settings) -> ExitCode {
         Command::Publish(args) => publish::run(settings, args).await,
         Command::Subscribe(args) => subscribe::run(settings, args).await,
         Command::Summarize(args) => summarize::run(settings, args).await,
+        Command::Report(ReportCommand::Costs(args)) => report::run(settings, args).await,
         Command::Config(ConfigCommand::Check) => config_check::run(&settings),
     };
     match outcome {

@@ -43,7 +43,10 @@ async fn cost_of(make: impl FnOnce(String) -> Provider, body: &str) -> Decimal {
         max_tokens: Some(600),
         ..ChatRequest::default()
     };
-    let completion = make(server.uri()).complete(&request, "m", &call).await.unwrap();
+    let completion = make(server.uri())
+        .complete(&request, "m", &call)
+        .await
+        .unwrap();
     pricing::cost(&completion.usage, &prices())
 }
 
@@ -66,7 +69,10 @@ async fn openai_cost_counts_cached_and_cache_written_tokens_at_their_prices() {
             },
         ))
     };
-    assert_eq!(cost_of(make, body).await, Decimal::from_str("0.02745").unwrap());
+    assert_eq!(
+        cost_of(make, body).await,
+        Decimal::from_str("0.02745").unwrap()
+    );
 }
 
 #[tokio::test]
@@ -76,8 +82,16 @@ async fn anthropic_cost_adds_cache_reads_and_writes_to_the_uncached_input() {
     let body = r#"{"id":"msg_1","type":"message","role":"assistant","model":"m","content":[{"type":"text","text":"x"}],
         "stop_reason":"end_turn","stop_sequence":null,
         "usage":{"input_tokens":5000,"cache_read_input_tokens":4000,"cache_creation_input_tokens":1000,"output_tokens":500}}"#;
-    let make = |base: String| Provider::Anthropic(anthropic::AnthropicProvider::new(reqwest::Client::new(), base));
-    assert_eq!(cost_of(make, body).await, Decimal::from_str("0.02745").unwrap());
+    let make = |base: String| {
+        Provider::Anthropic(anthropic::AnthropicProvider::new(
+            reqwest::Client::new(),
+            base,
+        ))
+    };
+    assert_eq!(
+        cost_of(make, body).await,
+        Decimal::from_str("0.02745").unwrap()
+    );
 }
 
 #[tokio::test]
@@ -86,6 +100,10 @@ async fn gemini_cost_counts_cached_content_and_bills_thoughts_as_output() {
     // 6,000 × 3 + 4,000 × 0.3 + 500 × 15 = 26,700 per million = $0.0267.
     let body = r#"{"candidates":[{"content":{"role":"model","parts":[{"text":"x"}]},"finishReason":"STOP"}],
         "usageMetadata":{"promptTokenCount":10000,"cachedContentTokenCount":4000,"candidatesTokenCount":400,"thoughtsTokenCount":100,"totalTokenCount":10500}}"#;
-    let make = |base: String| Provider::Gemini(gemini::GeminiProvider::new(reqwest::Client::new(), base));
-    assert_eq!(cost_of(make, body).await, Decimal::from_str("0.0267").unwrap());
+    let make =
+        |base: String| Provider::Gemini(gemini::GeminiProvider::new(reqwest::Client::new(), base));
+    assert_eq!(
+        cost_of(make, body).await,
+        Decimal::from_str("0.0267").unwrap()
+    );
 }

@@ -53,3 +53,94 @@ pub async fn insert_many(
     .await?;
     Ok(())
 }
+
+/// A dimension costs can be grouped by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dimension {
+    Tenant,
+    Provider,
+    Model,
+    Batch,
+    Route,
+    Key,
+}
+
+impl Dimension {
+    /// The ledger column (a fixed identifier, never user text).
+    pub fn column(self) -> &'static str {
+        match self {
+            Dimension::Tenant => "tenant",
+            Dimension::Provider => "provider",
+            Dimension::Model => "model",
+            Dimension::Batch => "batch",
+            Dimension::Route => "route",
+            Dimension::Key => "key_id",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Dimension::Key => "key_id",
+            other => other.column(),
+        }
+    }
+}
+
+/// One group of a cost report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportRow {
+    /// Values of the grouping dimensions, in order (`None` for a missing batch or key).
+    pub keys: Vec<Option<String>>,
+    pub attempts: i64,
+    pub input_tokens: i64,
+    pub cached_input_tokens: i64,
+    pub cache_write_tokens: i64,
+    pub output_tokens: i64,
+    pub amount_usd: rust_decimal::Decimal,
+}
+
+/// Ledger totals for `[since, until)`, grouped by `by` (all rows in one group when empty).
+pub async fn report(
+    conn: &mut PgConnection,
+    since: chrono::DateTime<chrono::Utc>,
+    until: chrono::DateTime<chrono::Utc>,
+    by: &[Dimension],
+) -> Result<Vec<ReportRow>, sqlx::Error> {
+    use sqlx::Row;
+    let mut query = sqlx::QueryBuilder::<sqlx::Postgres>::new("SELECT ");
+    for dimension in by {
+        query.push(dimension.column()).push("::text, ");
+    }
+    query.push(
+        "count(*)::int8, coalesce(sum(input_tokens), 0)::int8, coalesce(sum(cached_input_tokens), 0)::int8,
+         coalesce(sum(cache_write_tokens), 0)::int8, coalesce(sum(output_tokens), 0)::int8,
+         coalesce(sum(amount_usd), 0) FROM cost_ledger WHERE created_at >= ",
+    );
+    query
+        .push_bind(since)
+        .push(" AND created_at < ")
+        .push_bind(until);
+    if !by.is_empty() {
+        let columns: Vec<&str> = by.iter().map(|d| d.column()).collect();
+        query.push(" GROUP BY ").push(columns.join(", "));
+        query.push(" ORDER BY ").push(columns.join(", "));
+    }
+    let rows = query.build().fetch_all(conn).await?;
+    let n = by.len();
+    rows.iter()
+        .map(|row| {
+            Ok(ReportRow {
+                keys: (0..n)
+                    .map(|i| row.try_get::<Option<String>, _>(i))
+                    .collect::<Result<_, _>>()?,
+                attempts: row.try_get(n)?,
+                input_tokens: row.try_get(n + 1)?,
+                cached_input_tokens: row.try_get(n + 2)?,
+                cache_write_tokens: row.try_get(n + 3)?,
+                output_tokens: row.try_get(n + 4)?,
+                amount_usd: row.try_get(n + 5)?,
+            })
+        })
+        .collect()
+}

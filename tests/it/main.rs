@@ -17,5 +17,6 @@ mod kill;
 mod limits;
 mod pipeline;
 mod providers;
+mod reports;
 mod routing;
 mod summarize;
