@@ -88,6 +88,7 @@ impl Context {
         Shared {
             limiter: self.limiter.as_ref(),
             budgets: self.budgets.as_ref(),
+            pool: Some(&self.pool),
         }
     }
 

@@ -15,8 +15,9 @@ use uuid::Uuid;
 
 use crate::budget::{Budgets, Held, Reserved, exceeded};
 use crate::config::Prices;
-use crate::messages::Job;
+use crate::messages::events::COST_EVENT_SCHEMA;
 use crate::messages::{ChatRequest, JobError, Usage};
+use crate::messages::{CostEvent, Job};
 use crate::providers::{ApiKey, Call, ErrorClass, KeyChoice, KeyStatus, ProviderError};
 use crate::routing::health::{Admission, Transition};
 use crate::routing::limits::{Acquired, Lease, Limiter};
@@ -54,8 +55,13 @@ pub struct Attempt {
     pub key_event: Option<KeyEvent>,
     /// A circuit-breaker transition this attempt caused.
     pub circuit: Option<Transition>,
-    /// Budget reservations held for this call, settled to its actual cost at finalize.
+    /// Budget reservations held for this call, settled to its actual cost.
     pub holds: Vec<Held>,
+    /// The ledger entry of a billed call.
+    pub cost: Option<CostEvent>,
+    /// Whether the ledger entry (and the settlement of `holds`) was already committed right
+    /// after the call; otherwise finalize commits it with the job.
+    pub recorded: bool,
 }
 
 impl Attempt {
@@ -89,11 +95,55 @@ impl Dispatched {
     }
 }
 
-/// Cross-worker state a dispatch consults; both parts are `None` when not configured.
+/// Cross-worker state a dispatch consults; each part is `None` when not configured.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Shared<'a> {
     pub limiter: Option<&'a Limiter>,
     pub budgets: Option<&'a Budgets>,
+    /// Where a billed call is recorded as soon as it returns.
+    pub pool: Option<&'a sqlx::PgPool>,
+}
+
+/// The ledger entry of an attempt the provider billed.
+fn cost_event(job: &Job, attempt: &Attempt) -> Option<CostEvent> {
+    let usage = attempt.billed_usage()?;
+    Some(CostEvent {
+        schema: COST_EVENT_SCHEMA.to_owned(),
+        event_id: Uuid::now_v7(),
+        job_id: job.id,
+        tenant: job.tenant.clone(),
+        batch: job.batch.clone(),
+        route: job.route.clone(),
+        provider: attempt.provider.clone(),
+        model: attempt.model.clone(),
+        key_id: attempt.key_id.clone(),
+        usage,
+        prices: attempt.prices.clone(),
+        amount_usd: crate::budget::pricing::cost(&usage, &attempt.prices),
+        at: attempt.ended_at,
+    })
+}
+
+/// Commits a billed call's ledger entry and budget settlement right away, so a call is paid
+/// for in the books even if this worker dies before the job is finalized (the re-run is then
+/// billed too, as the provider bills it). On failure finalize records it with the job instead.
+async fn record(shared: Shared<'_>, attempt: &mut Attempt) {
+    let Some(pool) = shared.pool else { return };
+    if attempt.cost.is_none() && attempt.holds.is_empty() {
+        return;
+    }
+    let settlements = shared
+        .budgets
+        .map(|b| b.settlements(&attempt.holds, attempt.cost.as_ref()))
+        .unwrap_or_default();
+    match crate::store::cost_ledger::record(pool, attempt.id, attempt.cost.as_ref(), &settlements)
+        .await
+    {
+        Ok(()) => attempt.recorded = true,
+        Err(error) => {
+            tracing::warn!(error.message = %error, "Could not record a billed call now; finalize will record it with the job.");
+        }
+    }
 }
 
 /// Gives back a limiter lease that was not used for a call.
@@ -318,6 +368,8 @@ pub async fn dispatch(
             let n = u32::try_from(attempts.len() + 1).unwrap_or(u32::MAX);
             let mut attempt = call_once(request, target, key.as_ref(), n, stream, probe).await;
             attempt.attempt.holds = holds;
+            attempt.attempt.cost = cost_event(job, &attempt.attempt);
+            record(shared, &mut attempt.attempt).await;
             if let (Some(limiter), Some(lease)) = (limiter, lease) {
                 let actual = attempt
                     .billed_usage()
@@ -498,6 +550,8 @@ async fn call_once(
             key_event,
             circuit,
             holds: Vec::new(),
+            cost: None,
+            recorded: false,
         },
         response,
     }
@@ -556,6 +610,8 @@ fn no_key_attempt(target: &Target, previous: usize, reason: String) -> Attempt {
         key_event: None,
         circuit: None,
         holds: Vec::new(),
+        cost: None,
+        recorded: false,
     }
 }
 

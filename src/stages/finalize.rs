@@ -69,8 +69,11 @@ pub struct FinishedJob {
     pub audits: Vec<AuditEvent>,
     /// The original message, for the dead-letter queue, when the job was rejected.
     pub dead_letter: Option<Vec<u8>>,
-    /// Budget reservations per attempt id, settled in the finalize transaction.
+    /// Budget reservations per attempt id, settled in the finalize transaction unless already
+    /// recorded.
     pub holds: Vec<(Uuid, Vec<crate::budget::Held>)>,
+    /// Attempts whose ledger row and settlement dispatch already committed.
+    pub recorded: Vec<Uuid>,
 }
 
 fn millis_between(from: DateTime<Utc>, to: DateTime<Utc>) -> u64 {
@@ -109,28 +112,29 @@ impl FinishedJob {
         for attempt in &dispatched.attempts {
             let error = attempt.outcome.as_ref().err();
             let usage = attempt.billed_usage();
-            if let Some(usage) = usage {
-                let amount = pricing::cost(&usage, &attempt.prices);
-                cost.amount_usd += amount;
-                cost.usage.add(&usage);
-                costs.push((
-                    attempt.id,
-                    CostEvent {
-                        schema: COST_EVENT_SCHEMA.to_owned(),
-                        event_id: Uuid::now_v7(),
-                        job_id: job.id,
-                        tenant: job.tenant.clone(),
-                        batch: job.batch.clone(),
-                        route: job.route.clone(),
-                        provider: attempt.provider.clone(),
-                        model: attempt.model.clone(),
-                        key_id: attempt.key_id.clone(),
-                        usage,
-                        prices: attempt.prices.clone(),
-                        amount_usd: amount,
-                        at: attempt.ended_at,
-                    },
-                ));
+            // Dispatch builds (and usually already committed) the ledger entry of a billed call.
+            let entry = attempt.cost.clone().or_else(|| {
+                let usage = usage?;
+                Some(CostEvent {
+                    schema: COST_EVENT_SCHEMA.to_owned(),
+                    event_id: Uuid::now_v7(),
+                    job_id: job.id,
+                    tenant: job.tenant.clone(),
+                    batch: job.batch.clone(),
+                    route: job.route.clone(),
+                    provider: attempt.provider.clone(),
+                    model: attempt.model.clone(),
+                    key_id: attempt.key_id.clone(),
+                    usage,
+                    prices: attempt.prices.clone(),
+                    amount_usd: pricing::cost(&usage, &attempt.prices),
+                    at: attempt.ended_at,
+                })
+            });
+            if let Some(entry) = entry {
+                cost.amount_usd += entry.amount_usd;
+                cost.usage.add(&entry.usage);
+                costs.push((attempt.id, entry));
             }
             if let Some(error) = error {
                 audits.push(AuditEvent::new(
@@ -216,6 +220,12 @@ impl FinishedJob {
             .attempts
             .iter()
             .map(|a| (a.id, a.holds.clone()))
+            .collect();
+        let recorded: Vec<Uuid> = dispatched
+            .attempts
+            .iter()
+            .filter(|a| a.recorded)
+            .map(|a| a.id)
             .collect();
         if let Some(first) = dispatched.attempts.first() {
             for from in &dispatched.skipped {
@@ -324,6 +334,7 @@ impl FinishedJob {
             audits,
             dead_letter: None,
             holds,
+            recorded,
         }
     }
 
@@ -385,6 +396,7 @@ impl FinishedJob {
             audits: vec![audit],
             dead_letter: Some(original),
             holds: Vec::new(),
+            recorded: Vec::new(),
         }
     }
 }
@@ -571,7 +583,12 @@ impl Finalizer {
             .map_err(store_error)?;
         let costs: Vec<(Uuid, &CostEvent)> = fresh
             .iter()
-            .flat_map(|j| j.costs.iter().map(|(attempt, cost)| (*attempt, cost)))
+            .flat_map(|j| {
+                j.costs
+                    .iter()
+                    .filter(|(attempt, _)| !j.recorded.contains(attempt))
+                    .map(|(attempt, cost)| (*attempt, cost))
+            })
             .collect();
         cost_ledger::insert_many(&mut tx, &costs)
             .await
@@ -707,6 +724,7 @@ async fn settle_budgets(
     fresh: &[FinishedJob],
 ) -> Result<Vec<AuditEvent>, sqlx::Error> {
     let mut settlements = Vec::new();
+    let mut touched: Vec<(String, chrono::DateTime<Utc>)> = Vec::new();
     for job in fresh {
         for (attempt, holds) in &job.holds {
             let cost = job
@@ -714,14 +732,14 @@ async fn settle_budgets(
                 .iter()
                 .find(|(id, _)| id == attempt)
                 .map(|(_, c)| c);
-            settlements.extend(budgets.settlements(holds, cost));
+            let settled = budgets.settlements(holds, cost);
+            touched.extend(settled.iter().map(|s| (s.budget.clone(), s.period_start)));
+            if !job.recorded.contains(attempt) {
+                settlements.extend(settled);
+            }
         }
     }
     crate::store::budgets::settle(conn, &settlements).await?;
-    let mut touched: Vec<(String, chrono::DateTime<Utc>)> = settlements
-        .iter()
-        .map(|s| (s.budget.clone(), s.period_start))
-        .collect();
     touched.sort();
     touched.dedup();
     let mut alerts = Vec::new();

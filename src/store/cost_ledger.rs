@@ -54,6 +54,22 @@ pub async fn insert_many(
     Ok(())
 }
 
+/// Commits one billed call: its ledger row and the settlement of its budget reservations, in
+/// one transaction.
+pub async fn record(
+    pool: &sqlx::PgPool,
+    attempt: Uuid,
+    cost: Option<&CostEvent>,
+    settlements: &[crate::store::budgets::Settlement],
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    if let Some(cost) = cost {
+        insert_many(&mut tx, &[(attempt, cost)]).await?;
+    }
+    crate::store::budgets::settle(&mut tx, settlements).await?;
+    tx.commit().await
+}
+
 /// A dimension costs can be grouped by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -359,3 +359,70 @@ mode = \"soft\"
     );
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_call_is_billed_even_when_its_worker_dies_before_finalize_and_the_rerun_is_billed_too() {
+    use switchyard::stages::{dispatch, route};
+    let fake = FakeProvider::start(&[]);
+    let config = format!(
+        "{}
+[[routes]]
+alias = \"paid\"
+targets = [{{ provider = \"p\", model = \"m\" }}]
+
+[[budgets]]
+name = \"acme-total\"
+tenant = \"acme\"
+cap_usd = \"10\"
+period = \"total\"
+",
+        provider("p", &fake.url)
+    );
+    let app = spawn_app_with(&config).await;
+    let j = job("acme", None, "paid", "Billed twice. The first worker died.");
+    // A worker calls the provider for the job, then dies before finalizing it.
+    let plan = route::route(&app.ctx.router, &j).unwrap();
+    let first = dispatch::dispatch(&j, &plan, None, app.ctx.shared()).await;
+    assert!(
+        first.outcome.is_ok() && first.attempts[0].recorded,
+        "the call was recorded when it returned"
+    );
+    drop(first);
+    // The broker redelivers the job to another worker, which runs it again.
+    app.publish_job(&j).await;
+    app.run_worker_until_idle().await;
+
+    assert_eq!(fake.requests().await, 2);
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM cost_ledger").await,
+        2,
+        "both calls are in the ledger"
+    );
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM results").await,
+        1,
+        "one result"
+    );
+    let ledger = decimal(&app, "SELECT sum(amount_usd) FROM cost_ledger").await;
+    let (spent, reserved): (Decimal, Decimal) =
+        sqlx::query_as("SELECT spent, reserved FROM budget_periods WHERE budget = 'acme-total'")
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        (spent, reserved),
+        (ledger, Decimal::ZERO),
+        "the budget counts both calls, once each"
+    );
+    let result_cost = decimal(
+        &app,
+        "SELECT (body->'cost'->>'amount_usd')::numeric FROM results",
+    )
+    .await;
+    assert_eq!(
+        result_cost * Decimal::from(2),
+        ledger,
+        "the result reports its own call"
+    );
+    app.cleanup().await;
+}
