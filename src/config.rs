@@ -256,8 +256,15 @@ pub struct ModelSettings {
     /// job needing them is never sent to a model that may not have them.
     #[serde(default = "default_capabilities")]
     pub capabilities: Vec<Capability>,
+    /// Prices in effect until the first of `price_versions`.
     #[serde(default)]
     pub prices: Prices,
+    /// Volume tiers of `prices`.
+    #[serde(default)]
+    pub tiers: Vec<PriceTier>,
+    /// Later prices, each from its effective date.
+    #[serde(default)]
+    pub price_versions: Vec<PriceVersion>,
 }
 
 /// A feature a job may need from a model.
@@ -278,7 +285,7 @@ fn default_capabilities() -> Vec<Capability> {
     vec![Capability::Streaming]
 }
 
-/// USD per million tokens, exact decimal.
+/// USD per million tokens (and per request), exact decimal.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Prices {
@@ -290,6 +297,27 @@ pub struct Prices {
     pub cache_write: Decimal,
     #[serde(with = "rust_decimal::serde::str")]
     pub output: Decimal,
+    /// A flat charge per billed call.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub per_request: Decimal,
+}
+
+/// Lower prices above a monthly token volume of the model (input + output tokens).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceTier {
+    pub above_monthly_tokens: u64,
+    pub prices: Prices,
+}
+
+/// Prices that take effect on a date (`YYYY-MM-DD`, UTC, or RFC 3339), replacing earlier ones.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceVersion {
+    pub effective_from: String,
+    pub prices: Prices,
+    #[serde(default)]
+    pub tiers: Vec<PriceTier>,
 }
 
 /// A route alias and the targets that serve it, tried in order.
@@ -550,6 +578,8 @@ impl Settings {
                     context_window: None,
                     capabilities: default_capabilities(),
                     prices: Prices::default(),
+                    tiers: Vec::new(),
+                    price_versions: Vec::new(),
                 }],
             });
         }
@@ -639,6 +669,18 @@ impl Settings {
                         "route {:?} names model {:?}, which provider {:?} does not list",
                         route.alias, target.model, target.provider
                     ));
+                }
+            }
+        }
+        for provider in &providers {
+            for model in &provider.models {
+                for version in &model.price_versions {
+                    if crate::budget::pricing::parse_effective(&version.effective_from).is_none() {
+                        return invalid(format!(
+                            "model {:?} of provider {:?}: effective_from {:?} is neither YYYY-MM-DD nor RFC 3339",
+                            model.name, provider.name, version.effective_from
+                        ));
+                    }
                 }
             }
         }

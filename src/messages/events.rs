@@ -28,6 +28,10 @@ pub struct CostEvent {
     pub key_id: Option<String>,
     pub usage: Usage,
     pub prices: Prices,
+    /// The price version that applied (`base` or its effective date).
+    pub price_version: String,
+    /// The volume tier that applied (monthly tokens it starts above), if any.
+    pub price_tier_above: Option<u64>,
     #[serde(with = "rust_decimal::serde::str")]
     pub amount_usd: Decimal,
     pub at: DateTime<Utc>,

@@ -19,6 +19,7 @@ fn prices() -> Prices {
         cached_input: Decimal::from_str("0.3").unwrap(),
         cache_write: Decimal::from_str("3.75").unwrap(),
         output: Decimal::from(15),
+        per_request: Decimal::ZERO,
     }
 }
 

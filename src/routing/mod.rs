@@ -16,9 +16,8 @@ use std::time::{Duration, Instant};
 use health::TargetHealth;
 use policy::WeightedRoundRobin;
 
-use crate::config::{
-    Capability, ModelSettings, Policy, Prices, Settings, TargetSettings, TenantSettings,
-};
+use crate::budget::pricing::{Applied, PriceTable};
+use crate::config::{Capability, ModelSettings, Policy, Settings, TargetSettings, TenantSettings};
 use crate::messages::{Job, JobError};
 use crate::providers::{ErrorClass, ProviderEntry, Registry};
 
@@ -27,7 +26,8 @@ use crate::providers::{ErrorClass, ProviderEntry, Registry};
 pub struct Target {
     pub provider: Arc<ProviderEntry>,
     pub model: String,
-    pub prices: Prices,
+    /// The model's prices over time and volume.
+    pub price_table: Arc<PriceTable>,
     pub capabilities: Vec<Capability>,
     pub context_window: Option<u32>,
     /// Per-attempt timeout on this target.
@@ -39,6 +39,11 @@ pub struct Target {
 }
 
 impl Target {
+    /// The prices in effect now, before any volume tier (the most a call can be charged).
+    pub fn prices(&self) -> Applied {
+        self.price_table.applied(chrono::Utc::now(), 0)
+    }
+
     /// `provider/model`.
     pub fn label(&self) -> &str {
         &self.health.key
@@ -155,7 +160,7 @@ impl Router {
                 .find(|p| p.name == target.provider);
             Some(Target {
                 model: target.model.clone(),
-                prices: model.map(|m| m.prices.clone()).unwrap_or_default(),
+                price_table: Arc::new(model.map(PriceTable::from_model).unwrap_or_default()),
                 capabilities: model
                     .map(|m| m.capabilities.clone())
                     .unwrap_or_else(|| vec![Capability::Streaming]),

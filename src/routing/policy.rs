@@ -46,8 +46,10 @@ impl WeightedRoundRobin {
 /// Estimated cost of a job on a target: prompt tokens at the input price plus the output cap
 /// at the output price.
 pub fn estimated_cost(target: &Target, prompt_tokens: u64, output_tokens: u64) -> Decimal {
-    Decimal::from(prompt_tokens) * target.prices.input
-        + Decimal::from(output_tokens) * target.prices.output
+    let prices = target.prices().prices;
+    Decimal::from(prompt_tokens) * prices.input
+        + Decimal::from(output_tokens) * prices.output
+        + prices.per_request * Decimal::from(1_000_000)
 }
 
 /// Orders `targets` (already filtered) in place.

@@ -48,6 +48,10 @@ pub struct Attempt {
     pub model: String,
     pub key_id: Option<String>,
     pub prices: Prices,
+    /// The price version `prices` come from (`base` or its effective date).
+    pub price_version: String,
+    /// The model's price table, for volume tiers chosen when the call is recorded.
+    pub price_table: std::sync::Arc<crate::budget::pricing::PriceTable>,
     pub started_at: DateTime<Utc>,
     pub ended_at: DateTime<Utc>,
     pub latency_ms: u64,
@@ -119,6 +123,8 @@ fn cost_event(job: &Job, attempt: &Attempt) -> Option<CostEvent> {
         key_id: attempt.key_id.clone(),
         usage,
         prices: attempt.prices.clone(),
+        price_version: attempt.price_version.clone(),
+        price_tier_above: None,
         amount_usd: crate::budget::pricing::cost(&usage, &attempt.prices),
         at: attempt.ended_at,
     })
@@ -132,13 +138,27 @@ async fn record(shared: Shared<'_>, attempt: &mut Attempt) {
     if attempt.cost.is_none() && attempt.holds.is_empty() {
         return;
     }
-    let settlements = shared
+    let mut settlements = shared
         .budgets
         .map(|b| b.settlements(&attempt.holds, attempt.cost.as_ref()))
         .unwrap_or_default();
-    match crate::store::cost_ledger::record(pool, attempt.id, attempt.cost.as_ref(), &settlements)
-        .await
-    {
+    let table = attempt.price_table.clone();
+    let recorded = match attempt.cost.as_mut() {
+        Some(cost) if table.has_tiers() => {
+            crate::store::cost_ledger::record_tiered(
+                pool,
+                attempt.id,
+                cost,
+                &table,
+                &mut settlements,
+            )
+            .await
+        }
+        cost => {
+            crate::store::cost_ledger::record(pool, attempt.id, cost.as_deref(), &settlements).await
+        }
+    };
+    match recorded {
         Ok(()) => attempt.recorded = true,
         Err(error) => {
             tracing::warn!(error.message = %error, "Could not record a billed call now; finalize will record it with the job.");
@@ -295,11 +315,11 @@ pub async fn dispatch(
             if shared.budgets.is_some() || job.max_cost_usd.is_some() {
                 let needed = shared
                     .budgets
-                    .map(|b| b.max_cost(job, &target.prices))
+                    .map(|b| b.max_cost(job, &target.prices().prices))
                     .unwrap_or_else(|| {
                         crate::budget::max_cost(
                             job,
-                            &target.prices,
+                            &target.prices().prices,
                             crate::budget::DEFAULT_OUTPUT_RESERVATION,
                         )
                     });
@@ -470,6 +490,7 @@ async fn call_once(
     probe: bool,
 ) -> AttemptWithResponse {
     let entry = &target.provider;
+    let applied = target.prices();
     let streamed_any = AtomicBool::new(false);
     let on_delta = |text: &str| {
         streamed_any.store(true, Ordering::Relaxed);
@@ -542,7 +563,9 @@ async fn call_once(
             provider: entry.name.clone(),
             model: target.model.clone(),
             key_id: key.map(|k| k.id.clone()),
-            prices: target.prices.clone(),
+            prices: applied.prices,
+            price_version: applied.version,
+            price_table: target.price_table.clone(),
             started_at,
             ended_at: Utc::now(),
             latency_ms,
@@ -598,7 +621,9 @@ fn no_key_attempt(target: &Target, previous: usize, reason: String) -> Attempt {
         provider: target.provider.name.clone(),
         model: target.model.clone(),
         key_id: None,
-        prices: target.prices.clone(),
+        prices: target.prices().prices,
+        price_version: target.prices().version,
+        price_table: target.price_table.clone(),
         started_at: now,
         ended_at: now,
         latency_ms: 0,

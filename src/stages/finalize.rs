@@ -127,6 +127,8 @@ impl FinishedJob {
                     key_id: attempt.key_id.clone(),
                     usage,
                     prices: attempt.prices.clone(),
+                    price_version: attempt.price_version.clone(),
+                    price_tier_above: None,
                     amount_usd: pricing::cost(&usage, &attempt.prices),
                     at: attempt.ended_at,
                 })

@@ -24,11 +24,11 @@ pub async fn insert_many(
         "INSERT INTO cost_ledger (id, job_id, attempt_id, tenant, batch, route, provider, model, key_id,
                                   input_tokens, cached_input_tokens, cache_write_tokens, output_tokens,
                                   price_input, price_cached_input, price_cache_write, price_output,
-                                  amount_usd, created_at)
+                                  amount_usd, created_at, price_version, price_tier_above, price_per_request)
          SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[],
                               $7::text[], $8::text[], $9::text[], $10::int8[], $11::int8[], $12::int8[],
                               $13::int8[], $14::numeric[], $15::numeric[], $16::numeric[], $17::numeric[],
-                              $18::numeric[], $19::timestamptz[])",
+                              $18::numeric[], $19::timestamptz[], $20::text[], $21::int8[], $22::numeric[])",
     )
     .bind(entries.iter().map(|(_, e)| e.event_id).collect::<Vec<_>>())
     .bind(entries.iter().map(|(_, e)| e.job_id).collect::<Vec<_>>())
@@ -49,6 +49,14 @@ pub async fn insert_many(
     .bind(entries.iter().map(|(_, e)| e.prices.output).collect::<Vec<_>>())
     .bind(entries.iter().map(|(_, e)| e.amount_usd).collect::<Vec<_>>())
     .bind(entries.iter().map(|(_, e)| e.at).collect::<Vec<_>>())
+    .bind(entries.iter().map(|(_, e)| e.price_version.clone()).collect::<Vec<_>>())
+    .bind(
+        entries
+            .iter()
+            .map(|(_, e)| e.price_tier_above.map(|t| i64::try_from(t).unwrap_or(i64::MAX)))
+            .collect::<Vec<_>>(),
+    )
+    .bind(entries.iter().map(|(_, e)| e.prices.per_request).collect::<Vec<_>>())
     .execute(conn)
     .await?;
     Ok(())
@@ -66,6 +74,83 @@ pub async fn record(
     if let Some(cost) = cost {
         insert_many(&mut tx, &[(attempt, cost)]).await?;
     }
+    crate::store::budgets::settle(&mut tx, settlements).await?;
+    tx.commit().await
+}
+
+/// Locks the model's volume row for this month and returns the tokens used so far; with
+/// [`add_volume`] in the same transaction, calls of one model take their tier in turn.
+pub async fn lock_volume(
+    conn: &mut PgConnection,
+    provider: &str,
+    model: &str,
+    month: chrono::DateTime<chrono::Utc>,
+) -> Result<u64, sqlx::Error> {
+    sqlx::query("INSERT INTO model_volumes (provider, model, month) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+        .bind(provider)
+        .bind(model)
+        .bind(month)
+        .execute(&mut *conn)
+        .await?;
+    let tokens: i64 = sqlx::query_scalar(
+        "SELECT tokens FROM model_volumes WHERE provider = $1 AND model = $2 AND month = $3 FOR UPDATE",
+    )
+    .bind(provider)
+    .bind(model)
+    .bind(month)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(u64::try_from(tokens).unwrap_or(0))
+}
+
+/// Adds a call's tokens to the model's monthly volume.
+pub async fn add_volume(
+    conn: &mut PgConnection,
+    provider: &str,
+    model: &str,
+    month: chrono::DateTime<chrono::Utc>,
+    tokens: u64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE model_volumes SET tokens = tokens + $4 WHERE provider = $1 AND model = $2 AND month = $3")
+        .bind(provider)
+        .bind(model)
+        .bind(month)
+        .bind(i64::try_from(tokens).unwrap_or(i64::MAX))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Like [`record`], for a model with volume tiers: the tier is chosen by the model's monthly
+/// volume (locked for the transaction), the entry's prices and amount are set from it, and the
+/// volume grows by the call's tokens.
+pub async fn record_tiered(
+    pool: &sqlx::PgPool,
+    attempt: Uuid,
+    cost: &mut CostEvent,
+    table: &crate::budget::pricing::PriceTable,
+    settlements: &mut [crate::store::budgets::Settlement],
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let month = crate::budget::period_start(crate::config::BudgetPeriod::Month, cost.at);
+    let used = lock_volume(&mut tx, &cost.provider, &cost.model, month).await?;
+    let applied = table.applied(cost.at, used);
+    cost.amount_usd = crate::budget::pricing::cost(&cost.usage, &applied.prices);
+    cost.prices = applied.prices;
+    cost.price_version = applied.version;
+    cost.price_tier_above = applied.tier_above;
+    for settlement in settlements.iter_mut() {
+        settlement.actual = cost.amount_usd;
+    }
+    add_volume(
+        &mut tx,
+        &cost.provider,
+        &cost.model,
+        month,
+        cost.usage.input_tokens + cost.usage.output_tokens,
+    )
+    .await?;
+    insert_many(&mut tx, &[(attempt, &*cost)]).await?;
     crate::store::budgets::settle(&mut tx, settlements).await?;
     tx.commit().await
 }

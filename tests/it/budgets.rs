@@ -426,3 +426,95 @@ period = \"total\"
     );
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn each_ledger_row_records_the_price_version_and_volume_tier_that_applied() {
+    let fake = FakeProvider::start(&[]);
+    let config = format!(
+        r#"
+[[providers]]
+name = "p"
+kind = "openai"
+base_url = "{}/v1"
+keys = [{{ id = "k", env = "CARGO_MANIFEST_DIR" }}]
+
+[[providers.models]]
+name = "m"
+prices = {{ input = "9", output = "9" }}
+
+[[providers.models.price_versions]]
+effective_from = "2020-01-01"
+prices = {{ input = "1", output = "2", per_request = "0.001" }}
+tiers = [{{ above_monthly_tokens = 60, prices = {{ input = "0.5", output = "1", per_request = "0.001" }} }}]
+
+[[providers.models.price_versions]]
+effective_from = "2999-01-01"
+prices = {{ input = "100", output = "100" }}
+
+[[routes]]
+alias = "paid"
+targets = [{{ provider = "p", model = "m" }}]
+"#,
+        fake.url
+    );
+    let app = spawn_app_with(&config).await;
+    let jobs: Vec<_> = (0..8)
+        .map(|i| {
+            job(
+                "acme",
+                None,
+                "paid",
+                &format!("Tiered job {i}. Volume grows."),
+            )
+        })
+        .collect();
+    app.publish_jobs(&jobs).await;
+    app.run_worker_until_idle().await;
+
+    let rows: Vec<(String, Option<i64>, Decimal, Decimal, Decimal, Decimal)> = sqlx::query_as(
+        "SELECT price_version, price_tier_above, price_input, price_output, price_per_request, amount_usd
+         FROM cost_ledger ORDER BY created_at",
+    )
+    .fetch_all(app.pool())
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 8);
+    assert!(
+        rows.iter().all(|r| r.0 == "2020-01-01"),
+        "the version in effect today applied: {rows:?}"
+    );
+    assert_eq!(rows[0].1, None, "the first call is below the tier");
+    assert!(
+        rows.iter().any(|r| r.1 == Some(60)),
+        "later calls reached the tier: {rows:?}"
+    );
+    for row in &rows {
+        let expected = if row.1.is_some() {
+            (Decimal::new(5, 1), Decimal::ONE)
+        } else {
+            (Decimal::ONE, Decimal::TWO)
+        };
+        assert_eq!((row.2, row.3), expected);
+        assert_eq!(row.4, Decimal::new(1, 3));
+    }
+    // Every amount re-derives from its row's tokens and recorded prices.
+    let mismatched = count(
+        &app,
+        "SELECT count(*) FROM cost_ledger WHERE amount_usd <> round(
+            ((input_tokens - cached_input_tokens - cache_write_tokens) * price_input + cached_input_tokens * price_cached_input
+             + cache_write_tokens * price_cache_write + output_tokens * price_output) / 1000000 + price_per_request, 10)",
+    )
+    .await;
+    assert_eq!(mismatched, 0, "the bill can be re-derived from the ledger");
+    let volume: i64 = sqlx::query_scalar("SELECT tokens FROM model_volumes")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    let tokens: i64 =
+        sqlx::query_scalar("SELECT sum(input_tokens + output_tokens)::int8 FROM cost_ledger")
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+    assert_eq!(volume, tokens);
+    app.cleanup().await;
+}
