@@ -170,17 +170,17 @@ targets = [{{ provider = \"capped\", model = \"m\" }}, {{ provider = \"other\", 
 [[budgets]]
 name = \"capped-monthly\"
 provider = \"capped\"
-cap_usd = \"0.30\"
+cap_usd = \"1.00\"
 ",
         provider("capped", &capped.url),
         provider("other", &other.url)
     );
     let app = spawn_app_with(&config).await;
-    let jobs: Vec<_> = (0..100)
+    let jobs: Vec<_> = (0..300)
         .map(|i| job("acme", None, "two", &format!("Job {i}. Goes somewhere.")))
         .collect();
     app.publish_jobs(&jobs).await;
-    wait_all(workers(&app, 2, 32)).await;
+    wait_all(workers(&app, 3, 64)).await;
 
     assert_eq!(
         count(
@@ -188,7 +188,8 @@ cap_usd = \"0.30\"
             "SELECT count(*) FROM results WHERE status = 'succeeded'"
         )
         .await,
-        100
+        300,
+        "no job failed"
     );
     let on_capped = decimal(
         &app,
@@ -196,8 +197,12 @@ cap_usd = \"0.30\"
     )
     .await;
     assert!(
-        on_capped <= Decimal::new(30, 2),
-        "spent ${on_capped} on a $0.30 provider cap"
+        on_capped <= Decimal::ONE,
+        "spent ${on_capped} on a $1.00 provider cap"
+    );
+    assert!(
+        on_capped >= Decimal::new(10, 2),
+        "the capped provider served jobs until full (reservations in flight count): ${on_capped}"
     );
     let rerouted = count(
         &app,
