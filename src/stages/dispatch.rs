@@ -109,7 +109,7 @@ pub struct Shared<'a> {
 }
 
 /// The ledger entry of an attempt the provider billed.
-fn cost_event(job: &Job, attempt: &Attempt) -> Option<CostEvent> {
+pub fn cost_event(job: &Job, attempt: &Attempt) -> Option<CostEvent> {
     let usage = attempt.billed_usage()?;
     Some(CostEvent {
         schema: COST_EVENT_SCHEMA.to_owned(),

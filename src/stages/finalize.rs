@@ -18,7 +18,6 @@ use uuid::Uuid;
 
 use super::dispatch::Dispatched;
 use super::ingest::Rejection;
-use crate::budget::pricing;
 use crate::config::EventPublishing;
 use crate::messages::events::COST_EVENT_SCHEMA;
 use crate::messages::job::JOB_SCHEMA;
@@ -113,26 +112,10 @@ impl FinishedJob {
             let error = attempt.outcome.as_ref().err();
             let usage = attempt.billed_usage();
             // Dispatch builds (and usually already committed) the ledger entry of a billed call.
-            let entry = attempt.cost.clone().or_else(|| {
-                let usage = usage?;
-                Some(CostEvent {
-                    schema: COST_EVENT_SCHEMA.to_owned(),
-                    event_id: Uuid::now_v7(),
-                    job_id: job.id,
-                    tenant: job.tenant.clone(),
-                    batch: job.batch.clone(),
-                    route: job.route.clone(),
-                    provider: attempt.provider.clone(),
-                    model: attempt.model.clone(),
-                    key_id: attempt.key_id.clone(),
-                    usage,
-                    prices: attempt.prices.clone(),
-                    price_version: attempt.price_version.clone(),
-                    price_tier_above: None,
-                    amount_usd: pricing::cost(&usage, &attempt.prices),
-                    at: attempt.ended_at,
-                })
-            });
+            let entry = attempt
+                .cost
+                .clone()
+                .or_else(|| super::dispatch::cost_event(job, attempt));
             if let Some(entry) = entry {
                 cost.amount_usd += entry.amount_usd;
                 cost.usage.add(&entry.usage);

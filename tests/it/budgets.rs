@@ -2,13 +2,12 @@
 //! settlement in the finalize transaction, reroute on a provider budget, expiry of a dead
 //! worker's reservations, soft alerts once per period, and a per-job cap.
 
-use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use rust_decimal::Decimal;
 use switchyard::messages::JobStatus;
 
-use crate::helpers::{FakeProvider, TestApp, job, spawn_app_with, switchyard};
+use crate::helpers::{FakeProvider, TestApp, job, spawn_app_with, wait_all, workers};
 
 /// A provider at `url` whose calls cost about $0.01 each with the fake's usage.
 fn provider(name: &str, url: &str) -> String {
@@ -23,34 +22,6 @@ keys = [{{ id = "{name}-key", env = "CARGO_MANIFEST_DIR" }}]
 models = [{{ name = "m", prices = {{ input = "300", output = "1000" }} }}]
 "#
     )
-}
-
-fn workers(app: &TestApp, count: usize, concurrency: u16) -> Vec<Child> {
-    (0..count)
-        .map(|_| {
-            switchyard(app)
-                .args([
-                    "worker",
-                    "--exit-when-idle",
-                    "--concurrency",
-                    &concurrency.to_string(),
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap()
-        })
-        .collect()
-}
-
-async fn wait_all(children: Vec<Child>) {
-    for mut child in children {
-        let status = tokio::task::spawn_blocking(move || child.wait())
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(status.success(), "worker exited with {status}");
-    }
 }
 
 async fn decimal(app: &TestApp, sql: &'static str) -> Decimal {

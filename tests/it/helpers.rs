@@ -343,3 +343,33 @@ pub fn switchyard(app: &TestApp) -> Command {
     command.env_remove("RUST_LOG");
     command
 }
+
+/// `count` worker processes with `--exit-when-idle` and the given concurrency.
+pub fn workers(app: &TestApp, count: usize, concurrency: u16) -> Vec<Child> {
+    (0..count)
+        .map(|_| {
+            switchyard(app)
+                .args([
+                    "worker",
+                    "--exit-when-idle",
+                    "--concurrency",
+                    &concurrency.to_string(),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("worker starts")
+        })
+        .collect()
+}
+
+/// Waits for every worker process to exit successfully.
+pub async fn wait_all(children: Vec<Child>) {
+    for mut child in children {
+        let status = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .expect("waiter runs")
+            .expect("worker exits");
+        assert!(status.success(), "worker exited with {status}");
+    }
+}

@@ -2,33 +2,9 @@
 //! a provider's retry-after pausing its key everywhere, and parking when every target is
 //! limited for long.
 
-use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use crate::helpers::{FakeProvider, TestApp, job, spawn_app_with, switchyard};
-
-fn workers(app: &TestApp, count: usize) -> Vec<Child> {
-    (0..count)
-        .map(|_| {
-            switchyard(app)
-                .args(["worker", "--exit-when-idle", "--concurrency", "16"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap()
-        })
-        .collect()
-}
-
-async fn wait_all(children: Vec<Child>) {
-    for mut child in children {
-        let status = tokio::task::spawn_blocking(move || child.wait())
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(status.success(), "worker exited with {status}");
-    }
-}
+use crate::helpers::{FakeProvider, TestApp, job, spawn_app_with, wait_all, workers};
 
 async fn succeeded(app: &TestApp) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM results WHERE status = 'succeeded'")
@@ -62,7 +38,7 @@ targets = [{{ provider = "limited", model = "m" }}]
         .map(|i| job("acme", None, "limited", &format!("Job {i}.")))
         .collect();
     app.publish_jobs(&jobs).await;
-    wait_all(workers(&app, 3)).await;
+    wait_all(workers(&app, 3, 16)).await;
 
     assert_eq!(
         succeeded(&app).await,
@@ -116,7 +92,7 @@ targets = [{{ provider = "flaky", model = "m" }}]
         .map(|i| job("acme", None, "flaky", &format!("Job {i}.")))
         .collect();
     app.publish_jobs(&jobs).await;
-    wait_all(workers(&app, 2)).await;
+    wait_all(workers(&app, 2, 16)).await;
 
     assert_eq!(succeeded(&app).await, 40);
     let stats = fake.stats().await;
@@ -165,7 +141,7 @@ targets = [{{ provider = "trickle", model = "m" }}]
         .collect();
     app.publish_jobs(&jobs).await;
     let parked_seen = {
-        let worker = workers(&app, 1);
+        let worker = workers(&app, 1, 16);
         // While the worker runs, parked jobs wait in a retry queue instead of a worker slot.
         let channel = app.ctx.broker.create_channel().await.unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
