@@ -48,9 +48,41 @@ pub enum Command {
     /// Reports from the ledger.
     #[command(subcommand)]
     Report(ReportCommand),
+    /// Inspect, requeue or purge the dead-letter queue.
+    #[command(subcommand)]
+    DeadLetters(DeadLetterCommand),
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterCommand {
+    /// Print matching messages as JSON lines (they stay in the queue).
+    List(DeadLetterFilter),
+    /// Publish matching messages to the jobs exchange again.
+    Requeue(DeadLetterFilter),
+    /// Drop matching messages.
+    Purge {
+        #[command(flatten)]
+        filter: DeadLetterFilter,
+        /// Confirm: without it nothing is purged.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// Which dead-lettered messages a command acts on (all when no filter is given).
+#[derive(Debug, Clone, clap::Args)]
+pub struct DeadLetterFilter {
+    /// Only these job ids (repeatable).
+    #[arg(long)]
+    pub job: Option<Vec<String>>,
+    /// Only messages whose error contains this text (e.g. `schema_violation`).
+    #[arg(long)]
+    pub error: Option<String>,
+    #[arg(long)]
+    pub tenant: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

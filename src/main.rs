@@ -15,7 +15,8 @@ async fn main() -> ExitCode {
         Command::Summarize(_)
         | Command::Publish(_)
         | Command::Subscribe(_)
-        | Command::Report(_) => "warn",
+        | Command::Report(_)
+        | Command::DeadLetters(_) => "warn",
         _ => "info",
     };
     telemetry::init(cli.log_format, level);

@@ -2,6 +2,7 @@
 //! line on stderr and an exit code.
 
 pub mod config_check;
+pub mod dead_letters;
 pub mod migrate;
 pub mod publish;
 pub mod report;
@@ -35,6 +36,7 @@ pub async fn run(command: Command, settings: Settings) -> ExitCode {
         Command::Subscribe(args) => subscribe::run(settings, args).await,
         Command::Summarize(args) => summarize::run(settings, args).await,
         Command::Report(ReportCommand::Costs(args)) => report::run(settings, args).await,
+        Command::DeadLetters(command) => dead_letters::run(settings, command).await,
         Command::Config(ConfigCommand::Check) => config_check::run(&settings),
     };
     match outcome {

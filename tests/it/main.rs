@@ -12,6 +12,7 @@ mod helpers;
 mod bad_input;
 mod budgets;
 mod cli;
+mod dead_letters;
 mod duplicates;
 mod kill;
 mod limits;

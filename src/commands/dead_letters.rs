@@ -1,0 +1,207 @@
+//! `switchyard dead-letters list|show|requeue|purge`: inspect and act on the dead-letter
+//! queue. Messages that are not acted on are returned to the queue untouched.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel};
+use serde_json::{Value, json};
+
+use super::BadInput;
+use crate::cli::{DeadLetterCommand, DeadLetterFilter};
+use crate::config::Settings;
+use crate::queue;
+use crate::queue::publisher::{Outgoing, Publisher};
+use crate::queue::topology::{JOBS_ROUTING_KEY, Names};
+use crate::stages::finalize::ERROR_HEADER;
+
+/// One dead-lettered message, as read from the queue.
+struct Dead {
+    tag: u64,
+    body: Vec<u8>,
+    properties: BasicProperties,
+    job_id: String,
+    error: String,
+    tenant: Option<String>,
+}
+
+fn header_text(headers: &FieldTable, name: &str) -> Option<String> {
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(text) => Some(text.to_string()),
+        AMQPValue::ShortString(text) => Some(text.to_string()),
+        _ => None,
+    }
+}
+
+/// Why the message is here: Switchyard's own header, or the broker's `x-death` reason.
+fn reason(properties: &BasicProperties) -> String {
+    let Some(headers) = properties.headers() else {
+        return "unknown".to_owned();
+    };
+    if let Some(error) = header_text(headers, ERROR_HEADER) {
+        return error;
+    }
+    if let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death")
+        && let Some(AMQPValue::FieldTable(death)) = deaths.as_slice().first()
+        && let Some(reason) = header_text(death, "reason")
+    {
+        return format!("dead-lettered by the broker: {reason}");
+    }
+    "unknown".to_owned()
+}
+
+impl Dead {
+    fn summary(&self) -> Value {
+        json!({
+            "job_id": self.job_id,
+            "tenant": self.tenant,
+            "error": self.error,
+            "bytes": self.body.len(),
+            "excerpt": crate::providers::excerpt(&String::from_utf8_lossy(&self.body), 200),
+        })
+    }
+
+    fn matches(&self, filter: &DeadLetterFilter) -> bool {
+        filter
+            .job
+            .as_ref()
+            .is_none_or(|ids| ids.is_empty() || ids.contains(&self.job_id))
+            && filter
+                .error
+                .as_ref()
+                .is_none_or(|needle| self.error.contains(needle.as_str()))
+            && filter
+                .tenant
+                .as_ref()
+                .is_none_or(|t| self.tenant.as_ref() == Some(t))
+    }
+}
+
+/// Takes every message of the dead-letter queue (unacked, to be acked or returned).
+async fn take_all(channel: &Channel, names: &Names) -> Result<Vec<Dead>, lapin::Error> {
+    let mut taken = Vec::new();
+    while let Some(message) = channel
+        .basic_get(
+            names.dead_queue().as_str().into(),
+            BasicGetOptions { no_ack: false },
+        )
+        .await?
+    {
+        let delivery = message.delivery;
+        let properties = delivery.properties.clone();
+        let headers = properties.headers().clone().unwrap_or_default();
+        let parsed: Option<Value> = serde_json::from_slice(&delivery.data).ok();
+        let job_id = header_text(&headers, "x-switchyard-job-id")
+            .or_else(|| properties.message_id().as_ref().map(|m| m.to_string()))
+            .or_else(|| {
+                parsed
+                    .as_ref()
+                    .and_then(|v| v.get("id")?.as_str().map(str::to_owned))
+            })
+            .unwrap_or_default();
+        taken.push(Dead {
+            tag: delivery.delivery_tag,
+            error: reason(&properties),
+            tenant: parsed
+                .as_ref()
+                .and_then(|v| v.get("tenant")?.as_str().map(str::to_owned)),
+            body: delivery.data,
+            properties,
+            job_id,
+        });
+    }
+    Ok(taken)
+}
+
+async fn give_back(channel: &Channel, messages: &[&Dead]) -> Result<(), lapin::Error> {
+    for message in messages {
+        channel
+            .basic_nack(
+                message.tag,
+                BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                },
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+pub async fn run(settings: Settings, command: DeadLetterCommand) -> anyhow::Result<ExitCode> {
+    let broker = queue::connect(&settings.broker.url).await?;
+    let names = Names::new(&settings.broker.prefix);
+    let channel = broker.create_channel().await?;
+    let taken = take_all(&channel, &names).await?;
+    let (filter, action) = match &command {
+        DeadLetterCommand::List(filter) => (filter, "list"),
+        DeadLetterCommand::Requeue(filter) => (filter, "requeue"),
+        DeadLetterCommand::Purge { filter, .. } => (filter, "purge"),
+    };
+    let (chosen, others): (Vec<&Dead>, Vec<&Dead>) = taken.iter().partition(|m| m.matches(filter));
+    let mut out = std::io::stdout().lock();
+    let outcome = match &command {
+        DeadLetterCommand::List(_) => {
+            for message in &chosen {
+                writeln!(out, "{}", message.summary())?;
+            }
+            give_back(&channel, &chosen).await?;
+            Ok(())
+        }
+        DeadLetterCommand::Requeue(_) => {
+            let publisher = Publisher::open(&broker).await?;
+            let messages: Vec<Outgoing> = chosen
+                .iter()
+                .map(|m| Outgoing {
+                    exchange: names.jobs_exchange(),
+                    routing_key: JOBS_ROUTING_KEY.to_owned(),
+                    body: m.body.clone(),
+                    message_id: m.job_id.clone(),
+                    kind: m.properties.kind().as_ref().map_or_else(
+                        || crate::messages::job::JOB_SCHEMA.to_owned(),
+                        |k| k.to_string(),
+                    ),
+                    headers: None,
+                })
+                .collect();
+            publisher.publish_all(&messages).await?;
+            for message in &chosen {
+                channel
+                    .basic_ack(message.tag, BasicAckOptions { multiple: false })
+                    .await?;
+                writeln!(out, "{}", message.summary())?;
+            }
+            Ok(())
+        }
+        DeadLetterCommand::Purge { yes, .. } => {
+            if !yes && !chosen.is_empty() {
+                give_back(&channel, &chosen).await?;
+                Err(BadInput(format!(
+                    "refusing to purge {} message(s) without --yes (run `dead-letters list` with the same filters to see them)",
+                    chosen.len()
+                )))
+            } else {
+                for message in &chosen {
+                    channel
+                        .basic_ack(message.tag, BasicAckOptions { multiple: false })
+                        .await?;
+                    writeln!(out, "{}", message.summary())?;
+                }
+                Ok(())
+            }
+        }
+    };
+    give_back(&channel, &others).await?;
+    out.flush()?;
+    channel.close(200, "done".into()).await.ok();
+    broker.close(200, "done".into()).await.ok();
+    outcome?;
+    eprintln!(
+        "dead-letters: {action} {} of {} message(s)",
+        chosen.len(),
+        taken.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,115 @@
+//! `switchyard dead-letters`: list without consuming, requeue a job, refuse to purge without
+//! `--yes`, purge with it.
+
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, options::BasicPublishOptions};
+use switchyard::stages::finalize::ERROR_HEADER;
+
+use crate::helpers::{TestApp, job, spawn_app, switchyard};
+
+fn run(app: &TestApp, args: &[&str]) -> (Option<i32>, Vec<serde_json::Value>, String) {
+    let output = switchyard(app)
+        .arg("dead-letters")
+        .args(args)
+        .output()
+        .unwrap();
+    let lines = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (
+        output.status.code(),
+        lines,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+async fn depth(app: &TestApp) -> u32 {
+    let channel = app.ctx.broker.create_channel().await.unwrap();
+    channel
+        .queue_declare(
+            app.names.dead_queue().as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .message_count()
+}
+
+#[tokio::test]
+async fn dead_letters_can_be_listed_requeued_and_purged() {
+    let app = spawn_app().await;
+    // A broken message the worker dead-letters, and a valid job dead-lettered by hand (as a
+    // poison job past its delivery limit would be).
+    app.publish_raw(b"definitely not json", None).await;
+    app.run_worker_until_idle().await;
+    let poisoned = job(
+        "acme",
+        None,
+        "default",
+        "Came back from the dead. It is served now.",
+    );
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ERROR_HEADER.into(),
+        AMQPValue::LongString("crashed the worker".into()),
+    );
+    app.publisher
+        .channel()
+        .basic_publish(
+            app.names.dead_exchange().as_str().into(),
+            "jobs".into(),
+            BasicPublishOptions::default(),
+            &serde_json::to_vec(&poisoned).unwrap(),
+            BasicProperties::default()
+                .with_message_id(poisoned.id.to_string().as_str().into())
+                .with_headers(headers),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(depth(&app).await, 2);
+
+    let (code, all, _) = run(&app, &["list"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(all.len(), 2);
+    let (_, broken, _) = run(&app, &["list", "--error", "invalid_json"]);
+    assert_eq!(broken.len(), 1);
+    assert!(
+        broken[0]["excerpt"]
+            .as_str()
+            .unwrap()
+            .contains("definitely not json")
+    );
+    assert_eq!(depth(&app).await, 2, "listing consumes nothing");
+
+    let (code, _, stderr) = run(&app, &["purge", "--error", "invalid_json"]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("without --yes"), "{stderr}");
+    assert_eq!(depth(&app).await, 2);
+
+    let id = poisoned.id.to_string();
+    let (code, requeued, _) = run(&app, &["requeue", "--job", &id]);
+    assert_eq!(code, Some(0));
+    assert_eq!(requeued.len(), 1);
+    assert_eq!(requeued[0]["job_id"], id.as_str());
+    assert_eq!(depth(&app).await, 1);
+    app.run_worker_until_idle().await;
+    let status: String = sqlx::query_scalar("SELECT status FROM results WHERE job_id = $1")
+        .bind(poisoned.id)
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert_eq!(status, "succeeded");
+
+    let (code, purged, _) = run(&app, &["purge", "--error", "invalid_json", "--yes"]);
+    assert_eq!((code, purged.len()), (Some(0), 1));
+    assert_eq!(depth(&app).await, 0);
+    app.cleanup().await;
+}
