@@ -99,7 +99,10 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
         budgets: ctx.budgets.clone(),
     };
     let mut finalizing = Some(ctx.tasks.spawn(finalizer.run(inbox)));
-    let sharing = ctx.shutdown.child_token();
+    // Not a child of `shutdown`: sharing (and health/metrics) must go on through the grace
+    // period, and stops only once the worker is done.
+    let sharing = CancellationToken::new();
+    let _stop_sharing = sharing.clone().drop_guard();
     if let Some(addr) = &ctx.settings.worker.http_addr {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -183,7 +186,6 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
         processing.wait().await;
     }
     drop(outbox);
-    sharing.cancel();
     let finalized = match finalizing {
         Some(handle) => handle.await.context("the finalizer panicked")??,
         None => FinalizeStats::default(),

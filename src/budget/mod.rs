@@ -54,12 +54,27 @@ pub struct Budgets {
 /// Output tokens assumed for a job without `max_tokens` when no config says otherwise.
 pub const DEFAULT_OUTPUT_RESERVATION: u32 = 4096;
 
+/// Tokens reserved per image part: images are billed by size and detail, which the request
+/// does not fully tell, so this is an allowance rather than a bound.
+pub const IMAGE_TOKEN_ALLOWANCE: u64 = 2_000;
+
 /// The most a call of `job` can cost at `prices`: every prompt byte as a token (no tokenizer
-/// yields more tokens than bytes) plus the output cap, or `default_output` without one.
+/// yields more tokens than bytes), [`IMAGE_TOKEN_ALLOWANCE`] per image, plus the output cap, or
+/// `default_output` without one (dispatch then gives the provider that cap).
 pub fn max_cost(job: &Job, prices: &Prices, default_output: u32) -> Decimal {
     let messages = job.request.messages.len() as u64;
-    let prompt: u64 =
-        job.request.all_text().map(|t| t.len() as u64).sum::<u64>() + 4 * messages + 3;
+    let images = job
+        .request
+        .messages
+        .iter()
+        .filter_map(|m| m.content.as_array())
+        .flatten()
+        .filter(|part| part.get("type").and_then(|t| t.as_str()) == Some("image_url"))
+        .count() as u64;
+    let prompt: u64 = job.request.all_text().map(|t| t.len() as u64).sum::<u64>()
+        + 4 * messages
+        + 3
+        + images * IMAGE_TOKEN_ALLOWANCE;
     let output = u64::from(job.request.output_cap().unwrap_or(default_output));
     pricing::cost(
         &Usage {
@@ -227,6 +242,11 @@ impl Budgets {
             );
         }
         settlements
+    }
+
+    /// Output tokens reserved (and given to the provider as the cap) for a job without one.
+    pub fn default_output(&self) -> u32 {
+        self.default_output
     }
 
     /// Longest wait for in-flight reservations to settle.

@@ -125,6 +125,15 @@ impl TargetHealth {
         }
     }
 
+    /// Gives back a probe that was not used (or whose answer said nothing about the target's
+    /// health): the circuit is due for a probe again at once.
+    pub fn abandon_probe(&self) {
+        let mut breaker = self.lock();
+        if breaker.circuit == Circuit::HalfOpen {
+            breaker.circuit = Circuit::Open(Instant::now());
+        }
+    }
+
     /// Counts a call in flight until the guard drops.
     pub fn start_call(&self) -> InFlight<'_> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -271,6 +280,15 @@ mod tests {
         assert_eq!(h.admit(), Admission::Skip, "only one probe at a time");
         assert_eq!(h.record(MS, false, true), Some(Transition::Closed));
         assert_eq!(h.admit(), Admission::Go);
+    }
+
+    #[test]
+    fn an_abandoned_probe_makes_the_circuit_due_for_another_probe() {
+        let h = health();
+        h.open_until(Instant::now());
+        assert_eq!(h.admit(), Admission::Probe);
+        h.abandon_probe();
+        assert_eq!(h.admit(), Admission::Probe, "the probe was not lost");
     }
 
     #[test]

@@ -145,16 +145,39 @@ impl Limiter {
         max_wait: Duration,
         call_timeout: Duration,
     ) -> Result<Acquired, sqlx::Error> {
-        let deadline = tokio::time::Instant::now() + max_wait;
         let mut lease = Lease::default();
+        // Whatever was taken before a refusal or an error is given back, uncounted.
+        match self
+            .fill(&mut lease, scopes, units, max_wait, call_timeout)
+            .await
+        {
+            Ok(None) => Ok(Acquired::Granted(lease)),
+            Ok(Some(wait)) => {
+                self.cancel(lease).await;
+                Ok(Acquired::TooLong(wait))
+            }
+            Err(error) => {
+                self.cancel(lease).await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Takes room in every scope into `lease`; `Some(wait)` when capacity comes too late.
+    async fn fill(
+        &self,
+        lease: &mut Lease,
+        scopes: &[&Scope],
+        units: u64,
+        max_wait: Duration,
+        call_timeout: Duration,
+    ) -> Result<Option<Duration>, sqlx::Error> {
+        let deadline = tokio::time::Instant::now() + max_wait;
         for scope in scopes {
             if let Some(queue) = self.local.get(&scope.name) {
                 match tokio::time::timeout_at(deadline, queue.clone().acquire_owned()).await {
                     Ok(Ok(permit)) => lease._permits.push(permit),
-                    _ => {
-                        self.release(lease, None).await;
-                        return Ok(Acquired::TooLong(max_wait));
-                    }
+                    _ => return Ok(Some(max_wait)),
                 }
             }
         }
@@ -173,8 +196,7 @@ impl Limiter {
                         break;
                     }
                     if tokio::time::Instant::now() + SLOT_POLL > deadline {
-                        self.release(lease, None).await;
-                        return Ok(Acquired::TooLong(max_wait));
+                        return Ok(Some(max_wait));
                     }
                     tokio::time::sleep(SLOT_POLL + Duration::from_millis(fastrand::u64(0..10)))
                         .await;
@@ -204,14 +226,20 @@ impl Limiter {
                     Rate::Wait(wait) if tokio::time::Instant::now() + wait <= deadline => {
                         tokio::time::sleep(wait + Duration::from_millis(fastrand::u64(0..5))).await;
                     }
-                    Rate::Wait(wait) => {
-                        self.release(lease, None).await;
-                        return Ok(Acquired::TooLong(wait));
-                    }
+                    Rate::Wait(wait) => return Ok(Some(wait)),
                 }
             }
         }
-        Ok(Acquired::Granted(lease))
+        Ok(None)
+    }
+
+    /// Gives back a lease that was not used for a call: its slots are freed and its calls are
+    /// removed from the rate windows.
+    pub async fn cancel(&self, lease: Lease) {
+        if let Err(error) = limiter::delete_events(&self.pool, &lease.events).await {
+            tracing::warn!(error.message = %error, "Could not remove unused calls from a rate window.");
+        }
+        self.release(lease, None).await;
     }
 
     /// Frees the lease's slots and corrects its token counts to `actual_units`.

@@ -27,6 +27,8 @@ use crate::routing::{Plan, Target};
 const MAX_HONOURED_DELAY: Duration = Duration::from_secs(10);
 /// Longest wait for a resting key of a target before moving on to the next target.
 const MAX_KEY_WAIT: Duration = Duration::from_secs(10);
+/// How long a streamed call's leases and budget reservations are held at least.
+const STREAM_HOLD: Duration = Duration::from_secs(3600);
 /// Rest given to a rate-limited key whose response named no delay.
 const DEFAULT_KEY_REST: Duration = Duration::from_secs(1);
 
@@ -166,10 +168,30 @@ async fn record(shared: Shared<'_>, attempt: &mut Attempt) {
     }
 }
 
-/// Gives back a limiter lease that was not used for a call.
+/// Returns an unused half-open probe when dropped (see [`TargetHealth::abandon_probe`]).
+struct ProbeGuard<'a> {
+    health: Option<&'a crate::routing::health::TargetHealth>,
+}
+
+impl ProbeGuard<'_> {
+    /// The probe was used: its outcome was recorded.
+    fn disarm(mut self) {
+        self.health = None;
+    }
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(health) = self.health {
+            health.abandon_probe();
+        }
+    }
+}
+
+/// Gives back a limiter lease that was not used for a call (uncounted).
 async fn release(limiter: Option<&Limiter>, lease: Option<Lease>) {
     if let (Some(limiter), Some(lease)) = (limiter, lease) {
-        limiter.release(lease, Some(0)).await;
+        limiter.cancel(lease).await;
     }
 }
 
@@ -209,7 +231,27 @@ pub async fn dispatch(
     stream: Option<&StreamSink>,
     shared: Shared<'_>,
 ) -> Dispatched {
-    let request = &job.request;
+    // With budgets, the output cap that was reserved is also the cap the provider is given, so
+    // a call can never cost more output than was reserved.
+    let capped;
+    let request = match shared.budgets {
+        Some(budgets) if job.request.output_cap().is_none() => {
+            capped = ChatRequest {
+                max_tokens: Some(budgets.default_output()),
+                ..job.request.clone()
+            };
+            &capped
+        }
+        _ => &job.request,
+    };
+    // Leases and reservations must outlive the call; a stream may run long past its first byte.
+    let hold_for = |target: &Target| {
+        if stream.is_some() {
+            target.timeout.max(STREAM_HOLD)
+        } else {
+            target.timeout
+        }
+    };
     let limiter = shared.limiter;
     let mut attempts: Vec<Attempt> = Vec::with_capacity(1);
     // Targets passed over because a provider or key budget could not cover the call.
@@ -285,6 +327,11 @@ pub async fn dispatch(
                     continue 'targets;
                 }
             };
+            // A probe not used for a call (limits, budgets) goes back, so the target is
+            // probed again rather than stuck half-open.
+            let probe_guard = ProbeGuard {
+                health: probe.then_some(&*target.health),
+            };
             let scopes = entry.scopes.for_call(key.as_ref().map(|k| k.id.as_str()));
             let lease = match limiter.filter(|_| !scopes.is_empty()) {
                 None => None,
@@ -295,7 +342,7 @@ pub async fn dispatch(
                         0
                     };
                     match limiter
-                        .acquire(&scopes, units, limiter.max_wait(), target.timeout)
+                        .acquire(&scopes, units, limiter.max_wait(), hold_for(target))
                         .await
                     {
                         Ok(Acquired::Granted(lease)) => Some(lease),
@@ -346,7 +393,7 @@ pub async fn dispatch(
                     let key_id = key.as_ref().map(|k| k.id.as_str());
                     let deadline = tokio::time::Instant::now() + budgets.max_wait();
                     let mut reserved = budgets
-                        .reserve(job, &entry.name, key_id, needed, target.timeout)
+                        .reserve(job, &entry.name, key_id, needed, hold_for(target))
                         .await;
                     // Room held by calls in flight frees up when they settle: wait, don't fail.
                     while matches!(reserved, Ok(Reserved::Busy(_)))
@@ -354,7 +401,7 @@ pub async fn dispatch(
                     {
                         tokio::time::sleep(Duration::from_millis(20 + fastrand::u64(0..30))).await;
                         reserved = budgets
-                            .reserve(job, &entry.name, key_id, needed, target.timeout)
+                            .reserve(job, &entry.name, key_id, needed, hold_for(target))
                             .await;
                     }
                     match reserved {
@@ -387,6 +434,7 @@ pub async fn dispatch(
             calls_left -= 1;
             let n = u32::try_from(attempts.len() + 1).unwrap_or(u32::MAX);
             let mut attempt = call_once(request, target, key.as_ref(), n, stream, probe).await;
+            probe_guard.disarm();
             attempt.attempt.holds = holds;
             attempt.attempt.cost = cost_event(job, &attempt.attempt);
             record(shared, &mut attempt.attempt).await;
@@ -520,7 +568,9 @@ async fn call_once(
         .as_ref()
         .err()
         .is_some_and(|e| e.is_retryable() && e.class != ErrorClass::RateLimited);
-    let counts = result.is_ok() || unhealthy;
+    // Only failures that say something about the target's health count against it; a probe's
+    // answer always decides (a 400 or a 429 still shows the target is up).
+    let counts = result.is_ok() || unhealthy || probe;
     let circuit = if counts {
         target.health.record(elapsed, unhealthy, probe)
     } else {

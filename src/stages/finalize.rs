@@ -476,7 +476,10 @@ impl Finalizer {
             // A job that lost a race with a concurrent duplicate publishes the winner's result.
             let result = lost_races.get(&job.result.job_id).unwrap_or(&job.result);
             outgoing.push(self.result_message(result));
-            if let Some(body) = &job.dead_letter {
+            // A rejected message seen again was dead-lettered the first time.
+            if let Some(body) = &job.dead_letter
+                && !lost_races.contains_key(&job.result.job_id)
+            {
                 outgoing.push(self.dead_letter_message(&job.result, body));
             }
         }
@@ -492,6 +495,7 @@ impl Finalizer {
             .collect();
         let audits: Vec<&AuditEvent> = fresh
             .iter()
+            .filter(|j| !(j.dead_letter.is_some() && lost_races.contains_key(&j.result.job_id)))
             .flat_map(|j| j.audits.iter())
             .chain(&alerts)
             .collect();
@@ -578,10 +582,6 @@ impl Finalizer {
         cost_ledger::insert_many(&mut tx, &costs)
             .await
             .map_err(store_error)?;
-        let audits: Vec<&AuditEvent> = fresh.iter().flat_map(|j| j.audits.iter()).collect();
-        audit::insert_many(&mut tx, &audits)
-            .await
-            .map_err(store_error)?;
         // A job lost the race when its result row was already there, or when an earlier copy
         // of the same job in this very group claimed the row.
         let inserted: std::collections::HashSet<Uuid> = inserted.into_iter().collect();
@@ -591,6 +591,15 @@ impl Finalizer {
             .map(|j| j.result.job_id)
             .filter(|id| !(inserted.contains(id) && claimed.insert(*id)))
             .collect();
+        // A rejected message seen again (redelivered after its commit) adds no second audit.
+        let audits: Vec<&AuditEvent> = fresh
+            .iter()
+            .filter(|j| !(j.dead_letter.is_some() && lost.contains(&j.result.job_id)))
+            .flat_map(|j| j.audits.iter())
+            .collect();
+        audit::insert_many(&mut tx, &audits)
+            .await
+            .map_err(store_error)?;
         let stored = results::find_latest_many(&mut tx, &lost)
             .await
             .map_err(store_error)?;

@@ -128,6 +128,17 @@ pub async fn settle(
     .bind(settlements.iter().map(|s| s.cap).collect::<Vec<_>>())
     .execute(&mut *conn)
     .await?;
+    // Lock the periods in the same (name) order `reserve` does, so the two cannot deadlock.
+    sqlx::query(
+        "SELECT 1 FROM budget_periods p
+         JOIN (SELECT DISTINCT * FROM UNNEST($1::text[], $2::timestamptz[]) AS t(budget, period_start)) t
+           USING (budget, period_start)
+         ORDER BY p.budget, p.period_start FOR UPDATE OF p",
+    )
+    .bind(settlements.iter().map(|s| s.budget.clone()).collect::<Vec<_>>())
+    .bind(settlements.iter().map(|s| s.period_start).collect::<Vec<_>>())
+    .execute(&mut *conn)
+    .await?;
     let ids: Vec<Uuid> = settlements.iter().filter_map(|s| s.reservation).collect();
     sqlx::query(
         "WITH gone AS (DELETE FROM budget_reservations WHERE id = ANY($1) RETURNING budget, period_start, amount),
@@ -175,6 +186,20 @@ pub async fn mark_alert(
 
 /// Releases reservations that expired before `now` (their workers died).
 pub async fn release_expired(pool: &PgPool, now: DateTime<Utc>) -> Result<u64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    // Lock the affected periods in name order first (as `reserve` and `settle` do).
+    let locked = sqlx::query(
+        "SELECT 1 FROM budget_periods p
+         WHERE (p.budget, p.period_start) IN (SELECT budget, period_start FROM budget_reservations WHERE expires_at < $1)
+         ORDER BY p.budget, p.period_start FOR UPDATE OF p",
+    )
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    if locked.rows_affected() == 0 {
+        tx.rollback().await?;
+        return Ok(0);
+    }
     let result = sqlx::query(
         "WITH gone AS (DELETE FROM budget_reservations WHERE expires_at < $1 RETURNING budget, period_start, amount),
               held AS (SELECT budget, period_start, sum(amount) AS amount FROM gone GROUP BY budget, period_start)
@@ -182,7 +207,8 @@ pub async fn release_expired(pool: &PgPool, now: DateTime<Utc>) -> Result<u64, s
          FROM held WHERE p.budget = held.budget AND p.period_start = held.period_start",
     )
     .bind(now)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(result.rows_affected())
 }

@@ -139,6 +139,18 @@ pub async fn take_rate(
     Ok(Rate::Granted)
 }
 
+/// Removes calls that never happened from the rate windows.
+pub async fn delete_events(pool: &PgPool, events: &[Uuid]) -> Result<(), sqlx::Error> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("DELETE FROM limiter_events WHERE id = ANY($1)")
+        .bind(events)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
 /// Corrects a recorded call's tokens to the actual usage.
 pub async fn settle_units(pool: &PgPool, event: Uuid, units: u64) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE limiter_events SET units = $2 WHERE id = $1")
