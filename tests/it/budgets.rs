@@ -459,7 +459,12 @@ targets = [{{ provider = "p", model = "m" }}]
         rows.iter().all(|r| r.0 == "2020-01-01"),
         "the version in effect today applied: {rows:?}"
     );
-    assert_eq!(rows[0].1, None, "the first call is below the tier");
+    // Calls take their tier in the order they are recorded (the volume row is locked), which
+    // need not be the order they ended in: count, don't sort.
+    assert!(
+        rows.iter().any(|r| r.1.is_none()),
+        "the first calls are below the tier: {rows:?}"
+    );
     assert!(
         rows.iter().any(|r| r.1 == Some(60)),
         "later calls reached the tier: {rows:?}"
