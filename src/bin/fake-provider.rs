@@ -971,7 +971,7 @@ struct Counters {
 }
 
 /// See [`Counters::early_after_429`].
-const REST_GRACE: Duration = Duration::from_millis(100);
+const REST_GRACE: Duration = Duration::from_millis(250);
 
 /// Request statistics, safe to share between handlers.
 #[derive(Debug, Default)]
