@@ -1254,6 +1254,7 @@ pub fn handle_anthropic_error(status: u16, headers: &HeaderMap, body: &str) -> P
 mod tests {
     use super::*;
     use crate::providers::ApiKey;
+    use crate::providers::test_support::serve;
     use std::sync::Mutex;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use wiremock::matchers::{header, method, path};
@@ -1341,16 +1342,6 @@ mod tests {
         AnthropicProvider::new(reqwest::Client::new(), base_url)
             .complete(request, "claude-x", &call)
             .await
-    }
-
-    async fn serve(status: u16, body: &str) -> MockServer {
-        let server = MockServer::start().await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(status).set_body_string(body))
-            .expect(1)
-            .mount(&server)
-            .await;
-        server
     }
 
     async fn sent_body(server: &MockServer) -> Value {

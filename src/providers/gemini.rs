@@ -1384,6 +1384,7 @@ pub fn handle_gemini_error(status: u16, headers: &HeaderMap, body: &str) -> Prov
 mod tests {
     use super::*;
     use crate::providers::ApiKey;
+    use crate::providers::test_support::serve;
     use base64::Engine;
     use reqwest::header::HeaderValue;
     use std::sync::Mutex;
@@ -1549,16 +1550,6 @@ mod tests {
         provider(&server.uri())
             .complete(&hello(), MODEL, &call)
             .await
-    }
-
-    async fn serve(status: u16, body: &str) -> MockServer {
-        let server = MockServer::start().await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(status).set_body_string(body))
-            .expect(1)
-            .mount(&server)
-            .await;
-        server
     }
 
     // ---- request translation ----------------------------------------------------------------

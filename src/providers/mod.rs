@@ -13,6 +13,8 @@ pub mod openai;
 #[cfg(test)]
 mod robustness;
 pub mod sse;
+#[cfg(test)]
+pub(crate) mod test_support;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -588,6 +588,7 @@ mod tests {
     use super::*;
     use crate::messages::ChatMessage;
     use crate::providers::ApiKey;
+    use crate::providers::test_support::serve;
     use reqwest::header::HeaderValue;
     use std::sync::Mutex;
     use std::time::Duration;
@@ -644,16 +645,6 @@ mod tests {
         provider(server, options)
             .complete(&request(), "gpt-x", &call)
             .await
-    }
-
-    async fn serve(status: u16, body: &str) -> MockServer {
-        let server = MockServer::start().await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(status).set_body_string(body))
-            .expect(1)
-            .mount(&server)
-            .await;
-        server
     }
 
     #[tokio::test]
