@@ -133,13 +133,22 @@ impl Budgets {
         max_cost(job, prices, self.default_output)
     }
 
-    fn applies(budget: &BudgetSettings, job: &Job, provider: &str, key_id: Option<&str>) -> bool {
+    /// Whether `budget`'s scope covers a call for `tenant`/`route`/`batch` on `provider` with
+    /// `key_id`.
+    fn applies(
+        budget: &BudgetSettings,
+        tenant: &str,
+        route: &str,
+        batch: Option<&str>,
+        provider: &str,
+        key_id: Option<&str>,
+    ) -> bool {
         let key = key_id.map(|k| format!("{provider}/{k}"));
-        budget.tenant.as_deref() == Some(job.tenant.as_str())
+        budget.tenant.as_deref() == Some(tenant)
             || budget.provider.as_deref() == Some(provider)
             || (budget.key.is_some() && budget.key == key)
-            || budget.route.as_deref() == Some(job.route.as_str())
-            || (budget.batch.is_some() && budget.batch == job.batch)
+            || budget.route.as_deref() == Some(route)
+            || (budget.batch.is_some() && budget.batch.as_deref() == batch)
     }
 
     /// Reserves `amount` on every hard budget that applies to a call of `job` on `provider`
@@ -156,7 +165,17 @@ impl Budgets {
         let mut applicable: Vec<&BudgetSettings> = self
             .budgets
             .iter()
-            .filter(|b| b.mode == BudgetMode::Hard && Self::applies(b, job, provider, key_id))
+            .filter(|b| {
+                b.mode == BudgetMode::Hard
+                    && Self::applies(
+                        b,
+                        &job.tenant,
+                        &job.route,
+                        job.batch.as_deref(),
+                        provider,
+                        key_id,
+                    )
+            })
             .collect();
         if applicable.is_empty() {
             return Ok(Reserved::Held(Vec::new()));
@@ -222,15 +241,14 @@ impl Budgets {
                     .iter()
                     .filter(|b| b.mode == BudgetMode::Soft)
                     .filter(|b| {
-                        let key = cost
-                            .key_id
-                            .as_ref()
-                            .map(|k| format!("{}/{k}", cost.provider));
-                        b.tenant.as_deref() == Some(cost.tenant.as_str())
-                            || b.provider.as_deref() == Some(cost.provider.as_str())
-                            || (b.key.is_some() && b.key == key)
-                            || b.route.as_deref() == Some(cost.route.as_str())
-                            || (b.batch.is_some() && b.batch == cost.batch)
+                        Self::applies(
+                            b,
+                            &cost.tenant,
+                            &cost.route,
+                            cost.batch.as_deref(),
+                            &cost.provider,
+                            cost.key_id.as_deref(),
+                        )
                     })
                     .map(|b| Settlement {
                         reservation: None,

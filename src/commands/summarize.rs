@@ -24,6 +24,7 @@ use crate::config::Settings;
 use crate::messages::{ChatMessage, ChatRequest, Job, JobResult, JobStatus};
 use crate::queue::publisher::{Outgoing, Publisher};
 use crate::queue::topology;
+use crate::stages::ingest::is_name;
 use crate::worker::{self, WorkerOptions};
 
 /// The instruction sent with every document.
@@ -78,14 +79,6 @@ fn walk(dir: &Path, found: &mut Vec<PathBuf>) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-fn is_name(value: &str) -> bool {
-    !value.is_empty()
-        && value.len() <= 128
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 pub async fn run(settings: Settings, args: SummarizeArgs) -> anyhow::Result<ExitCode> {

@@ -29,9 +29,7 @@ impl AckTracker {
     pub fn finish(&mut self, tags: impl IntoIterator<Item = u64>) -> AckPlan {
         let fresh: BTreeSet<u64> = tags.into_iter().collect();
         self.beyond_gap.extend(fresh.iter().copied());
-        while self.beyond_gap.remove(&(self.contiguous_through + 1)) {
-            self.contiguous_through += 1;
-        }
+        self.advance();
         // The highest fresh tag inside the contiguous run acks all fresh tags below it; tags
         // it passes over were acked singly before and are no longer outstanding.
         let multiple = fresh.range(..=self.contiguous_through).next_back().copied();
@@ -48,6 +46,11 @@ impl AckTracker {
     /// can pass over it without naming it.
     pub fn settle_elsewhere(&mut self, tag: u64) {
         self.beyond_gap.insert(tag);
+        self.advance();
+    }
+
+    /// Extends the contiguous run over settled tags that now follow it.
+    fn advance(&mut self) {
         while self.beyond_gap.remove(&(self.contiguous_through + 1)) {
             self.contiguous_through += 1;
         }

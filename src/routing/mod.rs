@@ -146,6 +146,7 @@ impl Router {
     /// shared by every route that uses it.
     pub fn from_settings(settings: &Settings, registry: &Registry) -> Self {
         let mut health: HashMap<String, Arc<TargetHealth>> = HashMap::new();
+        let all_providers = settings.all_providers();
         let mut resolve = |target: &TargetSettings| -> Option<Target> {
             let provider = registry.get(&target.provider)?.clone();
             let model: Option<&ModelSettings> = provider.model(&target.model);
@@ -154,10 +155,7 @@ impl Router {
                 .entry(key.clone())
                 .or_insert_with(|| Arc::new(TargetHealth::new(key, &settings.routing)))
                 .clone();
-            let provider_settings = settings
-                .all_providers()
-                .into_iter()
-                .find(|p| p.name == target.provider);
+            let provider_settings = all_providers.iter().find(|p| p.name == target.provider);
             Some(Target {
                 model: target.model.clone(),
                 price_table: Arc::new(model.map(PriceTable::from_model).unwrap_or_default()),

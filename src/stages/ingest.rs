@@ -24,7 +24,9 @@ pub struct Rejection {
     pub raw_body: Vec<u8>,
 }
 
-fn is_name(value: &str) -> bool {
+/// Whether `value` is a valid tenant or batch name: 1–128 of `[A-Za-z0-9_-]`, so it is a safe
+/// routing-key segment.
+pub fn is_name(value: &str) -> bool {
     (1..=128).contains(&value.len())
         && value
             .bytes()
