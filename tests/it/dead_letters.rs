@@ -25,6 +25,38 @@ fn run(app: &TestApp, args: &[&str]) -> (Option<i32>, Vec<serde_json::Value>, St
     )
 }
 
+/// The dead-letter queue's depth once it has settled at `expected` (a quorum queue applies
+/// returned messages asynchronously), or whatever it is after 5 s.
+async fn depth_settles_at(app: &TestApp, expected: u32) -> u32 {
+    let mut seen = depth(app).await;
+    for _ in 0..50 {
+        if seen == expected {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        seen = depth(app).await;
+    }
+    seen
+}
+
+/// Runs a read-only `dead-letters` command until it sees `expected` messages (returned
+/// messages reach a quorum queue asynchronously), or gives its last answer after 5 s.
+async fn listed(
+    app: &TestApp,
+    args: &[&str],
+    expected: usize,
+) -> (Option<i32>, Vec<serde_json::Value>) {
+    let mut answer = run(app, args);
+    for _ in 0..50 {
+        if answer.1.len() == expected {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        answer = run(app, args);
+    }
+    (answer.0, answer.1)
+}
+
 async fn depth(app: &TestApp) -> u32 {
     let channel = app.ctx.broker.create_channel().await.unwrap();
     channel
@@ -74,12 +106,12 @@ async fn dead_letters_can_be_listed_requeued_and_purged() {
         .unwrap()
         .await
         .unwrap();
-    assert_eq!(depth(&app).await, 2);
+    assert_eq!(depth_settles_at(&app, 2).await, 2);
 
-    let (code, all, _) = run(&app, &["list"]);
+    let (code, all) = listed(&app, &["list"], 2).await;
     assert_eq!(code, Some(0));
     assert_eq!(all.len(), 2);
-    let (_, broken, _) = run(&app, &["list", "--error", "invalid_json"]);
+    let (_, broken) = listed(&app, &["list", "--error", "invalid_json"], 1).await;
     assert_eq!(broken.len(), 1);
     assert!(
         broken[0]["excerpt"]
@@ -87,19 +119,23 @@ async fn dead_letters_can_be_listed_requeued_and_purged() {
             .unwrap()
             .contains("definitely not json")
     );
-    assert_eq!(depth(&app).await, 2, "listing consumes nothing");
+    assert_eq!(
+        depth_settles_at(&app, 2).await,
+        2,
+        "listing consumes nothing"
+    );
 
     let (code, _, stderr) = run(&app, &["purge", "--error", "invalid_json"]);
     assert_eq!(code, Some(2));
     assert!(stderr.contains("without --yes"), "{stderr}");
-    assert_eq!(depth(&app).await, 2);
+    assert_eq!(depth_settles_at(&app, 2).await, 2);
 
     let id = poisoned.id.to_string();
     let (code, requeued, _) = run(&app, &["requeue", "--job", &id]);
     assert_eq!(code, Some(0));
     assert_eq!(requeued.len(), 1);
     assert_eq!(requeued[0]["job_id"], id.as_str());
-    assert_eq!(depth(&app).await, 1);
+    assert_eq!(depth_settles_at(&app, 1).await, 1);
     app.run_worker_until_idle().await;
     let status: String = sqlx::query_scalar("SELECT status FROM results WHERE job_id = $1")
         .bind(poisoned.id)
@@ -110,6 +146,6 @@ async fn dead_letters_can_be_listed_requeued_and_purged() {
 
     let (code, purged, _) = run(&app, &["purge", "--error", "invalid_json", "--yes"]);
     assert_eq!((code, purged.len()), (Some(0), 1));
-    assert_eq!(depth(&app).await, 0);
+    assert_eq!(depth_settles_at(&app, 0).await, 0);
     app.cleanup().await;
 }
