@@ -43,8 +43,13 @@ pub enum Command {
     Publish(PublishArgs),
     /// Print results (or events) matching a topic pattern as JSON lines.
     Subscribe(SubscribeArgs),
-    /// Summarize documents (.txt, .md, directories of them) as one batch.
+    /// Summarize documents (.txt, .md, .html, JSONL, directories and globs) as one batch.
     Summarize(SummarizeArgs),
+    /// OpenAI Batch files: submit, status, results, cancel.
+    #[command(subcommand)]
+    Batch(BatchCommand),
+    /// Publish stored jobs again (failed, rejected, …) with their generation bumped.
+    Replay(ReplayArgs),
     /// Reports from the ledger.
     #[command(subcommand)]
     Report(ReportCommand),
@@ -60,6 +65,11 @@ pub enum Command {
 pub enum DeadLetterCommand {
     /// Print matching messages as JSON lines (they stay in the queue).
     List(DeadLetterFilter),
+    /// Print one message in full: properties, headers and body (it stays in the queue).
+    Show {
+        /// The job id (or message id) of the message.
+        job: String,
+    },
     /// Publish matching messages to the jobs exchange again.
     Requeue(DeadLetterFilter),
     /// Drop matching messages.
@@ -83,6 +93,104 @@ pub struct DeadLetterFilter {
     pub error: Option<String>,
     #[arg(long)]
     pub tenant: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BatchCommand {
+    /// Validate an OpenAI Batch input file and publish one job per line; prints the batch id.
+    Submit(BatchSubmitArgs),
+    /// Counts by status, cost so far, times, and the status in OpenAI's vocabulary.
+    Status {
+        id: String,
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        /// One JSON object (OpenAI batch-object shape) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the OpenAI Batch output file (and optionally the error file).
+    Results(BatchResultsArgs),
+    /// Cancel the requests that have not started; finished and running ones keep their results.
+    Cancel {
+        id: String,
+        #[arg(long, default_value = "default")]
+        tenant: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BatchSubmitArgs {
+    /// OpenAI Batch input file (JSONL of `custom_id`, `method`, `url`, `body`).
+    pub file: PathBuf,
+    #[arg(long, default_value = "default")]
+    pub route: String,
+    #[arg(long, default_value = "default")]
+    pub tenant: String,
+    /// Submit the valid lines even when some are invalid (they are reported, and listed in
+    /// `batch results --errors`); without it, any invalid line stops the submission.
+    #[arg(long)]
+    pub skip_invalid: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BatchResultsArgs {
+    pub id: String,
+    #[arg(long, default_value = "default")]
+    pub tenant: String,
+    /// Output file (`-` for stdout): one line per request, OpenAI Batch output format.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Write failed requests (and invalid input lines) here instead of to `--out`.
+    #[arg(long)]
+    pub errors: Option<PathBuf>,
+}
+
+/// Which stored jobs `replay` republishes.
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    #[arg(long, default_value = "default")]
+    pub tenant: String,
+    #[arg(long)]
+    pub batch: Option<String>,
+    /// Latest status to select (repeatable or comma separated); default `failed,rejected`,
+    /// or any status with `--id`. `dead-lettered` means `rejected`.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub status: Vec<ReplayStatus>,
+    /// Error code of the result (e.g. `all_attempts_failed`) or error class of an attempt
+    /// (e.g. `rate_limited`, `server_error`).
+    #[arg(long)]
+    pub error_class: Option<String>,
+    /// Results stored at or after this time (YYYY-MM-DD or RFC 3339).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Results stored before this time (YYYY-MM-DD or RFC 3339).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Only these job ids (repeatable or comma separated).
+    #[arg(long = "id", value_delimiter = ',')]
+    pub ids: Vec<uuid::Uuid>,
+    /// Send the replayed jobs to this route instead of their own.
+    #[arg(long)]
+    pub route: Option<String>,
+    /// Why (recorded in the audit event).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Replay jobs whose latest result is a success too.
+    #[arg(long)]
+    pub force: bool,
+    /// Print what would be replayed and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// A job status `replay` can select.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReplayStatus {
+    Failed,
+    Rejected,
+    DeadLettered,
+    Cancelled,
+    Succeeded,
 }
 
 #[derive(Debug, Subcommand)]
@@ -157,22 +265,45 @@ pub struct SubscribeArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct SummarizeArgs {
-    /// Files or directories (searched recursively for .txt and .md).
+    /// Files, directories (searched recursively for .txt, .md, .html and .jsonl) and globs
+    /// (`'docs/**/*.md'`). A .jsonl file holds one document per line: `{"id": …, "text": …}`.
     #[arg(required = true)]
-    pub paths: Vec<PathBuf>,
-    /// Output JSONL file (`-` for stdout).
+    pub paths: Vec<String>,
+    /// Output file (`-` for stdout).
     #[arg(long, default_value = "-")]
     pub out: String,
-    /// Batch name (default: a fresh `summarize-<time>` name).
+    /// Output format (default: markdown when `--out` ends in .md, else jsonl).
+    #[arg(long, value_enum)]
+    pub format: Option<SummaryFormat>,
+    /// Batch name. Running again with the same name resumes: documents already summarized
+    /// are not sent again (default: a fresh `summarize-<time>` name).
     #[arg(long)]
     pub batch: Option<String>,
     #[arg(long, default_value = "default")]
     pub tenant: String,
     #[arg(long, default_value = "default")]
     pub route: String,
+    /// Target summary length, in words.
+    #[arg(long, default_value_t = 120)]
+    pub words: u32,
     /// Longest summary, in tokens.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 400)]
     pub max_tokens: u32,
+    /// Instruction sent with every document; `{words}` is replaced by `--words`.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Largest piece of a document sent at once, in tokens (default: what fits the
+    /// route's smallest context window next to the prompt and the summary; no splitting
+    /// when no target declares a context window).
+    #[arg(long)]
+    pub chunk_tokens: Option<u32>,
+}
+
+/// How `summarize` writes its output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SummaryFormat {
+    Jsonl,
+    Markdown,
 }
 
 #[derive(Debug, Subcommand)]

@@ -558,6 +558,27 @@ impl Settings {
     }
 
     /// Every provider, including the built-in one unless a configured provider takes its name.
+    /// The smallest context window among a route's targets and fallbacks (so any of them can
+    /// take a prompt that fits), or `None` when the route is unknown or no target declares one.
+    pub fn route_context_window(&self, route: &str) -> Option<u32> {
+        let route = self.routes.iter().find(|r| r.alias == route)?;
+        let providers = self.all_providers();
+        route
+            .targets
+            .iter()
+            .chain(&route.fallback)
+            .filter_map(|target| {
+                providers
+                    .iter()
+                    .find(|p| p.name == target.provider)?
+                    .models
+                    .iter()
+                    .find(|m| m.name == target.model)?
+                    .context_window
+            })
+            .min()
+    }
+
     pub fn all_providers(&self) -> Vec<ProviderSettings> {
         let mut providers = self.providers.clone();
         if !providers.iter().any(|p| p.name == BUILTIN_PROVIDER) {

@@ -16,7 +16,9 @@ async fn main() -> ExitCode {
         | Command::Publish(_)
         | Command::Subscribe(_)
         | Command::Report(_)
-        | Command::DeadLetters(_) => "warn",
+        | Command::DeadLetters(_)
+        | Command::Batch(_)
+        | Command::Replay(_) => "warn",
         _ => "info",
     };
     telemetry::init(cli.log_format, level);

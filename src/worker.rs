@@ -251,14 +251,15 @@ async fn handle(ctx: &Context, streams: &Publisher, delivery: Delivery) -> Finis
         }
     };
     match stored_result(ctx, job.id).await {
-        Ok(Some(result)) => {
+        // A replay (a newer generation) is served even though an older result exists.
+        Ok(Some(result)) if result.generation >= job.generation => {
             tracing::info!(job_id = %job.id, "Job already has a committed result; republishing it.");
             return Finished::Duplicate {
                 tag,
                 result: Box::new(result),
             };
         }
-        Ok(None) => {}
+        Ok(_) => {}
         Err(error) => {
             tracing::error!(job_id = %job.id, error.cause_chain = ?error, error.message = %error, "Cannot check for a stored result; requeueing the job.");
             return Finished::Requeue { tag };

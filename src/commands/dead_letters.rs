@@ -63,6 +63,42 @@ impl Dead {
         })
     }
 
+    /// Everything about the message: properties, headers and the body (as JSON when it is,
+    /// as text when it is UTF-8, else base64).
+    fn detail(&self) -> Value {
+        let headers: serde_json::Map<String, Value> = self
+            .properties
+            .headers()
+            .as_ref()
+            .map(|headers| {
+                headers
+                    .inner()
+                    .iter()
+                    .map(|(name, value)| (name.to_string(), amqp_json(value)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let body = match serde_json::from_slice::<Value>(&self.body) {
+            Ok(json) => json!({ "json": json }),
+            Err(_) => match std::str::from_utf8(&self.body) {
+                Ok(text) => json!({ "text": text }),
+                Err(_) => {
+                    json!({ "base64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &self.body) })
+                }
+            },
+        };
+        json!({
+            "job_id": self.job_id,
+            "tenant": self.tenant,
+            "error": self.error,
+            "bytes": self.body.len(),
+            "message_id": self.properties.message_id().as_ref().map(|m| m.to_string()),
+            "type": self.properties.kind().as_ref().map(|k| k.to_string()),
+            "headers": headers,
+            "body": body,
+        })
+    }
+
     fn matches(&self, filter: &DeadLetterFilter) -> bool {
         filter
             .job
@@ -76,6 +112,27 @@ impl Dead {
                 .tenant
                 .as_ref()
                 .is_none_or(|t| self.tenant.as_ref() == Some(t))
+    }
+}
+
+/// An AMQP header value as JSON (for display).
+fn amqp_json(value: &AMQPValue) -> Value {
+    match value {
+        AMQPValue::LongString(text) => Value::from(text.to_string()),
+        AMQPValue::ShortString(text) => Value::from(text.to_string()),
+        AMQPValue::Boolean(b) => Value::from(*b),
+        AMQPValue::LongLongInt(n) => Value::from(*n),
+        AMQPValue::LongInt(n) => Value::from(*n),
+        AMQPValue::Timestamp(t) => Value::from(*t),
+        AMQPValue::FieldArray(items) => items.as_slice().iter().map(amqp_json).collect(),
+        AMQPValue::FieldTable(table) => Value::Object(
+            table
+                .inner()
+                .iter()
+                .map(|(k, v)| (k.to_string(), amqp_json(v)))
+                .collect(),
+        ),
+        other => Value::from(format!("{other:?}")),
     }
 }
 
@@ -135,8 +192,17 @@ pub async fn run(settings: Settings, command: DeadLetterCommand) -> anyhow::Resu
     let names = Names::new(&settings.broker.prefix);
     let channel = broker.create_channel().await?;
     let taken = take_all(&channel, &names).await?;
+    let by_job;
     let (filter, action) = match &command {
         DeadLetterCommand::List(filter) => (filter, "list"),
+        DeadLetterCommand::Show { job } => {
+            by_job = DeadLetterFilter {
+                job: Some(vec![job.clone()]),
+                error: None,
+                tenant: None,
+            };
+            (&by_job, "show")
+        }
         DeadLetterCommand::Requeue(filter) => (filter, "requeue"),
         DeadLetterCommand::Purge { filter, .. } => (filter, "purge"),
     };
@@ -149,6 +215,19 @@ pub async fn run(settings: Settings, command: DeadLetterCommand) -> anyhow::Resu
             }
             give_back(&channel, &chosen).await?;
             Ok(())
+        }
+        DeadLetterCommand::Show { job } => {
+            for message in &chosen {
+                writeln!(out, "{:#}", message.detail())?;
+            }
+            give_back(&channel, &chosen).await?;
+            if chosen.is_empty() {
+                Err(BadInput(format!(
+                    "no dead-lettered message has job id {job:?} (`dead-letters list` shows them)"
+                )))
+            } else {
+                Ok(())
+            }
         }
         DeadLetterCommand::Requeue(_) => {
             let publisher = Publisher::open(&broker).await?;

@@ -1,10 +1,12 @@
 //! One file per CLI command. Each returns `anyhow::Result`; [`run`] turns errors into one
 //! line on stderr and an exit code.
 
+pub mod batch;
 pub mod config_check;
 pub mod dead_letters;
 pub mod migrate;
 pub mod publish;
+pub mod replay;
 pub mod report;
 pub mod subscribe;
 pub mod summarize;
@@ -22,6 +24,14 @@ pub const EXIT_BAD_INPUT: u8 = 2;
 /// Exit code when the command ran but some jobs failed.
 pub const EXIT_JOBS_FAILED: u8 = 3;
 
+/// Exit code of a command stopped by Ctrl-C (128 + SIGINT).
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+/// A command stopped by SIGINT/SIGTERM before it was done.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Interrupted(pub String);
+
 /// An error that is the user's input, not the system's state.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -35,6 +45,8 @@ pub async fn run(command: Command, settings: Settings) -> ExitCode {
         Command::Publish(args) => publish::run(settings, args).await,
         Command::Subscribe(args) => subscribe::run(settings, args).await,
         Command::Summarize(args) => summarize::run(settings, args).await,
+        Command::Batch(command) => batch::run(settings, command).await,
+        Command::Replay(args) => replay::run(settings, args).await,
         Command::Report(ReportCommand::Costs(args)) => report::run(settings, args).await,
         Command::DeadLetters(command) => dead_letters::run(settings, command).await,
         Command::Config(ConfigCommand::Check) => config_check::run(&settings),
@@ -45,6 +57,8 @@ pub async fn run(command: Command, settings: Settings) -> ExitCode {
             eprintln!("error: {error:#}");
             if error.downcast_ref::<BadInput>().is_some() {
                 ExitCode::from(EXIT_BAD_INPUT)
+            } else if error.downcast_ref::<Interrupted>().is_some() {
+                ExitCode::from(EXIT_INTERRUPTED)
             } else {
                 ExitCode::from(EXIT_FAILURE)
             }

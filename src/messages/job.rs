@@ -16,6 +16,10 @@ pub struct Job {
     #[serde(default)]
     pub batch: Option<String>,
     pub route: String,
+    /// 0 when first published; `switchyard replay` republishes a job with this bumped, and
+    /// the worker serves a generation that has no result yet even if an older one has.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: i32,
     pub request: ChatRequest,
     /// A cap on what this job may cost, all attempts together (USD, exact decimal string).
     #[serde(
@@ -40,12 +44,17 @@ impl Job {
             tenant: tenant.to_owned(),
             batch: batch.map(str::to_owned),
             route: route.to_owned(),
+            generation: 0,
             request,
             max_cost_usd: None,
             regions: None,
             metadata: None,
         }
     }
+}
+
+fn is_zero(generation: &i32) -> bool {
+    *generation == 0
 }
 
 /// An OpenAI chat-completions request body. Fields Switchyard reads are typed; everything

@@ -17,6 +17,8 @@ pub enum JobStatus {
     Failed,
     /// The message itself was unusable (not JSON, schema violation, unknown route, …).
     Rejected,
+    /// Its batch was cancelled before the job started (`switchyard batch cancel`).
+    Cancelled,
 }
 
 impl JobStatus {
@@ -26,6 +28,7 @@ impl JobStatus {
             JobStatus::Succeeded => "succeeded",
             JobStatus::Failed => "failed",
             JobStatus::Rejected => "rejected",
+            JobStatus::Cancelled => "cancelled",
         }
     }
 }
@@ -61,6 +64,16 @@ impl JobResult {
             self.batch.as_deref().unwrap_or(super::NONE_SEGMENT),
             self.status.as_str()
         )
+    }
+
+    /// The AMQP `message_id` of this result: the job id, with `/g<N>` for a replayed
+    /// generation so that subscribers deduplicating on it keep every generation's result.
+    pub fn message_id(&self) -> String {
+        if self.generation == 0 {
+            self.job_id.to_string()
+        } else {
+            format!("{}/g{}", self.job_id, self.generation)
+        }
     }
 
     /// The assistant text of a successful result.

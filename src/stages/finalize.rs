@@ -177,7 +177,7 @@ impl FinishedJob {
             rows.push(AttemptRow {
                 id: attempt.id,
                 job_id: job.id,
-                generation: 0,
+                generation: job.generation,
                 n: i32::try_from(attempt.n).unwrap_or(i32::MAX),
                 provider: attempt.provider.clone(),
                 model: attempt.model.clone(),
@@ -265,7 +265,7 @@ impl FinishedJob {
         let result = JobResult {
             schema: RESULT_SCHEMA.to_owned(),
             job_id: job.id,
-            generation: 0,
+            generation: job.generation,
             tenant: Some(job.tenant.clone()),
             batch: job.batch.clone(),
             route: Some(job.route.clone()),
@@ -306,7 +306,7 @@ impl FinishedJob {
                 tenant: Some(job.tenant.clone()),
                 batch: job.batch.clone(),
                 route: Some(job.route.clone()),
-                generation: 0,
+                generation: job.generation,
                 status,
                 request: Some(request),
                 raw_body: None,
@@ -335,7 +335,7 @@ impl FinishedJob {
         let result = JobResult {
             schema: RESULT_SCHEMA.to_owned(),
             job_id: rejection.job_id,
-            generation: 0,
+            generation: rejection.generation,
             tenant: rejection.tenant.clone(),
             batch: rejection.batch.clone(),
             route: rejection.route.clone(),
@@ -368,7 +368,7 @@ impl FinishedJob {
                 tenant: rejection.tenant,
                 batch: rejection.batch,
                 route: rejection.route,
-                generation: 0,
+                generation: rejection.generation,
                 status: JobStatus::Rejected,
                 request: None,
                 raw_body: Some(rejection.raw_body),
@@ -622,7 +622,7 @@ impl Finalizer {
             exchange: self.names.results_exchange(),
             routing_key: result.routing_key(),
             body: to_json(result),
-            message_id: result.job_id.to_string(),
+            message_id: result.message_id(),
             kind: RESULT_SCHEMA.to_owned(),
             headers: None,
         }

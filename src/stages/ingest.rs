@@ -20,6 +20,8 @@ pub struct Rejection {
     pub tenant: Option<String>,
     pub batch: Option<String>,
     pub route: Option<String>,
+    /// The job's generation when it was readable (0 otherwise).
+    pub generation: i32,
     pub error: JobError,
     pub raw_body: Vec<u8>,
 }
@@ -47,6 +49,12 @@ impl Rejection {
             tenant: name("tenant"),
             batch: name("batch"),
             route: field("route").map(|r| crate::providers::excerpt(r, 128)),
+            generation: parsed
+                .and_then(|v| v.get("generation"))
+                .and_then(Value::as_i64)
+                .and_then(|g| i32::try_from(g).ok())
+                .filter(|g| *g >= 0)
+                .unwrap_or(0),
             error,
             raw_body: body[..body.len().min(RAW_BODY_KEEP)].to_vec(),
         }
@@ -59,6 +67,7 @@ impl Rejection {
             tenant: Some(job.tenant.clone()),
             batch: job.batch.clone(),
             route: Some(job.route.clone()),
+            generation: job.generation,
             error,
             raw_body: body[..body.len().min(RAW_BODY_KEEP)].to_vec(),
         }

@@ -22,8 +22,13 @@ pub struct JobRow {
     pub finished_at: DateTime<Utc>,
 }
 
-/// Inserts many jobs in one statement; a job id already present is left as it is.
+/// Inserts many jobs in one statement. A job id already present is left as it is, unless
+/// the new row is a newer generation (a replay) or replaces a `cancelled` placeholder (the
+/// job was already running when its batch was cancelled).
 pub async fn insert_many(conn: &mut PgConnection, rows: &[JobRow]) -> Result<(), sqlx::Error> {
+    // Two copies of one job in a group would make the upsert touch a row twice (an error).
+    let mut seen = std::collections::HashSet::with_capacity(rows.len());
+    let rows: Vec<&JobRow> = rows.iter().filter(|r| seen.insert(r.id)).collect();
     if rows.is_empty() {
         return Ok(());
     }
@@ -31,7 +36,11 @@ pub async fn insert_many(conn: &mut PgConnection, rows: &[JobRow]) -> Result<(),
         "INSERT INTO jobs (id, tenant, batch, route, generation, status, request, raw_body, received_at, finished_at)
          SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::text[],
                               $7::jsonb[], $8::bytea[], $9::timestamptz[], $10::timestamptz[])
-         ON CONFLICT (id) DO NOTHING",
+         ON CONFLICT (id) DO UPDATE SET
+             generation = EXCLUDED.generation, status = EXCLUDED.status, route = EXCLUDED.route,
+             request = COALESCE(EXCLUDED.request, jobs.request), finished_at = EXCLUDED.finished_at
+         WHERE EXCLUDED.generation > jobs.generation
+            OR (jobs.status = 'cancelled' AND EXCLUDED.status <> 'cancelled')",
     )
     .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.tenant.clone()).collect::<Vec<_>>())
@@ -46,4 +55,70 @@ pub async fn insert_many(conn: &mut PgConnection, rows: &[JobRow]) -> Result<(),
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// A stored job with its latest result, as `replay` selects it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Replayable {
+    pub id: Uuid,
+    pub tenant: Option<String>,
+    pub batch: Option<String>,
+    pub route: Option<String>,
+    /// NULL when not retained (retention policy) or never readable (rejected).
+    pub request: Option<Value>,
+    /// The original body of a rejected message (truncated), which may still be a valid job.
+    pub raw_body: Option<Vec<u8>>,
+    pub generation: i32,
+    pub status: String,
+    pub error_code: Option<String>,
+    pub metadata: Option<Value>,
+    pub finished_at: DateTime<Utc>,
+}
+
+/// What `replay` selects; every field narrows the selection, and the tenant always does.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayFilter {
+    pub tenant: String,
+    pub batch: Option<String>,
+    /// Latest result status; empty means any.
+    pub statuses: Vec<String>,
+    /// A result's error code or any of its attempts' error class.
+    pub error_class: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    /// Empty means any.
+    pub ids: Vec<Uuid>,
+}
+
+/// The tenant's jobs matching `filter`, each with its latest result, oldest first.
+pub async fn select_for_replay(
+    conn: &mut PgConnection,
+    filter: &ReplayFilter,
+) -> Result<Vec<Replayable>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT j.id, j.tenant, j.batch, j.route, j.request, j.raw_body, r.generation, r.status,
+                r.error_code, r.body->'metadata' AS metadata, r.created_at AS finished_at
+         FROM jobs j
+         JOIN LATERAL (SELECT generation, status, error_code, body, created_at FROM results
+                       WHERE job_id = j.id ORDER BY generation DESC LIMIT 1) r ON true
+         WHERE j.tenant = $1
+           AND ($2::text IS NULL OR j.batch = $2)
+           AND (cardinality($3::text[]) = 0 OR r.status = ANY($3))
+           AND ($4::text IS NULL OR r.error_code = $4
+                OR EXISTS (SELECT 1 FROM attempts a
+                           WHERE a.job_id = j.id AND a.generation = r.generation AND a.error_class = $4))
+           AND ($5::timestamptz IS NULL OR r.created_at >= $5)
+           AND ($6::timestamptz IS NULL OR r.created_at < $6)
+           AND (cardinality($7::uuid[]) = 0 OR j.id = ANY($7))
+         ORDER BY j.id",
+    )
+    .bind(&filter.tenant)
+    .bind(&filter.batch)
+    .bind(&filter.statuses)
+    .bind(&filter.error_class)
+    .bind(filter.since)
+    .bind(filter.until)
+    .bind(&filter.ids)
+    .fetch_all(conn)
+    .await
 }

@@ -4,6 +4,7 @@
 
 pub mod attempts;
 pub mod audit;
+pub mod batches;
 pub mod budgets;
 pub mod circuits;
 pub mod cost_ledger;

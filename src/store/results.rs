@@ -9,12 +9,22 @@ use uuid::Uuid;
 use crate::messages::JobResult;
 
 /// Inserts results in one statement and returns the job ids that were inserted; a job whose
-/// result already exists (a duplicate processed concurrently) is not among them.
+/// result already exists (a duplicate processed concurrently) is not among them. A
+/// `cancelled` placeholder written by `batch cancel` while the job was already running is
+/// replaced by the job's real outcome, so nothing paid for is lost.
 pub async fn insert_many(
     conn: &mut PgConnection,
     results: &[&JobResult],
     created_at: DateTime<Utc>,
 ) -> Result<Vec<Uuid>, sqlx::Error> {
+    // Two copies of one job in a group would make the upsert touch a row twice (an error);
+    // the first copy wins and the second is reported as not inserted.
+    let mut seen = std::collections::HashSet::with_capacity(results.len());
+    let results: Vec<&JobResult> = results
+        .iter()
+        .copied()
+        .filter(|r| seen.insert((r.job_id, r.generation)))
+        .collect();
     if results.is_empty() {
         return Ok(Vec::new());
     }
@@ -23,7 +33,10 @@ pub async fn insert_many(
          SELECT job_id, generation, tenant, batch, status, error_code, body, $8
          FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::text[], $7::jsonb[])
               AS t(job_id, generation, tenant, batch, status, error_code, body)
-         ON CONFLICT (job_id, generation) DO NOTHING
+         ON CONFLICT (job_id, generation) DO UPDATE SET
+             status = EXCLUDED.status, error_code = EXCLUDED.error_code, body = EXCLUDED.body,
+             created_at = EXCLUDED.created_at
+         WHERE results.status = 'cancelled' AND EXCLUDED.status <> 'cancelled'
          RETURNING job_id",
     )
     .bind(results.iter().map(|r| r.job_id).collect::<Vec<_>>())

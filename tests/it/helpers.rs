@@ -41,8 +41,13 @@ pub struct FakeProvider {
 impl FakeProvider {
     /// Starts `fake-provider` with extra flags and waits for its address.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_at(0, args)
+    }
+
+    /// Starts `fake-provider` on `port` (0 = any free port).
+    pub fn start_at(port: u16, args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_fake-provider"))
-            .args(["--port", "0"])
+            .args(["--port", &port.to_string()])
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -69,6 +74,15 @@ impl FakeProvider {
             .json()
             .await
             .expect("stats are JSON")
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("url ends in a port")
     }
 
     /// Chat requests received, whatever their outcome.

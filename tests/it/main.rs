@@ -11,6 +11,7 @@ mod helpers;
 
 mod bad_input;
 mod budgets;
+mod bulk;
 mod cli;
 mod dead_letters;
 mod duplicates;

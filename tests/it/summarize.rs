@@ -97,5 +97,7 @@ fn summarize_with_no_documents_is_a_clear_error() {
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("no .txt or .md documents"));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("no .txt, .md, .html or .jsonl documents")
+    );
 }

@@ -1,0 +1,705 @@
+//! `switchyard batch submit|status|results|cancel`: OpenAI Batch files in and out.
+//!
+//! `submit` validates every line of an OpenAI Batch input file (`custom_id`, `method`, `url`,
+//! `body`) before anything is published, records the batch and one item per line, and
+//! publishes one job per valid line. `results` writes the OpenAI Batch output format, so
+//! tooling that reads OpenAI batch output works unchanged.
+
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value, json};
+use uuid::Uuid;
+
+use super::publish::job_message;
+use super::{BadInput, EXIT_JOBS_FAILED};
+use crate::cli::{BatchCommand, BatchResultsArgs, BatchSubmitArgs};
+use crate::config::Settings;
+use crate::messages::result::RESULT_SCHEMA;
+use crate::messages::schema::Schema;
+use crate::messages::{AuditEvent, CostSummary, Job, JobError, JobResult, JobStatus, Timings};
+use crate::queue::publisher::{Outgoing, Publisher};
+use crate::queue::topology::Names;
+use crate::stages::ingest::is_name;
+use crate::store::batches::{self, BatchKind, BatchRow, Counts, ItemRow};
+use crate::store::jobs::{self, JobRow};
+use crate::store::{self, audit, results};
+use crate::{messages, queue};
+
+/// The only endpoint a batch line may call.
+const CHAT_COMPLETIONS: &str = "/v1/chat/completions";
+/// Longest `custom_id` accepted (OpenAI's limit).
+const MAX_CUSTOM_ID: usize = 512;
+/// Jobs published per confirm window.
+const CHUNK: usize = 256;
+
+/// One line of an input file after validation.
+#[derive(Debug)]
+pub enum Line {
+    Valid {
+        custom_id: String,
+        job: Box<Job>,
+    },
+    Invalid {
+        custom_id: Option<String>,
+        error: String,
+    },
+}
+
+pub async fn run(settings: Settings, command: BatchCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        BatchCommand::Submit(args) => submit(settings, args).await,
+        BatchCommand::Status { id, tenant, json } => status(settings, &id, &tenant, json).await,
+        BatchCommand::Results(args) => results_file(settings, args).await,
+        BatchCommand::Cancel { id, tenant } => cancel(settings, &id, &tenant).await,
+    }
+}
+
+/// Validates one input line (1-based `number`) into a job of `tenant`/`batch`/`route`.
+pub fn parse_line(text: &str, tenant: &str, batch: &str, route: &str) -> Line {
+    let value: Value = match serde_json::from_str(text) {
+        Ok(value) => value,
+        Err(e) => {
+            return Line::Invalid {
+                custom_id: None,
+                error: format!("not valid JSON: {e}"),
+            };
+        }
+    };
+    let Value::Object(mut object) = value else {
+        return Line::Invalid {
+            custom_id: None,
+            error: "expected a JSON object with custom_id, method, url and body".to_owned(),
+        };
+    };
+    let custom_id = object
+        .get("custom_id")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let invalid = |error: String| Line::Invalid {
+        custom_id: custom_id.clone(),
+        error,
+    };
+    if let Some(unknown) = object
+        .keys()
+        .find(|k| !matches!(k.as_str(), "custom_id" | "method" | "url" | "body"))
+    {
+        return invalid(format!(
+            "{unknown}: unknown field (expected custom_id, method, url, body)"
+        ));
+    }
+    match object.get("custom_id") {
+        Some(Value::String(id)) if !id.is_empty() && id.len() <= MAX_CUSTOM_ID => {}
+        Some(Value::String(id)) if id.is_empty() => {
+            return invalid("custom_id: must not be empty".to_owned());
+        }
+        Some(Value::String(_)) => {
+            return invalid(format!("custom_id: longer than {MAX_CUSTOM_ID} characters"));
+        }
+        Some(other) => {
+            return invalid(format!(
+                "custom_id: must be a string, got {}",
+                type_name(other)
+            ));
+        }
+        None => return invalid("custom_id: missing".to_owned()),
+    }
+    match object.get("method") {
+        Some(Value::String(method)) if method == "POST" => {}
+        Some(other) => {
+            return invalid(format!("method: must be \"POST\", got {other}"));
+        }
+        None => return invalid("method: missing (must be \"POST\")".to_owned()),
+    }
+    match object.get("url") {
+        Some(Value::String(url)) if url == CHAT_COMPLETIONS => {}
+        Some(other) => {
+            return invalid(format!(
+                "url: only \"{CHAT_COMPLETIONS}\" is supported, got {other}"
+            ));
+        }
+        None => return invalid(format!("url: missing (must be \"{CHAT_COMPLETIONS}\")")),
+    }
+    let body = match object.remove("body") {
+        Some(Value::Object(body)) => body,
+        Some(other) => {
+            return invalid(format!(
+                "body: must be an object, got {}",
+                type_name(&other)
+            ));
+        }
+        None => return invalid("body: missing".to_owned()),
+    };
+    let id = Uuid::now_v7();
+    let mut job = Map::new();
+    job.insert("schema".into(), messages::job::JOB_SCHEMA.into());
+    job.insert("id".into(), id.to_string().into());
+    job.insert("tenant".into(), tenant.into());
+    job.insert("batch".into(), batch.into());
+    job.insert("route".into(), route.into());
+    job.insert("request".into(), Value::Object(body));
+    job.insert(
+        "metadata".into(),
+        json!({ "custom_id": custom_id.clone().unwrap_or_default() }),
+    );
+    let job = Value::Object(job);
+    if let Err(violation) = Schema::Job.validate(&job) {
+        // `/request/messages/0/role` in the job is `body.messages.0.role` in the line.
+        let field = violation
+            .path
+            .strip_prefix("/request")
+            .map(|rest| format!("body{}", rest.replace('/', ".")))
+            .unwrap_or_else(|| violation.path.clone());
+        return invalid(format!("{field}: {}", violation.message));
+    }
+    match serde_json::from_value::<Job>(job) {
+        Ok(job) => Line::Valid {
+            custom_id: custom_id.unwrap_or_default(),
+            job: Box::new(job),
+        },
+        Err(e) => invalid(format!("body: {e}")),
+    }
+}
+
+fn type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Validates a whole file: every line parsed, duplicate `custom_id`s reported against the
+/// line that had it first. Returns `(line number, line)` for every non-blank line.
+pub fn parse_file(
+    reader: impl BufRead,
+    tenant: &str,
+    batch: &str,
+    route: &str,
+) -> Result<Vec<(usize, Line)>, BadInput> {
+    let mut lines = Vec::new();
+    let mut first_seen: HashMap<String, usize> = HashMap::new();
+    for (index, text) in reader.lines().enumerate() {
+        let number = index + 1;
+        let text = text.map_err(|e| BadInput(format!("line {number}: cannot read: {e}")))?;
+        if text.trim().is_empty() {
+            continue;
+        }
+        let line = match parse_line(&text, tenant, batch, route) {
+            Line::Valid { custom_id, job } => match first_seen.get(&custom_id) {
+                Some(first) => Line::Invalid {
+                    error: format!("custom_id: {custom_id:?} duplicates line {first}"),
+                    custom_id: Some(custom_id),
+                },
+                None => {
+                    first_seen.insert(custom_id.clone(), number);
+                    Line::Valid { custom_id, job }
+                }
+            },
+            invalid => invalid,
+        };
+        lines.push((number, line));
+    }
+    Ok(lines)
+}
+
+async fn submit(settings: Settings, args: BatchSubmitArgs) -> anyhow::Result<ExitCode> {
+    for (what, value) in [("--tenant", &args.tenant)] {
+        if !is_name(value) {
+            return Err(BadInput(format!(
+                "{what} {value:?} may only contain letters, digits, '_' and '-'"
+            ))
+            .into());
+        }
+    }
+    let batch = format!("batch_{}", Uuid::now_v7().simple());
+    let file = std::fs::File::open(&args.file)
+        .map_err(|e| BadInput(format!("cannot open {}: {e}", args.file.display())))?;
+    let lines = parse_file(
+        std::io::BufReader::new(file),
+        &args.tenant,
+        &batch,
+        &args.route,
+    )?;
+    let invalid: Vec<(usize, &str)> = lines
+        .iter()
+        .filter_map(|(n, line)| match line {
+            Line::Invalid { error, .. } => Some((*n, error.as_str())),
+            Line::Valid { .. } => None,
+        })
+        .collect();
+    for (number, error) in &invalid {
+        eprintln!("{}: line {number}: {error}", args.file.display());
+    }
+    let valid = lines.len() - invalid.len();
+    if valid == 0 {
+        return Err(BadInput(format!(
+            "{}: no valid request lines ({} invalid); nothing was submitted",
+            args.file.display(),
+            invalid.len()
+        ))
+        .into());
+    }
+    if !invalid.is_empty() && !args.skip_invalid {
+        return Err(BadInput(format!(
+            "{}: {} of {} lines are invalid (listed above); nothing was submitted. Fix them, or pass --skip-invalid to submit the {valid} valid lines",
+            args.file.display(),
+            invalid.len(),
+            lines.len()
+        ))
+        .into());
+    }
+
+    let mut conn = store::connect_one(&settings.database.url).await?;
+    let source = args.file.display().to_string();
+    batches::create_or_get(
+        &mut conn,
+        &args.tenant,
+        &batch,
+        BatchKind::OpenAi,
+        &args.route,
+        Some(&source),
+    )
+    .await?;
+    let items: Vec<ItemRow> = lines
+        .iter()
+        .map(|(number, line)| {
+            let line_number = i32::try_from(*number).unwrap_or(i32::MAX);
+            match line {
+                Line::Valid { custom_id, job } => ItemRow {
+                    item_key: custom_id.clone(),
+                    line: line_number,
+                    job_id: Some(job.id),
+                    error: None,
+                    published: false,
+                },
+                // Invalid lines are kept (keyed by line, as their custom_id may be missing or
+                // taken) so `batch results --errors` can report them.
+                Line::Invalid { custom_id, error } => ItemRow {
+                    item_key: format!("#line-{number}"),
+                    line: line_number,
+                    job_id: None,
+                    error: Some(match custom_id {
+                        Some(id) => format!("custom_id={id}\t{error}"),
+                        None => error.clone(),
+                    }),
+                    published: false,
+                },
+            }
+        })
+        .collect();
+    batches::insert_items(&mut conn, &args.tenant, &batch, &items).await?;
+
+    let broker = queue::connect(&settings.broker.url).await?;
+    let publisher = Publisher::open(&broker).await?;
+    let names = Names::new(&settings.broker.prefix);
+    let jobs: Vec<&Job> = lines
+        .iter()
+        .filter_map(|(_, line)| match line {
+            Line::Valid { job, .. } => Some(job.as_ref()),
+            Line::Invalid { .. } => None,
+        })
+        .collect();
+    for chunk in jobs.chunks(CHUNK) {
+        let messages: Vec<Outgoing> = chunk.iter().map(|job| job_message(&names, job)).collect();
+        publisher.publish_all(&messages).await.with_context(|| {
+            format!("cannot publish batch {batch}; `batch status {batch}` shows what was submitted")
+        })?;
+        let ids: Vec<Uuid> = chunk.iter().map(|job| job.id).collect();
+        batches::mark_published(&mut conn, &args.tenant, &batch, &ids).await?;
+    }
+    broker.close(200, "submitted".into()).await.ok();
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{batch}")?;
+    out.flush()?;
+    eprintln!(
+        "batch: submitted {valid} request(s) as {batch} (tenant {}, route {}){}",
+        args.tenant,
+        args.route,
+        if invalid.is_empty() {
+            String::new()
+        } else {
+            format!("; {} invalid line(s) skipped", invalid.len())
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn find_batch(
+    conn: &mut sqlx::PgConnection,
+    tenant: &str,
+    id: &str,
+) -> anyhow::Result<BatchRow> {
+    batches::find(conn, tenant, id).await?.ok_or_else(|| {
+        BadInput(format!(
+            "no batch {id:?} for tenant {tenant:?} (batch ids are printed by `batch submit`)"
+        ))
+        .into()
+    })
+}
+
+/// The batch's status in OpenAI's vocabulary.
+pub fn openai_status(batch: &BatchRow, counts: &Counts) -> &'static str {
+    if batch.published_at.is_none() && batch.cancelled_at.is_none() {
+        "validating"
+    } else if batch.cancelled_at.is_some() {
+        if counts.pending() > 0 {
+            "cancelling"
+        } else {
+            "cancelled"
+        }
+    } else if counts.pending() > 0 {
+        "in_progress"
+    } else if counts.succeeded == 0 {
+        "failed"
+    } else {
+        "completed"
+    }
+}
+
+async fn status(
+    settings: Settings,
+    id: &str,
+    tenant: &str,
+    as_json: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut conn = store::connect_one(&settings.database.url).await?;
+    let batch = find_batch(&mut conn, tenant, id).await?;
+    let (counts, cost, last) = batches::progress(&mut conn, tenant, id).await?;
+    let status = openai_status(&batch, &counts);
+    let finished: Option<DateTime<Utc>> = (counts.pending() == 0).then_some(last).flatten();
+    let mut out = std::io::stdout().lock();
+    if as_json {
+        let report = json!({
+            "id": batch.id,
+            "object": "batch",
+            "endpoint": CHAT_COMPLETIONS,
+            "tenant": batch.tenant,
+            "route": batch.route,
+            "input_file": batch.source,
+            "status": status,
+            "created_at": batch.created_at,
+            "in_progress_at": batch.published_at,
+            "completed_at": if batch.cancelled_at.is_none() { finished } else { None },
+            "cancelled_at": batch.cancelled_at,
+            "request_counts": {
+                "total": counts.total,
+                "completed": counts.succeeded,
+                "failed": counts.failed + counts.rejected,
+                "cancelled": counts.cancelled,
+                "pending": counts.pending(),
+                "invalid": counts.invalid,
+            },
+            "cost_usd": cost.to_string(),
+        });
+        writeln!(out, "{report}")?;
+    } else {
+        let time = |t: Option<DateTime<Utc>>| t.map_or_else(|| "-".to_owned(), |t| t.to_rfc3339());
+        writeln!(out, "batch     {}", batch.id)?;
+        writeln!(out, "status    {status}")?;
+        writeln!(
+            out,
+            "requests  {} total: {} completed, {} failed, {} cancelled, {} pending{}",
+            counts.total,
+            counts.succeeded,
+            counts.failed + counts.rejected,
+            counts.cancelled,
+            counts.pending(),
+            if counts.invalid > 0 {
+                format!(" ({} invalid lines not submitted)", counts.invalid)
+            } else {
+                String::new()
+            }
+        )?;
+        writeln!(out, "cost      ${cost}")?;
+        writeln!(out, "tenant    {}  route {}", batch.tenant, batch.route)?;
+        writeln!(out, "created   {}", batch.created_at.to_rfc3339())?;
+        writeln!(out, "started   {}", time(batch.published_at))?;
+        writeln!(out, "finished  {}", time(finished))?;
+        if let Some(at) = batch.cancelled_at {
+            writeln!(out, "cancelled {}", at.to_rfc3339())?;
+        }
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One line of the OpenAI Batch output (and error) file.
+fn output_line(
+    custom_id: &str,
+    job_id: Option<Uuid>,
+    result: Option<&JobResult>,
+    invalid: Option<&str>,
+) -> Value {
+    let id = format!(
+        "batch_req_{}",
+        job_id.map_or_else(
+            || Uuid::now_v7().simple().to_string(),
+            |id| id.simple().to_string()
+        )
+    );
+    match (result, invalid) {
+        (Some(result), _) if result.status == JobStatus::Succeeded => json!({
+            "id": id,
+            "custom_id": custom_id,
+            "response": {
+                "status_code": 200,
+                "request_id": result.job_id.to_string(),
+                "body": result.response,
+            },
+            "error": null,
+        }),
+        (Some(result), _) => {
+            let (code, message) = result.error.as_ref().map_or_else(
+                || (result.status.as_str().to_owned(), String::new()),
+                |e| (e.code.clone(), e.message.clone()),
+            );
+            json!({ "id": id, "custom_id": custom_id, "response": null,
+                    "error": { "code": code, "message": message } })
+        }
+        (None, Some(error)) => json!({ "id": id, "custom_id": custom_id, "response": null,
+                                       "error": { "code": "invalid_request", "message": error } }),
+        (None, None) => json!({ "id": id, "custom_id": custom_id, "response": null,
+                                "error": { "code": "pending", "message": "no result yet" } }),
+    }
+}
+
+fn create(path: &std::path::Path) -> anyhow::Result<Box<dyn Write>> {
+    if path.as_os_str() == "-" {
+        return Ok(Box::new(std::io::stdout().lock()));
+    }
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    Ok(Box::new(std::io::BufWriter::new(file)))
+}
+
+async fn results_file(settings: Settings, args: BatchResultsArgs) -> anyhow::Result<ExitCode> {
+    let mut conn = store::connect_one(&settings.database.url).await?;
+    find_batch(&mut conn, &args.tenant, &args.id).await?;
+    let items = batches::items_with_results(&mut conn, &args.tenant, &args.id).await?;
+    let mut out = create(&args.out)?;
+    let mut errors = args.errors.as_deref().map(create).transpose()?;
+    let (mut written, mut failed, mut pending) = (0u64, 0u64, 0u64);
+    for entry in &items {
+        let item = &entry.item;
+        match (&entry.result, &item.error) {
+            (None, Some(error)) => {
+                // A line that never ran: only in the error file.
+                if let Some(errors) = errors.as_mut() {
+                    let (custom_id, message) = match error.split_once('\t') {
+                        Some((id, message)) => {
+                            (id.strip_prefix("custom_id=").unwrap_or(id), message)
+                        }
+                        None => ("", error.as_str()),
+                    };
+                    let line = output_line(
+                        custom_id,
+                        None,
+                        None,
+                        Some(&format!("line {}: {message}", item.line)),
+                    );
+                    writeln!(errors, "{line}")?;
+                }
+            }
+            (None, None) => pending += 1,
+            (Some(result), _) => {
+                let line = output_line(&item.item_key, item.job_id, Some(result), None);
+                if result.status == JobStatus::Succeeded {
+                    writeln!(out, "{line}")?;
+                    written += 1;
+                } else {
+                    failed += 1;
+                    match errors.as_mut() {
+                        Some(errors) => writeln!(errors, "{line}")?,
+                        None => {
+                            writeln!(out, "{line}")?;
+                            written += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out.flush()?;
+    if let Some(errors) = errors.as_mut() {
+        errors.flush()?;
+    }
+    eprintln!(
+        "batch: {written} line(s) written to {}, {failed} failed{}",
+        args.out.display(),
+        if pending > 0 {
+            format!(
+                "; {pending} request(s) have no result yet (run again when `batch status` says completed)"
+            )
+        } else {
+            String::new()
+        }
+    );
+    Ok(if pending > 0 {
+        ExitCode::from(EXIT_JOBS_FAILED)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn cancel(settings: Settings, id: &str, tenant: &str) -> anyhow::Result<ExitCode> {
+    let mut conn = store::connect_one(&settings.database.url).await?;
+    let batch = find_batch(&mut conn, tenant, id).await?;
+    let mut tx = sqlx::Connection::begin(&mut conn).await?;
+    let unstarted = batches::cancel(&mut tx, tenant, id).await?;
+    let now = Utc::now();
+    let cancelled: Vec<JobResult> = unstarted
+        .iter()
+        .map(|job| JobResult {
+            schema: RESULT_SCHEMA.to_owned(),
+            job_id: job.job_id,
+            generation: 0,
+            tenant: Some(tenant.to_owned()),
+            batch: Some(id.to_owned()),
+            route: Some(batch.route.clone()),
+            status: JobStatus::Cancelled,
+            response: None,
+            provider: None,
+            model: None,
+            attempts: Vec::new(),
+            error: Some(JobError::new(
+                "cancelled",
+                format!("batch {id} was cancelled before this request started"),
+            )),
+            cost: CostSummary::default(),
+            timings: Timings {
+                received_at: now,
+                finished_at: now,
+                total_ms: 0,
+                provider_ms: 0,
+            },
+            metadata: Some(json!({ "custom_id": job.item_key })),
+        })
+        .collect();
+    let rows: Vec<JobRow> = cancelled
+        .iter()
+        .map(|result| JobRow {
+            id: result.job_id,
+            tenant: Some(tenant.to_owned()),
+            batch: Some(id.to_owned()),
+            route: Some(batch.route.clone()),
+            generation: 0,
+            status: JobStatus::Cancelled,
+            request: None,
+            raw_body: None,
+            received_at: now,
+            finished_at: now,
+        })
+        .collect();
+    jobs::insert_many(&mut tx, &rows).await?;
+    let refs: Vec<&JobResult> = cancelled.iter().collect();
+    results::insert_many(&mut tx, &refs, now).await?;
+    let event = AuditEvent::new(
+        tenant,
+        None,
+        "batch_cancelled",
+        now,
+        json!({ "batch": id, "cancelled_jobs": cancelled.len(), "by": super::replay::actor() }),
+    );
+    audit::insert_many(&mut tx, &[&event]).await?;
+    tx.commit().await?;
+    let (counts, cost, _) = batches::progress(&mut conn, tenant, id).await?;
+    eprintln!(
+        "batch: cancelled {} request(s) that had not started; {} already finished; {} still running will keep their results; cost so far ${cost}",
+        cancelled.len(),
+        counts.succeeded + counts.failed + counts.rejected,
+        counts.pending()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Line {
+        parse_line(text, "acme", "batch_x", "default")
+    }
+
+    fn error_of(text: &str) -> String {
+        match parse(text) {
+            Line::Invalid { error, .. } => error,
+            Line::Valid { .. } => panic!("{text} should be invalid"),
+        }
+    }
+
+    #[test]
+    fn a_valid_line_becomes_a_job_carrying_its_custom_id() {
+        let line = r#"{"custom_id":"r-1","method":"POST","url":"/v1/chat/completions","body":{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"max_tokens":5}}"#;
+        let Line::Valid { custom_id, job } = parse(line) else {
+            panic!("valid")
+        };
+        assert_eq!(custom_id, "r-1");
+        assert_eq!(job.batch.as_deref(), Some("batch_x"));
+        assert_eq!(job.request.max_tokens, Some(5));
+        assert_eq!(job.metadata.unwrap()["custom_id"], "r-1");
+    }
+
+    #[test]
+    fn invalid_lines_name_the_field() {
+        let ok_body = r#""body":{"messages":[{"role":"user","content":"hi"}]}"#;
+        assert!(error_of("{nope").starts_with("not valid JSON"));
+        assert!(error_of("[1]").starts_with("expected a JSON object"));
+        assert_eq!(
+            error_of(&format!(
+                r#"{{"method":"POST","url":"/v1/chat/completions",{ok_body}}}"#
+            )),
+            "custom_id: missing"
+        );
+        assert!(
+            error_of(&format!(
+                r#"{{"custom_id":7,"method":"POST","url":"/v1/chat/completions",{ok_body}}}"#
+            ))
+            .starts_with("custom_id: must be a string")
+        );
+        assert!(
+            error_of(&format!(
+                r#"{{"custom_id":"a","method":"GET","url":"/v1/chat/completions",{ok_body}}}"#
+            ))
+            .starts_with("method:")
+        );
+        assert!(
+            error_of(&format!(
+                r#"{{"custom_id":"a","method":"POST","url":"/v1/embeddings",{ok_body}}}"#
+            ))
+            .starts_with("url: only")
+        );
+        assert!(
+            error_of(r#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"messages":[]}}"#)
+                .starts_with("body.messages:"),
+        );
+        assert!(
+            error_of(r#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"x"}],"max_tokens":-1}}"#)
+                .starts_with("body.max_tokens:"),
+        );
+        assert!(
+            error_of(&format!(r#"{{"custom_id":"a","method":"POST","url":"/v1/chat/completions",{ok_body},"extra":1}}"#))
+                .starts_with("extra: unknown field")
+        );
+    }
+
+    #[test]
+    fn duplicate_custom_ids_are_reported_against_the_first_line() {
+        let line = r#"{"custom_id":"same","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"hi"}]}}"#;
+        let text = format!("{line}\n\n{line}\n");
+        let lines = parse_file(text.as_bytes(), "acme", "b", "default").unwrap();
+        assert_eq!(lines.len(), 2);
+        assert!(matches!(lines[0].1, Line::Valid { .. }));
+        assert_eq!(lines[1].0, 3);
+        let Line::Invalid { error, .. } = &lines[1].1 else {
+            panic!("duplicate")
+        };
+        assert_eq!(error, "custom_id: \"same\" duplicates line 1");
+    }
+}

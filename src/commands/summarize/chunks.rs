@@ -1,0 +1,175 @@
+//! Splitting a document that does not fit a model's context window into pieces of at most
+//! `max_tokens` tokens, on paragraph boundaries where possible, then on sentence boundaries,
+//! and only for a single sentence longer than a piece, between words.
+
+use crate::summarizer::split_sentences;
+use crate::tokens;
+
+/// One unit that is never split further (unless it alone is too big) and what joins it to
+/// the previous unit.
+struct Unit<'a> {
+    text: &'a str,
+    tokens: usize,
+    paragraph_start: bool,
+}
+
+/// Splits `text` into pieces of at most `max_tokens` tokens (counted with the tokenizer),
+/// keeping whole paragraphs together where they fit and whole sentences otherwise.
+pub fn split(text: &str, max_tokens: usize) -> Vec<String> {
+    let max_tokens = max_tokens.max(1);
+    let mut units: Vec<Unit<'_>> = Vec::new();
+    for paragraph in text.split("\n\n").map(str::trim).filter(|p| !p.is_empty()) {
+        let tokens = tokens::count(paragraph);
+        if tokens <= max_tokens {
+            units.push(Unit {
+                text: paragraph,
+                tokens,
+                paragraph_start: true,
+            });
+            continue;
+        }
+        let mut first = true;
+        for sentence in split_sentences(paragraph) {
+            let sentence = sentence.trim();
+            if sentence.is_empty() {
+                continue;
+            }
+            let tokens = tokens::count(sentence);
+            if tokens <= max_tokens {
+                units.push(Unit {
+                    text: sentence,
+                    tokens,
+                    paragraph_start: first,
+                });
+            } else {
+                for piece in split_words(sentence, max_tokens) {
+                    units.push(Unit {
+                        text: piece,
+                        tokens: tokens::count(piece),
+                        paragraph_start: first,
+                    });
+                    first = false;
+                }
+            }
+            first = false;
+        }
+    }
+    let mut pieces = Vec::new();
+    let mut current = String::new();
+    let mut current_tokens = 0;
+    for unit in units {
+        // A joiner costs about one token; count it so pieces stay within the limit.
+        let joined = current_tokens + usize::from(!current.is_empty()) + unit.tokens;
+        if !current.is_empty() && joined > max_tokens {
+            pieces.push(std::mem::take(&mut current));
+            current_tokens = 0;
+        }
+        if !current.is_empty() {
+            current.push_str(if unit.paragraph_start { "\n\n" } else { " " });
+            current_tokens += 1;
+        }
+        current.push_str(unit.text);
+        current_tokens += unit.tokens;
+    }
+    if !current.is_empty() {
+        pieces.push(current);
+    }
+    pieces
+}
+
+/// Cuts one over-long sentence between words into runs of at most `max_tokens` tokens.
+fn split_words(sentence: &str, max_tokens: usize) -> Vec<&str> {
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    let mut end = 0;
+    let mut tokens_so_far = 0;
+    for (offset, word) in sentence
+        .split_inclusive(char::is_whitespace)
+        .scan(0, |at, word| {
+            let offset = *at;
+            *at += word.len();
+            Some((offset, word))
+        })
+    {
+        let tokens = tokens::count(word);
+        if end > start && tokens_so_far + tokens > max_tokens {
+            pieces.push(sentence[start..end].trim());
+            start = offset;
+            tokens_so_far = 0;
+        }
+        end = offset + word.len();
+        tokens_so_far += tokens;
+    }
+    if end > start {
+        pieces.push(sentence[start..end].trim());
+    }
+    pieces.retain(|p| !p.is_empty());
+    pieces
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paragraph(n: usize, sentences: usize) -> String {
+        (0..sentences)
+            .map(|i| {
+                format!("Paragraph {n} says thing number {i} about the harbour and its cranes.")
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn a_short_text_is_one_piece() {
+        assert_eq!(
+            split("One. Two.\n\nThree.", 100),
+            vec!["One. Two.\n\nThree."]
+        );
+    }
+
+    #[test]
+    fn pieces_fit_and_keep_every_word_in_order() {
+        let text = (0..40)
+            .map(|n| paragraph(n, 1 + n % 7))
+            .collect::<Vec<_>>()
+            .join("\n\n");
+        for max in [20, 64, 300] {
+            let pieces = split(&text, max);
+            assert!(pieces.len() > 1);
+            for piece in &pieces {
+                assert!(
+                    tokens::count(piece) <= max,
+                    "{} > {max}: {piece}",
+                    tokens::count(piece)
+                );
+            }
+            let words: Vec<&str> = text.split_whitespace().collect();
+            let rejoined = pieces.join(" ");
+            let back: Vec<&str> = rejoined.split_whitespace().collect();
+            assert_eq!(back, words);
+        }
+    }
+
+    #[test]
+    fn paragraphs_are_not_split_when_they_fit() {
+        let a = paragraph(1, 3);
+        let b = paragraph(2, 3);
+        let max = tokens::count(&a).max(tokens::count(&b)) + 1;
+        let pieces = split(&format!("{a}\n\n{b}"), max);
+        assert_eq!(pieces, vec![a, b]);
+    }
+
+    #[test]
+    fn a_giant_sentence_is_cut_between_words() {
+        let sentence = "word ".repeat(1000);
+        let pieces = split(&sentence, 50);
+        assert!(pieces.len() >= 20);
+        assert!(
+            pieces
+                .iter()
+                .all(|p| tokens::count(p) <= 50 && !p.starts_with(' '))
+        );
+        assert_eq!(pieces.join(" ").split_whitespace().count(), 1000);
+    }
+}

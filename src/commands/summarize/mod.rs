@@ -1,0 +1,556 @@
+//! `switchyard summarize PATH...`: the main job. Reads documents, publishes summarization
+//! jobs as one named batch, runs an in-process worker when no worker is consuming, shows
+//! progress, and writes one line (or Markdown section) per document in input order.
+//!
+//! A document longer than the route's context window is split into pieces
+//! ([`chunks::split`]); each piece is summarized, and the piece summaries are combined by a
+//! final job — recursively, when even the summaries are too long (map-reduce). Every step is
+//! a batch item keyed by the document's path and content hash, so re-running the same
+//! `--batch` reuses every step that already has a result: nothing is sent to a provider
+//! twice, and Ctrl-C leaves the batch resumable.
+
+mod chunks;
+mod documents;
+mod output;
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::{FutureExt, StreamExt};
+use rust_decimal::Decimal;
+use serde_json::json;
+use uuid::Uuid;
+
+use super::publish::job_message;
+use super::{BadInput, EXIT_JOBS_FAILED, Interrupted};
+use crate::app::Context;
+use crate::cli::{SummarizeArgs, SummaryFormat};
+use crate::config::Settings;
+use crate::messages::{ChatMessage, ChatRequest, Job, JobResult, JobStatus};
+use crate::queue::publisher::{Outgoing, Publisher};
+use crate::queue::topology;
+use crate::stages::ingest::is_name;
+use crate::store::batches::{self, BatchKind, ItemRow};
+use crate::tokens;
+use crate::worker::{self, WorkerOptions};
+pub use documents::Document;
+use output::{Outcome, Progress};
+
+/// The instruction sent with a whole document (or the last combining step).
+const PROMPT: &str = "Summarize the following document in about {words} words. Keep the key facts, names and numbers.";
+/// Added before a piece of a longer document.
+const PIECE_NOTE: &str = "This is part {part} of {parts} of a longer document.";
+/// Added before summaries of consecutive pieces that are combined.
+const COMBINE_NOTE: &str =
+    "The text below joins summaries of consecutive parts of one document, in order.";
+/// Deepest map-reduce recursion before a document is given up as not shrinking.
+const MAX_LEVELS: u32 = 6;
+/// Tokens kept free in a context window for message framing and tokenizer differences.
+const WINDOW_MARGIN: u32 = 64;
+/// Items looked up and published per round trip.
+const ROUND: usize = 500;
+
+pub async fn run(settings: Settings, args: SummarizeArgs) -> anyhow::Result<ExitCode> {
+    let files = documents::collect_files(&args.paths)?;
+    let documents = documents::read_all(&files)?;
+    let batch = args.batch.clone().unwrap_or_else(|| {
+        format!(
+            "summarize-{}",
+            chrono::Utc::now().format("%Y%m%dT%H%M%S%3f")
+        )
+    });
+    for (what, value) in [("--batch", &batch), ("--tenant", &args.tenant)] {
+        if !is_name(value) {
+            return Err(BadInput(format!(
+                "{what} {value:?} may only contain letters, digits, '_' and '-'"
+            ))
+            .into());
+        }
+    }
+    if !settings.routes.iter().any(|r| r.alias == args.route) {
+        return Err(BadInput(format!(
+            "--route {:?} is not a configured route",
+            args.route
+        ))
+        .into());
+    }
+    let plan = Plan::new(&settings, &args)?;
+    let format = args.format.unwrap_or(if args.out.ends_with(".md") {
+        SummaryFormat::Markdown
+    } else {
+        SummaryFormat::Jsonl
+    });
+
+    let ctx = Context::connect(settings).await?;
+    ctx.cancel_on_signals();
+    let outcome = summarize(&ctx, &args, &plan, &batch, &documents).await;
+    ctx.shutdown.cancel();
+    ctx.tasks.close();
+    ctx.close().await;
+    let outcomes = outcome?;
+    output::write(&args.out, format, &documents, &outcomes)?;
+    let failed = outcomes.iter().filter(|o| o.error.is_some()).count();
+    let cost: Decimal = outcomes.iter().map(|o| o.cost).sum();
+    eprintln!(
+        "summarize: {} documents, {} succeeded, {failed} failed, cost ${cost} (batch {batch})",
+        documents.len(),
+        documents.len() - failed
+    );
+    for (document, outcome) in documents.iter().zip(&outcomes) {
+        if let Some(error) = &outcome.error {
+            eprintln!("  failed: {}: {error}", document.label());
+        }
+    }
+    Ok(if failed > 0 {
+        ExitCode::from(EXIT_JOBS_FAILED)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// The prompts and piece size of a run.
+struct Plan {
+    tenant: String,
+    route: String,
+    prompt: String,
+    max_tokens: u32,
+    /// Largest piece of text per job; `None` = never split.
+    chunk_tokens: Option<usize>,
+}
+
+impl Plan {
+    fn new(settings: &Settings, args: &SummarizeArgs) -> Result<Self, BadInput> {
+        let prompt = args
+            .prompt
+            .as_deref()
+            .unwrap_or(PROMPT)
+            .replace("{words}", &args.words.to_string());
+        // The biggest instruction a step carries: the prompt plus the piece note.
+        let overhead = tokens::count(&prompt) + tokens::count(PIECE_NOTE) + 16;
+        let chunk_tokens = match (
+            args.chunk_tokens,
+            settings.route_context_window(&args.route),
+        ) {
+            (Some(chunk), _) => Some(chunk as usize),
+            (None, Some(window)) => {
+                let free = i64::from(window)
+                    - i64::from(args.max_tokens)
+                    - i64::from(WINDOW_MARGIN)
+                    - overhead as i64;
+                if free < 32 {
+                    return Err(BadInput(format!(
+                        "route {:?} has a {window}-token context window: too small for a {}-token summary plus the prompt; lower --max-tokens or set --chunk-tokens",
+                        args.route, args.max_tokens
+                    )));
+                }
+                Some(usize::try_from(free).unwrap_or(usize::MAX))
+            }
+            (None, None) => None,
+        };
+        Ok(Self {
+            tenant: args.tenant.clone(),
+            route: args.route.clone(),
+            prompt,
+            max_tokens: args.max_tokens,
+            chunk_tokens,
+        })
+    }
+
+    fn fits(&self, text: &str) -> bool {
+        self.chunk_tokens
+            .is_none_or(|limit| tokens::count(text) <= limit)
+    }
+
+    fn request(&self, note: Option<String>, text: String) -> ChatRequest {
+        let instruction = match note {
+            Some(note) => format!("{note} {}", self.prompt),
+            None => self.prompt.clone(),
+        };
+        ChatRequest {
+            messages: vec![
+                ChatMessage::text_message("system", instruction),
+                ChatMessage::text_message("user", text),
+            ],
+            max_tokens: Some(self.max_tokens),
+            ..ChatRequest::default()
+        }
+    }
+}
+
+/// One job a document needs: its batch-item key and request.
+struct Step {
+    document: usize,
+    piece: usize,
+    key: String,
+    request: ChatRequest,
+}
+
+/// Where a document is in its map-reduce.
+struct DocState {
+    key: String,
+    level: u32,
+    /// Text summarized at this level (the document, then the joined piece summaries).
+    input_tokens: usize,
+    /// Results of this level's pieces, in order.
+    pieces: Vec<Option<String>>,
+    outcome: Outcome,
+    done: bool,
+}
+
+impl DocState {
+    /// The jobs of the next level for `text`: one job when it fits, else one per piece.
+    fn steps(&mut self, index: usize, plan: &Plan, text: String) -> Vec<Step> {
+        self.input_tokens = tokens::count(&text);
+        let base = format!("{}/L{}", self.key, self.level);
+        let note = (self.level > 0).then(|| COMBINE_NOTE.to_owned());
+        if plan.fits(&text) {
+            self.pieces = vec![None];
+            return vec![Step {
+                document: index,
+                piece: 0,
+                key: base,
+                request: plan.request(note, text),
+            }];
+        }
+        let pieces = chunks::split(&text, plan.chunk_tokens.unwrap_or(usize::MAX));
+        self.pieces = vec![None; pieces.len()];
+        if self.level == 0 {
+            self.outcome.chunks = pieces.len();
+        }
+        let parts = pieces.len();
+        pieces
+            .into_iter()
+            .enumerate()
+            .map(|(i, piece)| {
+                let piece_note = PIECE_NOTE
+                    .replace("{part}", &(i + 1).to_string())
+                    .replace("{parts}", &parts.to_string());
+                let note = match &note {
+                    Some(combine) => format!("{combine} {piece_note}"),
+                    None => piece_note,
+                };
+                Step {
+                    document: index,
+                    piece: i,
+                    key: format!("{base}/{i}"),
+                    request: plan.request(Some(note), piece),
+                }
+            })
+            .collect()
+    }
+
+    /// Records a piece's result; returns the next level's steps when the level is complete.
+    fn record(&mut self, index: usize, plan: &Plan, piece: usize, result: &JobResult) -> Vec<Step> {
+        if self.done {
+            return Vec::new();
+        }
+        self.outcome.cost += result.cost.amount_usd;
+        self.outcome.tokens += result.cost.usage.input_tokens + result.cost.usage.output_tokens;
+        self.outcome.jobs += 1;
+        let text = match (result.status, result.text()) {
+            (JobStatus::Succeeded, Some(text)) => text.to_owned(),
+            (JobStatus::Succeeded, None) => {
+                return self.fail("the model returned no text".to_owned());
+            }
+            _ => {
+                let reason = result.error.as_ref().map_or_else(
+                    || result.status.as_str().to_owned(),
+                    |e| format!("{}: {}", e.code, e.message),
+                );
+                let which = if self.pieces.len() > 1 {
+                    format!("part {} of {}: ", piece + 1, self.pieces.len())
+                } else {
+                    String::new()
+                };
+                return self.fail(format!("{which}{reason}"));
+            }
+        };
+        if let Some(slot) = self.pieces.get_mut(piece) {
+            *slot = Some(text);
+        }
+        if self.pieces.iter().any(Option::is_none) {
+            return Vec::new();
+        }
+        let texts: Vec<String> = self.pieces.iter_mut().filter_map(Option::take).collect();
+        if texts.len() == 1 {
+            self.done = true;
+            self.outcome.summary = texts.into_iter().next();
+            self.outcome.job_id = Some(result.job_id);
+            self.outcome.provider = result.provider.clone();
+            self.outcome.model = result.model.clone();
+            return Vec::new();
+        }
+        let joined = texts.join("\n\n");
+        if self.level + 1 >= MAX_LEVELS || tokens::count(&joined) >= self.input_tokens {
+            return self.fail(format!(
+                "the piece summaries ({} tokens) do not shrink below their input; raise --chunk-tokens or lower --max-tokens",
+                tokens::count(&joined)
+            ));
+        }
+        self.level += 1;
+        self.steps(index, plan, joined)
+    }
+
+    fn fail(&mut self, reason: String) -> Vec<Step> {
+        self.done = true;
+        self.outcome.error = Some(reason);
+        Vec::new()
+    }
+}
+
+/// The jobs this run waits for: job id → (document, piece).
+type Waiting = HashMap<Uuid, (usize, usize)>;
+
+async fn summarize(
+    ctx: &Context,
+    args: &SummarizeArgs,
+    plan: &Plan,
+    batch: &str,
+    documents: &[Document],
+) -> anyhow::Result<Vec<Outcome>> {
+    // Listen before publishing (or looking anything up) so no result can slip past.
+    let channel = ctx.broker.create_channel().await?;
+    let pattern = format!("{}.{batch}.*", args.tenant);
+    let mut results =
+        crate::queue::listen(&channel, &ctx.names.results_exchange(), &pattern).await?;
+
+    let (_, consumers) = topology::jobs_queue_depth(&channel, &ctx.names).await?;
+    let local_worker = (consumers == 0).then(|| {
+        let worker_ctx = Context {
+            shutdown: ctx.shutdown.child_token(),
+            ..ctx.clone()
+        };
+        let options = WorkerOptions {
+            concurrency: ctx.settings.worker.concurrency,
+            exit_when_idle: false,
+            idle_after: Duration::from_secs(1),
+            grace: Duration::from_secs(ctx.settings.worker.shutdown_grace_secs),
+        };
+        let stop = worker_ctx.shutdown.clone();
+        let handle = ctx
+            .tasks
+            .spawn(async move { worker::run(&worker_ctx, &options).await });
+        (stop, handle)
+    });
+    if local_worker.is_none() {
+        eprintln!("summarize: {consumers} worker(s) are consuming; publishing to them");
+    }
+
+    let mut conn = ctx.pool.acquire().await?;
+    let stored = batches::create_or_get(
+        &mut conn,
+        &plan.tenant,
+        batch,
+        BatchKind::Summarize,
+        &plan.route,
+        Some(&args.paths.join(" ")),
+    )
+    .await?;
+    if stored.kind != BatchKind::Summarize.as_str() {
+        anyhow::bail!(BadInput(format!(
+            "batch {batch:?} exists and is not a summarize batch; choose another --batch"
+        )));
+    }
+    let publisher = Publisher::open(&ctx.broker).await?;
+    let mut runner = Runner {
+        ctx,
+        plan,
+        batch,
+        conn: &mut conn,
+        publisher: &publisher,
+        waiting: Waiting::new(),
+        states: documents
+            .iter()
+            .map(|d| DocState {
+                key: d.key(),
+                level: 0,
+                input_tokens: 0,
+                pieces: Vec::new(),
+                outcome: Outcome::default(),
+                done: false,
+            })
+            .collect(),
+        progress: Progress::new(documents.len() as u64),
+    };
+    let first: Vec<Step> = documents
+        .iter()
+        .enumerate()
+        .flat_map(|(i, d)| {
+            let text = d.text.clone();
+            runner.states[i].steps(i, plan, text)
+        })
+        .collect();
+    let outcome = runner.drive(first, &mut results).await;
+    runner.progress.finish();
+    let outcomes: Vec<Outcome> = runner.states.into_iter().map(|s| s.outcome).collect();
+    if let Some((stop, handle)) = local_worker {
+        stop.cancel();
+        handle.await.context("the in-process worker panicked")??;
+    }
+    drop(results);
+    if let Err(error) = channel.close(200, "done".into()).await {
+        tracing::debug!(error = %error, "Results channel was already closed.");
+    }
+    if let Err(error) = publisher.channel().close(200, "done".into()).await {
+        tracing::debug!(error = %error, "Publisher channel was already closed.");
+    }
+    outcome.map(|()| outcomes)
+}
+
+/// Drives every document's map-reduce to an end.
+struct Runner<'a> {
+    ctx: &'a Context,
+    plan: &'a Plan,
+    batch: &'a str,
+    conn: &'a mut sqlx::PgConnection,
+    publisher: &'a Publisher,
+    waiting: Waiting,
+    states: Vec<DocState>,
+    progress: Progress,
+}
+
+impl Runner<'_> {
+    async fn drive(
+        &mut self,
+        first: Vec<Step>,
+        results: &mut lapin::Consumer,
+    ) -> anyhow::Result<()> {
+        self.issue(first).await?;
+        let every = Duration::from_secs(2);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        while self.states.iter().any(|s| !s.done) {
+            let mut next_steps = Vec::new();
+            tokio::select! {
+                _ = self.ctx.shutdown.cancelled() => {
+                    let left = self.states.iter().filter(|s| !s.done).count();
+                    return Err(Interrupted(format!(
+                        "interrupted with {left} of {} documents unfinished; their jobs stay queued. Run the same command with --batch {} to resume: finished documents are not sent again",
+                        self.states.len(), self.batch
+                    )).into());
+                }
+                _ = tick.tick() => self.progress.line(),
+                next = results.next() => {
+                    let Some(delivery) = next else { anyhow::bail!("the results subscription closed") };
+                    next_steps.extend(self.on_delivery(&delivery?.data));
+                    // Take whatever else already arrived, so new steps are issued together.
+                    while let Some(Some(Ok(delivery))) = results.next().now_or_never() {
+                        next_steps.extend(self.on_delivery(&delivery.data));
+                    }
+                }
+            }
+            if !next_steps.is_empty() {
+                self.issue(next_steps).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_delivery(&mut self, data: &[u8]) -> Vec<Step> {
+        let Ok(result) = serde_json::from_slice::<JobResult>(data) else {
+            return Vec::new();
+        };
+        let Some((document, piece)) = self.waiting.remove(&result.job_id) else {
+            return Vec::new();
+        };
+        self.on_result(document, piece, &result)
+    }
+
+    fn on_result(&mut self, document: usize, piece: usize, result: &JobResult) -> Vec<Step> {
+        let state = &mut self.states[document];
+        let was_done = state.done;
+        let steps = state.record(document, self.plan, piece, result);
+        self.progress.step(
+            result.cost.amount_usd,
+            result.cost.usage.input_tokens + result.cost.usage.output_tokens,
+        );
+        if state.done && !was_done {
+            self.progress.advance(state.outcome.error.is_some());
+        }
+        steps
+    }
+
+    /// Starts `steps`: a step whose batch item already has a successful result is answered
+    /// from it; one whose job was published and has no result yet is waited for; one whose
+    /// job failed before gets a new job; everything else is published.
+    async fn issue(&mut self, mut steps: Vec<Step>) -> anyhow::Result<()> {
+        while !steps.is_empty() {
+            let mut ready = Vec::new();
+            let round: Vec<Step> = steps.drain(..steps.len().min(ROUND)).collect();
+            let keys: Vec<String> = round.iter().map(|s| s.key.clone()).collect();
+            let known =
+                batches::items_by_key(self.conn, &self.plan.tenant, self.batch, &keys).await?;
+            let mut new_items = Vec::new();
+            let mut to_publish: Vec<Job> = Vec::new();
+            for step in round {
+                let job_id = match known.get(&step.key) {
+                    Some(existing) => match &existing.result {
+                        Some(result) if result.status == JobStatus::Succeeded => {
+                            ready.push((step.document, step.piece, result.clone()));
+                            continue;
+                        }
+                        Some(_) => {
+                            // Failed before: try again with a new job.
+                            let id = Uuid::now_v7();
+                            batches::replace_job(
+                                self.conn,
+                                &self.plan.tenant,
+                                self.batch,
+                                &step.key,
+                                id,
+                            )
+                            .await?;
+                            Some(id)
+                        }
+                        None if existing.item.published => {
+                            if let Some(id) = existing.item.job_id {
+                                self.waiting.insert(id, (step.document, step.piece));
+                            }
+                            continue;
+                        }
+                        None => existing.item.job_id,
+                    },
+                    None => None,
+                };
+                let mut job = Job::new(
+                    &self.plan.tenant,
+                    Some(self.batch),
+                    &self.plan.route,
+                    step.request,
+                );
+                if let Some(id) = job_id {
+                    job.id = id;
+                } else {
+                    new_items.push(ItemRow {
+                        item_key: step.key.clone(),
+                        line: i32::try_from(step.document + 1).unwrap_or(i32::MAX),
+                        job_id: Some(job.id),
+                        error: None,
+                        published: false,
+                    });
+                }
+                job.metadata = Some(json!({ "document": step.key }));
+                self.waiting.insert(job.id, (step.document, step.piece));
+                to_publish.push(job);
+            }
+            batches::insert_items(self.conn, &self.plan.tenant, self.batch, &new_items).await?;
+            if !to_publish.is_empty() {
+                let messages: Vec<Outgoing> = to_publish
+                    .iter()
+                    .map(|job| job_message(&self.ctx.names, job))
+                    .collect();
+                self.publisher
+                    .publish_all(&messages)
+                    .await
+                    .context("cannot publish the batch")?;
+                let ids: Vec<Uuid> = to_publish.iter().map(|j| j.id).collect();
+                batches::mark_published(self.conn, &self.plan.tenant, self.batch, &ids).await?;
+            }
+            for (document, piece, result) in ready {
+                steps.extend(self.on_result(document, piece, &result));
+            }
+        }
+        Ok(())
+    }
+}

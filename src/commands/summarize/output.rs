@@ -1,0 +1,212 @@
+//! What `summarize` shows while it runs (a progress bar, or plain lines off a terminal) and
+//! what it writes at the end (JSONL or Markdown, one entry per document in input order).
+
+use std::cell::Cell;
+use std::io::{IsTerminal, Write};
+
+use anyhow::Context as _;
+use indicatif::{ProgressBar, ProgressStyle};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::Document;
+use crate::cli::SummaryFormat;
+
+/// How one document ended.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    pub summary: Option<String>,
+    /// The job that produced the final summary.
+    pub job_id: Option<Uuid>,
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    /// Pieces the document was split into (1 when it fit).
+    pub chunks: usize,
+    /// Jobs whose results this document used, map and reduce steps together.
+    pub jobs: usize,
+    pub cost: Decimal,
+    pub tokens: u64,
+    pub error: Option<String>,
+}
+
+/// One JSONL output line.
+#[derive(Serialize)]
+struct Line<'a> {
+    path: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    status: &'a str,
+    summary: Option<&'a str>,
+    job_id: Option<Uuid>,
+    provider: Option<&'a str>,
+    model: Option<&'a str>,
+    chunks: usize,
+    jobs: usize,
+    tokens: u64,
+    cost_usd: String,
+    error: Option<&'a str>,
+}
+
+/// Writes every document's outcome to `out` (`-` = stdout).
+pub fn write(
+    out: &str,
+    format: SummaryFormat,
+    documents: &[Document],
+    outcomes: &[Outcome],
+) -> anyhow::Result<()> {
+    let mut writer: Box<dyn Write> = if out == "-" {
+        Box::new(std::io::stdout().lock())
+    } else {
+        Box::new(std::io::BufWriter::new(
+            std::fs::File::create(out).with_context(|| format!("cannot create {out}"))?,
+        ))
+    };
+    if format == SummaryFormat::Markdown {
+        writeln!(writer, "# Summaries\n")?;
+    }
+    for (document, outcome) in documents.iter().zip(outcomes) {
+        match format {
+            SummaryFormat::Jsonl => {
+                let line = Line {
+                    path: &document.path,
+                    id: document.id.as_deref(),
+                    status: if outcome.error.is_some() {
+                        "failed"
+                    } else {
+                        "succeeded"
+                    },
+                    summary: outcome.summary.as_deref(),
+                    job_id: outcome.job_id,
+                    provider: outcome.provider.as_deref(),
+                    model: outcome.model.as_deref(),
+                    chunks: outcome.chunks.max(1),
+                    jobs: outcome.jobs,
+                    tokens: outcome.tokens,
+                    cost_usd: outcome.cost.to_string(),
+                    error: outcome.error.as_deref(),
+                };
+                serde_json::to_writer(&mut writer, &line)?;
+                writer.write_all(b"\n")?;
+            }
+            SummaryFormat::Markdown => {
+                writeln!(writer, "## {}\n", document.label())?;
+                match (&outcome.summary, &outcome.error) {
+                    (_, Some(error)) => writeln!(writer, "**Failed:** {error}\n")?,
+                    (Some(summary), None) => writeln!(writer, "{summary}\n")?,
+                    (None, None) => writeln!(writer, "_No summary._\n")?,
+                }
+                writeln!(
+                    writer,
+                    "_{} · {} part(s) · {} tokens · ${}_\n",
+                    match (&outcome.provider, &outcome.model) {
+                        (Some(p), Some(m)) => format!("{p}/{m}"),
+                        _ => "no model".to_owned(),
+                    },
+                    outcome.chunks.max(1),
+                    outcome.tokens,
+                    outcome.cost
+                )?;
+            }
+        }
+    }
+    writer.flush()?;
+    Ok(())
+}
+
+/// A progress bar on a terminal, plain periodic lines otherwise: documents done, failed and
+/// total, tokens, cost so far, rate and ETA.
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    total: u64,
+    done: Cell<u64>,
+    failed: Cell<u64>,
+    tokens: Cell<u64>,
+    cost: Cell<Decimal>,
+    started: std::time::Instant,
+}
+
+impl Progress {
+    pub fn new(total: u64) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(total);
+            if let Ok(style) = ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} documents {msg} ({per_sec}, eta {eta})",
+            ) {
+                bar.set_style(style);
+            }
+            bar
+        });
+        Self {
+            bar,
+            total,
+            done: Cell::new(0),
+            failed: Cell::new(0),
+            tokens: Cell::new(0),
+            cost: Cell::new(Decimal::ZERO),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// One job's result arrived (a whole document or one step of it).
+    pub fn step(&self, cost: Decimal, tokens: u64) {
+        self.tokens.set(self.tokens.get() + tokens);
+        self.cost.set(self.cost.get() + cost);
+        self.refresh();
+    }
+
+    /// A document finished, `failed` or not.
+    pub fn advance(&self, failed: bool) {
+        self.done.set(self.done.get() + 1);
+        if failed {
+            self.failed.set(self.failed.get() + 1);
+        }
+        if let Some(bar) = &self.bar {
+            bar.set_position(self.done.get());
+        }
+        self.refresh();
+    }
+
+    fn refresh(&self) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!(
+                "{} failed, {} tokens, ${}",
+                self.failed.get(),
+                self.tokens.get(),
+                self.cost.get()
+            ));
+        }
+    }
+
+    /// The periodic plain line (only when stderr is not a terminal).
+    pub fn line(&self) {
+        if self.bar.is_some() {
+            return;
+        }
+        let done = self.done.get();
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let rate = if elapsed > 0.0 {
+            done as f64 / elapsed
+        } else {
+            0.0
+        };
+        let eta = if rate > 0.0 {
+            format!("{:.0}s", (self.total - done) as f64 / rate)
+        } else {
+            "-".to_owned()
+        };
+        eprintln!(
+            "summarize: {done}/{} documents done, {} failed, {} tokens, cost ${}, {rate:.1} docs/s, eta {eta}",
+            self.total,
+            self.failed.get(),
+            self.tokens.get(),
+            self.cost.get()
+        );
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
+}

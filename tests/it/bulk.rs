@@ -1,0 +1,657 @@
+//! Bulk work: `summarize` at scale (map-reduce of long documents, resumable batches), OpenAI
+//! Batch files in and out (`batch submit|status|results|cancel`) and `replay`.
+
+use std::collections::BTreeSet;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::helpers::{FakeProvider, TestApp, job, spawn_app_with, switchyard, wait_all, workers};
+
+/// Two OpenAI-style providers behind route `docs` (primary, then fallback), each model with a
+/// `window`-token context window, and circuit breakers that never open.
+fn two_providers(primary: &str, backup: &str, window: u32) -> String {
+    let provider = |name: &str, url: &str| {
+        format!(
+            r#"
+[[providers]]
+name = "{name}"
+kind = "openai"
+base_url = "{url}/v1"
+timeout_secs = 5
+max_retries = 0
+keys = [{{ id = "{name}-key", env = "CARGO_MANIFEST_DIR" }}]
+models = [{{ name = "m", context_window = {window}, prices = {{ input = "0.5", output = "1.5" }} }}]
+"#
+        )
+    };
+    format!(
+        r#"{}{}
+[[routes]]
+alias = "docs"
+targets = [{{ provider = "primary", model = "m" }}]
+fallback = [{{ provider = "backup", model = "m" }}]
+
+[[routes]]
+alias = "default"
+targets = [{{ provider = "extractive", model = "extractive-v1" }}]
+
+[routing]
+breaker_consecutive_failures = 1000000
+breaker_error_rate = 1.5
+"#,
+        provider("primary", primary),
+        provider("backup", backup),
+    )
+}
+
+fn read_lines(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A short document: a few sentences naming `n`.
+fn short_document(n: usize) -> String {
+    format!(
+        "Report {n} describes the harbour in week {n}. Ships arrived on time and cranes worked \
+         well. The harbour master counted {n} containers. Nothing else happened.\n"
+    )
+}
+
+/// A long document of `paragraphs` paragraphs of five sentences.
+fn long_document(paragraphs: usize) -> String {
+    (0..paragraphs)
+        .map(|p| {
+            (0..5)
+                .map(|s| {
+                    format!(
+                        "In section {p} the archive records fact {s} about river traffic, lock \
+                         maintenance and the price of grain at the northern market."
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n\n")
+}
+
+#[tokio::test]
+async fn summarize_1000_documents_through_transient_failures_and_map_reduce_a_long_one() {
+    let primary = FakeProvider::start(&["--rate-503", "0.1", "--seed", "7"]);
+    let backup = FakeProvider::start(&[]);
+    let window = 1500;
+    let app = spawn_app_with(&two_providers(&primary.url, &backup.url, window)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let docs = dir.path().join("docs");
+    std::fs::create_dir(&docs).unwrap();
+    for n in 0..999 {
+        std::fs::write(docs.join(format!("doc-{n:04}.txt")), short_document(n)).unwrap();
+    }
+    let long = long_document(150);
+    let long_tokens = switchyard::tokens::count(&long);
+    assert!(
+        long_tokens >= 5 * window as usize,
+        "the long document has {long_tokens} tokens"
+    );
+    std::fs::write(docs.join("doc-long.md"), &long).unwrap();
+    let out = dir.path().join("out.jsonl");
+
+    let output = switchyard(&app)
+        .args(["summarize", docs.to_str().unwrap(), "--route", "docs"])
+        .args(["--batch", "big", "--max-tokens", "100", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("1000 documents, 1000 succeeded, 0 failed"),
+        "{stderr}"
+    );
+    let lines = read_lines(&out);
+    assert_eq!(lines.len(), 1000);
+    assert!(lines.iter().all(|l| l["status"] == "succeeded"));
+    for (n, line) in lines.iter().take(999).enumerate() {
+        assert!(
+            line["path"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("doc-{n:04}.txt"))
+        );
+        assert_eq!(line["chunks"], 1);
+        assert!(
+            line["summary"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("Report {n} "))
+        );
+    }
+    // The long document was split into at least five pieces, each summarized, then combined.
+    let long_line = &lines[999];
+    assert!(long_line["path"].as_str().unwrap().ends_with("doc-long.md"));
+    let chunks = long_line["chunks"].as_u64().unwrap();
+    assert!(chunks >= 5, "{long_line}");
+    assert_eq!(
+        long_line["jobs"].as_u64().unwrap(),
+        chunks + 1,
+        "{long_line}"
+    );
+    let steps: Vec<(String, Value)> = sqlx::query_as(
+        "SELECT i.item_key, j.request FROM batch_items i JOIN jobs j ON j.id = i.job_id
+         WHERE i.batch = 'big' AND i.item_key LIKE '%doc-long.md@%' ORDER BY i.item_key",
+    )
+    .fetch_all(app.pool())
+    .await
+    .unwrap();
+    assert_eq!(steps.len() as u64, chunks + 1);
+    let combine = steps.iter().find(|(key, _)| key.ends_with("/L1")).unwrap();
+    let combined_input = combine.1["messages"][1]["content"].as_str().unwrap();
+    assert_eq!(
+        combined_input.split("\n\n").count() as u64,
+        chunks,
+        "the final job combines every piece summary"
+    );
+    for (key, request) in &steps {
+        let prompt = request["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| switchyard::tokens::count(m["content"].as_str().unwrap()))
+            .sum::<usize>();
+        assert!(
+            prompt + 100 <= window as usize,
+            "{key}: {prompt} prompt tokens do not fit the window"
+        );
+    }
+    // The primary really failed some calls, and the fallback answered them.
+    let failed = primary.stats().await["by_status"]["503"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(failed > 0, "{}", primary.stats().await);
+    assert!(backup.requests().await >= failed);
+    app.cleanup().await;
+}
+
+async fn wait_for_requests(fake: &FakeProvider, at_least: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while fake.requests().await < at_least {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the provider got only {} requests",
+            fake.requests().await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_interrupted_summarize_resumes_without_sending_any_document_twice() {
+    let primary = FakeProvider::start(&["--latency-ms", "300"]);
+    let backup = FakeProvider::start(&[]);
+    let app = spawn_app_with(&two_providers(&primary.url, &backup.url, 100_000)).await;
+    let dir = tempfile::tempdir().unwrap();
+    for n in 0..40 {
+        std::fs::write(dir.path().join(format!("d{n:02}.txt")), short_document(n)).unwrap();
+    }
+    let out = dir.path().join("out.jsonl");
+    let run = || {
+        let mut command = switchyard(&app);
+        command
+            .env("SWITCHYARD_WORKER__CONCURRENCY", "4")
+            .args(["summarize", dir.path().to_str().unwrap(), "--route", "docs"])
+            .args(["--batch", "resumable", "--out"])
+            .arg(&out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        command
+    };
+    let first = run().spawn().unwrap();
+    wait_for_requests(&primary, 8).await;
+    let interrupted = std::process::Command::new("kill")
+        .args(["-INT", &first.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
+    let output = tokio::task::spawn_blocking(move || first.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("--batch resumable"), "{stderr}");
+    let sent_first = primary.requests().await;
+    assert!(sent_first < 40, "the first run was interrupted early");
+
+    let output = run().output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let lines = read_lines(&out);
+    assert_eq!(lines.len(), 40);
+    assert!(
+        lines.iter().all(|l| l["status"] == "succeeded"),
+        "{lines:?}"
+    );
+    // Every document reached a provider exactly once over both runs.
+    assert_eq!(primary.requests().await, 40);
+    assert_eq!(backup.requests().await, 0);
+    let billed: i64 = sqlx::query_scalar("SELECT count(*) FROM cost_ledger")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert_eq!(billed, 40);
+    app.cleanup().await;
+}
+
+/// An OpenAI Batch input line.
+fn batch_line(custom_id: &str, text: &str) -> String {
+    serde_json::json!({
+        "custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+        "body": { "model": "gpt-4o-mini", "messages": [{ "role": "user", "content": text }], "max_tokens": 50 },
+    })
+    .to_string()
+}
+
+fn batch(app: &TestApp, args: &[&str]) -> std::process::Output {
+    switchyard(app).arg("batch").args(args).output().unwrap()
+}
+
+fn status_json(app: &TestApp, id: &str) -> Value {
+    let output = batch(app, &["status", id, "--json"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn an_openai_batch_file_round_trips_with_invalid_lines_reported_by_number() {
+    let fake = FakeProvider::start(&[]);
+    let app = spawn_app_with(&crate::helpers::fake_provider_config(&fake.url)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut lines = Vec::new();
+    let mut valid = BTreeSet::new();
+    let invalid_lines: BTreeSet<usize> = (1..=200)
+        .filter(|n| [3, 6, 9, 12, 15, 18].contains(&(n % 20)))
+        .collect();
+    for n in 1..=200usize {
+        let id = format!("req-{n}");
+        let line = match n % 20 {
+            3 => "{not json".to_owned(),
+            6 => r#"{"method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"x"}]}}"#.to_owned(),
+            9 => batch_line(&id, "x").replace("/v1/chat/completions", "/v1/embeddings"),
+            12 => batch_line(&id, "x").replace("\"POST\"", "\"GET\""),
+            15 => batch_line(&id, "x").replace("\"max_tokens\":50", "\"max_tokens\":-3"),
+            18 => batch_line("req-1", "a duplicate custom_id"),
+            _ => {
+                valid.insert(id.clone());
+                batch_line(&id, &format!("Request {n} asks about the harbour. It is short."))
+            }
+        };
+        lines.push(line);
+    }
+    let input = dir.path().join("input.jsonl");
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    assert_eq!(valid.len(), 140);
+    assert_eq!(invalid_lines.len(), 60);
+
+    // Without --skip-invalid nothing is submitted, and every invalid line is named.
+    let output = batch(
+        &app,
+        &["submit", input.to_str().unwrap(), "--route", "fake"],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    for n in &invalid_lines {
+        assert!(
+            stderr.contains(&format!(": line {n}: ")),
+            "line {n} not reported: {stderr}"
+        );
+    }
+    assert!(stderr.contains("line 6: custom_id: missing"), "{stderr}");
+    assert!(stderr.contains("line 9: url: only"), "{stderr}");
+    assert!(stderr.contains("line 12: method:"), "{stderr}");
+    assert!(stderr.contains("line 15: body.max_tokens:"), "{stderr}");
+    assert!(
+        stderr.contains("line 18: custom_id: \"req-1\" duplicates line 1"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("nothing was submitted"), "{stderr}");
+    let batches: i64 = sqlx::query_scalar("SELECT count(*) FROM batches")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert_eq!(batches, 0);
+
+    let output = batch(
+        &app,
+        &[
+            "submit",
+            input.to_str().unwrap(),
+            "--route",
+            "fake",
+            "--skip-invalid",
+        ],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let id = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    assert!(id.starts_with("batch_"), "{id}");
+    let status = status_json(&app, &id);
+    assert_eq!(status["status"], "in_progress");
+    assert_eq!(status["request_counts"]["total"], 140);
+    assert_eq!(status["request_counts"]["invalid"], 60);
+
+    wait_all(workers(&app, 1, 16)).await;
+    let status = status_json(&app, &id);
+    assert_eq!(status["status"], "completed", "{status}");
+    assert_eq!(status["request_counts"]["completed"], 140);
+    assert_eq!(status["request_counts"]["failed"], 0);
+    assert!(status["completed_at"].is_string());
+    assert_ne!(status["cost_usd"], "0");
+    let human = batch(&app, &["status", &id]);
+    assert!(String::from_utf8_lossy(&human.stdout).contains("status    completed"));
+
+    let out = dir.path().join("output.jsonl");
+    let errors = dir.path().join("errors.jsonl");
+    let output = batch(
+        &app,
+        &[
+            "results",
+            &id,
+            "--out",
+            out.to_str().unwrap(),
+            "--errors",
+            errors.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let results = read_lines(&out);
+    assert_eq!(results.len(), 140);
+    let mut seen = BTreeSet::new();
+    for line in &results {
+        let keys: BTreeSet<&str> = line
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            keys,
+            BTreeSet::from(["id", "custom_id", "response", "error"])
+        );
+        assert!(line["id"].as_str().unwrap().starts_with("batch_req_"));
+        assert!(line["error"].is_null());
+        assert_eq!(line["response"]["status_code"], 200);
+        assert!(line["response"]["request_id"].is_string());
+        let body = &line["response"]["body"];
+        assert_eq!(body["object"], "chat.completion");
+        let custom_id = line["custom_id"].as_str().unwrap();
+        let n = custom_id.strip_prefix("req-").unwrap();
+        assert!(
+            body["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("Request {n} asks")),
+            "{line}"
+        );
+        assert!(seen.insert(custom_id.to_owned()), "{custom_id} twice");
+    }
+    assert_eq!(seen, valid);
+    let error_lines = read_lines(&errors);
+    assert_eq!(error_lines.len(), 60);
+    assert!(
+        error_lines.iter().all(|l| l["response"].is_null()
+            && l["error"]["message"].as_str().unwrap().starts_with("line "))
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn cancelling_a_batch_ends_unstarted_requests_and_keeps_running_ones() {
+    let fake = FakeProvider::start(&["--latency-ms", "1500"]);
+    let app = spawn_app_with(&crate::helpers::fake_provider_config(&fake.url)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input.jsonl");
+    let lines: Vec<String> = (0..20)
+        .map(|n| batch_line(&format!("c{n}"), &format!("Item {n}.")))
+        .collect();
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let output = batch(
+        &app,
+        &["submit", input.to_str().unwrap(), "--route", "fake"],
+    );
+    assert!(output.status.success());
+    let id = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+
+    let running = workers(&app, 1, 4);
+    wait_for_requests(&fake, 4).await;
+    let output = batch(&app, &["cancel", &id]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    wait_all(running).await;
+
+    let status = status_json(&app, &id);
+    assert_eq!(status["status"], "cancelled", "{status}");
+    let started = fake.requests().await;
+    assert_eq!(
+        started, 4,
+        "only the jobs already running reached the provider"
+    );
+    assert_eq!(status["request_counts"]["completed"], 4, "{status}");
+    assert_eq!(status["request_counts"]["cancelled"], 16, "{status}");
+    // Nothing paid for is lost: every billed call has its successful result.
+    let billed: i64 = sqlx::query_scalar("SELECT count(*) FROM cost_ledger")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert_eq!(billed, 4);
+    let out = dir.path().join("out.jsonl");
+    let output = batch(&app, &["results", &id, "--out", out.to_str().unwrap()]);
+    assert!(output.status.success());
+    let results = read_lines(&out);
+    assert_eq!(results.len(), 20);
+    assert_eq!(
+        results
+            .iter()
+            .filter(|l| l["error"]["code"] == "cancelled")
+            .count(),
+        16
+    );
+    app.cleanup().await;
+}
+
+async fn count(app: &TestApp, sql: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_one(app.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn replaying_a_batchs_failed_jobs_after_the_provider_recovers() {
+    let broken = FakeProvider::start(&["--rate-500", "1"]);
+    let port = broken.port();
+    let app = spawn_app_with(&format!(
+        "{}\n[routing]\nbreaker_consecutive_failures = 1000000\nbreaker_error_rate = 1.5\n",
+        crate::helpers::fake_provider_config(&broken.url)
+    ))
+    .await;
+    let jobs: Vec<_> = (0..20)
+        .map(|n| job("acme", Some("nightly"), "fake", &format!("Job {n} text.")))
+        .collect();
+    app.publish_jobs(&jobs).await;
+    app.run_worker_until_idle().await;
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM results WHERE status = 'failed'").await,
+        20
+    );
+    drop(broken);
+    let healthy = FakeProvider::start_at(port, &[]);
+
+    let replay = |extra: &[&str]| {
+        switchyard(&app)
+            .env("SWITCHYARD_ACTOR", "ops-oncall")
+            .args(["replay", "--tenant", "acme", "--batch", "nightly"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // A dry run lists the 20 jobs and changes nothing.
+    let output = replay(&["--status", "failed", "--dry-run"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let listed: Vec<Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(listed.len(), 20);
+    assert!(
+        listed
+            .iter()
+            .all(|l| l["action"] == "would_replay" && l["generation"] == 1)
+    );
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM audit_events WHERE kind = 'job_replayed'"
+        )
+        .await,
+        0
+    );
+    let (queued, _consumers) = switchyard::queue::topology::jobs_queue_depth(
+        &app.ctx.broker.create_channel().await.unwrap(),
+        &app.names,
+    )
+    .await
+    .unwrap();
+    assert_eq!(queued, 0, "a dry run publishes nothing");
+    assert_eq!(healthy.requests().await, 0);
+
+    // One job lost its prompt (as under retention `none`): it is reported, not replayed.
+    sqlx::query("UPDATE jobs SET request = NULL WHERE id = $1")
+        .bind(jobs[0].id)
+        .execute(app.pool())
+        .await
+        .unwrap();
+    let output = replay(&["--status", "failed", "--reason", "provider recovered"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(stdout.matches("\"replayed\"").count(), 19, "{stdout}");
+    assert!(
+        stdout.contains("not replayable: the request was not retained"),
+        "{stdout}"
+    );
+    app.run_worker_until_idle().await;
+
+    // The replays succeeded as generation 1; generation 0 stays as history.
+    assert_eq!(healthy.requests().await, 19);
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM results WHERE generation = 1 AND status = 'succeeded'"
+        )
+        .await,
+        19
+    );
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM results WHERE generation = 0 AND status = 'failed'"
+        )
+        .await,
+        20
+    );
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM jobs WHERE generation = 1 AND status = 'succeeded'"
+        )
+        .await,
+        19
+    );
+    // The first run tried each job twice (one retry on the route's last target).
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM attempts WHERE generation = 0").await,
+        40
+    );
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM attempts WHERE generation = 1").await,
+        19
+    );
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM cost_ledger WHERE batch = 'nightly'"
+        )
+        .await,
+        19
+    );
+    let (actor, reason): (String, String) = sqlx::query_as(
+        "SELECT details->>'by', details->>'reason' FROM audit_events WHERE kind = 'job_replayed' LIMIT 1",
+    )
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        (actor.as_str(), reason.as_str()),
+        ("ops-oncall", "provider recovered")
+    );
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM audit_events WHERE kind = 'job_replayed'"
+        )
+        .await,
+        19
+    );
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM audit_events WHERE kind = 'job_failed'"
+        )
+        .await,
+        20
+    );
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM audit_events WHERE kind = 'job_succeeded'"
+        )
+        .await,
+        19
+    );
+
+    // Succeeded jobs are not replayed again unless forced.
+    let again = jobs[1].id.to_string();
+    let output = replay(&["--id", &again]);
+    assert!(String::from_utf8_lossy(&output.stdout).contains("already succeeded"));
+    let output = replay(&["--id", &again, "--force"]);
+    assert!(String::from_utf8_lossy(&output.stdout).contains("\"generation\":2"));
+    app.run_worker_until_idle().await;
+    assert_eq!(healthy.requests().await, 20);
+    app.cleanup().await;
+}
