@@ -655,3 +655,120 @@ async fn replaying_a_batchs_failed_jobs_after_the_provider_recovers() {
     assert_eq!(healthy.requests().await, 20);
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn dead_lettered_jobs_are_shown_in_full_and_replayed_to_another_route() {
+    let fake = FakeProvider::start(&[]);
+    let app = spawn_app_with(&crate::helpers::fake_provider_config(&fake.url)).await;
+    let lost = job("acme", Some("b7"), "no-such-route", "Route me properly.");
+    app.publish_job(&lost).await;
+    app.run_worker_until_idle().await;
+
+    // The whole dead-lettered message: its error header and its body.
+    let mut shown = None;
+    for _ in 0..50 {
+        let output = switchyard(&app)
+            .args(["dead-letters", "show", &lost.id.to_string()])
+            .output()
+            .unwrap();
+        if output.status.success() {
+            shown = Some(serde_json::from_slice::<Value>(&output.stdout).unwrap());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let shown = shown.expect("dead-letters show finds the message");
+    assert!(
+        shown["headers"]["x-switchyard-error"]
+            .as_str()
+            .unwrap()
+            .starts_with("unknown_route"),
+        "{shown}"
+    );
+    assert_eq!(shown["body"]["json"]["route"], "no-such-route");
+    let missing = switchyard(&app)
+        .args([
+            "dead-letters",
+            "show",
+            "0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no dead-lettered message"));
+
+    // `dead-lettered` selects the rejected job; its stored body is replayed to route `fake`.
+    let output = switchyard(&app)
+        .args(["replay", "--tenant", "acme", "--status", "dead-lettered"])
+        .args(["--error-class", "unknown_route", "--route", "fake"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(stdout.matches("\"replayed\"").count(), 1, "{stdout}");
+    app.run_worker_until_idle().await;
+    let (status, route): (String, String) = sqlx::query_as(
+        "SELECT status, body->>'route' FROM results WHERE job_id = $1 AND generation = 1",
+    )
+    .bind(lost.id)
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), route.as_str()), ("succeeded", "fake"));
+    assert_eq!(fake.requests().await, 1);
+    // An unknown --route is refused before anything happens.
+    let output = switchyard(&app)
+        .args(["replay", "--tenant", "acme", "--route", "nope"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn summarize_reads_html_and_jsonl_and_writes_markdown() {
+    let app = crate::helpers::spawn_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("page.html"),
+        "<html><body><h1>Lighthouse</h1><p>The lighthouse keeper lit the lamp at dusk. \
+         Ships passed safely all night. The keeper wrote the log at dawn.</p></body></html>",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("notes.jsonl"),
+        "{\"id\":\"n1\",\"text\":\"The orchard gave apples in September. Pickers filled two hundred crates.\"}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("summaries.md");
+    let output = switchyard(&app)
+        .args(["summarize", &format!("{}/*", dir.path().display()), "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let markdown = std::fs::read_to_string(&out).unwrap();
+    assert!(markdown.starts_with("# Summaries\n"), "{markdown}");
+    let notes = markdown
+        .find("notes.jsonl#n1")
+        .expect("the JSONL document has a section");
+    let page = markdown
+        .find("page.html")
+        .expect("the HTML document has a section");
+    assert!(notes < page, "input order: {markdown}");
+    assert!(
+        markdown.contains("lighthouse keeper lit the lamp"),
+        "{markdown}"
+    );
+    assert!(!markdown.contains("<p>"), "{markdown}");
+    assert!(markdown.contains("orchard gave apples"), "{markdown}");
+    app.cleanup().await;
+}
