@@ -6,7 +6,6 @@ ALTER TABLE jobs ADD CONSTRAINT jobs_status_check
 ALTER TABLE results DROP CONSTRAINT results_status_check;
 ALTER TABLE results ADD CONSTRAINT results_status_check
     CHECK (status IN ('succeeded', 'failed', 'rejected', 'cancelled'));
-CREATE INDEX results_job_idx ON results (job_id, generation DESC);
 
 CREATE TABLE batches (
     tenant        text        NOT NULL,

@@ -545,6 +545,11 @@ async fn replaying_a_batchs_failed_jobs_after_the_provider_recovers() {
     .await
     .unwrap();
     assert_eq!(queued, 0, "a dry run publishes nothing");
+    // Time-range selection: every failure is after 2000-01-01 and none before.
+    let output = replay(&["--status", "failed", "--dry-run", "--since", "2000-01-01"]);
+    assert_eq!(String::from_utf8_lossy(&output.stdout).lines().count(), 20);
+    let output = replay(&["--status", "failed", "--dry-run", "--until", "2000-01-01"]);
+    assert_eq!(String::from_utf8_lossy(&output.stdout).lines().count(), 0);
     assert_eq!(healthy.requests().await, 0);
 
     // One job lost its prompt (as under retention `none`): it is reported, not replayed.
