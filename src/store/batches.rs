@@ -188,28 +188,9 @@ struct ItemResultRow {
     body: Option<Json<JobResult>>,
 }
 
-/// Every item of the batch (in line order) with its job's latest result.
-pub async fn items_with_results(
-    conn: &mut PgConnection,
-    tenant: &str,
-    batch: &str,
-) -> Result<Vec<ItemResult>, sqlx::Error> {
-    let rows: Vec<ItemResultRow> = sqlx::query_as(
-        "SELECT i.item_key, i.line, i.job_id, i.error, i.published, r.body
-         FROM batch_items i
-         LEFT JOIN LATERAL (SELECT body FROM results
-                            WHERE job_id = i.job_id AND tenant = i.tenant
-                            ORDER BY generation DESC LIMIT 1) r ON true
-         WHERE i.tenant = $1 AND i.batch = $2
-         ORDER BY i.line, i.item_key",
-    )
-    .bind(tenant)
-    .bind(batch)
-    .fetch_all(conn)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|row| ItemResult {
+impl From<ItemResultRow> for ItemResult {
+    fn from(row: ItemResultRow) -> Self {
+        ItemResult {
             item: ItemRow {
                 item_key: row.item_key,
                 line: row.line,
@@ -218,8 +199,32 @@ pub async fn items_with_results(
                 published: row.published,
             },
             result: row.body.map(|Json(result)| result),
-        })
-        .collect())
+        }
+    }
+}
+
+/// Items of a batch with their jobs' latest results; `$3` filters on item keys.
+const ITEMS_WITH_RESULTS: &str = "SELECT i.item_key, i.line, i.job_id, i.error, i.published, r.body
+     FROM batch_items i
+     LEFT JOIN LATERAL (SELECT body FROM results
+                        WHERE job_id = i.job_id AND tenant = i.tenant
+                        ORDER BY generation DESC LIMIT 1) r ON true
+     WHERE i.tenant = $1 AND i.batch = $2 AND ($3::text[] IS NULL OR i.item_key = ANY($3))
+     ORDER BY i.line, i.item_key";
+
+/// Every item of the batch (in line order) with its job's latest result.
+pub async fn items_with_results(
+    conn: &mut PgConnection,
+    tenant: &str,
+    batch: &str,
+) -> Result<Vec<ItemResult>, sqlx::Error> {
+    let rows: Vec<ItemResultRow> = sqlx::query_as(ITEMS_WITH_RESULTS)
+        .bind(tenant)
+        .bind(batch)
+        .bind(None::<Vec<String>>)
+        .fetch_all(conn)
+        .await?;
+    Ok(rows.into_iter().map(ItemResult::from).collect())
 }
 
 /// Counts of a batch's items by their job's latest status.
@@ -333,35 +338,14 @@ pub async fn items_by_key(
     batch: &str,
     keys: &[String],
 ) -> Result<std::collections::HashMap<String, ItemResult>, sqlx::Error> {
-    let rows: Vec<ItemResultRow> = sqlx::query_as(
-        "SELECT i.item_key, i.line, i.job_id, i.error, i.published, r.body
-         FROM batch_items i
-         LEFT JOIN LATERAL (SELECT body FROM results
-                            WHERE job_id = i.job_id AND tenant = i.tenant
-                            ORDER BY generation DESC LIMIT 1) r ON true
-         WHERE i.tenant = $1 AND i.batch = $2 AND i.item_key = ANY($3)",
-    )
-    .bind(tenant)
-    .bind(batch)
-    .bind(keys)
-    .fetch_all(conn)
-    .await?;
+    let rows: Vec<ItemResultRow> = sqlx::query_as(ITEMS_WITH_RESULTS)
+        .bind(tenant)
+        .bind(batch)
+        .bind(keys)
+        .fetch_all(conn)
+        .await?;
     Ok(rows
         .into_iter()
-        .map(|row| {
-            (
-                row.item_key.clone(),
-                ItemResult {
-                    item: ItemRow {
-                        item_key: row.item_key,
-                        line: row.line,
-                        job_id: row.job_id,
-                        error: row.error,
-                        published: row.published,
-                    },
-                    result: row.body.map(|Json(result)| result),
-                },
-            )
-        })
+        .map(|row| (row.item_key.clone(), ItemResult::from(row)))
         .collect())
 }
