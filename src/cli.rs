@@ -287,7 +287,7 @@ pub struct SummarizeArgs {
     #[arg(long, default_value_t = 120)]
     pub words: u32,
     /// Longest summary, in tokens.
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 200)]
     pub max_tokens: u32,
     /// Instruction sent with every document; `{words}` is replaced by `--words`.
     #[arg(long)]
