@@ -11,12 +11,16 @@ mod helpers;
 
 mod bad_input;
 mod budgets;
+mod chaos;
 mod cli;
 mod dead_letters;
 mod duplicates;
 mod kill;
 mod limits;
+mod outbox;
 mod pipeline;
+mod poison;
+mod private;
 mod providers;
 mod reports;
 mod routing;
