@@ -151,7 +151,8 @@ enum SessionEnd {
     BrokerLost,
 }
 
-/// Whether `error` means the connection or channel is gone (as opposed to a bug or a refusal).
+/// Whether the broker connection or the consuming channel is gone, which makes an error on
+/// them a reason to reconnect rather than to stop.
 fn broker_lost(ctx: &Context, channel: &lapin::Channel) -> bool {
     !ctx.broker.is_connected() || !channel.status().connected()
 }
