@@ -94,3 +94,52 @@ async fn a_worker_dying_between_commit_and_publish_has_its_messages_relayed_exac
     capture.delete(&app).await;
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn relays_claim_only_stale_rows_and_never_the_same_row_twice() {
+    use chrono::Utc;
+    use switchyard::queue::publisher::Outgoing;
+    use switchyard::store::outbox::{self, OutboxRow};
+
+    let app = crate::helpers::spawn_app().await;
+    let row = |age_secs: i64| OutboxRow {
+        id: uuid::Uuid::now_v7(),
+        message: Outgoing {
+            exchange: app.names.results_exchange(),
+            routing_key: "acme._.succeeded".to_owned(),
+            body: b"{}".to_vec(),
+            message_id: uuid::Uuid::now_v7().to_string(),
+            kind: "switchyard.result.v1".to_owned(),
+            headers: None,
+        },
+        created_at: Utc::now() - chrono::Duration::seconds(age_secs),
+    };
+    let stale: Vec<OutboxRow> = (0..10).map(|_| row(60)).collect();
+    let fresh = row(0);
+    let mut conn = app.pool().acquire().await.unwrap();
+    outbox::insert_many(&mut conn, &stale).await.unwrap();
+    outbox::insert_many(&mut conn, std::slice::from_ref(&fresh))
+        .await
+        .unwrap();
+    drop(conn);
+
+    let cutoff = Utc::now() - chrono::Duration::seconds(5);
+    let mut first = app.pool().begin().await.unwrap();
+    let mut second = app.pool().begin().await.unwrap();
+    let a = outbox::claim_stale(&mut first, cutoff, 6).await.unwrap();
+    let b = outbox::claim_stale(&mut second, cutoff, 6).await.unwrap();
+    assert_eq!(
+        (a.len(), b.len()),
+        (6, 4),
+        "the second relay skips the first's rows"
+    );
+    let claimed: BTreeSet<uuid::Uuid> = a.iter().chain(&b).map(|r| r.id).collect();
+    let expected: BTreeSet<uuid::Uuid> = stale.iter().map(|r| r.id).collect();
+    assert_eq!(
+        claimed, expected,
+        "every stale row once, the fresh one not at all"
+    );
+    first.rollback().await.unwrap();
+    second.rollback().await.unwrap();
+    app.cleanup().await;
+}
