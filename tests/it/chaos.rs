@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::{Child, ExitStatus, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -417,15 +417,21 @@ async fn chaos_private_restart_rabbitmq_mid_batch() {
         .iter()
         .map(|job| switchyard::commands::publish::job_message(&app.names, job))
         .collect();
+    // It publishes half the batch, waits for the broker to go down, and publishes the rest
+    // into the outage: it must reconnect by itself to finish.
     let publisher = app.publisher.clone();
     let published = Arc::new(AtomicUsize::new(0));
-    let counter = published.clone();
+    let broker_down = Arc::new(AtomicBool::new(false));
+    let (counter, down) = (published.clone(), broker_down.clone());
     let mut publishing = tokio::task::JoinSet::new();
     publishing.spawn(async move {
         for chunk in messages.chunks(100) {
+            while counter.load(Ordering::SeqCst) >= JOBS / 2 && !down.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             publisher.publish_all(chunk).await?;
             counter.fetch_add(chunk.len(), Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(150)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok::<_, switchyard::queue::BrokerError>(())
     });
@@ -434,11 +440,12 @@ async fn chaos_private_restart_rabbitmq_mid_batch() {
         .map(|i| Worker::start(&app, CONCURRENCY, &[], &format!("w{i}")))
         .collect();
     let deadline = Instant::now() + Duration::from_secs(90);
-    while published.load(Ordering::SeqCst) < 2000 || results_count(&app).await < 500 {
+    while published.load(Ordering::SeqCst) < JOBS / 2 || results_count(&app).await < 500 {
         assert!(Instant::now() < deadline, "no progress before the restart");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     rabbit.stop();
+    broker_down.store(true, Ordering::SeqCst);
     let at_stop = results_count(&app).await;
     let published_at_stop = published.load(Ordering::SeqCst);
     tokio::time::sleep(Duration::from_secs(3)).await;
