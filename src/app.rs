@@ -22,7 +22,8 @@ use crate::{queue, store};
 pub struct Context {
     pub settings: Arc<Settings>,
     pub pool: PgPool,
-    pub broker: Arc<lapin::Connection>,
+    /// Reconnects by itself when the connection is lost.
+    pub broker: queue::Broker,
     pub names: Names,
     pub registry: Registry,
     pub router: Router,
@@ -42,7 +43,7 @@ impl Context {
     /// user needs no setup step.
     pub async fn connect(settings: Settings) -> anyhow::Result<Self> {
         let pool = store::connect(&settings.database).await?;
-        let broker = queue::connect(&settings.broker.url).await?;
+        let broker = queue::Broker::connect(&settings.broker.url).await?;
         let names = Names::new(&settings.broker.prefix);
         if settings.broker.auto_declare {
             let channel = broker.create_channel().await?;
@@ -72,7 +73,7 @@ impl Context {
         Ok(Self {
             settings: Arc::new(settings),
             pool,
-            broker: Arc::new(broker),
+            broker,
             names,
             registry,
             router,
@@ -104,7 +105,7 @@ impl Context {
 
     /// Closes the broker connection and the pool.
     pub async fn close(&self) {
-        if let Err(error) = self.broker.close(200, "bye".into()).await {
+        if let Err(error) = self.broker.close(200, "bye").await {
             tracing::debug!(error = %error, "Broker connection was already closed.");
         }
         self.pool.close().await;

@@ -134,6 +134,9 @@ pub struct WorkerSettings {
     /// Where the worker serves `/healthz`, `/readyz` and `/metrics` (e.g. `127.0.0.1:9464`);
     /// off when unset.
     pub http_addr: Option<String>,
+    /// Outbox rows still unsent this long after their commit belong to a worker that died
+    /// (or lost the broker) between commit and publish; the relay republishes them.
+    pub outbox_relay_after_ms: u64,
 }
 
 /// See [`WorkerSettings::event_publishing`].
@@ -500,6 +503,7 @@ impl Default for WorkerSettings {
             shutdown_grace_secs: 30,
             event_publishing: EventPublishing::Batched,
             http_addr: None,
+            outbox_relay_after_ms: 5000,
         }
     }
 }

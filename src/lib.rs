@@ -11,8 +11,10 @@
 //! 2. [`stages::route`] resolves the route alias to provider targets.
 //! 3. [`stages::dispatch`] calls [`providers`] in order, moving on after retryable failures.
 //! 4. [`stages::finalize`] commits groups of finished jobs in ONE transaction (job, attempts,
-//!    result, [`budget::pricing`] cost ledger, audit events), then publishes results and
-//!    events with confirms ([`queue::publisher`]), then acks ([`queue::consumer`]).
+//!    result, [`budget::pricing`] cost ledger, audit events, and the outbox of every message
+//!    to publish), then publishes results and events with confirms ([`queue::publisher`]),
+//!    then acks ([`queue::consumer`]). [`stages::relay`] republishes outbox rows a crashed
+//!    worker left unsent.
 //!
 //! # Modules
 //!
@@ -23,12 +25,14 @@
 //! - [`store`]: Postgres queries, one file per table.
 //! - [`providers`]: one adapter per wire format plus the built-in `extractive` model.
 //! - [`commands`]: one file per CLI command; [`cli`] holds the clap structs.
+//! - [`failpoint`]: test-only crash points armed by `SWITCHYARD_FAILPOINT`.
 
 pub mod app;
 pub mod budget;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod failpoint;
 pub mod http;
 pub mod messages;
 pub mod providers;

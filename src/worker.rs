@@ -2,6 +2,7 @@
 //! concurrency, runs each delivery through ingest → route → dispatch on its own task, and hands
 //! the outcome to one finalizer that commits, publishes and acks in groups.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use backon::{ExponentialBuilder, Retryable};
 use chrono::Utc;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -64,43 +65,13 @@ pub struct WorkerReport {
     pub finalized: FinalizeStats,
 }
 
-/// Consumes until shutdown, idleness or a fatal broker/database error.
+/// Consumes until shutdown or idleness. A lost broker connection ends the current session
+/// (in-flight jobs are abandoned unacked, so the broker redelivers them) and the worker
+/// reconnects with backoff and consumes again; a Postgres outage pauses it (see
+/// [`Finalizer::run`]). Only an error that outlasts the reconnect backoff ends it.
 pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<WorkerReport> {
-    let channel = ctx.broker.create_channel().await?;
-    channel
-        .basic_qos(options.concurrency, BasicQosOptions::default())
-        .await?;
-    let queue = ctx.names.jobs_queue();
-    let consumer_tag = format!("switchyard-{}", uuid::Uuid::now_v7().simple());
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            consumer_tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .with_context(|| {
-            format!("cannot consume from queue {queue} (run `switchyard migrate`?)")
-        })?;
-    let publisher = Publisher::open(&ctx.broker).await?;
-    // Stream chunks go on their own confirm channel so they never wait behind a finalize group.
-    let streams = Publisher::open(&ctx.broker).await?;
-    let (outbox, inbox) = mpsc::channel(usize::from(options.concurrency) * 2);
-    let finalizer = Finalizer {
-        pool: ctx.pool.clone(),
-        publisher,
-        consume_channel: channel.clone(),
-        names: ctx.names.clone(),
-        batch_size: ctx.settings.worker.finalize_batch_size,
-        event_publishing: ctx.settings.worker.event_publishing,
-        acks: AckTracker::default(),
-        stats: FinalizeStats::default(),
-        budgets: ctx.budgets.clone(),
-    };
-    let mut finalizing = Some(ctx.tasks.spawn(finalizer.run(inbox)));
-    // Not a child of `shutdown`: sharing (and health/metrics) must go on through the grace
-    // period, and stops only once the worker is done.
+    // Not a child of `shutdown`: sharing, the relay (and health/metrics) must go on through
+    // the grace period, and stop only once the worker is done.
     let sharing = CancellationToken::new();
     let _stop_sharing = sharing.clone().drop_guard();
     if let Some(addr) = &ctx.settings.worker.http_addr {
@@ -127,72 +98,38 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
         ctx.pool.clone(),
         sharing.clone(),
     ));
-    let processing = TaskTracker::new();
-    let abandon = CancellationToken::new();
+    ctx.tasks.spawn(crate::stages::relay::run(
+        ctx.pool.clone(),
+        ctx.broker.clone(),
+        Duration::from_millis(ctx.settings.worker.outbox_relay_after_ms),
+        sharing.clone(),
+    ));
     let received = Arc::new(AtomicU64::new(0));
-    let mut idle_tick = tokio::time::interval(Duration::from_millis(200));
-    let mut idle_since: Option<Instant> = None;
-    tracing::info!(queue = %queue, concurrency = options.concurrency, "Worker is consuming.");
-
+    let mut finalized = FinalizeStats::default();
     let exit = loop {
-        tokio::select! {
-            _ = ctx.shutdown.cancelled() => break WorkerExit::Shutdown,
-            next = consumer.next() => match next {
-                Some(Ok(delivery)) => {
-                    idle_since = None;
-                    received.fetch_add(1, Ordering::Relaxed);
-                    processing.spawn(process(ctx.clone(), streams.clone(), delivery, outbox.clone(), abandon.clone()));
-                }
-                Some(Err(error)) => return Err(error).context("the jobs consumer failed"),
-                None => break WorkerExit::ConsumerCancelled,
-            },
-            finished = async { finalizing.as_mut()?.await.ok() }, if finalizing.is_some() => {
-                match finished {
-                    Some(Err(error)) => return Err(error).context("finalize failed; unacked jobs will be redelivered"),
-                    _ => anyhow::bail!("the finalizer stopped unexpectedly"),
-                }
+        let end = match session(ctx, options, &received, &mut finalized).await {
+            Ok(end) => end,
+            // Setting up a session on a connection that just died.
+            Err(error) if !ctx.broker.is_connected() => {
+                tracing::warn!(error.message = %error, "Could not start consuming; the broker connection is lost.");
+                SessionEnd::BrokerLost
             }
-            _ = idle_tick.tick(), if options.exit_when_idle => {
-                if processing.is_empty() && topology::pending_jobs(&channel, &ctx.names).await? == 0 {
-                    let since = *idle_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= options.idle_after {
-                        break WorkerExit::Idle;
+            Err(error) => return Err(error),
+        };
+        match end {
+            SessionEnd::Exit(exit) => break exit,
+            SessionEnd::BrokerLost => {
+                metrics::counter!("switchyard_worker_sessions_lost_total").increment(1);
+                tokio::select! {
+                    () = ctx.shutdown.cancelled() => break WorkerExit::Shutdown,
+                    connected = ctx.broker.connection() => {
+                        connected.context("RabbitMQ stayed unreachable; giving up")?;
                     }
-                } else {
-                    idle_since = None;
                 }
+                tracing::info!("Consuming again after reconnecting to RabbitMQ.");
             }
         }
     };
-
-    tracing::info!(reason = ?exit, in_flight = processing.len(), "Worker is stopping.");
-    if exit != WorkerExit::ConsumerCancelled
-        && let Err(error) = channel
-            .basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default())
-            .await
-    {
-        tracing::warn!(error = %error, "Could not cancel the consumer.");
-    }
-    processing.close();
-    if tokio::time::timeout(options.grace, processing.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            in_flight = processing.len(),
-            "Grace period over; abandoning in-flight jobs (they stay unacked and will be redelivered)."
-        );
-        abandon.cancel();
-        processing.wait().await;
-    }
-    drop(outbox);
-    let finalized = match finalizing {
-        Some(handle) => handle.await.context("the finalizer panicked")??,
-        None => FinalizeStats::default(),
-    };
-    if let Err(error) = channel.close(200, "worker stopped".into()).await {
-        tracing::debug!(error = %error, "Consumer channel was already closed.");
-    }
     let report = WorkerReport {
         exit,
         received: received.load(Ordering::Relaxed),
@@ -207,6 +144,169 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
     Ok(report)
 }
 
+/// How one consuming session ended.
+enum SessionEnd {
+    Exit(WorkerExit),
+    /// The broker connection (or the consuming channel) is gone: reconnect and consume again.
+    BrokerLost,
+}
+
+/// Whether the broker connection or the consuming channel is gone, which makes an error on
+/// them a reason to reconnect rather than to stop.
+fn broker_lost(ctx: &Context, channel: &lapin::Channel) -> bool {
+    !ctx.broker.is_connected() || !channel.status().connected()
+}
+
+/// One consumer on one channel, with its own finalizer, until shutdown, idleness or the loss
+/// of the broker connection.
+async fn session(
+    ctx: &Context,
+    options: &WorkerOptions,
+    received: &Arc<AtomicU64>,
+    finalized: &mut FinalizeStats,
+) -> anyhow::Result<SessionEnd> {
+    let channel = ctx.broker.create_channel().await?;
+    channel
+        .basic_qos(options.concurrency, BasicQosOptions::default())
+        .await?;
+    let queue = ctx.names.jobs_queue();
+    let consumer_tag = format!("switchyard-{}", uuid::Uuid::now_v7().simple());
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            consumer_tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| {
+            format!("cannot consume from queue {queue} (run `switchyard migrate`?)")
+        })?;
+    let publisher = Publisher::open(&ctx.broker).await?;
+    // Stream chunks go on their own confirm channel so they never wait behind a finalize group.
+    let streams = Publisher::open(&ctx.broker).await?;
+    let (outbox, inbox) = mpsc::channel(usize::from(options.concurrency) * 2);
+    let abandon = CancellationToken::new();
+    let finalizer = Finalizer {
+        pool: ctx.pool.clone(),
+        publisher,
+        consume_channel: channel.clone(),
+        names: ctx.names.clone(),
+        batch_size: ctx.settings.worker.finalize_batch_size,
+        event_publishing: ctx.settings.worker.event_publishing,
+        acks: AckTracker::default(),
+        stats: FinalizeStats::default(),
+        budgets: ctx.budgets.clone(),
+        stop: abandon.clone(),
+    };
+    let mut finalizing = Some(ctx.tasks.spawn(finalizer.run(inbox)));
+    let processing = TaskTracker::new();
+    let mut idle_tick = tokio::time::interval(Duration::from_millis(200));
+    let mut idle_since: Option<Instant> = None;
+    tracing::info!(queue = %queue, concurrency = options.concurrency, "Worker is consuming.");
+
+    let end = loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => break SessionEnd::Exit(WorkerExit::Shutdown),
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    idle_since = None;
+                    received.fetch_add(1, Ordering::Relaxed);
+                    processing.spawn(process(ctx.clone(), streams.clone(), delivery, outbox.clone(), abandon.clone()));
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(error.message = %error, "The jobs consumer failed; in-flight jobs stay unacked for redelivery.");
+                    break SessionEnd::BrokerLost;
+                }
+                None if broker_lost(ctx, &channel) => break SessionEnd::BrokerLost,
+                None => break SessionEnd::Exit(WorkerExit::ConsumerCancelled),
+            },
+            finished = async { finalizing.as_mut()?.await.ok() }, if finalizing.is_some() => {
+                finalizing = None;
+                match finished {
+                    Some(Err(error)) if broker_lost(ctx, &channel) => {
+                        tracing::warn!(error.message = %error, "Finalize lost the broker; committed messages stay in the outbox for the relay.");
+                        break SessionEnd::BrokerLost;
+                    }
+                    Some(Err(error)) => return Err(error).context("finalize failed; unacked jobs will be redelivered"),
+                    _ => anyhow::bail!("the finalizer stopped unexpectedly"),
+                }
+            }
+            _ = idle_tick.tick(), if options.exit_when_idle => {
+                if processing.is_empty() && is_idle(ctx, &channel).await {
+                    let since = *idle_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= options.idle_after {
+                        break SessionEnd::Exit(WorkerExit::Idle);
+                    }
+                } else {
+                    idle_since = None;
+                }
+            }
+        }
+    };
+
+    processing.close();
+    match end {
+        SessionEnd::BrokerLost => {
+            // Deliveries of a dead channel can no longer be acked: stop working on them.
+            abandon.cancel();
+            processing.wait().await;
+        }
+        SessionEnd::Exit(exit) => {
+            tracing::info!(reason = ?exit, in_flight = processing.len(), "Worker is stopping.");
+            if exit != WorkerExit::ConsumerCancelled
+                && let Err(error) = channel
+                    .basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default())
+                    .await
+            {
+                tracing::warn!(error = %error, "Could not cancel the consumer.");
+            }
+            if tokio::time::timeout(options.grace, processing.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    in_flight = processing.len(),
+                    "Grace period over; abandoning in-flight jobs (they stay unacked and will be redelivered)."
+                );
+                abandon.cancel();
+                processing.wait().await;
+            }
+        }
+    }
+    drop(outbox);
+    if let Some(handle) = finalizing {
+        match handle.await.context("the finalizer panicked")? {
+            Ok(stats) => finalized.add(&stats),
+            Err(error) if matches!(end, SessionEnd::BrokerLost) || broker_lost(ctx, &channel) => {
+                tracing::warn!(error.message = %error, "Finalize could not finish on the lost connection; its jobs will be redelivered.");
+                if matches!(end, SessionEnd::Exit(_)) {
+                    return Ok(SessionEnd::BrokerLost);
+                }
+            }
+            Err(error) => {
+                return Err(error).context("finalize failed; unacked jobs will be redelivered");
+            }
+        }
+    }
+    if let Err(error) = channel.close(200, "worker stopped".into()).await {
+        tracing::debug!(error = %error, "Consumer channel was already closed.");
+    }
+    Ok(end)
+}
+
+/// Nothing waits in the queues and no committed message waits in the outbox.
+async fn is_idle(ctx: &Context, channel: &lapin::Channel) -> bool {
+    if !matches!(topology::pending_jobs(channel, &ctx.names).await, Ok(0)) {
+        return false;
+    }
+    let pending = async {
+        let mut conn = ctx.pool.acquire().await?;
+        crate::store::outbox::pending(&mut conn).await
+    };
+    matches!(pending.await, Ok(0))
+}
+
 /// One delivery through the pipeline. Abandoned on `abandon` without sending anything, which
 /// leaves the delivery unacked for redelivery.
 async fn process(
@@ -216,9 +316,16 @@ async fn process(
     outbox: mpsc::Sender<Finished>,
     abandon: CancellationToken,
 ) {
+    let tag = delivery.delivery_tag;
+    let handled = AssertUnwindSafe(handle(&ctx, &streams, delivery)).catch_unwind();
     let finished = tokio::select! {
         _ = abandon.cancelled() => return,
-        finished = handle(&ctx, &streams, delivery) => finished,
+        finished = handled => finished.unwrap_or_else(|_| {
+            // The panic message went to stderr through the panic hook.
+            metrics::counter!("switchyard_job_panics_total").increment(1);
+            tracing::error!(delivery_tag = tag, "A job's task panicked; returning it to the queue (the broker dead-letters it after the delivery limit).");
+            Finished::Requeue { tag }
+        }),
     };
     if outbox.send(finished).await.is_err() {
         tracing::warn!("Finalizer is gone; the job stays unacked and will be redelivered.");
@@ -250,6 +357,7 @@ async fn handle(ctx: &Context, streams: &Publisher, delivery: Delivery) -> Finis
             )));
         }
     };
+    crate::failpoint::on_job(job.metadata.as_ref());
     match stored_result(ctx, job.id).await {
         // A replay (a newer generation) is served even though an older result exists.
         Ok(Some(result)) if result.generation >= job.generation => {
@@ -374,7 +482,9 @@ async fn relay_stream(
     Ok(())
 }
 
-/// Looks up a committed result, retrying briefly through a transient database error.
+/// Looks up a committed result. While Postgres is unreachable this keeps retrying (with
+/// backoff, for up to ten minutes), holding the delivery unacked: the worker takes no new job
+/// beyond its prefetch, and a redelivery would only burn the message's delivery count.
 async fn stored_result(
     ctx: &Context,
     job_id: uuid::Uuid,
@@ -388,7 +498,8 @@ async fn stored_result(
             ExponentialBuilder::default()
                 .with_min_delay(Duration::from_millis(50))
                 .with_max_delay(Duration::from_secs(2))
-                .with_max_times(5)
+                .without_max_times()
+                .with_total_delay(Some(Duration::from_secs(600)))
                 .with_jitter(),
         )
         .await

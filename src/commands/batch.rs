@@ -296,7 +296,7 @@ async fn submit(settings: Settings, args: BatchSubmitArgs) -> anyhow::Result<Exi
         .collect();
     batches::insert_items(&mut conn, &args.tenant, &batch, &items).await?;
 
-    let broker = queue::connect(&settings.broker.url).await?;
+    let broker = queue::Broker::connect(&settings.broker.url).await?;
     let publisher = Publisher::open(&broker).await?;
     let names = Names::new(&settings.broker.prefix);
     let jobs: Vec<&Job> = lines
@@ -314,7 +314,7 @@ async fn submit(settings: Settings, args: BatchSubmitArgs) -> anyhow::Result<Exi
         let ids: Vec<Uuid> = chunk.iter().map(|job| job.id).collect();
         batches::mark_published(&mut conn, &args.tenant, &batch, &ids).await?;
     }
-    broker.close(200, "submitted".into()).await.ok();
+    broker.close(200, "submitted").await.ok();
     let mut out = std::io::stdout().lock();
     writeln!(out, "{batch}")?;
     out.flush()?;

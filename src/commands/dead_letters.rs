@@ -188,7 +188,7 @@ async fn give_back(channel: &Channel, messages: &[&Dead]) -> Result<(), lapin::E
 }
 
 pub async fn run(settings: Settings, command: DeadLetterCommand) -> anyhow::Result<ExitCode> {
-    let broker = queue::connect(&settings.broker.url).await?;
+    let broker = queue::Broker::connect(&settings.broker.url).await?;
     let names = Names::new(&settings.broker.prefix);
     let channel = broker.create_channel().await?;
     let taken = take_all(&channel, &names).await?;
@@ -275,7 +275,7 @@ pub async fn run(settings: Settings, command: DeadLetterCommand) -> anyhow::Resu
     give_back(&channel, &others).await?;
     out.flush()?;
     channel.close(200, "done".into()).await.ok();
-    broker.close(200, "done".into()).await.ok();
+    broker.close(200, "done").await.ok();
     outcome?;
     eprintln!(
         "dead-letters: {action} {} of {} message(s)",

@@ -96,7 +96,7 @@ pub async fn run(settings: Settings, args: PublishArgs) -> anyhow::Result<ExitCo
         })?;
         jobs.push(job);
     }
-    let broker = queue::connect(&settings.broker.url).await?;
+    let broker = queue::Broker::connect(&settings.broker.url).await?;
     let publisher = Publisher::open(&broker).await?;
     let names = Names::new(&settings.broker.prefix);
     let mut out = std::io::stdout().lock();
@@ -108,7 +108,7 @@ pub async fn run(settings: Settings, args: PublishArgs) -> anyhow::Result<ExitCo
         }
     }
     out.flush()?;
-    broker.close(200, "published".into()).await.ok();
+    broker.close(200, "published").await.ok();
     Ok(ExitCode::SUCCESS)
 }
 

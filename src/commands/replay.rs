@@ -180,7 +180,7 @@ pub async fn run(settings: Settings, args: ReplayArgs) -> anyhow::Result<ExitCod
     // and running the same replay again picks the jobs up again.
     let events: Vec<&AuditEvent> = chosen.iter().map(|(_, e)| e).collect();
     audit::insert_many(&mut conn, &events).await?;
-    let broker = queue::connect(&settings.broker.url).await?;
+    let broker = queue::Broker::connect(&settings.broker.url).await?;
     let publisher = Publisher::open(&broker).await?;
     let names = Names::new(&settings.broker.prefix);
     for chunk in chosen.chunks(256) {
@@ -205,7 +205,7 @@ pub async fn run(settings: Settings, args: ReplayArgs) -> anyhow::Result<ExitCod
             .await
             .context("cannot publish the replayed jobs; run the same replay again")?;
     }
-    broker.close(200, "replayed".into()).await.ok();
+    broker.close(200, "replayed").await.ok();
     eprintln!(
         "replay: {} job(s) replayed, {skipped} skipped",
         chosen.len()

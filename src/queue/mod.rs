@@ -5,7 +5,11 @@ pub mod consumer;
 pub mod publisher;
 pub mod topology;
 
-use lapin::{Connection, ConnectionProperties};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use lapin::{Channel, Connection, ConnectionProperties};
 
 /// Why the broker could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +30,8 @@ pub enum BrokerError {
         exchange: String,
         routing_key: String,
     },
+    #[error("the RabbitMQ connection is lost (reconnecting)")]
+    Disconnected,
     #[error(transparent)]
     Amqp(#[from] lapin::Error),
 }
@@ -78,6 +84,103 @@ pub fn broker_address(url: &str) -> String {
             parsed.port().unwrap_or(5672)
         ),
         Err(_) => "(unparsable url)".to_owned(),
+    }
+}
+
+/// The broker connection shared by a process, which reconnects by itself.
+///
+/// lapin 4 has an opt-in auto-recovery, but it replays consumers on a new connection whose
+/// delivery tags restart, under the same `Channel` handles; our ack bookkeeping is per channel
+/// incarnation, so we reconnect explicitly instead: whoever finds the connection dead (a
+/// worker session, a publisher, the relay) calls [`Broker::connection`], which opens a new one
+/// with exponential backoff (one reconnect at a time; the others wait for it) and every user
+/// then opens fresh channels on it.
+#[derive(Clone)]
+pub struct Broker {
+    url: String,
+    current: Arc<Mutex<Arc<Connection>>>,
+    /// Serializes reconnects so a dead connection is replaced once, not once per caller.
+    reconnecting: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("address", &broker_address(&self.url))
+            .field("connected", &self.is_connected())
+            .finish()
+    }
+}
+
+/// How long a lost broker connection is retried before the caller gets an error.
+const RECONNECT_FOR: Duration = Duration::from_secs(600);
+
+impl Broker {
+    /// Connects once; an unreachable broker at start is an error, not a wait.
+    pub async fn connect(url: &str) -> Result<Self, BrokerError> {
+        let connection = connect(url).await?;
+        Ok(Self {
+            url: url.to_owned(),
+            current: Arc::new(Mutex::new(Arc::new(connection))),
+            reconnecting: Arc::new(tokio::sync::Mutex::new(())),
+        })
+    }
+
+    fn current(&self) -> Arc<Connection> {
+        match self.current.lock() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Whether the current connection is open.
+    pub fn is_connected(&self) -> bool {
+        self.current().status().connected()
+    }
+
+    /// The open connection, reconnecting with backoff (for up to ten minutes) when it was lost.
+    pub async fn connection(&self) -> Result<Arc<Connection>, BrokerError> {
+        let current = self.current();
+        if current.status().connected() {
+            return Ok(current);
+        }
+        let _one_at_a_time = self.reconnecting.lock().await;
+        let current = self.current();
+        if current.status().connected() {
+            return Ok(current);
+        }
+        tracing::warn!(address = %broker_address(&self.url), "RabbitMQ connection lost; reconnecting with backoff.");
+        let fresh = (|| connect(&self.url))
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(200))
+                    .with_max_delay(Duration::from_secs(5))
+                    .with_jitter()
+                    .without_max_times()
+                    .with_total_delay(Some(RECONNECT_FOR)),
+            )
+            .notify(|error, wait| {
+                tracing::info!(error.message = %error, wait = ?wait, "RabbitMQ is not reachable yet; retrying.");
+            })
+            .await?;
+        let fresh = Arc::new(fresh);
+        match self.current.lock() {
+            Ok(mut guard) => *guard = fresh.clone(),
+            Err(poisoned) => *poisoned.into_inner() = fresh.clone(),
+        }
+        metrics::counter!("switchyard_broker_reconnects_total").increment(1);
+        tracing::info!(address = %broker_address(&self.url), "Reconnected to RabbitMQ.");
+        Ok(fresh)
+    }
+
+    /// Opens a channel on the open connection (reconnecting first when it was lost).
+    pub async fn create_channel(&self) -> Result<Channel, BrokerError> {
+        Ok(self.connection().await?.create_channel().await?)
+    }
+
+    /// Closes the current connection.
+    pub async fn close(&self, reply_code: u16, reply_text: &str) -> Result<(), lapin::Error> {
+        self.current().close(reply_code, reply_text.into()).await
     }
 }
 

@@ -1,13 +1,18 @@
 //! Publishing with publisher confirms: every message of a batch is sent, then every confirm is
-//! awaited; a broker nack is an error, never a success.
+//! awaited; a broker nack is an error, never a success. A publisher whose connection was lost
+//! opens a new channel on the reconnected [`Broker`] by itself.
 
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
 use futures::future::try_join_all;
 use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::{BasicProperties, Channel};
 
-use super::BrokerError;
+use super::{Broker, BrokerError};
 
 /// A message ready to publish.
 #[derive(Debug, Clone)]
@@ -22,28 +27,86 @@ pub struct Outgoing {
     pub headers: Option<FieldTable>,
 }
 
-/// A channel in confirm mode.
+/// A channel in confirm mode, replaced by a new one when its connection was lost. Clones share
+/// the channel.
 #[derive(Debug, Clone)]
 pub struct Publisher {
-    channel: Channel,
+    broker: Broker,
+    channel: Arc<Mutex<Channel>>,
+}
+
+async fn confirm_channel(broker: &Broker) -> Result<Channel, BrokerError> {
+    let channel = broker.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
 }
 
 impl Publisher {
-    /// Opens a channel on `connection` and enables confirms on it.
-    pub async fn open(connection: &Connection) -> Result<Self, BrokerError> {
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        Ok(Self { channel })
+    /// Opens a channel on `broker` and enables confirms on it.
+    pub async fn open(broker: &Broker) -> Result<Self, BrokerError> {
+        let channel = confirm_channel(broker).await?;
+        Ok(Self {
+            broker: broker.clone(),
+            channel: Arc::new(Mutex::new(channel)),
+        })
     }
 
-    pub fn channel(&self) -> &Channel {
-        &self.channel
+    /// The current confirm channel.
+    pub fn channel(&self) -> Channel {
+        match self.channel.lock() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
 
-    /// Publishes every message (pipelined) and waits until the broker confirmed all of them.
+    /// The current channel, or a new one (after reconnecting) when it is no longer open.
+    async fn open_channel(&self) -> Result<Channel, BrokerError> {
+        let channel = self.channel();
+        if channel.status().connected() {
+            return Ok(channel);
+        }
+        let fresh = confirm_channel(&self.broker).await?;
+        match self.channel.lock() {
+            Ok(mut guard) => *guard = fresh.clone(),
+            Err(poisoned) => *poisoned.into_inner() = fresh.clone(),
+        }
+        Ok(fresh)
+    }
+
+    /// Publishes every message and waits for every confirm; when the connection is lost on
+    /// the way, reconnects with backoff and publishes the whole batch again (so a message may
+    /// arrive twice: subscribers dedupe on `message_id`). A broker nack is not retried.
     pub async fn publish_all(&self, messages: &[Outgoing]) -> Result<(), BrokerError> {
+        (|| async {
+            // Reconnects (with its own backoff) when the connection was lost.
+            self.broker.connection().await?;
+            self.publish_all_once(messages).await
+        })
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(200))
+                    .with_max_delay(Duration::from_secs(5))
+                    .with_jitter()
+                    .without_max_times()
+                    .with_total_delay(Some(Duration::from_secs(600))),
+            )
+            .when(|error| !matches!(error, BrokerError::Nacked { .. } | BrokerError::Url(_)))
+            .notify(|error, wait| {
+                tracing::warn!(error.message = %error, wait = ?wait, "Publishing failed; retrying on a new channel.");
+            })
+            .await
+    }
+
+    /// Publishes every message (pipelined) and waits until the broker confirmed all of them;
+    /// one try, for callers that recover by themselves (the finalizer leaves the messages to
+    /// the outbox relay).
+    pub async fn publish_all_once(&self, messages: &[Outgoing]) -> Result<(), BrokerError> {
+        if !self.broker.is_connected() {
+            return Err(BrokerError::Disconnected);
+        }
+        let channel = self.open_channel().await?;
         let mut confirms = Vec::with_capacity(messages.len());
         for message in messages {
             let mut properties = BasicProperties::default()
@@ -55,8 +118,7 @@ impl Publisher {
             if let Some(headers) = &message.headers {
                 properties = properties.with_headers(headers.clone());
             }
-            let confirm = self
-                .channel
+            let confirm = channel
                 .basic_publish(
                     message.exchange.as_str().into(),
                     message.routing_key.as_str().into(),

@@ -1,10 +1,13 @@
 //! Finalize: turns finished jobs into rows, commits a whole group of jobs in ONE transaction
-//! (multi-row inserts), then publishes results and events with confirms, then acks the group's
+//! (multi-row inserts) together with the group's messages (the outbox), then publishes results
+//! and events with confirms, deletes the published outbox rows, then acks the group's
 //! deliveries (with `multiple` where the tags are contiguous). A delivery is never acked before
-//! its outcome is committed and its messages confirmed.
+//! its outcome is committed and its messages confirmed; messages committed but never confirmed
+//! (a crash or a broker outage in between) are republished by `stages::relay`.
 
 use std::collections::BTreeMap;
 
+use backon::{ExponentialBuilder, Retryable};
 use chrono::{DateTime, Utc};
 use lapin::Channel;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
@@ -32,7 +35,8 @@ use crate::queue::publisher::{Outgoing, Publisher};
 use crate::queue::topology::{JOBS_ROUTING_KEY, Names};
 use crate::store::attempts::AttemptRow;
 use crate::store::jobs::JobRow;
-use crate::store::{attempts, audit, cost_ledger, jobs, results};
+use crate::store::outbox::OutboxRow;
+use crate::store::{attempts, audit, cost_ledger, jobs, outbox, results};
 
 /// Header carrying the reason on a dead-lettered message.
 pub const ERROR_HEADER: &str = "x-switchyard-error";
@@ -410,6 +414,15 @@ pub struct FinalizeStats {
     pub duplicates: u64,
 }
 
+impl FinalizeStats {
+    /// Adds another session's counts.
+    pub fn add(&mut self, other: &Self) {
+        self.groups += other.groups;
+        self.jobs += other.jobs;
+        self.duplicates += other.duplicates;
+    }
+}
+
 /// Owns the commit → publish → ack sequence for one consuming channel.
 pub struct Finalizer {
     pub pool: PgPool,
@@ -423,6 +436,8 @@ pub struct Finalizer {
     pub stats: FinalizeStats,
     /// Budgets to settle and alert on; `None` when none are configured.
     pub budgets: Option<crate::budget::Budgets>,
+    /// Ends a wait for Postgres (the session is over).
+    pub stop: tokio_util::sync::CancellationToken,
 }
 
 impl Finalizer {
@@ -434,9 +449,60 @@ impl Finalizer {
     ) -> Result<FinalizeStats, FinalizeError> {
         let mut group = Vec::with_capacity(self.batch_size);
         while inbox.recv_many(&mut group, self.batch_size).await > 0 {
-            self.finalize_group(std::mem::take(&mut group)).await?;
+            match self.finalize_group(std::mem::take(&mut group)).await {
+                Ok(()) => {}
+                Err(error @ FinalizeError::Store { .. }) => {
+                    tracing::error!(error.cause_chain = ?error, error.message = %error, "Cannot commit a group; its deliveries went back to the queue. Taking no new job until Postgres answers.");
+                    metrics::gauge!("switchyard_database_up").set(0.0);
+                    if !self.wait_for_database().await {
+                        break;
+                    }
+                    metrics::gauge!("switchyard_database_up").set(1.0);
+                    tracing::info!("Postgres answers again; finalizing resumes.");
+                }
+                Err(error) => return Err(error),
+            }
         }
         Ok(self.stats)
+    }
+
+    /// Waits (with backoff) until Postgres answers; `false` when stopped first. Meanwhile no job
+    /// is acked, and processing tasks hold their deliveries, so the worker takes nothing new
+    /// beyond its prefetch.
+    async fn wait_for_database(&self) -> bool {
+        let probe = || async {
+            sqlx::query("SELECT 1")
+                .execute(&self.pool)
+                .await
+                .map(|_| ())
+        };
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(std::time::Duration::from_millis(200))
+            .with_max_delay(std::time::Duration::from_secs(2))
+            .with_jitter()
+            .without_max_times();
+        tokio::select! {
+            () = self.stop.cancelled() => false,
+            up = probe.retry(backoff) => up.is_ok(),
+        }
+    }
+
+    /// Returns a group that could not be committed to the queue (each delivery once).
+    async fn return_to_queue(&mut self, tags: &[u64]) -> Result<(), FinalizeError> {
+        for &tag in tags {
+            self.acks.settle_elsewhere(tag);
+            self.consume_channel
+                .basic_nack(
+                    tag,
+                    BasicNackOptions {
+                        multiple: false,
+                        requeue: true,
+                    },
+                )
+                .await
+                .map_err(FinalizeError::Ack)?;
+        }
+        Ok(())
     }
 
     async fn finalize_group(&mut self, group: Vec<Finished>) -> Result<(), FinalizeError> {
@@ -470,48 +536,26 @@ impl Finalizer {
                 Finished::Requeue { .. } => {}
             }
         }
-        let (lost_races, alerts) = self.commit(&fresh).await?;
-        let mut outgoing = Vec::with_capacity(fresh.len() * 2 + republish.len());
-        for job in &fresh {
-            // A job that lost a race with a concurrent duplicate publishes the winner's result.
-            let result = lost_races.get(&job.result.job_id).unwrap_or(&job.result);
-            outgoing.push(self.result_message(result));
-            // A rejected message seen again was dead-lettered the first time.
-            if let Some(body) = &job.dead_letter
-                && !lost_races.contains_key(&job.result.job_id)
-            {
-                outgoing.push(self.dead_letter_message(&job.result, body));
+        let committed = match self.commit(&fresh).await {
+            Ok(rows) => rows,
+            Err(error) => {
+                self.return_to_queue(&tags).await?;
+                return Err(error);
             }
-        }
+        };
+        crate::failpoint::hit(crate::failpoint::AFTER_COMMIT);
+        let published: Vec<Uuid> = committed.iter().map(|row| row.id).collect();
+        let mut outgoing: Vec<Outgoing> = committed.into_iter().map(|row| row.message).collect();
         outgoing.extend(republish.iter().map(|r| self.result_message(r)));
         outgoing.extend(
             parked
                 .into_iter()
                 .map(|(body, wait)| self.park_message(body, wait)),
         );
-        let costs: Vec<&CostEvent> = fresh
-            .iter()
-            .flat_map(|j| j.costs.iter().map(|(_, c)| c))
-            .collect();
-        let audits: Vec<&AuditEvent> = fresh
-            .iter()
-            .filter(|j| !(j.dead_letter.is_some() && lost_races.contains_key(&j.result.job_id)))
-            .flat_map(|j| j.audits.iter())
-            .chain(&alerts)
-            .collect();
-        self.event_messages(
-            &costs,
-            CostEvent::routing_key,
-            |e| e.event_id,
-            &mut outgoing,
-        );
-        self.event_messages(
-            &audits,
-            AuditEvent::routing_key,
-            |e| e.event_id,
-            &mut outgoing,
-        );
-        self.publisher.publish_all(&outgoing).await?;
+        // One try: if the broker is gone, the committed messages stay in the outbox for the
+        // relay, and the unacked deliveries come back after the reconnect.
+        self.publisher.publish_all_once(&outgoing).await?;
+        self.mark_published(&published).await;
 
         let plan = self.acks.finish(tags);
         if let Some(tag) = plan.multiple {
@@ -541,14 +585,27 @@ impl Finalizer {
         Ok(())
     }
 
-    /// Writes the group in one transaction. Returns the stored results of jobs whose result
-    /// already existed (a duplicate processed concurrently), keyed by job id.
-    async fn commit(
-        &self,
-        fresh: &[FinishedJob],
-    ) -> Result<(BTreeMap<Uuid, JobResult>, Vec<AuditEvent>), FinalizeError> {
+    /// Deletes the outbox rows of a group the broker confirmed, in one statement. A failure
+    /// only means the relay publishes them again later, under the same `message_id`.
+    async fn mark_published(&self, ids: &[Uuid]) {
+        if ids.is_empty() {
+            return;
+        }
+        let deleted = async {
+            let mut conn = self.pool.acquire().await?;
+            outbox::delete_many(&mut conn, ids).await
+        };
+        if let Err(error) = deleted.await {
+            tracing::warn!(messages = ids.len(), error.message = %error, "Could not mark published outbox rows; the relay will publish them again.");
+        }
+    }
+
+    /// Writes the group in one transaction, together with every message it will publish (the
+    /// outbox rows, returned in publishing order). A job that lost a race with a concurrent
+    /// duplicate publishes the winner's stored result.
+    async fn commit(&self, fresh: &[FinishedJob]) -> Result<Vec<OutboxRow>, FinalizeError> {
         if fresh.is_empty() {
-            return Ok((BTreeMap::new(), Vec::new()));
+            return Ok(Vec::new());
         }
         let store_error = |source| FinalizeError::Store {
             jobs: fresh.len(),
@@ -613,8 +670,67 @@ impl Finalizer {
         audit::insert_many(&mut tx, &alert_refs)
             .await
             .map_err(store_error)?;
+        let lost_races: BTreeMap<Uuid, JobResult> =
+            stored.into_iter().map(|r| (r.job_id, r)).collect();
+        let created_at = Utc::now();
+        let rows: Vec<OutboxRow> = self
+            .messages(fresh, &lost_races, &alerts)
+            .into_iter()
+            .map(|message| OutboxRow {
+                id: Uuid::now_v7(),
+                message,
+                created_at,
+            })
+            .collect();
+        outbox::insert_many(&mut tx, &rows)
+            .await
+            .map_err(store_error)?;
         tx.commit().await.map_err(store_error)?;
-        Ok((stored.into_iter().map(|r| (r.job_id, r)).collect(), alerts))
+        Ok(rows)
+    }
+
+    /// Every message of a committed group: one result per job, dead-letter copies of first-seen
+    /// rejections, then the cost and audit events.
+    fn messages(
+        &self,
+        fresh: &[FinishedJob],
+        lost_races: &BTreeMap<Uuid, JobResult>,
+        alerts: &[AuditEvent],
+    ) -> Vec<Outgoing> {
+        let mut outgoing = Vec::with_capacity(fresh.len() + 4);
+        for job in fresh {
+            let result = lost_races.get(&job.result.job_id).unwrap_or(&job.result);
+            outgoing.push(self.result_message(result));
+            // A rejected message seen again was dead-lettered the first time.
+            if let Some(body) = &job.dead_letter
+                && !lost_races.contains_key(&job.result.job_id)
+            {
+                outgoing.push(self.dead_letter_message(&job.result, body));
+            }
+        }
+        let costs: Vec<&CostEvent> = fresh
+            .iter()
+            .flat_map(|j| j.costs.iter().map(|(_, c)| c))
+            .collect();
+        let audits: Vec<&AuditEvent> = fresh
+            .iter()
+            .filter(|j| !(j.dead_letter.is_some() && lost_races.contains_key(&j.result.job_id)))
+            .flat_map(|j| j.audits.iter())
+            .chain(alerts)
+            .collect();
+        self.event_messages(
+            &costs,
+            CostEvent::routing_key,
+            |e| e.event_id,
+            &mut outgoing,
+        );
+        self.event_messages(
+            &audits,
+            AuditEvent::routing_key,
+            |e| e.event_id,
+            &mut outgoing,
+        );
+        outgoing
     }
 
     fn result_message(&self, result: &JobResult) -> Outgoing {

@@ -5,4 +5,5 @@
 pub mod dispatch;
 pub mod finalize;
 pub mod ingest;
+pub mod relay;
 pub mod route;

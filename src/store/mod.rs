@@ -10,6 +10,7 @@ pub mod circuits;
 pub mod cost_ledger;
 pub mod jobs;
 pub mod limiter;
+pub mod outbox;
 pub mod results;
 
 use std::str::FromStr;

@@ -105,6 +105,8 @@ pub struct TestApp {
     pub ctx: Context,
     pub names: Names,
     pub database: String,
+    /// The Postgres server holding `database` (`postgres://…:port`, no database).
+    pub database_server: String,
     pub publisher: Publisher,
     /// Config file with this app's database, prefix and providers, for spawned binaries.
     pub config_file: tempfile::NamedTempFile,
@@ -147,13 +149,22 @@ pub async fn spawn_app_with(extra_toml: &str) -> TestApp {
 
 /// Like [`spawn_app_with`], with extra lines for the `[worker]` section.
 pub async fn spawn_app_full(worker_toml: &str, extra_toml: &str) -> TestApp {
+    spawn_app_on(&broker_url(), &database_server(), worker_toml, extra_toml).await
+}
+
+/// Like [`spawn_app_full`], on a given broker and Postgres server (the chaos tests' private
+/// instances).
+pub async fn spawn_app_on(
+    broker_url: &str,
+    database_server: &str,
+    worker_toml: &str,
+    extra_toml: &str,
+) -> TestApp {
     let suffix = Uuid::now_v7().simple().to_string();
     let database = format!("sy_test_{suffix}");
     let prefix = format!("sytest-{suffix}");
     let toml = format!(
-        "[broker]\nurl = \"{}\"\nprefix = \"{prefix}\"\n\n[database]\nurl = \"{}/{database}\"\nmax_connections = 5\n\n[worker]\nconcurrency = 16\nshutdown_grace_secs = 10\n{worker_toml}\n{extra_toml}",
-        broker_url(),
-        database_server(),
+        "[broker]\nurl = \"{broker_url}\"\nprefix = \"{prefix}\"\n\n[database]\nurl = \"{database_server}/{database}\"\nmax_connections = 5\n\n[worker]\nconcurrency = 16\nshutdown_grace_secs = 10\n{worker_toml}\n{extra_toml}",
     );
     let settings = Settings::from_toml(&toml).expect("test config is valid");
     let config_file = tempfile::Builder::new()
@@ -169,6 +180,7 @@ pub async fn spawn_app_full(worker_toml: &str, extra_toml: &str) -> TestApp {
         names: ctx.names.clone(),
         ctx,
         database,
+        database_server: database_server.to_owned(),
         publisher,
         config_file,
     }
@@ -314,7 +326,7 @@ impl TestApp {
         }
         self.ctx.close().await;
         if let Ok(mut admin) =
-            PgConnection::connect(&format!("{}/postgres", database_server())).await
+            PgConnection::connect(&format!("{}/postgres", self.database_server)).await
         {
             let statement = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database);
             let _ = sqlx::query(sqlx::AssertSqlSafe(statement))

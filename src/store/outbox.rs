@@ -1,0 +1,163 @@
+//! The `outbox` table: messages of committed jobs, written in the finalize transaction, deleted
+//! once the broker confirmed them. Rows left behind by a worker that died between commit and
+//! publish are claimed by the relay with `FOR UPDATE SKIP LOCKED` and republished.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use sqlx::PgConnection;
+use sqlx::types::Json;
+use uuid::Uuid;
+
+use crate::queue::publisher::Outgoing;
+
+/// One message waiting to be published.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    pub id: Uuid,
+    pub message: Outgoing,
+    pub created_at: DateTime<Utc>,
+}
+
+/// AMQP headers as a flat map of strings (our only header values are strings).
+fn headers_to_json(headers: Option<&FieldTable>) -> BTreeMap<String, String> {
+    headers
+        .map(|table| {
+            table
+                .inner()
+                .iter()
+                .filter_map(|(key, value)| match value {
+                    AMQPValue::LongString(text) => Some((
+                        key.as_str().to_owned(),
+                        String::from_utf8_lossy(text.as_bytes()).into_owned(),
+                    )),
+                    AMQPValue::ShortString(text) => {
+                        Some((key.as_str().to_owned(), text.as_str().to_owned()))
+                    }
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn headers_from_json(map: BTreeMap<String, String>) -> Option<FieldTable> {
+    if map.is_empty() {
+        return None;
+    }
+    let mut table = FieldTable::default();
+    for (key, value) in map {
+        table.insert(key.into(), AMQPValue::LongString(LongString::from(value)));
+    }
+    Some(table)
+}
+
+/// Inserts the rows in one statement.
+pub async fn insert_many(conn: &mut PgConnection, rows: &[OutboxRow]) -> Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO outbox (id, message_id, exchange, routing_key, kind, headers, body, created_at)
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::bytea[], $8::timestamptz[])",
+    )
+    .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.message.message_id.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.message.exchange.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.message.routing_key.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.message.kind.clone()).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|r| Json(headers_to_json(r.message.headers.as_ref())))
+            .collect::<Vec<_>>(),
+    )
+    .bind(rows.iter().map(|r| r.message.body.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Deletes published rows in one statement.
+pub async fn delete_many(conn: &mut PgConnection, ids: &[Uuid]) -> Result<(), sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+type Claimed = (
+    Uuid,
+    String,
+    String,
+    String,
+    String,
+    Json<BTreeMap<String, String>>,
+    Vec<u8>,
+    DateTime<Utc>,
+);
+
+/// Locks up to `limit` rows committed before `before`, oldest first, skipping rows another
+/// relay holds. The caller publishes them, deletes them and commits.
+pub async fn claim_stale(
+    conn: &mut PgConnection,
+    before: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    let rows: Vec<Claimed> = sqlx::query_as(
+        "SELECT id, message_id, exchange, routing_key, kind, headers, body, created_at
+         FROM outbox WHERE created_at < $1
+         ORDER BY created_at LIMIT $2
+         FOR UPDATE SKIP LOCKED",
+    )
+    .bind(before)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(id, message_id, exchange, routing_key, kind, headers, body, created_at)| OutboxRow {
+                id,
+                message: Outgoing {
+                    exchange,
+                    routing_key,
+                    body,
+                    message_id,
+                    kind,
+                    headers: headers_from_json(headers.0),
+                },
+                created_at,
+            },
+        )
+        .collect())
+}
+
+/// Rows not yet published.
+pub async fn pending(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(conn)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn string_headers_survive_the_round_trip() {
+        let mut table = FieldTable::default();
+        table.insert(
+            "x-switchyard-error".into(),
+            AMQPValue::LongString("too_large: 5 MB".into()),
+        );
+        let back = headers_from_json(headers_to_json(Some(&table)));
+        assert_eq!(back, Some(table));
+        assert_eq!(headers_from_json(headers_to_json(None)), None);
+    }
+}

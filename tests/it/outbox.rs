@@ -1,0 +1,145 @@
+//! The transactional outbox: a worker that dies between its commit and its publish loses no
+//! message. Another worker's relay publishes the committed group's result, cost and audit
+//! messages, each exactly once per `message_id`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use crate::chaos::{Capture, Worker, batch, deduped_events, wait_for_empty_outbox};
+use crate::helpers::{FakeProvider, fake_provider_config, spawn_app_full};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_dying_between_commit_and_publish_has_its_messages_relayed_exactly_once() {
+    let fake = FakeProvider::start(&["--latency-ms", "5"]);
+    let app = spawn_app_full(
+        "outbox_relay_after_ms = 1000",
+        &fake_provider_config(&fake.url),
+    )
+    .await;
+    let capture = Capture::declare(&app).await;
+    let jobs = batch(300, "fake");
+    app.publish_jobs(&jobs).await;
+
+    // This worker exits (code 137) right after its first group commits, before publishing.
+    let doomed = Worker::start(
+        &app,
+        16,
+        &[("SWITCHYARD_FAILPOINT", "after_commit")],
+        "doomed",
+    );
+    let status = tokio::time::timeout(Duration::from_secs(60), doomed.wait())
+        .await
+        .expect("the doomed worker reaches its first commit");
+    assert_eq!(status.code(), Some(137), "the failpoint crashed the worker");
+    let committed: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT job_id FROM results")
+        .fetch_all(app.pool())
+        .await
+        .unwrap();
+    let stranded: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert!(!committed.is_empty(), "the group committed");
+    assert!(
+        stranded as usize > committed.len(),
+        "its result and event messages wait in the outbox ({stranded} rows)"
+    );
+
+    // Another worker finishes the batch; its relay publishes what the dead one left.
+    let survivor = Worker::start(&app, 16, &[], "survivor");
+    crate::chaos::wait_for_results(&app, jobs.len(), Duration::from_secs(90)).await;
+    wait_for_empty_outbox(&app, Duration::from_secs(30)).await;
+    let status = survivor.sigterm().await;
+    assert_eq!(status.code(), Some(0));
+
+    let results = capture.results(&app).await;
+    crate::chaos::assert_nothing_lost_nothing_doubled(&app, &jobs, &results).await;
+
+    // Every event message was published once: no `message_id` arrives twice.
+    let events = capture.events(&app).await;
+    let mut raw: BTreeMap<&str, usize> = BTreeMap::new();
+    for message in &events {
+        *raw.entry(message.message_id.as_str()).or_default() += 1;
+    }
+    assert!(
+        raw.values().all(|n| *n == 1),
+        "an event message was published twice"
+    );
+    // After deduping, each job has exactly one `job_succeeded` audit event and one cost event;
+    // for the dead worker's jobs only the relay could have sent them.
+    let (items, _) = deduped_events(&events);
+    let mut succeeded: BTreeMap<String, usize> = BTreeMap::new();
+    let mut costs: BTreeMap<String, usize> = BTreeMap::new();
+    for item in &items {
+        let Some(job_id) = item["job_id"].as_str() else {
+            continue;
+        };
+        if item["kind"] == "job_succeeded" {
+            *succeeded.entry(job_id.to_owned()).or_default() += 1;
+        }
+        if item["schema"] == "switchyard.cost_event.v1" {
+            *costs.entry(job_id.to_owned()).or_default() += 1;
+        }
+    }
+    let expected: BTreeSet<String> = jobs.iter().map(|j| j.id.to_string()).collect();
+    assert_eq!(succeeded.keys().cloned().collect::<BTreeSet<_>>(), expected);
+    assert!(
+        succeeded.values().all(|n| *n == 1),
+        "one job_succeeded per job"
+    );
+    assert_eq!(costs.keys().cloned().collect::<BTreeSet<_>>(), expected);
+    for job_id in &committed {
+        assert_eq!(succeeded.get(&job_id.to_string()), Some(&1));
+    }
+    capture.delete(&app).await;
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn relays_claim_only_stale_rows_and_never_the_same_row_twice() {
+    use chrono::Utc;
+    use switchyard::queue::publisher::Outgoing;
+    use switchyard::store::outbox::{self, OutboxRow};
+
+    let app = crate::helpers::spawn_app().await;
+    let row = |age_secs: i64| OutboxRow {
+        id: uuid::Uuid::now_v7(),
+        message: Outgoing {
+            exchange: app.names.results_exchange(),
+            routing_key: "acme._.succeeded".to_owned(),
+            body: b"{}".to_vec(),
+            message_id: uuid::Uuid::now_v7().to_string(),
+            kind: "switchyard.result.v1".to_owned(),
+            headers: None,
+        },
+        created_at: Utc::now() - chrono::Duration::seconds(age_secs),
+    };
+    let stale: Vec<OutboxRow> = (0..10).map(|_| row(60)).collect();
+    let fresh = row(0);
+    let mut conn = app.pool().acquire().await.unwrap();
+    outbox::insert_many(&mut conn, &stale).await.unwrap();
+    outbox::insert_many(&mut conn, std::slice::from_ref(&fresh))
+        .await
+        .unwrap();
+    drop(conn);
+
+    let cutoff = Utc::now() - chrono::Duration::seconds(5);
+    let mut first = app.pool().begin().await.unwrap();
+    let mut second = app.pool().begin().await.unwrap();
+    let a = outbox::claim_stale(&mut first, cutoff, 6).await.unwrap();
+    let b = outbox::claim_stale(&mut second, cutoff, 6).await.unwrap();
+    assert_eq!(
+        (a.len(), b.len()),
+        (6, 4),
+        "the second relay skips the first's rows"
+    );
+    let claimed: BTreeSet<uuid::Uuid> = a.iter().chain(&b).map(|r| r.id).collect();
+    let expected: BTreeSet<uuid::Uuid> = stale.iter().map(|r| r.id).collect();
+    assert_eq!(
+        claimed, expected,
+        "every stale row once, the fresh one not at all"
+    );
+    first.rollback().await.unwrap();
+    second.rollback().await.unwrap();
+    app.cleanup().await;
+}
