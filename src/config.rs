@@ -134,6 +134,10 @@ pub struct WorkerSettings {
     /// Where the worker serves `/healthz`, `/readyz` and `/metrics` (e.g. `127.0.0.1:9464`);
     /// off when unset.
     pub http_addr: Option<String>,
+    /// Reject a job whose tenant differs from the RabbitMQ `user_id` it was published with
+    /// (RabbitMQ checks `user_id` against the publishing connection's user). A tenant's own
+    /// `enforce_user_id` overrides this.
+    pub enforce_user_id: bool,
 }
 
 /// See [`WorkerSettings::event_publishing`].
@@ -391,6 +395,36 @@ pub struct TenantSettings {
     /// Only these providers may serve this tenant.
     #[serde(default)]
     pub allowed_providers: Option<Vec<String>>,
+    /// What Postgres keeps of this tenant's prompts and outputs.
+    #[serde(default)]
+    pub retention: Retention,
+    /// Overrides `[worker] enforce_user_id` for this tenant.
+    #[serde(default)]
+    pub enforce_user_id: Option<bool>,
+}
+
+/// What Postgres keeps of a tenant's prompts (`jobs.request`) and outputs (`results.body`).
+/// Published messages always carry the output: retention is about what is stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Retention {
+    /// Prompts and outputs.
+    #[default]
+    Full,
+    /// Only SHA-256 digests of the request (`jobs.request_sha256`) and of the output.
+    Hash,
+    /// Neither, nor their digests.
+    None,
+}
+
+impl Retention {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Retention::Full => "full",
+            Retention::Hash => "hash",
+            Retention::None => "none",
+        }
+    }
 }
 
 /// Circuit breakers and routing behaviour.
@@ -500,6 +534,7 @@ impl Default for WorkerSettings {
             shutdown_grace_secs: 30,
             event_publishing: EventPublishing::Batched,
             http_addr: None,
+            enforce_user_id: false,
         }
     }
 }
@@ -555,6 +590,22 @@ impl Settings {
             .map_err(Box::new)?;
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// The retention policy of `tenant` (`full` unless configured).
+    pub fn retention(&self, tenant: &str) -> Retention {
+        self.tenant(tenant).map_or(Retention::Full, |t| t.retention)
+    }
+
+    /// Whether jobs of `tenant` must be published by the RabbitMQ user of the same name.
+    pub fn enforces_user_id(&self, tenant: &str) -> bool {
+        self.tenant(tenant)
+            .and_then(|t| t.enforce_user_id)
+            .unwrap_or(self.worker.enforce_user_id)
+    }
+
+    fn tenant(&self, name: &str) -> Option<&TenantSettings> {
+        self.tenants.iter().find(|t| t.name == name)
     }
 
     /// Every provider, including the built-in one unless a configured provider takes its name.

@@ -16,7 +16,8 @@ async fn main() -> ExitCode {
         | Command::Publish(_)
         | Command::Subscribe(_)
         | Command::Report(_)
-        | Command::DeadLetters(_) => "warn",
+        | Command::DeadLetters(_)
+        | Command::Audit(_) => "warn",
         _ => "info",
     };
     telemetry::init(cli.log_format, level);

@@ -97,6 +97,7 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
         acks: AckTracker::default(),
         stats: FinalizeStats::default(),
         budgets: ctx.budgets.clone(),
+        provenance: ctx.identity.provenance(),
     };
     let mut finalizing = Some(ctx.tasks.spawn(finalizer.run(inbox)));
     // Not a child of `shutdown`: sharing (and health/metrics) must go on through the grace
@@ -216,10 +217,22 @@ async fn process(
     outbox: mpsc::Sender<Finished>,
     abandon: CancellationToken,
 ) {
-    let finished = tokio::select! {
+    let provenance = ctx
+        .identity
+        .for_delivery(&delivery.data, delivery.properties.headers().as_ref());
+    let mut finished = tokio::select! {
         _ = abandon.cancelled() => return,
         finished = handle(&ctx, &streams, delivery) => finished,
     };
+    if let Finished::Job(job) = &mut finished {
+        let retention = job
+            .result
+            .tenant
+            .as_deref()
+            .map_or_else(Default::default, |t| ctx.settings.retention(t));
+        crate::retention::apply(job, retention);
+        crate::audit::stamp(&mut job.audits, &provenance, job.result.job_id);
+    }
     if outbox.send(finished).await.is_err() {
         tracing::warn!("Finalizer is gone; the job stays unacked and will be redelivered.");
     }
@@ -234,11 +247,18 @@ async fn handle(ctx: &Context, streams: &Publisher, delivery: Delivery) -> Finis
         .as_ref()
         .map(|id| id.as_str().to_owned());
     let body = delivery.data;
+    let user_id = delivery
+        .properties
+        .user_id()
+        .as_ref()
+        .map(|u| u.as_str().to_owned());
     let job = match ingest(
         &body,
         message_id.as_deref(),
         ctx.settings.worker.max_message_bytes,
-    ) {
+    )
+    .and_then(|job| authorize(&ctx.settings, job, &body, user_id.as_deref()))
+    {
         Ok(job) => job,
         Err(rejection) => {
             tracing::warn!(job_id = %rejection.job_id, code = %rejection.error.code, error.message = %rejection.error.message, "Rejected a job.");
@@ -327,6 +347,32 @@ async fn handle(ctx: &Context, streams: &Publisher, delivery: Delivery) -> Finis
         received_at,
         dispatched,
     )))
+}
+
+/// With `enforce_user_id` on for the job's tenant, the job must have been published with
+/// RabbitMQ `user_id` equal to its tenant (the broker refuses a `user_id` other than the
+/// publishing connection's user, so the property names who really published).
+fn authorize(
+    settings: &crate::config::Settings,
+    job: Job,
+    body: &[u8],
+    user_id: Option<&str>,
+) -> Result<Job, Box<Rejection>> {
+    if !settings.enforces_user_id(&job.tenant) || user_id == Some(job.tenant.as_str()) {
+        return Ok(job);
+    }
+    let published_by = user_id.map_or_else(
+        || "without a user_id property".to_owned(),
+        |u| format!("by RabbitMQ user {u:?}"),
+    );
+    let error = crate::messages::JobError::new(
+        "tenant_not_authorized",
+        format!(
+            "job for tenant {:?} was published {published_by}; only user {:?} may publish for this tenant",
+            job.tenant, job.tenant
+        ),
+    );
+    Err(Box::new(Rejection::for_job(&job, body, error)))
 }
 
 /// Publishes a streamed job's deltas and void markers as chunk events, in order, until the

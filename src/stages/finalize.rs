@@ -73,6 +73,9 @@ pub struct FinishedJob {
     pub holds: Vec<(Uuid, Vec<crate::budget::Held>)>,
     /// Attempts whose ledger row and settlement dispatch already committed.
     pub recorded: Vec<Uuid>,
+    /// What `results.body` keeps when it is not `result` itself (tenant retention
+    /// `hash`/`none`, see `crate::retention`).
+    pub stored: Option<JobResult>,
 }
 
 fn millis_between(from: DateTime<Utc>, to: DateTime<Utc>) -> u64 {
@@ -283,6 +286,7 @@ impl FinishedJob {
                 provider_ms: dispatched.attempts.iter().map(|a| a.latency_ms).sum(),
             },
             metadata: job.metadata.clone(),
+            retention: None,
         };
         let kind = match status {
             JobStatus::Succeeded => "job_succeeded",
@@ -309,6 +313,7 @@ impl FinishedJob {
                 generation: 0,
                 status,
                 request: Some(request),
+                request_sha256: None,
                 raw_body: None,
                 received_at,
                 finished_at,
@@ -320,6 +325,7 @@ impl FinishedJob {
             dead_letter: None,
             holds,
             recorded,
+            stored: None,
         }
     }
 
@@ -353,6 +359,7 @@ impl FinishedJob {
                 provider_ms: 0,
             },
             metadata: None,
+            retention: None,
         };
         let audit = AuditEvent::new(
             rejection.tenant.as_deref().unwrap_or(NONE_SEGMENT),
@@ -371,6 +378,7 @@ impl FinishedJob {
                 generation: 0,
                 status: JobStatus::Rejected,
                 request: None,
+                request_sha256: None,
                 raw_body: Some(rejection.raw_body),
                 received_at,
                 finished_at,
@@ -382,6 +390,7 @@ impl FinishedJob {
             dead_letter: Some(original),
             holds: Vec::new(),
             recorded: Vec::new(),
+            stored: None,
         }
     }
 }
@@ -423,6 +432,8 @@ pub struct Finalizer {
     pub stats: FinalizeStats,
     /// Budgets to settle and alert on; `None` when none are configured.
     pub budgets: Option<crate::budget::Budgets>,
+    /// This worker's provenance, for events about no particular message (budget alerts).
+    pub provenance: crate::messages::Provenance,
 }
 
 impl Finalizer {
@@ -566,7 +577,10 @@ impl Finalizer {
         attempts::insert_many(&mut tx, &attempt_rows)
             .await
             .map_err(store_error)?;
-        let result_refs: Vec<&JobResult> = fresh.iter().map(|j| &j.result).collect();
+        let result_refs: Vec<&JobResult> = fresh
+            .iter()
+            .map(|j| j.stored.as_ref().unwrap_or(&j.result))
+            .collect();
         let inserted = results::insert_many(&mut tx, &result_refs, Utc::now())
             .await
             .map_err(store_error)?;
@@ -603,12 +617,15 @@ impl Finalizer {
         let stored = results::find_latest_many(&mut tx, &lost)
             .await
             .map_err(store_error)?;
-        let alerts = match &self.budgets {
+        let mut alerts = match &self.budgets {
             Some(budgets) => settle_budgets(&mut tx, budgets, fresh)
                 .await
                 .map_err(store_error)?,
             None => Vec::new(),
         };
+        for alert in &mut alerts {
+            alert.provenance = self.provenance.clone();
+        }
         let alert_refs: Vec<&AuditEvent> = alerts.iter().collect();
         audit::insert_many(&mut tx, &alert_refs)
             .await

@@ -120,6 +120,9 @@ pub fn ingest(
             ),
         ));
     }
+    if let Some(error) = invalid_image(&value) {
+        return Err(reject(Some(&value), error));
+    }
     serde_json::from_value::<Job>(value.clone()).map_err(|e| {
         reject(
             Some(&value),
@@ -129,6 +132,40 @@ pub fn ingest(
             ),
         )
     })
+}
+
+/// The first image part whose `data:` URL does not decode (or that has no URL), so a broken
+/// image is a clear rejection rather than a provider's `invalid_request` after a paid route.
+fn invalid_image(job: &Value) -> Option<JobError> {
+    let messages = job.pointer("/request/messages")?.as_array()?;
+    for (m, message) in messages.iter().enumerate() {
+        let Some(parts) = message.get("content").and_then(Value::as_array) else {
+            continue;
+        };
+        for (p, part) in parts.iter().enumerate() {
+            if part.get("type").and_then(Value::as_str) != Some("image_url") {
+                continue;
+            }
+            let path = format!("/request/messages/{m}/content/{p}/image_url/url");
+            let problem = match part.pointer("/image_url/url").and_then(Value::as_str) {
+                None => {
+                    Some("an image_url part needs image_url.url (an https or data: URL)".to_owned())
+                }
+                Some(url) if url.starts_with("data:") => {
+                    crate::providers::images::parse_data_url(url).err()
+                }
+                Some(_) => None,
+            };
+            if let Some(problem) = problem {
+                return Some(JobError {
+                    code: "invalid_image".to_owned(),
+                    message: format!("{path}: {problem}"),
+                    path: Some(path),
+                });
+            }
+        }
+    }
+    None
 }
 
 fn contains_nul(value: &Value) -> bool {
@@ -210,6 +247,24 @@ mod tests {
         bad["request"]["messages"][0]["content"] = json!("a\u{0}b");
         let err = ingest(&bytes(&bad), None, 1 << 20).unwrap_err();
         assert_eq!(err.error.code, "invalid_text");
+    }
+
+    #[test]
+    fn an_image_whose_data_url_does_not_decode_is_rejected_with_its_path() {
+        let mut bad = job();
+        bad["request"]["messages"][0]["content"] = json!([
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@not-base64"}}
+        ]);
+        let err = ingest(&bytes(&bad), None, 1 << 20).unwrap_err();
+        assert_eq!(err.error.code, "invalid_image");
+        assert_eq!(
+            err.error.path.as_deref(),
+            Some("/request/messages/0/content/1/image_url/url")
+        );
+        bad["request"]["messages"][0]["content"][1]["image_url"]["url"] =
+            json!("data:image/png;base64,iVBORw0KGgo=");
+        assert!(ingest(&bytes(&bad), None, 1 << 20).is_ok());
     }
 
     #[test]

@@ -9,15 +9,19 @@
 
 mod helpers;
 
+mod audit;
 mod bad_input;
 mod budgets;
 mod cli;
 mod dead_letters;
 mod duplicates;
+mod isolation;
 mod kill;
 mod limits;
 mod pipeline;
 mod providers;
 mod reports;
+mod retention;
 mod routing;
+mod secrets;
 mod summarize;
