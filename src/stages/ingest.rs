@@ -36,9 +36,10 @@ pub fn is_name(value: &str) -> bool {
 impl Rejection {
     fn new(body: &[u8], parsed: Option<&Value>, message_id: Option<&str>, error: JobError) -> Self {
         let field = |name: &str| parsed.and_then(|v| v.get(name)).and_then(Value::as_str);
+        // An `id` that is not a UUID falls back to the message id, like a missing one.
         let job_id = field("id")
-            .or(message_id)
             .and_then(|id| Uuid::parse_str(id).ok())
+            .or_else(|| message_id.and_then(|id| Uuid::parse_str(id).ok()))
             .unwrap_or_else(Uuid::now_v7);
         // Only names that are safe routing-key segments are echoed back.
         let name = |key: &str| field(key).filter(|v| is_name(v)).map(str::to_owned);
@@ -212,6 +213,15 @@ mod tests {
     fn invalid_utf8_is_rejected_and_the_message_id_kept() {
         let err = ingest(b"{\"a\": \"\xff\"}", Some(ID), 1 << 20).unwrap_err();
         assert_eq!(err.error.code, "invalid_utf8");
+        assert_eq!(err.job_id.to_string(), ID);
+    }
+
+    #[test]
+    fn an_id_that_is_not_a_uuid_falls_back_to_the_message_id() {
+        let mut bad = job();
+        bad["id"] = json!("job-1");
+        let err = ingest(&bytes(&bad), Some(ID), 1 << 20).unwrap_err();
+        assert_eq!(err.error.path.as_deref(), Some("/id"));
         assert_eq!(err.job_id.to_string(), ID);
     }
 
