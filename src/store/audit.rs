@@ -26,22 +26,20 @@ pub async fn insert_many(
     let mut tenants: Vec<&str> = events.iter().map(|e| e.tenant.as_str()).collect();
     tenants.sort_unstable();
     tenants.dedup();
-    // Creates missing heads and locks every one in one statement: `DO UPDATE` takes the row
-    // lock and `RETURNING` gives the current link.
-    let heads: Vec<(String, i64, String)> = sqlx::query_as(
-        "INSERT INTO audit_chain_heads (tenant, seq, hash)
-         SELECT tenant, 0, $2 FROM UNNEST($1::text[]) WITH ORDINALITY AS t(tenant, n) ORDER BY n
-         ON CONFLICT (tenant) DO UPDATE SET tenant = EXCLUDED.tenant
-         RETURNING tenant, seq, hash",
-    )
-    .bind(&tenants)
-    .bind(GENESIS)
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut heads: BTreeMap<String, (i64, String)> = heads
-        .into_iter()
-        .map(|(tenant, seq, hash)| (tenant, (seq, hash)))
-        .collect();
+    let mut heads = lock_heads(conn, &tenants).await?;
+    if heads.len() < tenants.len() {
+        // First events of a tenant (rare): create its head, then lock every head again.
+        sqlx::query(
+            "INSERT INTO audit_chain_heads (tenant, seq, hash)
+             SELECT tenant, 0, $2 FROM UNNEST($1::text[]) AS t(tenant) ORDER BY tenant
+             ON CONFLICT (tenant) DO NOTHING",
+        )
+        .bind(&tenants)
+        .bind(GENESIS)
+        .execute(&mut *conn)
+        .await?;
+        heads = lock_heads(conn, &tenants).await?;
+    }
 
     let n = events.len();
     let (mut seqs, mut prevs, mut hashes, mut ats) = (
@@ -73,10 +71,19 @@ pub async fn insert_many(
         ats.push(at);
         *seq = next;
     }
+    let (names, links): (Vec<String>, Vec<(i64, String)>) = heads.into_iter().unzip();
+    let (head_seqs, head_hashes): (Vec<i64>, Vec<String>) = links.into_iter().unzip();
+    // One statement (one round trip) appends the events and moves the heads.
     sqlx::query(
-        "INSERT INTO audit_events (id, tenant, job_id, kind, at, details, seq, provenance, prev_hash, hash)
-         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::timestamptz[], $6::jsonb[],
-                              $7::int8[], $8::jsonb[], $9::text[], $10::text[])",
+        "WITH appended AS (
+             INSERT INTO audit_events (id, tenant, job_id, kind, at, details, seq, provenance, prev_hash, hash)
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::timestamptz[], $6::jsonb[],
+                                  $7::int8[], $8::jsonb[], $9::text[], $10::text[])
+             RETURNING 1
+         )
+         UPDATE audit_chain_heads h SET seq = u.seq, hash = u.hash
+         FROM UNNEST($11::text[], $12::int8[], $13::text[]) AS u(tenant, seq, hash)
+         WHERE h.tenant = u.tenant",
     )
     .bind(events.iter().map(|e| e.event_id).collect::<Vec<_>>())
     .bind(events.iter().map(|e| e.tenant.clone()).collect::<Vec<_>>())
@@ -88,21 +95,31 @@ pub async fn insert_many(
     .bind(events.iter().map(|e| Json(&e.provenance)).collect::<Vec<_>>())
     .bind(prevs)
     .bind(hashes)
-    .execute(&mut *conn)
-    .await?;
-    let (names, links): (Vec<String>, Vec<(i64, String)>) = heads.into_iter().unzip();
-    let (seqs, hashes): (Vec<i64>, Vec<String>) = links.into_iter().unzip();
-    sqlx::query(
-        "UPDATE audit_chain_heads h SET seq = u.seq, hash = u.hash
-         FROM UNNEST($1::text[], $2::int8[], $3::text[]) AS u(tenant, seq, hash)
-         WHERE h.tenant = u.tenant",
-    )
     .bind(names)
-    .bind(seqs)
-    .bind(hashes)
+    .bind(head_seqs)
+    .bind(head_hashes)
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Locks the existing heads of `tenants` (sorted), in tenant order so that concurrent groups
+/// cannot deadlock, and returns their current links.
+async fn lock_heads(
+    conn: &mut PgConnection,
+    tenants: &[&str],
+) -> Result<BTreeMap<String, (i64, String)>, sqlx::Error> {
+    let rows: Vec<(String, i64, String)> = sqlx::query_as(
+        "SELECT tenant, seq, hash FROM audit_chain_heads WHERE tenant = ANY($1)
+         ORDER BY tenant FOR UPDATE",
+    )
+    .bind(tenants)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(tenant, seq, hash)| (tenant, (seq, hash)))
+        .collect())
 }
 
 /// One chained row as stored.
