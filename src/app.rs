@@ -35,6 +35,8 @@ pub struct Context {
     pub shutdown: CancellationToken,
     /// Every spawned task, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// This process as recorded in audit events (worker id, version, config hash).
+    pub identity: Arc<crate::audit::Identity>,
 }
 
 impl Context {
@@ -70,7 +72,9 @@ impl Context {
                     .context("cannot register the shared limits")?,
             )
         };
+        let identity = Arc::new(crate::audit::Identity::new(&settings));
         Ok(Self {
+            identity,
             settings: Arc::new(settings),
             pool,
             broker,

@@ -59,6 +59,22 @@ pub enum Command {
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// The tamper-evident audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Walk each tenant's audit hash chain; report the first broken link (exit code 4).
+    Verify(AuditVerifyArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AuditVerifyArgs {
+    /// Only this tenant's chain (default: every tenant).
+    #[arg(long)]
+    pub tenant: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -213,6 +229,9 @@ pub struct ReportCostsArgs {
     /// Group by these, comma separated.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub by: Vec<crate::store::cost_ledger::Dimension>,
+    /// Only this tenant's costs.
+    #[arg(long)]
+    pub tenant: Option<String>,
     #[arg(long, value_enum, default_value = "table")]
     pub format: ReportFormat,
 }

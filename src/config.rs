@@ -137,6 +137,10 @@ pub struct WorkerSettings {
     /// Outbox rows still unsent this long after their commit belong to a worker that died
     /// (or lost the broker) between commit and publish; the relay republishes them.
     pub outbox_relay_after_ms: u64,
+    /// Reject a job whose tenant differs from the RabbitMQ `user_id` it was published with
+    /// (RabbitMQ checks `user_id` against the publishing connection's user). A tenant's own
+    /// `enforce_user_id` overrides this.
+    pub enforce_user_id: bool,
 }
 
 /// See [`WorkerSettings::event_publishing`].
@@ -394,6 +398,36 @@ pub struct TenantSettings {
     /// Only these providers may serve this tenant.
     #[serde(default)]
     pub allowed_providers: Option<Vec<String>>,
+    /// What Postgres keeps of this tenant's prompts and outputs.
+    #[serde(default)]
+    pub retention: Retention,
+    /// Overrides `[worker] enforce_user_id` for this tenant.
+    #[serde(default)]
+    pub enforce_user_id: Option<bool>,
+}
+
+/// What Postgres keeps of a tenant's prompts (`jobs.request`) and outputs (`results.body`).
+/// Published messages always carry the output: retention is about what is stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Retention {
+    /// Prompts and outputs.
+    #[default]
+    Full,
+    /// Only SHA-256 digests of the request (`jobs.request_sha256`) and of the output.
+    Hash,
+    /// Neither, nor their digests.
+    None,
+}
+
+impl Retention {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Retention::Full => "full",
+            Retention::Hash => "hash",
+            Retention::None => "none",
+        }
+    }
 }
 
 /// Circuit breakers and routing behaviour.
@@ -504,6 +538,7 @@ impl Default for WorkerSettings {
             event_publishing: EventPublishing::Batched,
             http_addr: None,
             outbox_relay_after_ms: 5000,
+            enforce_user_id: false,
         }
     }
 }
@@ -561,7 +596,22 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Every provider, including the built-in one unless a configured provider takes its name.
+    /// The retention policy of `tenant` (`full` unless configured).
+    pub fn retention(&self, tenant: &str) -> Retention {
+        self.tenant(tenant).map_or(Retention::Full, |t| t.retention)
+    }
+
+    /// Whether jobs of `tenant` must be published by the RabbitMQ user of the same name.
+    pub fn enforces_user_id(&self, tenant: &str) -> bool {
+        self.tenant(tenant)
+            .and_then(|t| t.enforce_user_id)
+            .unwrap_or(self.worker.enforce_user_id)
+    }
+
+    fn tenant(&self, name: &str) -> Option<&TenantSettings> {
+        self.tenants.iter().find(|t| t.name == name)
+    }
+
     /// The smallest context window among a route's targets and fallbacks (so any of them can
     /// take a prompt that fits), or `None` when the route is unknown or no target declares one.
     pub fn route_context_window(&self, route: &str) -> Option<u32> {
@@ -583,6 +633,7 @@ impl Settings {
             .min()
     }
 
+    /// Every provider, including the built-in one unless a configured provider takes its name.
     pub fn all_providers(&self) -> Vec<ProviderSettings> {
         let mut providers = self.providers.clone();
         if !providers.iter().any(|p| p.name == BUILTIN_PROVIDER) {

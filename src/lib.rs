@@ -23,11 +23,14 @@
 //! - [`messages`]: serde types and schema validation for every queue message.
 //! - [`queue`]: topology, publisher with confirms, ack planning.
 //! - [`store`]: Postgres queries, one file per table.
+//! - [`audit`]: provenance of audit events, the per-tenant hash chain and its verification.
+//! - [`retention`]: what Postgres keeps of a job under its tenant's retention policy.
 //! - [`providers`]: one adapter per wire format plus the built-in `extractive` model.
 //! - [`commands`]: one file per CLI command; [`cli`] holds the clap structs.
 //! - [`failpoint`]: test-only crash points armed by `SWITCHYARD_FAILPOINT`.
 
 pub mod app;
+pub mod audit;
 pub mod budget;
 pub mod cli;
 pub mod commands;
@@ -35,8 +38,11 @@ pub mod config;
 pub mod failpoint;
 pub mod http;
 pub mod messages;
+#[cfg(test)]
+mod proptests;
 pub mod providers;
 pub mod queue;
+pub mod retention;
 pub mod routing;
 pub mod stages;
 pub mod store;

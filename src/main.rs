@@ -18,7 +18,8 @@ async fn main() -> ExitCode {
         | Command::Report(_)
         | Command::DeadLetters(_)
         | Command::Batch(_)
-        | Command::Replay(_) => "warn",
+        | Command::Replay(_)
+        | Command::Audit(_) => "warn",
         _ => "info",
     };
     telemetry::init(cli.log_format, level);

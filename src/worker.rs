@@ -197,6 +197,7 @@ async fn session(
         acks: AckTracker::default(),
         stats: FinalizeStats::default(),
         budgets: ctx.budgets.clone(),
+        provenance: ctx.identity.provenance(),
         stop: abandon.clone(),
     };
     let mut finalizing = Some(ctx.tasks.spawn(finalizer.run(inbox)));
@@ -317,8 +318,11 @@ async fn process(
     abandon: CancellationToken,
 ) {
     let tag = delivery.delivery_tag;
+    let provenance = ctx
+        .identity
+        .for_delivery(&delivery.data, delivery.properties.headers().as_ref());
     let handled = AssertUnwindSafe(handle(&ctx, &streams, delivery)).catch_unwind();
-    let finished = tokio::select! {
+    let mut finished = tokio::select! {
         _ = abandon.cancelled() => return,
         finished = handled => finished.unwrap_or_else(|_| {
             // The panic message went to stderr through the panic hook.
@@ -327,6 +331,15 @@ async fn process(
             Finished::Requeue { tag }
         }),
     };
+    if let Finished::Job(job) = &mut finished {
+        let retention = job
+            .result
+            .tenant
+            .as_deref()
+            .map_or_else(Default::default, |t| ctx.settings.retention(t));
+        crate::retention::apply(job, retention);
+        crate::audit::stamp(&mut job.audits, &provenance, job.result.job_id);
+    }
     if outbox.send(finished).await.is_err() {
         tracing::warn!("Finalizer is gone; the job stays unacked and will be redelivered.");
     }
@@ -341,11 +354,18 @@ async fn handle(ctx: &Context, streams: &Publisher, delivery: Delivery) -> Finis
         .as_ref()
         .map(|id| id.as_str().to_owned());
     let body = delivery.data;
+    let user_id = delivery
+        .properties
+        .user_id()
+        .as_ref()
+        .map(|u| u.as_str().to_owned());
     let job = match ingest(
         &body,
         message_id.as_deref(),
         ctx.settings.worker.max_message_bytes,
-    ) {
+    )
+    .and_then(|job| authorize(&ctx.settings, job, &body, user_id.as_deref()))
+    {
         Ok(job) => job,
         Err(rejection) => {
             tracing::warn!(job_id = %rejection.job_id, code = %rejection.error.code, error.message = %rejection.error.message, "Rejected a job.");
@@ -436,6 +456,32 @@ async fn handle(ctx: &Context, streams: &Publisher, delivery: Delivery) -> Finis
         received_at,
         dispatched,
     )))
+}
+
+/// With `enforce_user_id` on for the job's tenant, the job must have been published with
+/// RabbitMQ `user_id` equal to its tenant (the broker refuses a `user_id` other than the
+/// publishing connection's user, so the property names who really published).
+fn authorize(
+    settings: &crate::config::Settings,
+    job: Job,
+    body: &[u8],
+    user_id: Option<&str>,
+) -> Result<Job, Box<Rejection>> {
+    if !settings.enforces_user_id(&job.tenant) || user_id == Some(job.tenant.as_str()) {
+        return Ok(job);
+    }
+    let published_by = user_id.map_or_else(
+        || "without a user_id property".to_owned(),
+        |u| format!("by RabbitMQ user {u:?}"),
+    );
+    let error = crate::messages::JobError::new(
+        "tenant_not_authorized",
+        format!(
+            "job for tenant {:?} was published {published_by}; only user {:?} may publish for this tenant",
+            job.tenant, job.tenant
+        ),
+    );
+    Err(Box::new(Rejection::for_job(&job, body, error)))
 }
 
 /// Publishes a streamed job's deltas and void markers as chunk events, in order, until the

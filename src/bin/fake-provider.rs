@@ -103,6 +103,7 @@
 //! | `--rate-malformed` | `0` | fraction (0..=1) answered 200 with a non-JSON body |
 //! | `--seed` | none | seed for a deterministic random generator |
 //! | `--model` | `gpt-4o-mini` | model echoed when the request names none |
+//! | `--echo-auth-in-errors` | off | echo the credential headers in every error message (to test redaction) |
 //!
 //! When the fault rates add up to more than 1, the earlier faults in the
 //! order above take precedence.
@@ -201,6 +202,11 @@ struct Cli {
     /// Model name echoed when the request names none.
     #[arg(long, env = "FAKE_PROVIDER_MODEL", default_value = "gpt-4o-mini")]
     model: String,
+
+    /// Echo the request's credential headers (`authorization`, `x-api-key`,
+    /// `x-goog-api-key`) in the message of every error answer, as some services do.
+    #[arg(long, env = "FAKE_PROVIDER_ECHO_AUTH_IN_ERRORS")]
+    echo_auth_in_errors: bool,
 }
 
 /// Parses a probability in `0..=1`.
@@ -1168,6 +1174,8 @@ struct Config {
     retry_after: u64,
     /// Default model name.
     model: String,
+    /// Echo credential headers in error messages.
+    echo_auth_in_errors: bool,
 }
 
 /// State shared by all handlers.
@@ -1238,6 +1246,35 @@ fn finish(in_flight: &InFlight, answer: Answer) -> Response {
     answer.into_response()
 }
 
+/// The credential headers of a request, as `name: value` lines.
+fn credential_headers(headers: &HeaderMap) -> String {
+    ["authorization", "x-api-key", "x-goog-api-key"]
+        .iter()
+        .filter_map(|name| {
+            let value = headers.get(*name)?.to_str().ok()?;
+            Some(format!("{name}: {value}"))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// With `--echo-auth-in-errors`, appends the credential headers to an error answer's
+/// `error.message` (every wire format here has one).
+fn echo_auth(mut answer: Answer, echoed: Option<&str>) -> Answer {
+    let Some(echoed) = echoed else { return answer };
+    if answer.status.as_u16() < 400 {
+        return answer;
+    }
+    if let Ok(mut body) = serde_json::from_str::<Value>(&answer.body)
+        && let Some(Value::String(message)) =
+            body.get_mut("error").and_then(|e| e.get_mut("message"))
+    {
+        message.push_str(&format!(" (request headers: {echoed})"));
+        answer.body = body.to_string();
+    }
+    answer
+}
+
 /// The pipeline every chat endpoint shares: count, authenticate, validate,
 /// inject faults, wait, answer (or stream).
 async fn handle_chat<W: WireFormat>(
@@ -1248,31 +1285,40 @@ async fn handle_chat<W: WireFormat>(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let credential = wire.credential(headers, uri);
+    let echoed = state
+        .config
+        .echo_auth_in_errors
+        .then(|| credential_headers(headers));
+    let finish_echoing = |in_flight: &InFlight, answer: Answer| {
+        finish(in_flight, echo_auth(answer, echoed.as_deref()))
+    };
     let in_flight = state.stats.begin(wire.name(), credential.as_deref());
 
     let token = match credential.as_deref() {
-        None => return finish(&in_flight, wire.error(&ApiError::MissingCredential)),
+        None => return finish_echoing(&in_flight, wire.error(&ApiError::MissingCredential)),
         Some("revoked") => {
             let err = ApiError::InvalidCredential("revoked".to_owned());
-            return finish(&in_flight, wire.error(&err));
+            return finish_echoing(&in_flight, wire.error(&err));
         }
-        Some("exhausted") => return finish(&in_flight, wire.error(&ApiError::QuotaExhausted)),
+        Some("exhausted") => {
+            return finish_echoing(&in_flight, wire.error(&ApiError::QuotaExhausted));
+        }
         Some(token) => token,
     };
     if let Err(msg) = wire.check_headers(headers) {
-        return finish(&in_flight, wire.error(&ApiError::BadRequest(msg)));
+        return finish_echoing(&in_flight, wire.error(&ApiError::BadRequest(msg)));
     }
 
     let body = match body {
         Ok(body) => body,
         Err(rejection) => {
             let err = ApiError::BodyRejected(rejection.status(), rejection.body_text());
-            return finish(&in_flight, wire.error(&err));
+            return finish_echoing(&in_flight, wire.error(&err));
         }
     };
     let request = match wire.parse(&body) {
         Ok(request) => request,
-        Err(msg) => return finish(&in_flight, wire.error(&ApiError::BadRequest(msg))),
+        Err(msg) => return finish_echoing(&in_flight, wire.error(&ApiError::BadRequest(msg))),
     };
 
     let fault = state.draw_fault();
@@ -1284,24 +1330,26 @@ async fn handle_chat<W: WireFormat>(
             // Whatever ends the hang, it was already counted as `hang`.
             return wire.error(&ApiError::Unavailable).into_response();
         }
-        Fault::ServerError => return finish(&in_flight, wire.error(&ApiError::ServerError)),
+        Fault::ServerError => {
+            return finish_echoing(&in_flight, wire.error(&ApiError::ServerError));
+        }
         Fault::RateLimited => {
             state.stats.rest(
                 credential.as_deref(),
                 Duration::from_secs(state.config.retry_after),
             );
             let err = ApiError::RateLimited(state.config.retry_after);
-            return finish(&in_flight, wire.error(&err));
+            return finish_echoing(&in_flight, wire.error(&err));
         }
-        Fault::Overloaded => return finish(&in_flight, wire.error(&ApiError::Overloaded)),
+        Fault::Overloaded => return finish_echoing(&in_flight, wire.error(&ApiError::Overloaded)),
         Fault::StreamError if !request.stream => {
-            return finish(&in_flight, wire.error(&ApiError::Overloaded));
+            return finish_echoing(&in_flight, wire.error(&ApiError::Overloaded));
         }
         Fault::Cut | Fault::StreamError | Fault::Malformed | Fault::None => {}
     }
 
     if !state.sleep_unless_shutdown(state.draw_delay()).await {
-        return finish(&in_flight, wire.error(&ApiError::Unavailable));
+        return finish_echoing(&in_flight, wire.error(&ApiError::Unavailable));
     }
     if fault == Fault::Malformed {
         let answer = Answer {
@@ -1310,7 +1358,7 @@ async fn handle_chat<W: WireFormat>(
             headers: Vec::new(),
             body: MALFORMED_BODY.to_owned(),
         };
-        return finish(&in_flight, answer);
+        return finish_echoing(&in_flight, answer);
     }
 
     let reply = build_reply(
@@ -1323,7 +1371,7 @@ async fn handle_chat<W: WireFormat>(
         if fault == Fault::Cut {
             answer.body = first_half(&answer.body).to_owned();
         }
-        return finish(&in_flight, answer);
+        return finish_echoing(&in_flight, answer);
     }
 
     let ending = match fault {
@@ -2699,6 +2747,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         },
         retry_after: cli.retry_after,
         model: cli.model.clone(),
+        echo_auth_in_errors: cli.echo_auth_in_errors,
     };
     let app = router(AppState::new(config, cli.seed, stop_rx.clone()));
 

@@ -580,6 +580,7 @@ async fn cancel(settings: Settings, id: &str, tenant: &str) -> anyhow::Result<Ex
                 provider_ms: 0,
             },
             metadata: Some(json!({ "custom_id": job.item_key })),
+            retention: None,
         })
         .collect();
     let rows: Vec<JobRow> = cancelled
@@ -592,6 +593,7 @@ async fn cancel(settings: Settings, id: &str, tenant: &str) -> anyhow::Result<Ex
             generation: 0,
             status: JobStatus::Cancelled,
             request: None,
+            request_sha256: None,
             raw_body: None,
             received_at: now,
             finished_at: now,
@@ -600,13 +602,14 @@ async fn cancel(settings: Settings, id: &str, tenant: &str) -> anyhow::Result<Ex
     jobs::insert_many(&mut tx, &rows).await?;
     let refs: Vec<&JobResult> = cancelled.iter().collect();
     results::insert_many(&mut tx, &refs, now).await?;
-    let event = AuditEvent::new(
+    let mut event = AuditEvent::new(
         tenant,
         None,
         "batch_cancelled",
         now,
         json!({ "batch": id, "cancelled_jobs": cancelled.len(), "by": super::replay::actor() }),
     );
+    event.provenance = crate::audit::Identity::new(&settings).provenance();
     audit::insert_many(&mut tx, &[&event]).await?;
     tx.commit().await?;
     let (counts, cost, _) = batches::progress(&mut conn, tenant, id).await?;

@@ -1,6 +1,7 @@
 //! One file per CLI command. Each returns `anyhow::Result`; [`run`] turns errors into one
 //! line on stderr and an exit code.
 
+pub mod audit;
 pub mod batch;
 pub mod config_check;
 pub mod dead_letters;
@@ -14,7 +15,7 @@ pub mod worker;
 
 use std::process::ExitCode;
 
-use crate::cli::{Command, ConfigCommand, ReportCommand};
+use crate::cli::{AuditCommand, Command, ConfigCommand, ReportCommand};
 use crate::config::Settings;
 
 /// Exit code for runtime failures (broker or database unreachable, …).
@@ -50,6 +51,7 @@ pub async fn run(command: Command, settings: Settings) -> ExitCode {
         Command::Report(ReportCommand::Costs(args)) => report::run(settings, args).await,
         Command::DeadLetters(command) => dead_letters::run(settings, command).await,
         Command::Config(ConfigCommand::Check) => config_check::run(&settings),
+        Command::Audit(AuditCommand::Verify(args)) => audit::verify(settings, args).await,
     };
     match outcome {
         Ok(code) => code,

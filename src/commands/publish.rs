@@ -28,8 +28,19 @@ pub fn job_message(names: &Names, job: &Job) -> Outgoing {
         body: serde_json::to_vec(job).unwrap_or_default(),
         message_id: job.id.to_string(),
         kind: JOB_SCHEMA.to_owned(),
-        headers: None,
+        headers: Some(trace_headers(job.id)),
     }
+}
+
+/// A W3C `traceparent` header starting a trace whose id is the job id; the worker records
+/// it as the trace id of the job's audit events.
+fn trace_headers(job_id: uuid::Uuid) -> lapin::types::FieldTable {
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        crate::audit::TRACEPARENT.into(),
+        lapin::types::AMQPValue::LongString(crate::audit::traceparent_for(job_id).into()),
+    );
+    headers
 }
 
 /// Where bare requests go.

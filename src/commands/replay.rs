@@ -115,6 +115,7 @@ pub async fn run(settings: Settings, args: ReplayArgs) -> anyhow::Result<ExitCod
     let mut conn = store::connect_one(&settings.database.url).await?;
     let selected = jobs::select_for_replay(&mut conn, &filter).await?;
     let actor = actor();
+    let provenance = crate::audit::Identity::new(&settings).provenance();
     let mut out = std::io::stdout().lock();
     let mut chosen: Vec<(Job, AuditEvent)> = Vec::new();
     let mut skipped = 0usize;
@@ -155,13 +156,14 @@ pub async fn run(settings: Settings, args: ReplayArgs) -> anyhow::Result<ExitCod
                 "generation": job.generation, "route": route,
             })
         )?;
-        let event = AuditEvent::new(
+        let mut event = AuditEvent::new(
             &args.tenant,
             Some(job.id),
             "job_replayed",
             Utc::now(),
             details,
         );
+        crate::audit::stamp(std::slice::from_mut(&mut event), &provenance, job.id);
         chosen.push((job, event));
     }
     out.flush()?;
@@ -179,7 +181,10 @@ pub async fn run(settings: Settings, args: ReplayArgs) -> anyhow::Result<ExitCod
     // The audit trail first: a replay that then fails to publish is recorded as attempted,
     // and running the same replay again picks the jobs up again.
     let events: Vec<&AuditEvent> = chosen.iter().map(|(_, e)| e).collect();
-    audit::insert_many(&mut conn, &events).await?;
+    // One transaction: chaining locks the tenant's chain head until the rows are in.
+    let mut tx = sqlx::Connection::begin(&mut conn).await?;
+    audit::insert_many(&mut tx, &events).await?;
+    tx.commit().await?;
     let broker = queue::Broker::connect(&settings.broker.url).await?;
     let publisher = Publisher::open(&broker).await?;
     let names = Names::new(&settings.broker.prefix);

@@ -185,7 +185,9 @@ pub async fn run(settings: Settings, args: ReportCostsArgs) -> anyhow::Result<Ex
         }
     };
     let mut conn = store::connect_one(&settings.database.url).await?;
-    let rows = store::cost_ledger::report(&mut conn, since, until, &args.by).await?;
+    let rows =
+        store::cost_ledger::report(&mut conn, since, until, &args.by, args.tenant.as_deref())
+            .await?;
     let mut out = std::io::stdout().lock();
     out.write_all(render(&rows, &args.by, args.format).as_bytes())?;
     out.flush()?;

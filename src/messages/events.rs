@@ -54,6 +54,25 @@ pub struct AuditEvent {
     pub kind: String,
     pub at: DateTime<Utc>,
     pub details: Value,
+    /// Who wrote the event, from what: see [`Provenance`].
+    #[serde(default)]
+    pub provenance: Provenance,
+}
+
+/// Where an audit event came from. Every field is set on events a worker writes; events
+/// about no particular message (budget alerts) have no `message_sha256`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// The worker process (`<host>:<pid>:<random>`).
+    pub worker_id: Option<String>,
+    /// The Switchyard version (`CARGO_PKG_VERSION`).
+    pub version: Option<String>,
+    /// SHA-256 of the effective settings with every secret removed.
+    pub config_sha256: Option<String>,
+    /// SHA-256 of the job message body as delivered.
+    pub message_sha256: Option<String>,
+    /// W3C trace id: from the message's `traceparent` header, else the job id's 32 hex digits.
+    pub trace_id: Option<String>,
 }
 
 impl AuditEvent {
@@ -73,6 +92,7 @@ impl AuditEvent {
             kind: kind.to_owned(),
             at,
             details,
+            provenance: Provenance::default(),
         }
     }
 

@@ -6,10 +6,11 @@ pub mod job;
 pub mod result;
 pub mod schema;
 
-pub use events::{AuditEvent, ChunkKind, CostEvent, StreamChunk};
+pub use events::{AuditEvent, ChunkKind, CostEvent, Provenance, StreamChunk};
 pub use job::{ChatMessage, ChatRequest, Job};
 pub use result::{
-    AttemptReport, AttemptStatus, CostSummary, JobError, JobResult, JobStatus, Timings, Usage,
+    AttemptReport, AttemptStatus, CostSummary, JobError, JobResult, JobStatus, Retained, Timings,
+    Usage,
 };
 
 /// The routing-key segment used when a job has no tenant or no batch.

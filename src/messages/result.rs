@@ -53,6 +53,23 @@ pub struct JobResult {
     pub timings: Timings,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Value>,
+    /// Set only on the copy Postgres keeps for a tenant with retention `hash` or `none`
+    /// (which is also what a redelivered duplicate is answered with): what was left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retained>,
+}
+
+/// What a stored result kept of the output under a tenant's retention policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retained {
+    /// `hash` or `none`.
+    pub mode: String,
+    /// SHA-256 of the output (`response.choices` as published) under `hash`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_sha256: Option<String>,
+    /// SHA-256 of the request under `hash`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_sha256: Option<String>,
 }
 
 impl JobResult {

@@ -811,7 +811,10 @@ fn error_after_200(value: &Value, usage: Option<Usage>, otherwise: ErrorClass) -
 }
 
 /// Parses a 2xx body into a normalised completion; an unusable body is a server error.
-fn parse_anthropic_response(text: &str, model: &str) -> Result<Completion, ProviderError> {
+pub(crate) fn parse_anthropic_response(
+    text: &str,
+    model: &str,
+) -> Result<Completion, ProviderError> {
     let value: Value = serde_json::from_str(text.trim_start())
         .map_err(|e| malformed(text, format!("response body is not JSON: {e}")))?;
     if value.get("type").and_then(Value::as_str) == Some("error") {

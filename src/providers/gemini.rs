@@ -955,7 +955,7 @@ fn malformed(text: &str, reason: String) -> ProviderError {
 /// (`promptTokenCount`), a completion keeps that usage in cost accounting, and it is the same
 /// shape as a blocked *output* (`finishReason: SAFETY`) and the OpenAI adapter's refusals, so
 /// callers see one "the provider's filter said no" outcome for every provider.
-fn parse_gemini_response(text: &str, model: &str) -> Result<Completion, ProviderError> {
+pub(crate) fn parse_gemini_response(text: &str, model: &str) -> Result<Completion, ProviderError> {
     let value: Value = serde_json::from_str(text.trim_start())
         .map_err(|e| malformed(text, format!("response body is not JSON: {e}")))?;
     if let Some(error) = error_object(&value) {

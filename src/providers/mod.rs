@@ -228,12 +228,20 @@ impl Provider {
         model: &str,
         call: &Call<'_>,
     ) -> Result<Completion, ProviderError> {
-        match self {
+        let outcome = match self {
             Provider::Extractive(p) => p.complete(request, model, call),
             Provider::OpenAi(p) => p.complete(request, model, call).await,
             Provider::Anthropic(p) => p.complete(request, model, call).await,
             Provider::Gemini(p) => p.complete(request, model, call).await,
-        }
+        };
+        // Error bodies are redacted in `send`; this also covers error events inside streams.
+        outcome.map_err(|mut error| {
+            error.message = redact_key(&error.message, call.key).into_owned();
+            error.raw_response = error
+                .raw_response
+                .map(|raw| redact_key(&raw, call.key).into_owned());
+            error
+        })
     }
 
     /// The wire-format name.
@@ -409,7 +417,7 @@ pub async fn send(
             .ok()
             .and_then(Result::ok)
             .unwrap_or_default();
-        return Err(classify(status, &headers, &text));
+        return Err(classify(status, &headers, &redact_key(&text, call.key)));
     }
     let response = builder
         .timeout(call.timeout)
@@ -425,7 +433,25 @@ pub async fn send(
     if (200..300).contains(&status) {
         Ok(Answer::Body(text))
     } else {
-        Err(classify(status, &headers, &text))
+        // Before any excerpt is cut, so no prefix of a key survives a cut either.
+        Err(classify(status, &headers, &redact_key(&text, call.key)))
+    }
+}
+
+/// What a key echoed back by a provider is replaced with.
+pub const REDACTED: &str = "[REDACTED]";
+
+/// `text` with every occurrence of the call's key replaced by [`REDACTED`]. Some services
+/// echo the `Authorization` header in error bodies; those bodies end up in attempts, results
+/// and audit events.
+pub fn redact_key<'t>(text: &'t str, key: Option<&ApiKey>) -> std::borrow::Cow<'t, str> {
+    use secrecy::ExposeSecret as _;
+    match key.map(|k| k.secret.expose_secret()) {
+        // A very short "key" would redact ordinary words; real keys are far longer.
+        Some(secret) if secret.len() >= 8 && text.contains(secret) => {
+            std::borrow::Cow::Owned(text.replace(secret, REDACTED))
+        }
+        _ => std::borrow::Cow::Borrowed(text),
     }
 }
 

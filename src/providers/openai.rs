@@ -256,7 +256,7 @@ fn malformed(text: &str, reason: String) -> ProviderError {
 }
 
 /// Parses a 2xx body into a normalised completion; an unusable body is a server error.
-fn parse_openai_response(text: &str, model: &str) -> Result<Completion, ProviderError> {
+pub(crate) fn parse_openai_response(text: &str, model: &str) -> Result<Completion, ProviderError> {
     let value: Value = serde_json::from_str(text.trim_start())
         .map_err(|e| malformed(text, format!("response body is not JSON: {e}")))?;
     if let Some(error) = value.get("error").filter(|e| !e.is_null()) {

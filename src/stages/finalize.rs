@@ -77,6 +77,9 @@ pub struct FinishedJob {
     pub holds: Vec<(Uuid, Vec<crate::budget::Held>)>,
     /// Attempts whose ledger row and settlement dispatch already committed.
     pub recorded: Vec<Uuid>,
+    /// What `results.body` keeps when it is not `result` itself (tenant retention
+    /// `hash`/`none`, see `crate::retention`).
+    pub stored: Option<JobResult>,
 }
 
 fn millis_between(from: DateTime<Utc>, to: DateTime<Utc>) -> u64 {
@@ -287,6 +290,7 @@ impl FinishedJob {
                 provider_ms: dispatched.attempts.iter().map(|a| a.latency_ms).sum(),
             },
             metadata: job.metadata.clone(),
+            retention: None,
         };
         let kind = match status {
             JobStatus::Succeeded => "job_succeeded",
@@ -313,6 +317,7 @@ impl FinishedJob {
                 generation: job.generation,
                 status,
                 request: Some(request),
+                request_sha256: None,
                 raw_body: None,
                 received_at,
                 finished_at,
@@ -324,6 +329,7 @@ impl FinishedJob {
             dead_letter: None,
             holds,
             recorded,
+            stored: None,
         }
     }
 
@@ -357,6 +363,7 @@ impl FinishedJob {
                 provider_ms: 0,
             },
             metadata: None,
+            retention: None,
         };
         let audit = AuditEvent::new(
             rejection.tenant.as_deref().unwrap_or(NONE_SEGMENT),
@@ -375,6 +382,7 @@ impl FinishedJob {
                 generation: rejection.generation,
                 status: JobStatus::Rejected,
                 request: None,
+                request_sha256: None,
                 raw_body: Some(rejection.raw_body),
                 received_at,
                 finished_at,
@@ -386,6 +394,7 @@ impl FinishedJob {
             dead_letter: Some(original),
             holds: Vec::new(),
             recorded: Vec::new(),
+            stored: None,
         }
     }
 }
@@ -438,6 +447,8 @@ pub struct Finalizer {
     pub budgets: Option<crate::budget::Budgets>,
     /// Ends a wait for Postgres (the session is over).
     pub stop: tokio_util::sync::CancellationToken,
+    /// This worker's provenance, for events about no particular message (budget alerts).
+    pub provenance: crate::messages::Provenance,
 }
 
 impl Finalizer {
@@ -623,7 +634,10 @@ impl Finalizer {
         attempts::insert_many(&mut tx, &attempt_rows)
             .await
             .map_err(store_error)?;
-        let result_refs: Vec<&JobResult> = fresh.iter().map(|j| &j.result).collect();
+        let result_refs: Vec<&JobResult> = fresh
+            .iter()
+            .map(|j| j.stored.as_ref().unwrap_or(&j.result))
+            .collect();
         let inserted = results::insert_many(&mut tx, &result_refs, Utc::now())
             .await
             .map_err(store_error)?;
@@ -660,12 +674,15 @@ impl Finalizer {
         let stored = results::find_latest_many(&mut tx, &lost)
             .await
             .map_err(store_error)?;
-        let alerts = match &self.budgets {
+        let mut alerts = match &self.budgets {
             Some(budgets) => settle_budgets(&mut tx, budgets, fresh)
                 .await
                 .map_err(store_error)?,
             None => Vec::new(),
         };
+        for alert in &mut alerts {
+            alert.provenance = self.provenance.clone();
+        }
         let alert_refs: Vec<&AuditEvent> = alerts.iter().collect();
         audit::insert_many(&mut tx, &alert_refs)
             .await

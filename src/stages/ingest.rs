@@ -38,9 +38,10 @@ pub fn is_name(value: &str) -> bool {
 impl Rejection {
     fn new(body: &[u8], parsed: Option<&Value>, message_id: Option<&str>, error: JobError) -> Self {
         let field = |name: &str| parsed.and_then(|v| v.get(name)).and_then(Value::as_str);
+        // An `id` that is not a UUID falls back to the message id, like a missing one.
         let job_id = field("id")
-            .or(message_id)
             .and_then(|id| Uuid::parse_str(id).ok())
+            .or_else(|| message_id.and_then(|id| Uuid::parse_str(id).ok()))
             .unwrap_or_else(Uuid::now_v7);
         // Only names that are safe routing-key segments are echoed back.
         let name = |key: &str| field(key).filter(|v| is_name(v)).map(str::to_owned);
@@ -129,6 +130,9 @@ pub fn ingest(
             ),
         ));
     }
+    if let Some(error) = invalid_image(&value) {
+        return Err(reject(Some(&value), error));
+    }
     serde_json::from_value::<Job>(value.clone()).map_err(|e| {
         reject(
             Some(&value),
@@ -138,6 +142,40 @@ pub fn ingest(
             ),
         )
     })
+}
+
+/// The first image part whose `data:` URL does not decode (or that has no URL), so a broken
+/// image is a clear rejection rather than a provider's `invalid_request` after a paid route.
+fn invalid_image(job: &Value) -> Option<JobError> {
+    let messages = job.pointer("/request/messages")?.as_array()?;
+    for (m, message) in messages.iter().enumerate() {
+        let Some(parts) = message.get("content").and_then(Value::as_array) else {
+            continue;
+        };
+        for (p, part) in parts.iter().enumerate() {
+            if part.get("type").and_then(Value::as_str) != Some("image_url") {
+                continue;
+            }
+            let path = format!("/request/messages/{m}/content/{p}/image_url/url");
+            let problem = match part.pointer("/image_url/url").and_then(Value::as_str) {
+                None => {
+                    Some("an image_url part needs image_url.url (an https or data: URL)".to_owned())
+                }
+                Some(url) if url.starts_with("data:") => {
+                    crate::providers::images::parse_data_url(url).err()
+                }
+                Some(_) => None,
+            };
+            if let Some(problem) = problem {
+                return Some(JobError {
+                    code: "invalid_image".to_owned(),
+                    message: format!("{path}: {problem}"),
+                    path: Some(path),
+                });
+            }
+        }
+    }
+    None
 }
 
 fn contains_nul(value: &Value) -> bool {
@@ -188,6 +226,15 @@ mod tests {
     }
 
     #[test]
+    fn an_id_that_is_not_a_uuid_falls_back_to_the_message_id() {
+        let mut bad = job();
+        bad["id"] = json!("job-1");
+        let err = ingest(&bytes(&bad), Some(ID), 1 << 20).unwrap_err();
+        assert_eq!(err.error.path.as_deref(), Some("/id"));
+        assert_eq!(err.job_id.to_string(), ID);
+    }
+
+    #[test]
     fn not_json_is_rejected() {
         let err = ingest(b"hello there", None, 1 << 20).unwrap_err();
         assert_eq!(err.error.code, "invalid_json");
@@ -219,6 +266,24 @@ mod tests {
         bad["request"]["messages"][0]["content"] = json!("a\u{0}b");
         let err = ingest(&bytes(&bad), None, 1 << 20).unwrap_err();
         assert_eq!(err.error.code, "invalid_text");
+    }
+
+    #[test]
+    fn an_image_whose_data_url_does_not_decode_is_rejected_with_its_path() {
+        let mut bad = job();
+        bad["request"]["messages"][0]["content"] = json!([
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@not-base64"}}
+        ]);
+        let err = ingest(&bytes(&bad), None, 1 << 20).unwrap_err();
+        assert_eq!(err.error.code, "invalid_image");
+        assert_eq!(
+            err.error.path.as_deref(),
+            Some("/request/messages/0/content/1/image_url/url")
+        );
+        bad["request"]["messages"][0]["content"][1]["image_url"]["url"] =
+            json!("data:image/png;base64,iVBORw0KGgo=");
+        assert!(ingest(&bytes(&bad), None, 1 << 20).is_ok());
     }
 
     #[test]

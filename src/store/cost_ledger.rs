@@ -207,6 +207,7 @@ pub async fn report(
     since: chrono::DateTime<chrono::Utc>,
     until: chrono::DateTime<chrono::Utc>,
     by: &[Dimension],
+    tenant: Option<&str>,
 ) -> Result<Vec<ReportRow>, sqlx::Error> {
     use sqlx::Row;
     let mut query = sqlx::QueryBuilder::<sqlx::Postgres>::new("SELECT ");
@@ -222,6 +223,10 @@ pub async fn report(
         .push_bind(since)
         .push(" AND created_at < ")
         .push_bind(until);
+    // A report for one tenant is scoped in SQL, never filtered afterwards.
+    if let Some(tenant) = tenant {
+        query.push(" AND tenant = ").push_bind(tenant.to_owned());
+    }
     if !by.is_empty() {
         let columns: Vec<&str> = by.iter().map(|d| d.column()).collect();
         query.push(" GROUP BY ").push(columns.join(", "));

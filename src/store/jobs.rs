@@ -17,6 +17,8 @@ pub struct JobRow {
     pub generation: i32,
     pub status: JobStatus,
     pub request: Option<Value>,
+    /// SHA-256 of the request when the tenant's retention is `hash` (then `request` is None).
+    pub request_sha256: Option<String>,
     pub raw_body: Option<Vec<u8>>,
     pub received_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
@@ -33,12 +35,15 @@ pub async fn insert_many(conn: &mut PgConnection, rows: &[JobRow]) -> Result<(),
         return Ok(());
     }
     sqlx::query(
-        "INSERT INTO jobs (id, tenant, batch, route, generation, status, request, raw_body, received_at, finished_at)
+        "INSERT INTO jobs (id, tenant, batch, route, generation, status, request, raw_body, received_at, finished_at,
+                           request_sha256)
          SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::text[],
-                              $7::jsonb[], $8::bytea[], $9::timestamptz[], $10::timestamptz[])
+                              $7::jsonb[], $8::bytea[], $9::timestamptz[], $10::timestamptz[], $11::text[])
          ON CONFLICT (id) DO UPDATE SET
              generation = EXCLUDED.generation, status = EXCLUDED.status, route = EXCLUDED.route,
-             request = COALESCE(EXCLUDED.request, jobs.request), finished_at = EXCLUDED.finished_at
+             request = COALESCE(EXCLUDED.request, jobs.request),
+             request_sha256 = COALESCE(EXCLUDED.request_sha256, jobs.request_sha256),
+             finished_at = EXCLUDED.finished_at
          WHERE EXCLUDED.generation > jobs.generation
             OR (jobs.status = 'cancelled' AND EXCLUDED.status <> 'cancelled')",
     )
@@ -52,6 +57,7 @@ pub async fn insert_many(conn: &mut PgConnection, rows: &[JobRow]) -> Result<(),
     .bind(rows.iter().map(|r| r.raw_body.clone()).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.received_at).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.finished_at).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.request_sha256.clone()).collect::<Vec<_>>())
     .execute(conn)
     .await?;
     Ok(())

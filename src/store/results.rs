@@ -70,6 +70,9 @@ pub async fn find_latest_many(
     conn: &mut PgConnection,
     job_ids: &[Uuid],
 ) -> Result<Vec<JobResult>, sqlx::Error> {
+    if job_ids.is_empty() {
+        return Ok(Vec::new());
+    }
     let rows: Vec<Json<JobResult>> = sqlx::query_scalar(
         "SELECT DISTINCT ON (job_id) body FROM results WHERE job_id = ANY($1)
          ORDER BY job_id, generation DESC",

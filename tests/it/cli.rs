@@ -269,3 +269,109 @@ async fn a_worker_serves_health_readiness_and_metrics() {
     assert!(worker.wait().unwrap().success());
     app.cleanup().await;
 }
+
+/// One bad invocation: the arguments, an optional config file and stdin, and the exit code
+/// and stderr text it must end in.
+struct BadRun {
+    args: &'static [&'static str],
+    config: Option<&'static str>,
+    stdin: Option<&'static [u8]>,
+    code: i32,
+    says: &'static str,
+}
+
+#[tokio::test]
+async fn bad_config_files_arguments_and_batch_files_each_fail_with_their_own_message() {
+    let app = spawn_app().await;
+    let run = |args, config, stdin, code, says| BadRun {
+        args,
+        config,
+        stdin,
+        code,
+        says,
+    };
+    let cases = [
+        // Config files (checked by `config check`, the same loader every command uses).
+        run(&["config", "check"], Some("[worker]\nconcurency = 4\n"), None, 2, "unknown field: found `concurency`"),
+        run(&["config", "check"], Some("[worker]\nconcurrency = \"many\"\n"), None, 2, "worker.concurrency"),
+        run(&["config", "check"], Some("[worker]\nconcurrency = -1\n"), None, 2, "worker.concurrency"),
+        run(&["config", "check"], Some("[worker\nconcurrency = 4\n"), None, 2, "TOML parse error"),
+        run(&["config", "check"], Some("[[routes]]\nalias = \"x\"\ntargets = [{ provider = \"nope\", model = \"m\" }]\n"), None, 2, "unknown provider \"nope\""),
+        run(&["config", "check"], Some("[[tenants]]\nname = \"a\"\nretention = \"forever\"\n"), None, 2, "unknown variant: found `forever`"),
+        run(&["--config", "/nonexistent/switchyard.toml", "config", "check"], None, None, 2, "does not exist"),
+        // Arguments.
+        run(&["frobnicate"], None, None, 2, "unrecognized subcommand 'frobnicate'"),
+        run(&["worker", "--concurrency", "lots"], None, None, 2, "invalid value 'lots' for '--concurrency"),
+        run(&["report", "costs", "--month", "2026-13"], None, None, 2, "--month \"2026-13\" is not YYYY-MM"),
+        run(&["audit", "verify", "--tenant", "a.b"], None, None, 2, "--tenant \"a.b\" is not a tenant name"),
+        // Batch files for `publish`: nothing is published from a file with a bad line.
+        run(&["publish", "-"], None, Some(b"{\"messages\":[{\"role\":\"user\",\"content\":\"ok\"}]}\nnot json\n"), 2, "line 2: not JSON"),
+        run(&["publish", "-"], None, Some(b"{\"schema\":\"switchyard.job.v1\",\"id\":\"0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b\",\"tenant\":\"a.b\",\"route\":\"default\",\"request\":{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}}\n"), 2, "line 1:"),
+        run(&["publish", "-"], None, Some(b"{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"max_tokens\":-1}\n"), 2, "line 1:"),
+        run(&["publish", "-"], None, Some(b"{\"messages\":\"hi\"}\n"), 2, "line 1:"),
+        run(&["publish", "-"], None, Some(b"{\"content\":\"neither a job nor a request\"}\n"), 2, "line 1:"),
+        run(&["publish", "-"], None, Some(b"{\"messages\":[{\"role\":\"user\",\"content\":\"\xff\xfe\"}]}\n"), 2, "line 1:"),
+        run(&["publish", "/nonexistent/jobs.jsonl"], None, None, 2, "/nonexistent/jobs.jsonl"),
+    ];
+    let mut failures = Vec::new();
+    for case in &cases {
+        let config = case.config.map(|text| {
+            let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+            std::fs::write(file.path(), text).unwrap();
+            file
+        });
+        let mut command = switchyard(&app);
+        if let Some(file) = &config {
+            command.env("SWITCHYARD_CONFIG", file.path());
+        }
+        let mut child = command
+            .args(case.args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        if let Some(bytes) = case.stdin {
+            stdin.write_all(bytes).unwrap();
+        }
+        drop(stdin);
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if output.status.code() != Some(case.code) || !stderr.contains(case.says) {
+            failures.push(format!(
+                "{:?}: expected exit {} saying {:?}; got {:?}: {stderr}",
+                case.args,
+                case.code,
+                case.says,
+                output.status.code()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // Nothing was published, and a good file afterwards is published and served.
+    let channel = app.ctx.broker.create_channel().await.unwrap();
+    assert_eq!(
+        topology::jobs_queue_depth(&channel, &app.names)
+            .await
+            .unwrap()
+            .0,
+        0
+    );
+    let output = switchyard(&app)
+        .args(["publish", "examples/requests.jsonl", "--tenant", "acme"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let published = String::from_utf8_lossy(&output.stdout).lines().count() as i64;
+    app.run_worker_until_idle().await;
+    let succeeded: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM results WHERE status = 'succeeded'")
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+    assert!(published > 0);
+    assert_eq!(succeeded, published);
+    app.cleanup().await;
+}

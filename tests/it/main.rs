@@ -9,6 +9,7 @@
 
 mod helpers;
 
+mod audit;
 mod bad_input;
 mod budgets;
 mod bulk;
@@ -16,6 +17,7 @@ mod chaos;
 mod cli;
 mod dead_letters;
 mod duplicates;
+mod isolation;
 mod kill;
 mod limits;
 mod outbox;
@@ -24,5 +26,7 @@ mod poison;
 mod private;
 mod providers;
 mod reports;
+mod retention;
 mod routing;
+mod secrets;
 mod summarize;

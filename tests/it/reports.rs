@@ -100,6 +100,38 @@ async fn report_totals_equal_the_ledger_and_csv_and_json_parse() {
         total_line.starts_with("TOTAL") && total_line.ends_with(&ledger.normalize().to_string()),
         "{table}"
     );
+
+    // A tenant's report holds that tenant's costs only, and all of them.
+    let output = switchyard(&app)
+        .args([
+            "report",
+            "costs",
+            "--since",
+            "2000-01-01",
+            "--by",
+            "tenant",
+            "--tenant",
+            "acme",
+            "--format",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let scoped: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let acme: Decimal =
+        sqlx::query_scalar("SELECT sum(amount_usd) FROM cost_ledger WHERE tenant = 'acme'")
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+    let groups = scoped["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 1);
+    assert_eq!(groups[0]["tenant"], "acme");
+    assert_eq!(
+        Decimal::from_str(scoped["total"]["amount_usd"].as_str().unwrap()).unwrap(),
+        acme
+    );
+    assert!(acme < ledger);
     app.cleanup().await;
 }
 
