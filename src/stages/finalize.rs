@@ -38,6 +38,13 @@ use crate::store::jobs::JobRow;
 use crate::store::outbox::OutboxRow;
 use crate::store::{attempts, audit, cost_ledger, jobs, outbox, results};
 
+/// How long confirmed outbox rows wait for the next group's transaction before they are
+/// deleted on their own (well below `outbox_relay_after_ms`, so the relay never sees them).
+const FLUSH_CONFIRMED_AFTER: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Confirmed outbox rows a finalizer lets wait for the next group's transaction, at most.
+const CONFIRMED_BACKLOG: usize = 8192;
+
 /// Header carrying the reason on a dead-lettered message.
 pub const ERROR_HEADER: &str = "x-switchyard-error";
 
@@ -459,21 +466,51 @@ impl Finalizer {
         mut inbox: mpsc::Receiver<Finished>,
     ) -> Result<FinalizeStats, FinalizeError> {
         let mut group = Vec::with_capacity(self.batch_size);
-        while inbox.recv_many(&mut group, self.batch_size).await > 0 {
-            match self.finalize_group(std::mem::take(&mut group)).await {
-                Ok(()) => {}
+        // Outbox rows already confirmed by the broker: deleted by the next group's transaction
+        // (no commit of their own), or by one statement when no group follows soon.
+        let mut confirmed = Vec::new();
+        loop {
+            let received = if confirmed.is_empty() {
+                inbox.recv_many(&mut group, self.batch_size).await
+            } else {
+                let next = inbox.recv_many(&mut group, self.batch_size);
+                match tokio::time::timeout(FLUSH_CONFIRMED_AFTER, next).await {
+                    Ok(received) => received,
+                    Err(_) => {
+                        self.mark_published(&mut confirmed).await;
+                        continue;
+                    }
+                }
+            };
+            if received == 0 {
+                break;
+            }
+            match self
+                .finalize_group(std::mem::take(&mut group), &mut confirmed)
+                .await
+            {
+                Ok(()) => {
+                    if confirmed.len() >= CONFIRMED_BACKLOG {
+                        self.mark_published(&mut confirmed).await;
+                    }
+                }
                 Err(error @ FinalizeError::Store { .. }) => {
                     tracing::error!(error.cause_chain = ?error, error.message = %error, "Cannot commit a group; its deliveries went back to the queue. Taking no new job until Postgres answers.");
                     metrics::gauge!("switchyard_database_up").set(0.0);
                     if !self.wait_for_database().await {
-                        break;
+                        // Stopped: the confirmed rows are left to the relay.
+                        return Ok(self.stats);
                     }
                     metrics::gauge!("switchyard_database_up").set(1.0);
                     tracing::info!("Postgres answers again; finalizing resumes.");
                 }
-                Err(error) => return Err(error),
+                Err(error) => {
+                    self.mark_published(&mut confirmed).await;
+                    return Err(error);
+                }
             }
         }
+        self.mark_published(&mut confirmed).await;
         Ok(self.stats)
     }
 
@@ -516,7 +553,11 @@ impl Finalizer {
         Ok(())
     }
 
-    async fn finalize_group(&mut self, group: Vec<Finished>) -> Result<(), FinalizeError> {
+    async fn finalize_group(
+        &mut self,
+        group: Vec<Finished>,
+        confirmed: &mut Vec<Uuid>,
+    ) -> Result<(), FinalizeError> {
         let mut tags = Vec::with_capacity(group.len());
         let mut fresh = Vec::new();
         let mut republish = Vec::new();
@@ -547,7 +588,7 @@ impl Finalizer {
                 Finished::Requeue { .. } => {}
             }
         }
-        let committed = match self.commit(&fresh).await {
+        let committed = match self.commit(&fresh, confirmed).await {
             Ok(rows) => rows,
             Err(error) => {
                 self.return_to_queue(&tags).await?;
@@ -566,7 +607,7 @@ impl Finalizer {
         // One try: if the broker is gone, the committed messages stay in the outbox for the
         // relay, and the unacked deliveries come back after the reconnect.
         self.publisher.publish_all_once(&outgoing).await?;
-        self.mark_published(&published).await;
+        confirmed.extend(published);
 
         let plan = self.acks.finish(tags);
         if let Some(tag) = plan.multiple {
@@ -596,25 +637,33 @@ impl Finalizer {
         Ok(())
     }
 
-    /// Deletes the outbox rows of a group the broker confirmed, in one statement. A failure
-    /// only means the relay publishes them again later, under the same `message_id`.
-    async fn mark_published(&self, ids: &[Uuid]) {
-        if ids.is_empty() {
+    /// Deletes confirmed outbox rows in one statement (when no group's transaction will). A
+    /// failure only means the relay publishes them again later, under the same `message_id`.
+    async fn mark_published(&self, confirmed: &mut Vec<Uuid>) {
+        if confirmed.is_empty() {
             return;
         }
         let deleted = async {
             let mut conn = self.pool.acquire().await?;
-            outbox::delete_many(&mut conn, ids).await
+            outbox::delete_many(&mut conn, confirmed).await
         };
         if let Err(error) = deleted.await {
-            tracing::warn!(messages = ids.len(), error.message = %error, "Could not mark published outbox rows; the relay will publish them again.");
+            tracing::warn!(messages = confirmed.len(), error.message = %error, "Could not mark published outbox rows; the relay will publish them again.");
         }
+        confirmed.clear();
     }
 
     /// Writes the group in one transaction, together with every message it will publish (the
     /// outbox rows, returned in publishing order). A job that lost a race with a concurrent
     /// duplicate publishes the winner's stored result.
-    async fn commit(&self, fresh: &[FinishedJob]) -> Result<Vec<OutboxRow>, FinalizeError> {
+    ///
+    /// The transaction also deletes `confirmed`, earlier groups' outbox rows the broker has
+    /// confirmed, and empties it once committed.
+    async fn commit(
+        &self,
+        fresh: &[FinishedJob],
+        confirmed: &mut Vec<Uuid>,
+    ) -> Result<Vec<OutboxRow>, FinalizeError> {
         if fresh.is_empty() {
             return Ok(Vec::new());
         }
@@ -702,7 +751,11 @@ impl Finalizer {
         outbox::insert_many(&mut tx, &rows)
             .await
             .map_err(store_error)?;
+        outbox::delete_many(&mut tx, confirmed)
+            .await
+            .map_err(store_error)?;
         tx.commit().await.map_err(store_error)?;
+        confirmed.clear();
         Ok(rows)
     }
 
