@@ -10,6 +10,7 @@
 mod helpers;
 
 mod bad_input;
+mod bench_smoke;
 mod budgets;
 mod cli;
 mod dead_letters;
