@@ -15,6 +15,8 @@ use crate::queue::topology::{self, Names};
 use crate::routing::Router;
 use crate::routing::limits::{self, Limiter};
 use crate::stages::dispatch::Shared;
+use crate::stages::lookup::Lookups;
+use crate::stages::recorder::Recorder;
 use crate::{queue, store};
 
 /// Handles every command and task shares.
@@ -34,6 +36,10 @@ pub struct Context {
     pub shutdown: CancellationToken,
     /// Every spawned task, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// Group commit of billed calls (see `stages/recorder.rs`).
+    pub recorder: Recorder,
+    /// Batched duplicate checks (see `stages/lookup.rs`).
+    pub lookups: Lookups,
 }
 
 impl Context {
@@ -69,6 +75,9 @@ impl Context {
                     .context("cannot register the shared limits")?,
             )
         };
+        let tasks = TaskTracker::new();
+        let recorder = Recorder::start(pool.clone(), &tasks);
+        let lookups = Lookups::start(pool.clone(), &tasks);
         Ok(Self {
             settings: Arc::new(settings),
             pool,
@@ -79,7 +88,9 @@ impl Context {
             limiter,
             budgets,
             shutdown: CancellationToken::new(),
-            tasks: TaskTracker::new(),
+            tasks,
+            recorder,
+            lookups,
         })
     }
 
@@ -89,6 +100,7 @@ impl Context {
             limiter: self.limiter.as_ref(),
             budgets: self.budgets.as_ref(),
             pool: Some(&self.pool),
+            recorder: Some(&self.recorder),
         }
     }
 

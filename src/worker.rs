@@ -31,7 +31,6 @@ use crate::stages::dispatch::{Dispatched, StreamItem, StreamSink, dispatch};
 use crate::stages::finalize::{FinalizeStats, Finalizer, Finished, FinishedJob};
 use crate::stages::ingest::{Rejection, ingest};
 use crate::stages::route::route;
-use crate::store::results;
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -373,15 +372,13 @@ async fn relay_stream(
     Ok(())
 }
 
-/// Looks up a committed result, retrying briefly through a transient database error.
+/// Looks up a committed result (batched with other jobs' lookups), retrying briefly through a
+/// transient database error.
 async fn stored_result(
     ctx: &Context,
     job_id: uuid::Uuid,
-) -> Result<Option<JobResult>, sqlx::Error> {
-    let lookup = || async {
-        let mut conn = ctx.pool.acquire().await?;
-        results::find_latest(&mut conn, job_id).await
-    };
+) -> Result<Option<JobResult>, crate::stages::lookup::LookupError> {
+    let lookup = || ctx.lookups.find(job_id);
     lookup
         .retry(
             ExponentialBuilder::default()

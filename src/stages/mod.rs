@@ -5,4 +5,6 @@
 pub mod dispatch;
 pub mod finalize;
 pub mod ingest;
+pub mod lookup;
+pub mod recorder;
 pub mod route;
