@@ -1,8 +1,10 @@
 //! Private RabbitMQ and Postgres instances for tests that stop and restart them: the shared
 //! ones (5672, 5432) serve every other test and are never touched. Each instance lives in its
 //! own directory under the temp dir and is stopped and removed on drop, also when the test
-//! fails; one left over by a killed test run is cleaned up by the next start. The ports are
-//! fixed, so the tests using them run one at a time (nextest group `private-instances`).
+//! fails; one left over by a killed test run (its owner process gone) is cleaned up by the
+//! next start. The ports are fixed, so the tests using them run one at a time (nextest group
+//! `chaos`), and a test finding its port taken — say by another checkout's run — fails
+//! instead of touching it.
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -55,17 +57,31 @@ pub fn wait_for_port(port: u16, open: bool, within: Duration) {
     }
 }
 
-/// Directories of earlier runs whose name starts with `prefix`.
+/// Directories whose name starts with `prefix` left by test processes that are gone (killed
+/// before their drop ran). A directory whose owner still runs — another checkout's test run —
+/// is never touched.
 fn leftovers(prefix: &str) -> Vec<PathBuf> {
+    let owner_alive = |dir: &Path| {
+        std::fs::read_to_string(dir.join("owner"))
+            .ok()
+            .and_then(|pid| pid.trim().parse::<u32>().ok())
+            .is_none_or(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    };
     std::fs::read_dir(std::env::temp_dir())
         .map(|entries| {
             entries
                 .filter_map(Result::ok)
                 .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
                 .map(|e| e.path())
+                .filter(|dir| !owner_alive(dir))
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Records this test process as the owner of an instance directory.
+fn claim(dir: &Path) {
+    std::fs::write(dir.join("owner"), std::process::id().to_string()).unwrap();
 }
 
 fn chown(path: &Path, user: &str) {
@@ -99,6 +115,7 @@ impl PrivateRabbit {
             .prefix(RABBIT_DIR_PREFIX)
             .tempdir()
             .expect("temp dir");
+        claim(dir.path());
         let node = format!("chaos-{}@localhost", fastrand::u32(..));
         std::fs::write(dir.path().join("node"), &node).unwrap();
         std::fs::write(
@@ -198,6 +215,7 @@ impl PrivatePostgres {
             .prefix(POSTGRES_DIR_PREFIX)
             .tempdir()
             .expect("temp dir");
+        claim(dir.path());
         run_ok(Command::new("chmod").arg("755").arg(dir.path()));
         chown(dir.path(), "postgres");
         run_ok(
