@@ -640,6 +640,13 @@ models = [{{ name = "fake-model", prices = {{ input = "0.5", output = "1.5" }} }
 alias = "fake"
 targets = [{{ provider = "hangs", model = "fake-model", timeout_secs = 1 }}]
 fallback = [{{ provider = "steady", model = "fake-model", timeout_secs = 5 }}]
+
+# This test is about per-attempt timeouts and failover. With circuit breakers on, a burst of
+# timeouts opens the circuit and later jobs skip the hanging provider altogether (correct,
+# but then "rescued" counts jobs that never hung).
+[routing]
+breaker_consecutive_failures = 1000000
+breaker_error_rate = 1.5
 "#,
         hanging.url, steady.url
     );
