@@ -5,7 +5,5 @@
 pub mod dispatch;
 pub mod finalize;
 pub mod ingest;
-pub mod lookup;
-pub mod recorder;
 pub mod relay;
 pub mod route;

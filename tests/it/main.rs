@@ -11,7 +11,6 @@ mod helpers;
 
 mod audit;
 mod bad_input;
-mod bench_smoke;
 mod budgets;
 mod bulk;
 mod chaos;
