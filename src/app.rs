@@ -15,6 +15,8 @@ use crate::queue::topology::{self, Names};
 use crate::routing::Router;
 use crate::routing::limits::{self, Limiter};
 use crate::stages::dispatch::Shared;
+use crate::stages::lookup::Lookups;
+use crate::stages::recorder::Recorder;
 use crate::{queue, store};
 
 /// Handles every command and task shares.
@@ -37,6 +39,10 @@ pub struct Context {
     pub tasks: TaskTracker,
     /// This process as recorded in audit events (worker id, version, config hash).
     pub identity: Arc<crate::audit::Identity>,
+    /// Group commit of billed calls (see `stages/recorder.rs`).
+    pub recorder: Recorder,
+    /// Batched duplicate checks (see `stages/lookup.rs`).
+    pub lookups: Lookups,
 }
 
 impl Context {
@@ -73,6 +79,9 @@ impl Context {
             )
         };
         let identity = Arc::new(crate::audit::Identity::new(&settings));
+        let tasks = TaskTracker::new();
+        let recorder = Recorder::start(pool.clone(), &tasks);
+        let lookups = Lookups::start(pool.clone(), &tasks);
         Ok(Self {
             identity,
             settings: Arc::new(settings),
@@ -84,7 +93,9 @@ impl Context {
             limiter,
             budgets,
             shutdown: CancellationToken::new(),
-            tasks: TaskTracker::new(),
+            tasks,
+            recorder,
+            lookups,
         })
     }
 
@@ -94,6 +105,7 @@ impl Context {
             limiter: self.limiter.as_ref(),
             budgets: self.budgets.as_ref(),
             pool: Some(&self.pool),
+            recorder: Some(&self.recorder),
         }
     }
 

@@ -32,7 +32,6 @@ use crate::stages::dispatch::{Dispatched, StreamItem, StreamSink, dispatch};
 use crate::stages::finalize::{FinalizeStats, Finalizer, Finished, FinishedJob};
 use crate::stages::ingest::{Rejection, ingest};
 use crate::stages::route::route;
-use crate::store::results;
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -528,17 +527,15 @@ async fn relay_stream(
     Ok(())
 }
 
-/// Looks up a committed result. While Postgres is unreachable this keeps retrying (with
-/// backoff, for up to ten minutes), holding the delivery unacked: the worker takes no new job
-/// beyond its prefetch, and a redelivery would only burn the message's delivery count.
+/// Looks up a committed result (batched with other jobs' lookups, see `stages/lookup.rs`).
+/// While Postgres is unreachable this keeps retrying (with backoff, for up to ten minutes),
+/// holding the delivery unacked: the worker takes no new job beyond its prefetch, and a
+/// redelivery would only burn the message's delivery count.
 async fn stored_result(
     ctx: &Context,
     job_id: uuid::Uuid,
-) -> Result<Option<JobResult>, sqlx::Error> {
-    let lookup = || async {
-        let mut conn = ctx.pool.acquire().await?;
-        results::find_latest(&mut conn, job_id).await
-    };
+) -> Result<Option<JobResult>, crate::stages::lookup::LookupError> {
+    let lookup = || ctx.lookups.find(job_id);
     lookup
         .retry(
             ExponentialBuilder::default()

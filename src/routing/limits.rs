@@ -19,6 +19,56 @@ use crate::store::limiter::{self, Rate};
 /// Poll interval while waiting for a concurrency slot held by another worker.
 const SLOT_POLL: Duration = Duration::from_millis(20);
 
+/// Most calls one grant holds. A request limit of at least `2 * GRANT_DIVISOR` calls per window
+/// is drawn in grants of `rpm / GRANT_DIVISOR` calls (at most this many), so the shared scope
+/// row is locked once per grant instead of once per call; smaller limits stay exact per call.
+const MAX_GRANT: u32 = 64;
+const GRANT_DIVISOR: u32 = 256;
+/// The longest a grant's calls may be made after it was taken. Its window entry is logged at
+/// its end, so it counts for every window any of its calls falls in: the limit still holds
+/// exactly, at the price of up to this much of each window for unused calls.
+const GRANT_TTL: Duration = Duration::from_secs(1);
+
+/// Calls of a grant not used yet, and until when they may be.
+#[derive(Debug)]
+struct Grant {
+    left: u32,
+    until: tokio::time::Instant,
+}
+
+/// The grants of one scope, oldest first, and a lock so one task at a time takes a new one.
+#[derive(Debug, Default)]
+struct Grants {
+    held: std::sync::Mutex<std::collections::VecDeque<Grant>>,
+    refill: tokio::sync::Mutex<()>,
+}
+
+impl Grants {
+    /// Takes one call from a grant still valid.
+    fn take(&self) -> bool {
+        let now = tokio::time::Instant::now();
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while let Some(front) = held.front_mut() {
+            if front.until > now && front.left > 0 {
+                front.left -= 1;
+                return true;
+            }
+            held.pop_front();
+        }
+        false
+    }
+
+    fn add(&self, grant: Grant) {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push_back(grant);
+    }
+}
+
 /// One limited scope: a provider or one of its keys.
 #[derive(Debug, Clone)]
 pub struct Scope {
@@ -39,6 +89,24 @@ impl Scope {
             name: format!("key:{provider}:{key_id}"),
             limits,
         }
+    }
+
+    /// Whether calls are logged in a rate window (`rpm` or `tpm` is set).
+    pub fn counts_calls(&self) -> bool {
+        self.limits.rpm.is_some() || self.limits.tpm.is_some()
+    }
+
+    /// Calls per grant for this scope, when it is drawn in grants (a large request limit and
+    /// no token limit, whose estimates are corrected per call).
+    fn grant_size(&self) -> Option<u32> {
+        let rpm = self.limits.rpm?;
+        let size = (rpm / GRANT_DIVISOR).min(MAX_GRANT);
+        (self.limits.tpm.is_none() && size >= 2).then_some(size)
+    }
+
+    /// How long a grant's calls may be made: [`GRANT_TTL`], or a twentieth of a short window.
+    fn grant_ttl(&self) -> Duration {
+        GRANT_TTL.min(Duration::from_secs(self.limits.window_secs.max(1)) / 20)
     }
 
     /// Whether a token estimate is needed.
@@ -75,6 +143,8 @@ pub struct Limiter {
     max_wait: Duration,
     /// How long calls are remembered: twice the longest window.
     keep: Duration,
+    /// Grants of the scopes drawn in grants (see [`Scope::grant_size`]).
+    grants: Arc<HashMap<String, Grants>>,
 }
 
 /// Every scope the settings define.
@@ -116,7 +186,13 @@ impl Limiter {
             }
         }
         drop(conn);
+        let grants = scopes
+            .iter()
+            .filter(|scope| scope.grant_size().is_some())
+            .map(|scope| (scope.name.clone(), Grants::default()))
+            .collect();
         Ok(Self {
+            grants: Arc::new(grants),
             pool,
             holder: Uuid::now_v7(),
             local: Arc::new(local),
@@ -204,23 +280,83 @@ impl Limiter {
             }
         }
         for scope in scopes {
+            if !scope.counts_calls() {
+                // Nothing to count: only a shared pause (a key's retry-after) can hold it.
+                loop {
+                    match limiter::paused_for(&self.pool, &scope.name, Utc::now()).await? {
+                        None => break,
+                        Some(wait) if tokio::time::Instant::now() + wait <= deadline => {
+                            tokio::time::sleep(wait + Duration::from_millis(fastrand::u64(0..5)))
+                                .await;
+                        }
+                        Some(wait) => return Ok(Some(wait)),
+                    }
+                }
+                continue;
+            }
             let window = Duration::from_secs(scope.limits.window_secs.max(1));
+            let granted = match (scope.grant_size(), self.grants.get(&scope.name)) {
+                (Some(size), Some(grants)) => Some((size, grants)),
+                _ => None,
+            };
+            // One task at a time takes a new grant; the others wait and then draw from it.
+            let _refilling = match granted {
+                Some((_, grants)) => {
+                    if grants.take() {
+                        continue;
+                    }
+                    let Ok(refilling) =
+                        tokio::time::timeout_at(deadline, grants.refill.lock()).await
+                    else {
+                        return Ok(Some(max_wait));
+                    };
+                    if grants.take() {
+                        continue;
+                    }
+                    Some(refilling)
+                }
+                None => None,
+            };
             loop {
                 let event = Uuid::now_v7();
+                // A grant is valid locally from before it was asked for, so never past its entry.
+                let asked = tokio::time::Instant::now();
+                let now = Utc::now();
+                let take = match granted {
+                    Some((size, _)) => limiter::Take {
+                        event,
+                        at: now + chrono::Duration::from_std(scope.grant_ttl()).unwrap_or_default(),
+                        calls: size,
+                        units: 0,
+                    },
+                    None => limiter::Take {
+                        event,
+                        at: now,
+                        calls: 1,
+                        units,
+                    },
+                };
                 let decision = limiter::take_rate(
                     &self.pool,
                     &scope.name,
-                    event,
-                    Utc::now(),
+                    take,
+                    now,
                     window,
                     scope.limits.rpm,
                     scope.limits.tpm,
-                    units,
                 )
                 .await?;
                 match decision {
                     Rate::Granted => {
-                        lease.events.push(event);
+                        match granted {
+                            // This call is the grant's first; a cancelled call is not given
+                            // back (it only leaves the window less full).
+                            Some((size, grants)) => grants.add(Grant {
+                                left: size - 1,
+                                until: asked + scope.grant_ttl(),
+                            }),
+                            None => lease.events.push(event),
+                        }
                         break;
                     }
                     Rate::Wait(wait) if tokio::time::Instant::now() + wait <= deadline => {

@@ -108,6 +108,8 @@ pub struct Shared<'a> {
     pub budgets: Option<&'a Budgets>,
     /// Where a billed call is recorded as soon as it returns.
     pub pool: Option<&'a sqlx::PgPool>,
+    /// Commits billed calls in groups (through `pool`); without it each call commits alone.
+    pub recorder: Option<&'a super::recorder::Recorder>,
 }
 
 /// The ledger entry of an attempt the provider billed.
@@ -145,20 +147,28 @@ async fn record(shared: Shared<'_>, attempt: &mut Attempt) {
         .map(|b| b.settlements(&attempt.holds, attempt.cost.as_ref()))
         .unwrap_or_default();
     let table = attempt.price_table.clone();
+    // A tiered price is chosen under the model's volume row lock, so those calls commit alone.
     let recorded = match attempt.cost.as_mut() {
-        Some(cost) if table.has_tiers() => {
-            crate::store::cost_ledger::record_tiered(
-                pool,
-                attempt.id,
-                cost,
-                &table,
-                &mut settlements,
-            )
-            .await
-        }
-        cost => {
-            crate::store::cost_ledger::record(pool, attempt.id, cost.as_deref(), &settlements).await
-        }
+        Some(cost) if table.has_tiers() => crate::store::cost_ledger::record_tiered(
+            pool,
+            attempt.id,
+            cost,
+            &table,
+            &mut settlements,
+        )
+        .await
+        .map_err(|e| e.to_string()),
+        cost => match shared.recorder {
+            Some(recorder) => recorder
+                .record(attempt.id, cost.as_deref(), settlements)
+                .await
+                .map_err(|e| e.to_string()),
+            None => {
+                crate::store::cost_ledger::record(pool, attempt.id, cost.as_deref(), &settlements)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        },
     };
     match recorded {
         Ok(()) => attempt.recorded = true,

@@ -5,5 +5,7 @@
 pub mod dispatch;
 pub mod finalize;
 pub mod ingest;
+pub mod lookup;
+pub mod recorder;
 pub mod relay;
 pub mod route;

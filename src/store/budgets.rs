@@ -34,6 +34,32 @@ pub async fn reserve(
     ids: &[Uuid],
     expires_at: DateTime<Utc>,
 ) -> Result<Result<(), Refusal>, sqlx::Error> {
+    // The common case, one budget whose period row exists and has room, is one statement: the
+    // shared row stays locked only while it runs and commits, not over five round trips.
+    if let ([ask], [id]) = (asks, ids) {
+        let granted: Option<Uuid> = sqlx::query_scalar(
+            "WITH granted AS (
+                 UPDATE budget_periods SET reserved = reserved + $3
+                 WHERE budget = $1 AND period_start = $2 AND (NOT $4 OR spent + reserved + $3 <= $5)
+                 RETURNING budget, period_start)
+             INSERT INTO budget_reservations (id, budget, period_start, amount, expires_at)
+             SELECT $6, budget, period_start, $3, $7 FROM granted
+             RETURNING id",
+        )
+        .bind(ask.budget)
+        .bind(ask.period_start)
+        .bind(amount)
+        .bind(ask.hard)
+        .bind(ask.cap)
+        .bind(id)
+        .bind(expires_at)
+        .fetch_optional(pool)
+        .await?;
+        if granted.is_some() {
+            return Ok(Ok(()));
+        }
+        // No row yet, or no room: the transaction below creates the row or names the refusal.
+    }
     let mut tx = pool.begin().await?;
     for (ask, id) in asks.iter().zip(ids) {
         sqlx::query(

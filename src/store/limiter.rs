@@ -80,22 +80,50 @@ pub enum Rate {
     Wait(Duration),
 }
 
-/// Records a call of `units` tokens in `scope` if the window allows it, atomically across
-/// workers (the scope row is locked for the check and insert).
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one atomic check-and-insert with its parameters"
-)]
+/// How long `scope` is still paused (by a provider's retry-after), if it is.
+pub async fn paused_for(
+    pool: &PgPool,
+    scope: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<Duration>, sqlx::Error> {
+    let until: Option<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT paused_until FROM limiter_scopes WHERE scope = $1")
+            .bind(scope)
+            .fetch_optional(pool)
+            .await?
+            .flatten();
+    Ok(until
+        .filter(|until| *until > now)
+        .map(|until| (until - now).to_std().unwrap_or_default()))
+}
+
+/// What one rate-window entry asks for: `calls` calls of `units` tokens in all, logged at `at`
+/// (later than now for a grant, whose calls may happen until then).
+#[derive(Debug, Clone, Copy)]
+pub struct Take {
+    pub event: Uuid,
+    pub at: DateTime<Utc>,
+    pub calls: u32,
+    pub units: u64,
+}
+
+/// Records `take` in `scope` if the window allows it, atomically across workers (the scope
+/// row is locked for the check and insert).
 pub async fn take_rate(
     pool: &PgPool,
     scope: &str,
-    event: Uuid,
+    take: Take,
     now: DateTime<Utc>,
     window: Duration,
     rpm: Option<u32>,
     tpm: Option<u64>,
-    units: u64,
 ) -> Result<Rate, sqlx::Error> {
+    let Take {
+        event,
+        at,
+        calls,
+        units,
+    } = take;
     let mut tx = pool.begin().await?;
     let paused: Option<DateTime<Utc>> =
         sqlx::query_scalar("SELECT paused_until FROM limiter_scopes WHERE scope = $1 FOR UPDATE")
@@ -109,14 +137,14 @@ pub async fn take_rate(
     }
     let since = now - chrono::Duration::from_std(window).unwrap_or_default();
     let (count, sum, oldest): (i64, i64, Option<DateTime<Utc>>) = sqlx::query_as(
-        "SELECT count(*), coalesce(sum(units), 0)::int8, min(at) FROM limiter_events WHERE scope = $1 AND at > $2",
+        "SELECT coalesce(sum(calls), 0)::int8, coalesce(sum(units), 0)::int8, min(at) FROM limiter_events WHERE scope = $1 AND at > $2",
     )
     .bind(scope)
     .bind(since)
     .fetch_one(&mut *tx)
     .await?;
     let units_i64 = i64::try_from(units).unwrap_or(i64::MAX);
-    let over_requests = rpm.is_some_and(|rpm| count + 1 > i64::from(rpm));
+    let over_requests = rpm.is_some_and(|rpm| count + i64::from(calls) > i64::from(rpm));
     let over_tokens = tpm.is_some_and(|tpm| {
         count > 0 && sum.saturating_add(units_i64) > i64::try_from(tpm).unwrap_or(i64::MAX)
     });
@@ -128,13 +156,16 @@ pub async fn take_rate(
             .unwrap_or(window);
         return Ok(Rate::Wait(wait.max(Duration::from_millis(1))));
     }
-    sqlx::query("INSERT INTO limiter_events (id, scope, at, units) VALUES ($1, $2, $3, $4)")
-        .bind(event)
-        .bind(scope)
-        .bind(now)
-        .bind(units_i64)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "INSERT INTO limiter_events (id, scope, at, units, calls) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(event)
+    .bind(scope)
+    .bind(at)
+    .bind(units_i64)
+    .bind(i32::try_from(calls).unwrap_or(i32::MAX))
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(Rate::Granted)
 }

@@ -1,0 +1,1448 @@
+//! `switchyard-bench`: the throughput benchmark of issue 9. In one run, on the same broker and
+//! database, it measures the raw relay limit of the broker (a minimal lapin loop: consume from a
+//! quorum queue, publish a 1 KiB result with confirms, ack) and the full pipeline (a
+//! `switchyard worker` subprocess against `fake-provider`) in several scenarios, then prints a
+//! table against the issue's targets and appends it to `bench/RESULTS.md`.
+//!
+//! It is a benchmark, not a test: it never fails on a timing. It fails only when a job gets no
+//! result (or a process cannot start), which is what the CI smoke run checks.
+//!
+//! How a pipeline run measures:
+//! 1. a fresh database and broker prefix, a fresh `fake-provider` (and a fallback one), a
+//!    config file, `switchyard migrate`;
+//! 2. the worker starts on the empty queue; once it consumes, its CPU time is read and it is
+//!    stopped (`SIGSTOP`) while every job is published, then continued (`SIGCONT`): the
+//!    throughput is jobs ÷ (last result − continue), the CPU per job is the worker process's
+//!    user+sys time (`/proc/<pid>/stat`) over that span ÷ jobs, so start-up is not counted;
+//! 3. optionally a paced phase at half the measured throughput, whose jobs carry their publish
+//!    time: added latency = result received − published − the result's `timings.provider_ms`;
+//! 4. peak RSS is the worker's `VmHWM` (`/proc/<pid>/status`), read before it is stopped.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
+use serde::Deserialize;
+use sqlx::{Connection as _, PgConnection};
+use switchyard::commands::publish::job_message;
+use switchyard::messages::{ChatMessage, ChatRequest, Job};
+use switchyard::queue::publisher::Outgoing;
+use switchyard::queue::topology::{JOBS_ROUTING_KEY, Names};
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "switchyard-bench",
+    about = "Measures Switchyard against the broker's own relay limit (loopback only)."
+)]
+struct Args {
+    /// A small, quick version of every scenario (for CI); records nothing unless
+    /// `--results-file` is given.
+    #[arg(long)]
+    smoke: bool,
+    /// Jobs for the raw relay, healthy pipeline and budget+rate-limit runs (default 20,000;
+    /// smoke 300).
+    #[arg(long)]
+    jobs: Option<usize>,
+    /// Worker concurrency (and prefetch) for the 0 ms runs.
+    #[arg(long, default_value_t = 512)]
+    concurrency: u16,
+    /// Jobs in flight in the 200 ms run: its worker concurrency, and twice as many jobs
+    /// (default 10,000; smoke 300).
+    #[arg(long)]
+    in_flight: Option<u16>,
+    /// Job counts of the scaling runs (default 1000,10000,100000; smoke 100,200,400).
+    #[arg(long, value_delimiter = ',')]
+    scaling: Option<Vec<usize>>,
+    /// Scenarios to run: raw, healthy, inflight, fallback, scaling, limits (default: all).
+    #[arg(long, value_delimiter = ',')]
+    only: Option<Vec<String>>,
+    #[arg(
+        long,
+        env = "SWITCHYARD_BENCH_BROKER_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    broker_url: String,
+    /// Postgres server; each run creates (and drops) its own database there.
+    #[arg(
+        long,
+        env = "SWITCHYARD_BENCH_DATABASE_SERVER",
+        default_value = "postgres://postgres@127.0.0.1:5432"
+    )]
+    database_server: String,
+    /// Where `switchyard` and `fake-provider` are (default: next to this binary).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Markdown file the results are appended to (default `bench/RESULTS.md`, none in smoke).
+    #[arg(long)]
+    results_file: Option<PathBuf>,
+    /// Record each pipeline run's worker with `perf record` into this directory (slows it).
+    #[arg(long)]
+    perf_dir: Option<PathBuf>,
+}
+
+/// Sizes of one benchmark run.
+#[derive(Debug, Clone)]
+struct Plan {
+    jobs: usize,
+    concurrency: u16,
+    in_flight: u16,
+    scaling: Vec<usize>,
+    /// How long the paced (latency) phase publishes.
+    paced_secs: f64,
+    /// Give up when no result arrived for this long.
+    stall: Duration,
+}
+
+/// One pipeline scenario.
+#[derive(Debug, Clone)]
+struct Scenario {
+    name: String,
+    jobs: usize,
+    concurrency: u16,
+    latency_ms: u64,
+    /// Share of 429s from the primary provider.
+    rate_429: f64,
+    /// A second, healthy provider as the route's fallback.
+    fallback: bool,
+    /// A hard tenant budget and a provider rate limit (neither binding).
+    limits: bool,
+    /// Measure added latency in a paced phase at half the measured throughput.
+    paced: bool,
+}
+
+/// What one pipeline run measured.
+#[derive(Debug, Clone, Default)]
+struct Figures {
+    jobs: usize,
+    secs: f64,
+    jobs_per_sec: f64,
+    cpu_ms_per_job: f64,
+    peak_rss_mb: f64,
+    /// Added latency (ms) of the paced phase, with its rate.
+    latency: Option<(f64, f64, f64)>,
+    statuses: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ResultLite {
+    status: String,
+    timings: TimingsLite,
+    #[serde(default)]
+    metadata: Option<MetaLite>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TimingsLite {
+    provider_ms: u64,
+    received_at: chrono::DateTime<chrono::Utc>,
+    finished_at: chrono::DateTime<chrono::Utc>,
+}
+
+#[derive(Debug, Deserialize)]
+struct MetaLite {
+    #[serde(default)]
+    bench_sent_us: Option<u64>,
+}
+
+/// What the results consumer saw.
+#[derive(Debug, Default)]
+struct Collected {
+    seen: HashSet<String>,
+    duplicates: u64,
+    last_at: Option<Instant>,
+    statuses: BTreeMap<String, u64>,
+    /// Added latency (µs) of jobs that carried their publish time.
+    added_us: Vec<f64>,
+    /// Where it went (µs): publish → worker received it, received → finished (minus the
+    /// provider's time), finished → result received here (commit, publish, delivery).
+    stages_us: [Vec<f64>; 3],
+}
+
+type Shared = Arc<Mutex<Collected>>;
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Collected> {
+    // A poisoned lock only means a collector task panicked; its data is still a fine count.
+    shared
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("switchyard-bench: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let plan = if args.smoke {
+        Plan {
+            jobs: args.jobs.unwrap_or(300),
+            concurrency: args.concurrency.min(128),
+            in_flight: args.in_flight.unwrap_or(300),
+            scaling: args.scaling.clone().unwrap_or_else(|| vec![100, 200, 400]),
+            paced_secs: 1.0,
+            stall: Duration::from_secs(30),
+        }
+    } else {
+        Plan {
+            jobs: args.jobs.unwrap_or(20_000),
+            concurrency: args.concurrency,
+            in_flight: args.in_flight.unwrap_or(10_000),
+            scaling: args
+                .scaling
+                .clone()
+                .unwrap_or_else(|| vec![1_000, 10_000, 100_000]),
+            paced_secs: 5.0,
+            stall: Duration::from_secs(60),
+        }
+    };
+    let wants = |name: &str| {
+        args.only
+            .as_ref()
+            .is_none_or(|only| only.iter().any(|o| o == name))
+    };
+    let bin_dir = match &args.bin_dir {
+        Some(dir) => dir.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("the benchmark binary has no directory")?
+            .to_path_buf(),
+    };
+    for binary in ["switchyard", "fake-provider"] {
+        if !bin_dir.join(binary).exists() {
+            bail!(
+                "{} not found; build it first (`cargo build --release --bins`, or use bench/run.sh)",
+                bin_dir.join(binary).display()
+            );
+        }
+    }
+    let env = Env {
+        broker_url: args.broker_url.clone(),
+        database_server: args.database_server.clone(),
+        bin_dir,
+        perf_dir: args.perf_dir.clone(),
+        stall: plan.stall,
+        clk_tck: clock_ticks(),
+    };
+    let machine = machine();
+    eprintln!("switchyard-bench: {}", machine.one_line());
+    let mut report = Report::default();
+
+    if wants("raw") {
+        eprintln!("== raw relay: {} jobs", plan.jobs);
+        report.raw = Some(raw_relay(&env, plan.jobs).await?);
+    }
+    let healthy = Scenario {
+        name: "healthy".to_owned(),
+        jobs: plan.jobs,
+        concurrency: plan.concurrency,
+        latency_ms: 0,
+        rate_429: 0.0,
+        fallback: false,
+        limits: false,
+        paced: true,
+    };
+    if wants("healthy") {
+        report.healthy = Some(pipeline(&env, &healthy, plan.paced_secs).await?);
+    }
+    if wants("inflight") {
+        let scenario = Scenario {
+            name: "inflight".to_owned(),
+            jobs: usize::from(plan.in_flight) * 2,
+            concurrency: plan.in_flight,
+            latency_ms: 200,
+            paced: false,
+            ..healthy.clone()
+        };
+        report.inflight = Some((plan.in_flight, pipeline(&env, &scenario, 0.0).await?));
+    }
+    if wants("fallback") {
+        let scenario = Scenario {
+            name: "fallback".to_owned(),
+            rate_429: 0.2,
+            fallback: true,
+            paced: false,
+            ..healthy.clone()
+        };
+        report.fallback = Some(pipeline(&env, &scenario, 0.0).await?);
+    }
+    if wants("scaling") {
+        for jobs in &plan.scaling {
+            let scenario = Scenario {
+                name: format!("scaling-{jobs}"),
+                jobs: *jobs,
+                paced: false,
+                ..healthy.clone()
+            };
+            report
+                .scaling
+                .push((*jobs, pipeline(&env, &scenario, 0.0).await?));
+        }
+    }
+    if wants("limits") {
+        let scenario = Scenario {
+            name: "limits".to_owned(),
+            limits: true,
+            paced: false,
+            ..healthy.clone()
+        };
+        report.limits = Some(pipeline(&env, &scenario, 0.0).await?);
+    }
+
+    let table = report.table(&plan);
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "\n{}\n", machine.one_line())?;
+    writeln!(out, "{table}")?;
+    writeln!(
+        out,
+        "every job got a result: yes ({} pipeline runs, raw relay {})",
+        report.runs(),
+        if report.raw.is_some() {
+            "run"
+        } else {
+            "skipped"
+        }
+    )?;
+    out.flush()?;
+    let results_file = match (&args.results_file, args.smoke) {
+        (Some(path), _) => Some(path.clone()),
+        (None, false) => Some(PathBuf::from("bench/RESULTS.md")),
+        (None, true) => None,
+    };
+    if let Some(path) = results_file {
+        append_results(&path, &machine, &plan, &table, args.smoke)?;
+        eprintln!("switchyard-bench: appended to {}", path.display());
+    }
+    Ok(())
+}
+
+/// Where things are, shared by every run.
+struct Env {
+    broker_url: String,
+    database_server: String,
+    bin_dir: PathBuf,
+    perf_dir: Option<PathBuf>,
+    stall: Duration,
+    clk_tck: f64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Jobs and the results consumer
+// ---------------------------------------------------------------------------------------------
+
+/// The prompt every benchmark job carries (about the size of a short summarization request).
+const PROMPT: &str = "The Arctic tern makes the longest migration of any animal, flying from its \
+    Arctic breeding grounds to the Antarctic and back each year. Over a lifetime of some thirty \
+    years that adds up to roughly the distance to the Moon and back three times.";
+
+fn bench_job(sent_us: Option<u64>) -> Job {
+    let request = ChatRequest {
+        messages: vec![
+            ChatMessage::text_message("system", "Summarize in one sentence."),
+            ChatMessage::text_message("user", PROMPT),
+        ],
+        max_tokens: Some(32),
+        ..ChatRequest::default()
+    };
+    let mut job = Job::new("bench", Some("run"), "bench", request);
+    if let Some(sent) = sent_us {
+        job.metadata = Some(serde_json::json!({ "bench_sent_us": sent }));
+    }
+    job
+}
+
+/// Publishes `count` jobs with confirms, in windows.
+async fn publish_jobs(channel: &Channel, names: &Names, count: usize) -> anyhow::Result<()> {
+    const WINDOW: usize = 1000;
+    let mut left = count;
+    while left > 0 {
+        let n = left.min(WINDOW);
+        let messages: Vec<Outgoing> = (0..n)
+            .map(|_| job_message(names, &bench_job(None)))
+            .collect();
+        let mut confirms = Vec::with_capacity(n);
+        for message in &messages {
+            confirms.push(publish(channel, message).await?);
+        }
+        for confirm in confirms {
+            if confirm.await?.is_nack() {
+                bail!("the broker nacked a job");
+            }
+        }
+        left -= n;
+    }
+    Ok(())
+}
+
+async fn publish(
+    channel: &Channel,
+    message: &Outgoing,
+) -> Result<lapin::PublisherConfirm, lapin::Error> {
+    channel
+        .basic_publish(
+            message.exchange.as_str().into(),
+            message.routing_key.as_str().into(),
+            BasicPublishOptions::default(),
+            &message.body,
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_message_id(message.message_id.as_str().into())
+                .with_type(message.kind.as_str().into()),
+        )
+        .await
+}
+
+fn quorum() -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    arguments
+}
+
+fn durable_queue() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
+/// A durable quorum queue bound to the results exchange with `#`, consumed by a task that
+/// counts distinct results (by `message_id`) and, when `parse`, their status and added latency.
+async fn collect_results(
+    connection: &Connection,
+    names: &Names,
+    parse: bool,
+    tasks: &mut JoinSet<()>,
+) -> anyhow::Result<Shared> {
+    let channel = connection.create_channel().await?;
+    let queue = format!("{}.bench.results", names.prefix());
+    channel
+        .queue_declare(queue.as_str().into(), durable_queue(), quorum())
+        .await?;
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            names.results_exchange().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "bench-results".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let shared = Shared::default();
+    let state = shared.clone();
+    tasks.spawn(async move {
+        let _channel = channel;
+        while let Some(Ok(delivery)) = consumer.next().await {
+            let received_us = now_us();
+            let id = delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.as_str().to_owned())
+                .unwrap_or_default();
+            let parsed = if parse {
+                serde_json::from_slice::<ResultLite>(&delivery.data).ok()
+            } else {
+                None
+            };
+            let mut state = lock(&state);
+            if !state.seen.insert(id) {
+                state.duplicates += 1;
+                continue;
+            }
+            state.last_at = Some(Instant::now());
+            match parsed {
+                Some(result) => {
+                    if let Some(sent) = result.metadata.and_then(|m| m.bench_sent_us) {
+                        let provider_us = result.timings.provider_ms as f64 * 1000.0;
+                        let added = received_us.saturating_sub(sent) as f64 - provider_us;
+                        state.added_us.push(added.max(0.0));
+                        let at =
+                            |t: chrono::DateTime<chrono::Utc>| t.timestamp_micros().max(0) as f64;
+                        let (received, finished) = (
+                            at(result.timings.received_at),
+                            at(result.timings.finished_at),
+                        );
+                        state.stages_us[0].push(received - sent as f64);
+                        state.stages_us[1].push(finished - received - provider_us);
+                        state.stages_us[2].push(received_us as f64 - finished);
+                    }
+                    *state.statuses.entry(result.status).or_default() += 1;
+                }
+                None if parse => *state.statuses.entry("unparsable".to_owned()).or_default() += 1,
+                None => {}
+            }
+        }
+    });
+    Ok(shared)
+}
+
+/// Waits until `expected` distinct results arrived; fails after `stall` without progress, or
+/// when `alive` says the worker is gone.
+async fn wait_results(
+    shared: &Shared,
+    expected: usize,
+    stall: Duration,
+    mut alive: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<Instant> {
+    let mut last_count = 0;
+    let mut last_progress = Instant::now();
+    loop {
+        let (count, last_at) = {
+            let state = lock(shared);
+            (state.seen.len(), state.last_at)
+        };
+        if count >= expected {
+            return last_at.context("results arrived without a time");
+        }
+        if count != last_count {
+            last_count = count;
+            last_progress = Instant::now();
+        } else if last_progress.elapsed() > stall {
+            bail!("only {count} of {expected} results arrived (none for {stall:?})");
+        }
+        alive()?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw relay
+// ---------------------------------------------------------------------------------------------
+
+/// Jobs/s of a minimal relay: consume from a quorum queue, publish a 1 KiB result with
+/// confirms to a quorum queue, ack with `multiple` once confirmed. No database, no provider.
+async fn raw_relay(env: &Env, jobs: usize) -> anyhow::Result<f64> {
+    let names = Names::new(&format!("bench-raw-{}", short_id()));
+    let connection = switchyard::queue::connect(&env.broker_url).await?;
+    let setup = connection.create_channel().await?;
+    setup
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    for (exchange, kind) in [
+        (names.jobs_exchange(), ExchangeKind::Direct),
+        (names.results_exchange(), ExchangeKind::Topic),
+    ] {
+        setup
+            .exchange_declare(
+                exchange.as_str().into(),
+                kind,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    setup
+        .queue_declare(
+            names.jobs_queue().as_str().into(),
+            durable_queue(),
+            quorum(),
+        )
+        .await?;
+    setup
+        .queue_bind(
+            names.jobs_queue().as_str().into(),
+            names.jobs_exchange().as_str().into(),
+            JOBS_ROUTING_KEY.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut tasks = JoinSet::new();
+    let collected = collect_results(&connection, &names, false, &mut tasks).await?;
+    publish_jobs(&setup, &names, jobs).await?;
+
+    // The relay has its own connection, like a worker would.
+    let relay = switchyard::queue::connect(&env.broker_url).await?;
+    let consume = relay.create_channel().await?;
+    consume.basic_qos(1000, BasicQosOptions::default()).await?;
+    let results = relay.create_channel().await?;
+    results
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let started = Instant::now();
+    let mut consumer = consume
+        .basic_consume(
+            names.jobs_queue().as_str().into(),
+            "bench-relay".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let (confirmed_tx, mut confirmed_rx) = tokio::sync::mpsc::channel(4096);
+    let acker = consume.clone();
+    tasks.spawn(async move {
+        // Confirms come back in order: await a batch of them, then ack up to its last tag.
+        let mut batch = Vec::with_capacity(256);
+        while confirmed_rx.recv_many(&mut batch, 256).await > 0 {
+            let mut last = 0;
+            for (tag, confirm) in batch.drain(..) {
+                let confirm: lapin::PublisherConfirm = confirm;
+                if !matches!(confirm.await, Ok(c) if c.is_ack()) {
+                    eprintln!("switchyard-bench: raw relay publish not confirmed");
+                    return;
+                }
+                last = tag;
+            }
+            if acker
+                .basic_ack(last, BasicAckOptions { multiple: true })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let exchange = names.results_exchange();
+    let body = vec![b'x'; 1024];
+    let relay_results = results.clone();
+    tasks.spawn(async move {
+        while let Some(Ok(delivery)) = consumer.next().await {
+            let properties = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_message_id(
+                    delivery
+                        .properties
+                        .message_id()
+                        .clone()
+                        .unwrap_or_else(|| "".into()),
+                );
+            let Ok(confirm) = relay_results
+                .basic_publish(
+                    exchange.as_str().into(),
+                    "bench.run.succeeded".into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    properties,
+                )
+                .await
+            else {
+                return;
+            };
+            if confirmed_tx
+                .send((delivery.delivery_tag, confirm))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let last = wait_results(&collected, jobs, env.stall, || Ok(())).await?;
+    let secs = last.duration_since(started).as_secs_f64();
+    let rate = jobs as f64 / secs;
+    eprintln!("   raw relay: {jobs} jobs in {secs:.2} s = {rate:.0} jobs/s");
+    tasks.abort_all();
+    let _ = relay.close(200, "done".into()).await;
+    delete_topology(&connection, &names).await;
+    let _ = connection.close(200, "done".into()).await;
+    Ok(rate)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pipeline
+// ---------------------------------------------------------------------------------------------
+
+/// A child process killed when dropped.
+struct Process {
+    child: Child,
+    name: &'static str,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn fake_provider(env: &Env, latency_ms: u64, rate_429: f64) -> anyhow::Result<(Process, String)> {
+    let mut child = Command::new(env.bin_dir.join("fake-provider"))
+        .args(["--port", "0", "--seed", "9", "--retry-after", "0"])
+        .args(["--latency-ms", &latency_ms.to_string()])
+        .args(["--rate-429", &rate_429.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start fake-provider")?;
+    let stdout = child.stdout.take().context("fake-provider stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .with_context(|| format!("unexpected first line from fake-provider: {line:?}"))?
+        .to_owned();
+    Ok((
+        Process {
+            child,
+            name: "fake-provider",
+        },
+        url,
+    ))
+}
+
+fn provider_toml(name: &str, url: &str, limits: bool) -> String {
+    // The rate limit is active on every call but set above anything this machine reaches, so
+    // the run shows what the limiter costs, not what it holds back.
+    let limits = if limits {
+        "limits = { rpm = 1000000 }\n"
+    } else {
+        ""
+    };
+    format!(
+        r#"
+[[providers]]
+name = "{name}"
+kind = "openai"
+base_url = "{url}/v1"
+timeout_secs = 30
+max_retries = 0
+{limits}keys = [{{ id = "{name}-key", env = "SWITCHYARD_BENCH_FAKE_KEY" }}]
+models = [{{ name = "fake-model", prices = {{ input = "0.5", cached_input = "0.25", output = "1.5" }} }}]
+"#
+    )
+}
+
+fn worker_config(
+    env: &Env,
+    scenario: &Scenario,
+    prefix: &str,
+    database: &str,
+    primary: &str,
+    fallback: Option<&str>,
+) -> String {
+    let mut toml = format!(
+        "[broker]\nurl = \"{}\"\nprefix = \"{prefix}\"\n\n[database]\nurl = \"{}/{database}\"\n\n\
+         [worker]\nconcurrency = {}\nshutdown_grace_secs = 10\n",
+        env.broker_url, env.database_server, scenario.concurrency
+    );
+    toml.push_str(&provider_toml("primary", primary, scenario.limits));
+    if let Some(url) = fallback {
+        toml.push_str(&provider_toml("fallback", url, false));
+    }
+    toml.push_str(
+        "\n[[routes]]\nalias = \"bench\"\ntargets = [{ provider = \"primary\", model = \"fake-model\" }]\n",
+    );
+    if fallback.is_some() {
+        toml.push_str("fallback = [{ provider = \"fallback\", model = \"fake-model\" }]\n");
+    }
+    if scenario.limits {
+        toml.push_str(
+            "\n[[budgets]]\nname = \"bench-tenant\"\ntenant = \"bench\"\ncap_usd = \"1000000\"\n\
+             mode = \"hard\"\nperiod = \"month\"\n",
+        );
+    }
+    toml
+}
+
+fn switchyard(env: &Env, config: &Path) -> Command {
+    let mut command = Command::new(env.bin_dir.join("switchyard"));
+    command
+        .env("SWITCHYARD_CONFIG", config)
+        .env("SWITCHYARD_BENCH_FAKE_KEY", "bench");
+    command
+}
+
+fn signal(pid: u32, name: &str) -> anyhow::Result<()> {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()?;
+    if !status.success() {
+        bail!("kill -{name} {pid} failed");
+    }
+    Ok(())
+}
+
+/// User + system CPU ticks of a process (`/proc/<pid>/stat` fields 14 and 15).
+fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("odd /proc stat")?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let utime: u64 = fields.get(11).context("no utime")?.parse()?;
+    let stime: u64 = fields.get(12).context("no stime")?.parse()?;
+    Ok(utime + stime)
+}
+
+/// Peak resident set (`VmHWM`) in MiB.
+fn peak_rss_mb(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .context("no VmHWM")?
+        .parse()?;
+    Ok(kb / 1024.0)
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn short_id() -> String {
+    Uuid::now_v7().simple().to_string()[..20].to_owned()
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// One run of the full pipeline; see the module docs for what is measured how.
+async fn pipeline(env: &Env, scenario: &Scenario, paced_secs: f64) -> anyhow::Result<Figures> {
+    eprintln!(
+        "== {}: {} jobs, concurrency {}, latency {} ms, 429 rate {}, fallback {}, budget+limit {}",
+        scenario.name,
+        scenario.jobs,
+        scenario.concurrency,
+        scenario.latency_ms,
+        scenario.rate_429,
+        scenario.fallback,
+        scenario.limits
+    );
+    let id = short_id();
+    let prefix = format!("bench-{}-{id}", scenario.name);
+    let database = format!("sy_bench_{id}");
+    let names = Names::new(&prefix);
+    let dir = std::env::temp_dir().join(format!("switchyard-bench-{id}"));
+    std::fs::create_dir_all(&dir)?;
+    let outcome = pipeline_in(env, scenario, paced_secs, &names, &database, &dir).await;
+    // Clean up whatever happened; a failed run keeps its directory (config and worker log).
+    if let Ok(connection) = switchyard::queue::connect(&env.broker_url).await {
+        delete_topology(&connection, &names).await;
+        let _ = connection.close(200, "done".into()).await;
+    }
+    drop_database(env, &database).await;
+    if outcome.is_ok() {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        eprintln!("   worker log and config kept in {}", dir.display());
+    }
+    outcome
+}
+
+async fn pipeline_in(
+    env: &Env,
+    scenario: &Scenario,
+    paced_secs: f64,
+    names: &Names,
+    database: &str,
+    dir: &Path,
+) -> anyhow::Result<Figures> {
+    let (_primary, primary_url) = fake_provider(env, scenario.latency_ms, scenario.rate_429)?;
+    let fallback = if scenario.fallback {
+        Some(fake_provider(env, scenario.latency_ms, 0.0)?)
+    } else {
+        None
+    };
+    let config = dir.join("switchyard.toml");
+    std::fs::write(
+        &config,
+        worker_config(
+            env,
+            scenario,
+            names.prefix(),
+            database,
+            &primary_url,
+            fallback.as_ref().map(|(_, url)| url.as_str()),
+        ),
+    )?;
+    let migrate = switchyard(env, &config)
+        .arg("migrate")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    if !migrate.success() {
+        bail!("`switchyard migrate` failed ({migrate})");
+    }
+    let connection = switchyard::queue::connect(&env.broker_url).await?;
+    let mut tasks = JoinSet::new();
+    let collected = collect_results(&connection, names, true, &mut tasks).await?;
+    let publisher = connection.create_channel().await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+
+    let log = dir.join("worker.log");
+    let mut worker = Process {
+        child: switchyard(env, &config)
+            .args(["worker", "--concurrency", &scenario.concurrency.to_string()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("cannot start `switchyard worker`")?,
+        name: "switchyard worker",
+    };
+    let pid = worker.child.id();
+    // Wait until the worker consumes.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = worker.child.try_wait()? {
+            bail!("the worker exited at start ({status}):\n{}", tail(&log));
+        }
+        let depth = publisher
+            .queue_declare(
+                names.jobs_queue().as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        if depth.consumer_count() > 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the worker did not start consuming within 60 s:\n{}",
+                tail(&log)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Let start-up work (pool, limiter registration, first sharing round) settle.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(pid, "STOP")?;
+    let published = publish_jobs(&publisher, names, scenario.jobs).await;
+    let before = cpu_ticks(pid);
+    signal(pid, "CONT")?;
+    published?;
+    let before = before?;
+    let started = Instant::now();
+    let perf = match &env.perf_dir {
+        Some(perf_dir) => {
+            std::fs::create_dir_all(perf_dir)?;
+            let data = perf_dir.join(format!("perf-{}.data", scenario.name));
+            Some(Process {
+                child: Command::new("perf")
+                    .args(["record", "-F", "199", "--call-graph", "dwarf,16384", "-p"])
+                    .arg(pid.to_string())
+                    .arg("-o")
+                    .arg(&data)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("cannot start perf")?,
+                name: "perf",
+            })
+        }
+        None => None,
+    };
+    let mut alive = || match worker.child.try_wait() {
+        Ok(None) => Ok(()),
+        Ok(Some(status)) => bail!("the worker exited early ({status}):\n{}", tail(&log)),
+        Err(error) => Err(error.into()),
+    };
+    let last = wait_results(&collected, scenario.jobs, env.stall, &mut alive).await?;
+    let after = cpu_ticks(pid)?;
+    if let Some(mut perf) = perf {
+        signal(perf.child.id(), "INT")?;
+        let _ = perf.child.wait();
+        eprintln!("   {} recorded", perf.name);
+    }
+    let secs = last.duration_since(started).as_secs_f64();
+    let mut figures = Figures {
+        jobs: scenario.jobs,
+        secs,
+        jobs_per_sec: scenario.jobs as f64 / secs,
+        cpu_ms_per_job: (after - before) as f64 * 1000.0 / env.clk_tck / scenario.jobs as f64,
+        ..Figures::default()
+    };
+
+    if scenario.paced && paced_secs > 0.0 {
+        let rate = (figures.jobs_per_sec / 2.0).max(20.0);
+        let count = ((rate * paced_secs) as usize).max(100);
+        let mut confirms = Vec::with_capacity(count);
+        let began = Instant::now();
+        let mut sent = 0usize;
+        while sent < count {
+            let due = ((began.elapsed().as_secs_f64() * rate) as usize + 1).min(count);
+            while sent < due {
+                let message = job_message(names, &bench_job(Some(now_us())));
+                confirms.push(publish(&publisher, &message).await?);
+                sent += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        for confirm in confirms {
+            if confirm.await?.is_nack() {
+                bail!("the broker nacked a job");
+            }
+        }
+        wait_results(&collected, scenario.jobs + count, env.stall, &mut alive).await?;
+        let (mut added, mut stages) = {
+            let mut state = lock(&collected);
+            (
+                std::mem::take(&mut state.added_us),
+                std::mem::take(&mut state.stages_us),
+            )
+        };
+        added.sort_by(f64::total_cmp);
+        for stage in &mut stages {
+            stage.sort_by(f64::total_cmp);
+        }
+        let ms = |v: &[f64], q| percentile(v, q) / 1000.0;
+        eprintln!(
+            "   added latency by stage, p50/p99 ms: publish → worker {:.2}/{:.2}; in worker \
+             before finalize {:.2}/{:.2}; finalize → result received {:.2}/{:.2}",
+            ms(&stages[0], 0.5),
+            ms(&stages[0], 0.99),
+            ms(&stages[1], 0.5),
+            ms(&stages[1], 0.99),
+            ms(&stages[2], 0.5),
+            ms(&stages[2], 0.99),
+        );
+        figures.latency = Some((
+            rate,
+            percentile(&added, 0.50) / 1000.0,
+            percentile(&added, 0.99) / 1000.0,
+        ));
+    }
+    figures.peak_rss_mb = peak_rss_mb(pid)?;
+    signal(pid, "TERM")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while worker.child.try_wait()?.is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(worker);
+    {
+        let state = lock(&collected);
+        figures.statuses = state.statuses.clone();
+        if state.duplicates > 0 {
+            figures
+                .statuses
+                .insert("(duplicate messages)".to_owned(), state.duplicates);
+        }
+    }
+    tasks.abort_all();
+    let _ = connection.close(200, "done".into()).await;
+    eprintln!(
+        "   {} jobs in {:.2} s = {:.0} jobs/s; {:.3} ms CPU/job; peak RSS {:.0} MiB{}; {:?}",
+        figures.jobs,
+        figures.secs,
+        figures.jobs_per_sec,
+        figures.cpu_ms_per_job,
+        figures.peak_rss_mb,
+        figures
+            .latency
+            .map(|(rate, p50, p99)| format!(
+                "; added latency at {rate:.0} jobs/s p50 {p50:.2} ms p99 {p99:.2} ms"
+            ))
+            .unwrap_or_default(),
+        figures.statuses
+    );
+    Ok(figures)
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+async fn delete_topology(connection: &Connection, names: &Names) {
+    let Ok(channel) = connection.create_channel().await else {
+        return;
+    };
+    let retry = names.retry_queues().into_iter().map(|(queue, _)| queue);
+    for queue in [
+        names.jobs_queue(),
+        names.dead_queue(),
+        format!("{}.bench.results", names.prefix()),
+    ]
+    .into_iter()
+    .chain(retry)
+    {
+        let _ = channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    for exchange in [
+        names.jobs_exchange(),
+        names.dead_exchange(),
+        names.results_exchange(),
+        names.events_exchange(),
+    ] {
+        let _ = channel
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
+    }
+}
+
+async fn drop_database(env: &Env, database: &str) {
+    if let Ok(mut admin) = PgConnection::connect(&format!("{}/postgres", env.database_server)).await
+    {
+        // The name is ours (`sy_bench_` and hex digits), never outside input.
+        let statement = format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)");
+        let _ = sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(&mut admin)
+            .await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Default)]
+struct Report {
+    raw: Option<f64>,
+    healthy: Option<Figures>,
+    inflight: Option<(u16, Figures)>,
+    fallback: Option<Figures>,
+    scaling: Vec<(usize, Figures)>,
+    limits: Option<Figures>,
+}
+
+/// A table row: figure, measured, target, and whether it is met (`None`: no target).
+struct Row(String, String, String, Option<bool>);
+
+impl Report {
+    fn runs(&self) -> usize {
+        usize::from(self.healthy.is_some())
+            + usize::from(self.inflight.is_some())
+            + usize::from(self.fallback.is_some())
+            + self.scaling.len()
+            + usize::from(self.limits.is_some())
+    }
+
+    fn rows(&self, plan: &Plan) -> Vec<Row> {
+        let mut rows = Vec::new();
+        let row = |figure: String, measured: String, target: &str, met: Option<bool>| {
+            Row(figure, measured, target.to_owned(), met)
+        };
+        if let Some(raw) = self.raw {
+            rows.push(row(
+                format!("raw relay jobs/s ({} jobs)", plan.jobs),
+                format!("{raw:.0}"),
+                "",
+                None,
+            ));
+        }
+        if let Some(h) = &self.healthy {
+            rows.push(row(
+                format!(
+                    "pipeline jobs/s, 0 ms provider ({} jobs, concurrency {})",
+                    h.jobs, plan.concurrency
+                ),
+                format!("{:.0}", h.jobs_per_sec),
+                "",
+                None,
+            ));
+            if let Some(raw) = self.raw {
+                let ratio = h.jobs_per_sec / raw;
+                rows.push(row(
+                    "pipeline ÷ raw relay".to_owned(),
+                    format!("{ratio:.2}"),
+                    "≥ 0.5",
+                    Some(ratio >= 0.5),
+                ));
+            }
+            rows.push(row(
+                "worker CPU ms/job, healthy".to_owned(),
+                format!("{:.3}", h.cpu_ms_per_job),
+                "≤ 0.25",
+                Some(h.cpu_ms_per_job <= 0.25),
+            ));
+            if let Some((rate, p50, p99)) = h.latency {
+                rows.push(row(
+                    format!("added latency p50 at {rate:.0} jobs/s (half of max), ms"),
+                    format!("{p50:.2}"),
+                    "",
+                    None,
+                ));
+                rows.push(row(
+                    format!("added latency p99 at {rate:.0} jobs/s (half of max), ms"),
+                    format!("{p99:.2}"),
+                    "≤ 5",
+                    Some(p99 <= 5.0),
+                ));
+            }
+            rows.push(row(
+                "worker peak RSS, healthy, MiB".to_owned(),
+                format!("{:.0}", h.peak_rss_mb),
+                "",
+                None,
+            ));
+        }
+        if let Some((in_flight, f)) = &self.inflight {
+            rows.push(row(
+                format!(
+                    "jobs/s, 200 ms provider, {in_flight} in flight ({} jobs; ideal {:.0})",
+                    f.jobs,
+                    f64::from(*in_flight) / 0.2
+                ),
+                format!("{:.0}", f.jobs_per_sec),
+                "",
+                None,
+            ));
+            rows.push(row(
+                format!("worker peak RSS, {in_flight} in flight, MiB"),
+                format!("{:.0}", f.peak_rss_mb),
+                "≤ 200",
+                Some(f.peak_rss_mb <= 200.0),
+            ));
+        }
+        if let Some(f) = &self.fallback {
+            rows.push(row(
+                format!("jobs/s, 20% 429 on primary + fallback ({} jobs)", f.jobs),
+                format!("{:.0}", f.jobs_per_sec),
+                "",
+                None,
+            ));
+            rows.push(row(
+                "worker CPU ms/job, 20% 429 + fallback".to_owned(),
+                format!("{:.3}", f.cpu_ms_per_job),
+                "≤ 0.4",
+                Some(f.cpu_ms_per_job <= 0.4),
+            ));
+        }
+        for (jobs, f) in &self.scaling {
+            rows.push(row(
+                format!(
+                    "worker CPU ms/job at {jobs} jobs ({:.0} jobs/s)",
+                    f.jobs_per_sec
+                ),
+                format!("{:.3}", f.cpu_ms_per_job),
+                "",
+                None,
+            ));
+        }
+        if self.scaling.len() > 1 {
+            let cpus: Vec<f64> = self.scaling.iter().map(|(_, f)| f.cpu_ms_per_job).collect();
+            let min = cpus.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = cpus.iter().copied().fold(0.0, f64::max);
+            let spread = max / min - 1.0;
+            rows.push(row(
+                "per-job CPU spread across scaling runs (max ÷ min − 1)".to_owned(),
+                format!("{:.0}%", spread * 100.0),
+                "≤ 10%",
+                Some(spread <= 0.10),
+            ));
+        }
+        if let Some(l) = &self.limits {
+            rows.push(row(
+                format!(
+                    "jobs/s with a hard tenant budget + provider rpm limit ({} jobs)",
+                    l.jobs
+                ),
+                format!("{:.0}", l.jobs_per_sec),
+                "",
+                None,
+            ));
+            rows.push(row(
+                "worker CPU ms/job, budget + rpm limit".to_owned(),
+                format!("{:.3}", l.cpu_ms_per_job),
+                "",
+                None,
+            ));
+            if let Some(h) = &self.healthy {
+                let ratio = l.jobs_per_sec / h.jobs_per_sec;
+                rows.push(row(
+                    "budget + rpm limit ÷ without".to_owned(),
+                    format!("{ratio:.2}"),
+                    "≥ 0.8",
+                    Some(ratio >= 0.8),
+                ));
+            }
+        }
+        rows
+    }
+
+    fn table(&self, plan: &Plan) -> String {
+        let mut out = String::from("| figure | measured | target | met |\n|---|---:|---|---|\n");
+        for Row(figure, measured, target, met) in self.rows(plan) {
+            let met = match met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "",
+            };
+            let _ = writeln!(out, "| {figure} | {measured} | {target} | {met} |");
+        }
+        let statuses: Vec<String> = [
+            ("healthy", self.healthy.as_ref()),
+            ("inflight", self.inflight.as_ref().map(|(_, f)| f)),
+            ("fallback", self.fallback.as_ref()),
+            ("limits", self.limits.as_ref()),
+        ]
+        .into_iter()
+        .filter_map(|(name, f)| f.map(|f| format!("{name} {:?}", f.statuses)))
+        .collect();
+        if !statuses.is_empty() {
+            let _ = writeln!(out, "\nresult statuses: {}", statuses.join("; "));
+        }
+        out
+    }
+}
+
+/// What the figures were measured on.
+struct Machine {
+    nproc: usize,
+    cpu: String,
+    memory: String,
+    load: String,
+    date: String,
+    commit: String,
+}
+
+impl Machine {
+    fn one_line(&self) -> String {
+        format!(
+            "{} · commit {} · {} × {} · {} RAM · load average at start {}",
+            self.date, self.commit, self.nproc, self.cpu, self.memory, self.load
+        )
+    }
+}
+
+fn machine() -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|line| line.strip_prefix("model name"))
+        .and_then(|rest| rest.split_once(':'))
+        .map_or_else(|| "unknown CPU".to_owned(), |(_, v)| v.trim().to_owned());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|line| line.strip_prefix("MemTotal:"))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or_else(
+            || "unknown".to_owned(),
+            |kb| format!("{:.1} GiB", kb / 1024.0 / 1024.0),
+        );
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    let commit = match git(&["rev-parse", "--short", "HEAD"]) {
+        Some(commit) => {
+            let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
+                .is_some_and(|s| !s.is_empty());
+            if dirty {
+                format!("{commit}-dirty")
+            } else {
+                commit
+            }
+        }
+        None => "unknown".to_owned(),
+    };
+    Machine {
+        nproc: std::thread::available_parallelism().map_or(0, usize::from),
+        cpu,
+        memory,
+        load,
+        date: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
+        commit,
+    }
+}
+
+fn append_results(
+    path: &Path,
+    machine: &Machine,
+    plan: &Plan,
+    table: &str,
+    smoke: bool,
+) -> anyhow::Result<()> {
+    let exists = path.exists();
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    if !exists {
+        writeln!(
+            file,
+            "# Benchmark results\n\nAppended by `bench/run.sh` (`switchyard-bench`); newest last. \
+             Figures are as measured on a machine that may be shared; see each run's load.\n"
+        )?;
+    }
+    writeln!(
+        file,
+        "\n## {} — commit {}{}\n\nMachine: {} × {}, {} RAM; load average at start {}. \
+         Jobs: {}; concurrency {}; in flight {}; scaling {:?}.\n\n{table}",
+        machine.date,
+        machine.commit,
+        if smoke { " (smoke)" } else { "" },
+        machine.nproc,
+        machine.cpu,
+        machine.memory,
+        machine.load,
+        plan.jobs,
+        plan.concurrency,
+        plan.in_flight,
+        plan.scaling,
+    )?;
+    Ok(())
+}
