@@ -19,6 +19,9 @@ use crate::stages::lookup::Lookups;
 use crate::stages::recorder::Recorder;
 use crate::{queue, store};
 
+/// How long each step of [`Context::close`] may take.
+const CLOSE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Handles every command and task shares.
 #[derive(Clone)]
 pub struct Context {
@@ -119,12 +122,31 @@ impl Context {
         });
     }
 
-    /// Closes the broker connection and the pool.
+    /// Closes the broker connection and the pool, each within [`CLOSE_WITHIN`]: a close that
+    /// does not finish (a connection still checked out by a task that is winding down, a broker
+    /// that does not answer) must not keep a finished process alive; whatever it still held is
+    /// released when the process exits.
     pub async fn close(&self) {
-        if let Err(error) = self.broker.close(200, "bye").await {
-            tracing::debug!(error = %error, "Broker connection was already closed.");
+        match tokio::time::timeout(CLOSE_WITHIN, self.broker.close(200, "bye")).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::debug!(error = %error, "Broker connection was already closed.");
+            }
+            Err(_) => tracing::warn!(
+                within = ?CLOSE_WITHIN,
+                "The broker did not confirm closing the connection; exiting anyway."
+            ),
         }
-        self.pool.close().await;
+        if tokio::time::timeout(CLOSE_WITHIN, self.pool.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                within = ?CLOSE_WITHIN,
+                checked_out = self.pool.size().saturating_sub(u32::try_from(self.pool.num_idle()).unwrap_or(0)),
+                "Postgres connections were still checked out at exit; closing them with the process."
+            );
+        }
     }
 }
 

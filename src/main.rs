@@ -1,14 +1,34 @@
 //! `switchyard`: parse the CLI, initialise telemetry, load config, run the command.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use switchyard::cli::{Cli, Command};
 use switchyard::config::Settings;
 use switchyard::{commands, telemetry};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// How long tasks still running when a command is done may take to stop before the process
+/// exits anyway (the runtime otherwise waits for every blocking task without limit).
+const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(5);
+
+fn main() -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(run());
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
+    code
+}
+
+async fn run() -> ExitCode {
     let cli = Cli::parse();
     // The summarizer draws a progress bar on stderr; keep routine logs out of its way.
     let level = match cli.command {

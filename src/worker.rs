@@ -275,8 +275,19 @@ async fn session(
         }
     }
     drop(outbox);
-    if let Some(handle) = finalizing {
-        match handle.await.context("the finalizer panicked")? {
+    if let Some(mut handle) = finalizing {
+        // Every job has been handed over; the finalizer commits and publishes what it holds. A
+        // finalizer that cannot finish (confirms that never come) is abandoned after the grace
+        // period: its jobs are unacked, so the broker redelivers them and nothing is lost.
+        let finished = tokio::select! {
+            finished = &mut handle => finished,
+            () = tokio::time::sleep(options.grace) => {
+                tracing::warn!(grace = ?options.grace, "The finalizer did not finish within the grace period; its unacked jobs will be redelivered.");
+                handle.abort();
+                return Ok(end);
+            }
+        };
+        match finished.context("the finalizer panicked")? {
             Ok(stats) => finalized.add(&stats),
             Err(error) if matches!(end, SessionEnd::BrokerLost) || broker_lost(ctx, &channel) => {
                 tracing::warn!(error.message = %error, "Finalize could not finish on the lost connection; its jobs will be redelivered.");
@@ -289,8 +300,10 @@ async fn session(
             }
         }
     }
-    if let Err(error) = channel.close(200, "worker stopped".into()).await {
-        tracing::debug!(error = %error, "Consumer channel was already closed.");
+    match tokio::time::timeout(options.grace, channel.close(200, "worker stopped".into())).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::debug!(error = %error, "Consumer channel was already closed."),
+        Err(_) => tracing::warn!("The broker did not confirm closing the consumer channel."),
     }
     Ok(end)
 }

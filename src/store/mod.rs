@@ -15,7 +15,7 @@ pub mod results;
 
 use std::str::FromStr;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 
 use crate::config::DatabaseSettings;
@@ -56,10 +56,36 @@ fn address(options: &PgConnectOptions) -> String {
     format!("{}:{}", options.get_host(), options.get_port())
 }
 
+/// Parses a database URL. Without an explicit `sslmode`, a server on a loopback address or a
+/// Unix socket is reached without TLS: encrypting traffic that never leaves the machine
+/// protects nothing and cost about a fifth of a worker's CPU (issue 9's profile). Every other
+/// host keeps sqlx's default, `prefer`; any URL can say `?sslmode=require` (or `disable`).
+pub fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
+    let options = PgConnectOptions::from_str(url).map_err(StoreError::Url)?;
+    let explicit = url::Url::parse(url)
+        .map(|u| u.query_pairs().any(|(key, _)| key == "sslmode"))
+        .unwrap_or(true);
+    if explicit || std::env::var_os("PGSSLMODE").is_some() || !is_local(options.get_host()) {
+        return Ok(options);
+    }
+    Ok(options.ssl_mode(PgSslMode::Disable))
+}
+
+/// Whether `host` is this machine: a loopback address, `localhost`, or a socket directory.
+fn is_local(host: &str) -> bool {
+    host == "localhost"
+        || host.starts_with('/')
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Connects a pool; with `auto_migrate`, first creates the database when missing and then
 /// applies pending migrations.
 pub async fn connect(settings: &DatabaseSettings) -> Result<PgPool, StoreError> {
-    let options = PgConnectOptions::from_str(&settings.url).map_err(StoreError::Url)?;
+    let options = connect_options(&settings.url)?;
     if settings.auto_migrate {
         create_database_if_missing(&options).await?;
     }
@@ -121,7 +147,7 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
 
 /// Opens a single connection (for tools that need no pool).
 pub async fn connect_one(url: &str) -> Result<PgConnection, StoreError> {
-    let options = PgConnectOptions::from_str(url).map_err(StoreError::Url)?;
+    let options = connect_options(url)?;
     options
         .connect()
         .await
@@ -129,4 +155,45 @@ pub async fn connect_one(url: &str) -> Result<PgConnection, StoreError> {
             address: address(&options),
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(url: &str) -> PgSslMode {
+        connect_options(url).unwrap().get_ssl_mode()
+    }
+
+    #[test]
+    fn a_loopback_server_without_an_sslmode_is_reached_without_tls() {
+        assert!(matches!(
+            mode("postgres://postgres@127.0.0.1:5432/db"),
+            PgSslMode::Disable
+        ));
+        assert!(matches!(
+            mode("postgres://postgres@localhost/db"),
+            PgSslMode::Disable
+        ));
+        assert!(matches!(
+            mode("postgres://postgres@[::1]/db"),
+            PgSslMode::Disable
+        ));
+    }
+
+    #[test]
+    fn an_explicit_sslmode_or_a_remote_host_keeps_its_tls_setting() {
+        assert!(matches!(
+            mode("postgres://postgres@127.0.0.1/db?sslmode=require"),
+            PgSslMode::Require
+        ));
+        assert!(matches!(
+            mode("postgres://postgres@db.internal:5432/db"),
+            PgSslMode::Prefer
+        ));
+        assert!(matches!(
+            mode("postgres://postgres@10.1.2.3/db"),
+            PgSslMode::Prefer
+        ));
+    }
 }
