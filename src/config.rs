@@ -119,8 +119,12 @@ pub struct DatabaseSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerSettings {
-    /// Jobs processed at once; also the consumer prefetch.
+    /// Jobs processed at once; also the consumer prefetch (summed over the lanes).
     pub concurrency: u16,
+    /// Consumers the concurrency is split over, each with its own channel and finalizer, so
+    /// that group commits and publisher confirms of different lanes overlap (at most one lane
+    /// per job slot).
+    pub lanes: u16,
     /// Bodies larger than this are rejected without being parsed.
     pub max_message_bytes: usize,
     /// Most jobs committed in one finalize transaction.
@@ -522,7 +526,7 @@ impl Default for DatabaseSettings {
     fn default() -> Self {
         Self {
             url: "postgres://postgres@127.0.0.1:5432/switchyard".to_owned(),
-            max_connections: 10,
+            max_connections: 16,
             auto_migrate: true,
         }
     }
@@ -532,6 +536,7 @@ impl Default for WorkerSettings {
     fn default() -> Self {
         Self {
             concurrency: 64,
+            lanes: 4,
             max_message_bytes: 4 * 1024 * 1024,
             finalize_batch_size: 256,
             shutdown_grace_secs: 30,
@@ -673,6 +678,9 @@ impl Settings {
         }
         if self.worker.concurrency == 0 {
             return invalid("worker.concurrency must be at least 1".to_owned());
+        }
+        if self.worker.lanes == 0 {
+            return invalid("worker.lanes must be at least 1".to_owned());
         }
         if self.worker.finalize_batch_size == 0 {
             return invalid("worker.finalize_batch_size must be at least 1".to_owned());

@@ -104,13 +104,70 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
         sharing.clone(),
     ));
     let received = Arc::new(AtomicU64::new(0));
+    let lanes = lane_prefetches(options.concurrency, ctx.settings.worker.lanes);
+    let ended = futures::future::try_join_all(
+        lanes
+            .iter()
+            .enumerate()
+            .map(|(lane, &prefetch)| run_lane(ctx, options, lane, prefetch, &received)),
+    )
+    .await?;
+    let mut finalized = FinalizeStats::default();
+    for (_, stats) in &ended {
+        finalized.add(stats);
+    }
+    // A shutdown request outranks a cancelled consumer, which outranks idleness.
+    let exit = ended
+        .iter()
+        .map(|(exit, _)| *exit)
+        .max_by_key(|exit| match exit {
+            WorkerExit::Shutdown => 2,
+            WorkerExit::ConsumerCancelled => 1,
+            WorkerExit::Idle => 0,
+        })
+        .unwrap_or(WorkerExit::Shutdown);
+    let report = WorkerReport {
+        exit,
+        received: received.load(Ordering::Relaxed),
+        finalized,
+    };
+    tracing::info!(
+        jobs = report.finalized.jobs,
+        duplicates = report.finalized.duplicates,
+        groups = report.finalized.groups,
+        "Worker stopped."
+    );
+    Ok(report)
+}
+
+/// Splits the worker's concurrency over `lanes` consumers (at most one per job slot): each lane
+/// has its own channel, prefetch and finalizer, so one lane commits a group while another
+/// waits for the broker's confirms, and Postgres and RabbitMQ round trips overlap instead of
+/// running one after another.
+fn lane_prefetches(concurrency: u16, lanes: u16) -> Vec<u16> {
+    let lanes = lanes.clamp(1, concurrency.max(1));
+    let (each, extra) = (concurrency / lanes, concurrency % lanes);
+    (0..lanes)
+        .map(|lane| (each + u16::from(lane < extra)).max(1))
+        .collect()
+}
+
+/// One lane: consuming sessions, reconnecting after a lost broker, until shutdown, idleness or
+/// an error that outlasts the reconnect backoff.
+async fn run_lane(
+    ctx: &Context,
+    options: &WorkerOptions,
+    lane: usize,
+    prefetch: u16,
+    received: &Arc<AtomicU64>,
+) -> anyhow::Result<(WorkerExit, FinalizeStats)> {
     let mut finalized = FinalizeStats::default();
     let exit = loop {
-        let end = match session(ctx, options, &received, &mut finalized).await {
+        let end = match session(ctx, options, lane, prefetch, received, &mut finalized).await {
             Ok(end) => end,
             // Setting up a session on a connection that just died.
             Err(error) if !ctx.broker.is_connected() => {
-                tracing::warn!(error.message = %error, "Could not start consuming; the broker connection is lost.");
+                tracing::warn!(lane, error.message = %error, "Could not start consuming; the broker connection is lost.");
                 SessionEnd::BrokerLost
             }
             Err(error) => return Err(error),
@@ -125,22 +182,11 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
                         connected.context("RabbitMQ stayed unreachable; giving up")?;
                     }
                 }
-                tracing::info!("Consuming again after reconnecting to RabbitMQ.");
+                tracing::info!(lane, "Consuming again after reconnecting to RabbitMQ.");
             }
         }
     };
-    let report = WorkerReport {
-        exit,
-        received: received.load(Ordering::Relaxed),
-        finalized,
-    };
-    tracing::info!(
-        jobs = report.finalized.jobs,
-        duplicates = report.finalized.duplicates,
-        groups = report.finalized.groups,
-        "Worker stopped."
-    );
-    Ok(report)
+    Ok((exit, finalized))
 }
 
 /// How one consuming session ended.
@@ -156,17 +202,19 @@ fn broker_lost(ctx: &Context, channel: &lapin::Channel) -> bool {
     !ctx.broker.is_connected() || !channel.status().connected()
 }
 
-/// One consumer on one channel, with its own finalizer, until shutdown, idleness or the loss
-/// of the broker connection.
+/// One lane's consumer on one channel (prefetch `prefetch`), with its own finalizer, until
+/// shutdown, idleness or the loss of the broker connection.
 async fn session(
     ctx: &Context,
     options: &WorkerOptions,
+    lane: usize,
+    prefetch: u16,
     received: &Arc<AtomicU64>,
     finalized: &mut FinalizeStats,
 ) -> anyhow::Result<SessionEnd> {
     let channel = ctx.broker.create_channel().await?;
     channel
-        .basic_qos(options.concurrency, BasicQosOptions::default())
+        .basic_qos(prefetch, BasicQosOptions::default())
         .await?;
     let queue = ctx.names.jobs_queue();
     let consumer_tag = format!("switchyard-{}", uuid::Uuid::now_v7().simple());
@@ -184,7 +232,7 @@ async fn session(
     let publisher = Publisher::open(&ctx.broker).await?;
     // Stream chunks go on their own confirm channel so they never wait behind a finalize group.
     let streams = Publisher::open(&ctx.broker).await?;
-    let (outbox, inbox) = mpsc::channel(usize::from(options.concurrency) * 2);
+    let (outbox, inbox) = mpsc::channel(usize::from(prefetch) * 2);
     let abandon = CancellationToken::new();
     let finalizer = Finalizer {
         pool: ctx.pool.clone(),
@@ -203,7 +251,7 @@ async fn session(
     let processing = TaskTracker::new();
     let mut idle_tick = tokio::time::interval(Duration::from_millis(200));
     let mut idle_since: Option<Instant> = None;
-    tracing::info!(queue = %queue, concurrency = options.concurrency, "Worker is consuming.");
+    tracing::info!(queue = %queue, lane, prefetch, concurrency = options.concurrency, "Worker is consuming.");
 
     let end = loop {
         tokio::select! {
@@ -253,7 +301,7 @@ async fn session(
             processing.wait().await;
         }
         SessionEnd::Exit(exit) => {
-            tracing::info!(reason = ?exit, in_flight = processing.len(), "Worker is stopping.");
+            tracing::info!(lane, reason = ?exit, in_flight = processing.len(), "Worker is stopping.");
             if exit != WorkerExit::ConsumerCancelled
                 && let Err(error) = channel
                     .basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default())
@@ -559,4 +607,25 @@ async fn stored_result(
                 .with_jitter(),
         )
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lane_prefetches;
+
+    #[test]
+    fn lanes_split_the_concurrency_exactly_and_never_exceed_it() {
+        assert_eq!(lane_prefetches(64, 4), vec![16, 16, 16, 16]);
+        assert_eq!(lane_prefetches(10, 4), vec![3, 3, 2, 2]);
+        assert_eq!(lane_prefetches(2, 4), vec![1, 1]);
+        assert_eq!(lane_prefetches(1, 4), vec![1]);
+        assert_eq!(lane_prefetches(7, 1), vec![7]);
+        for concurrency in 1..=100u16 {
+            for lanes in 1..=8u16 {
+                let split = lane_prefetches(concurrency, lanes);
+                assert_eq!(split.iter().sum::<u16>(), concurrency);
+                assert!(split.iter().all(|&p| p >= 1));
+            }
+        }
+    }
 }

@@ -171,6 +171,11 @@ struct Cli {
     #[arg(long, env = "FAKE_PROVIDER_RETRY_AFTER", default_value_t = 1)]
     retry_after: u64,
 
+    /// A request on a credential within this many milliseconds after its 429 is not counted
+    /// in `early_after_429` (it may have been sent before the client could read the 429).
+    #[arg(long, env = "FAKE_PROVIDER_REST_GRACE_MS", default_value_t = 250)]
+    rest_grace_ms: u64,
+
     /// Fraction (0..=1) of requests answered 500.
     #[arg(long = "rate-500", env = "FAKE_PROVIDER_RATE_500", default_value_t = 0.0, value_parser = parse_fraction)]
     rate_500: f64,
@@ -967,17 +972,14 @@ struct Counters {
     by_key_status: BTreeMap<String, BTreeMap<String, u64>>,
     /// When the last [`MAX_RECORDED_STARTS`] requests started, oldest first.
     starts: VecDeque<Instant>,
-    /// Per credential: when its last injected 429 was sent and until when it asked the client
-    /// to wait (`retry-after`).
+    /// Per credential: from when a request counts as early (its last injected 429 was sent
+    /// plus `--rest-grace-ms`) and until when it asked the client to wait (`retry-after`).
     rests: BTreeMap<String, (Instant, Instant)>,
     /// Requests that arrived on a credential while its `retry-after` was still running, more
-    /// than [`REST_GRACE`] after the 429 was sent (requests already on the wire when the 429
-    /// left are not the client's fault).
+    /// than `--rest-grace-ms` after the 429 was sent (requests already on the wire, or sent
+    /// before the client could have read the 429, are not the client's fault).
     early_after_429: u64,
 }
-
-/// See [`Counters::early_after_429`].
-const REST_GRACE: Duration = Duration::from_millis(250);
 
 /// Request statistics, safe to share between handlers.
 #[derive(Debug, Default)]
@@ -1060,8 +1062,8 @@ impl Stats {
             *c.by_auth.entry(key.clone()).or_insert(0) += 1;
             *c.by_format.entry(format.to_owned()).or_insert(0) += 1;
             let now = Instant::now();
-            if let Some((sent, until)) = c.rests.get(&key)
-                && now > *sent + REST_GRACE
+            if let Some((early_from, until)) = c.rests.get(&key)
+                && now > *early_from
                 && now < *until
             {
                 c.early_after_429 += 1;
@@ -1098,12 +1100,14 @@ impl Stats {
         }
     }
 
-    /// Remembers that `credential` was told to wait `rest`.
-    fn rest(&self, credential: Option<&str>, rest: Duration) {
+    /// Remembers that `credential` was told to wait `rest`; requests within `grace` of now
+    /// are not counted as early.
+    fn rest(&self, credential: Option<&str>, rest: Duration, grace: Duration) {
         let now = Instant::now();
-        self.lock()
-            .rests
-            .insert(credential.unwrap_or("<none>").to_owned(), (now, now + rest));
+        self.lock().rests.insert(
+            credential.unwrap_or("<none>").to_owned(),
+            (now + grace, now + rest),
+        );
     }
 
     /// The busiest `ms`-millisecond window.
@@ -1172,6 +1176,8 @@ struct Config {
     rates: FaultRates,
     /// Retry delay in seconds of injected 429s.
     retry_after: u64,
+    /// See [`Counters::early_after_429`].
+    rest_grace_ms: u64,
     /// Default model name.
     model: String,
     /// Echo credential headers in error messages.
@@ -1337,6 +1343,7 @@ async fn handle_chat<W: WireFormat>(
             state.stats.rest(
                 credential.as_deref(),
                 Duration::from_secs(state.config.retry_after),
+                Duration::from_millis(state.config.rest_grace_ms),
             );
             let err = ApiError::RateLimited(state.config.retry_after);
             return finish_echoing(&in_flight, wire.error(&err));
@@ -2746,6 +2753,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             malformed: cli.rate_malformed,
         },
         retry_after: cli.retry_after,
+        rest_grace_ms: cli.rest_grace_ms,
         model: cli.model.clone(),
         echo_auth_in_errors: cli.echo_auth_in_errors,
     };

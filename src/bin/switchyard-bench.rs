@@ -94,6 +94,9 @@ struct Args {
     /// Record each pipeline run's worker with `perf record` into this directory (slows it).
     #[arg(long)]
     perf_dir: Option<PathBuf>,
+    /// Keep each pipeline run's directory (config and worker log) even when it succeeds.
+    #[arg(long)]
+    keep_logs: bool,
 }
 
 /// Sizes of one benchmark run.
@@ -249,6 +252,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         database_server: args.database_server.clone(),
         bin_dir,
         perf_dir: args.perf_dir.clone(),
+        keep_logs: args.keep_logs,
         stall: plan.stall,
         clk_tck: clock_ticks(),
     };
@@ -350,6 +354,7 @@ struct Env {
     database_server: String,
     bin_dir: PathBuf,
     perf_dir: Option<PathBuf>,
+    keep_logs: bool,
     stall: Duration,
     clk_tck: f64,
 }
@@ -870,7 +875,7 @@ async fn pipeline(env: &Env, scenario: &Scenario, paced_secs: f64) -> anyhow::Re
         let _ = connection.close(200, "done".into()).await;
     }
     drop_database(env, &database).await;
-    if outcome.is_ok() {
+    if outcome.is_ok() && !env.keep_logs {
         let _ = std::fs::remove_dir_all(&dir);
     } else {
         eprintln!("   worker log and config kept in {}", dir.display());

@@ -588,6 +588,7 @@ impl Finalizer {
                 Finished::Requeue { .. } => {}
             }
         }
+        let began = std::time::Instant::now();
         let committed = match self.commit(&fresh, confirmed).await {
             Ok(rows) => rows,
             Err(error) => {
@@ -606,8 +607,10 @@ impl Finalizer {
         );
         // One try: if the broker is gone, the committed messages stay in the outbox for the
         // relay, and the unacked deliveries come back after the reconnect.
+        let commit_took = began.elapsed();
         self.publisher.publish_all_once(&outgoing).await?;
         confirmed.extend(published);
+        let publish_took = began.elapsed() - commit_took;
 
         let plan = self.acks.finish(tags);
         if let Some(tag) = plan.multiple {
@@ -630,6 +633,7 @@ impl Finalizer {
                 metrics::counter!("switchyard_failovers_total").increment(failovers as u64);
             }
         }
+        tracing::debug!(jobs = fresh.len(), messages = outgoing.len(), commit = ?commit_took, publish = ?publish_took, total = ?began.elapsed(), "Finalized a group.");
         metrics::counter!("switchyard_duplicates_total").increment(republish.len() as u64);
         self.stats.groups += 1;
         self.stats.jobs += fresh.len() as u64;
@@ -711,18 +715,14 @@ impl Finalizer {
             .map(|j| j.result.job_id)
             .filter(|id| !(inserted.contains(id) && claimed.insert(*id)))
             .collect();
-        // A rejected message seen again (redelivered after its commit) adds no second audit.
-        let audits: Vec<&AuditEvent> = fresh
-            .iter()
-            .filter(|j| !(j.dead_letter.is_some() && lost.contains(&j.result.job_id)))
-            .flat_map(|j| j.audits.iter())
-            .collect();
-        audit::insert_many(&mut tx, &audits)
-            .await
-            .map_err(store_error)?;
         let stored = results::find_latest_many(&mut tx, &lost)
             .await
             .map_err(store_error)?;
+        let lost_races: BTreeMap<Uuid, JobResult> =
+            stored.into_iter().map(|r| (r.job_id, r)).collect();
+        // The rows every lane's transaction shares come last, so each is locked only for the
+        // end of the transaction: a budget's period row from its settlement, and a tenant's
+        // audit chain head from the audit insert, until the commit.
         let mut alerts = match &self.budgets {
             Some(budgets) => settle_budgets(&mut tx, budgets, fresh)
                 .await
@@ -732,12 +732,6 @@ impl Finalizer {
         for alert in &mut alerts {
             alert.provenance = self.provenance.clone();
         }
-        let alert_refs: Vec<&AuditEvent> = alerts.iter().collect();
-        audit::insert_many(&mut tx, &alert_refs)
-            .await
-            .map_err(store_error)?;
-        let lost_races: BTreeMap<Uuid, JobResult> =
-            stored.into_iter().map(|r| (r.job_id, r)).collect();
         let created_at = Utc::now();
         let rows: Vec<OutboxRow> = self
             .messages(fresh, &lost_races, &alerts)
@@ -752,6 +746,16 @@ impl Finalizer {
             .await
             .map_err(store_error)?;
         outbox::delete_many(&mut tx, confirmed)
+            .await
+            .map_err(store_error)?;
+        // A rejected message seen again (redelivered after its commit) adds no second audit.
+        let audits: Vec<&AuditEvent> = fresh
+            .iter()
+            .filter(|j| !(j.dead_letter.is_some() && lost.contains(&j.result.job_id)))
+            .flat_map(|j| j.audits.iter())
+            .chain(&alerts)
+            .collect();
+        audit::insert_many(&mut tx, &audits)
             .await
             .map_err(store_error)?;
         tx.commit().await.map_err(store_error)?;

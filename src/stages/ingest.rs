@@ -133,7 +133,8 @@ pub fn ingest(
     if let Some(error) = invalid_image(&value) {
         return Err(reject(Some(&value), error));
     }
-    serde_json::from_value::<Job>(value.clone()).map_err(|e| {
+    // Deserialized from the borrowed tree: no copy of the whole message per job.
+    <Job as serde::Deserialize>::deserialize(&value).map_err(|e| {
         reject(
             Some(&value),
             JobError::new(

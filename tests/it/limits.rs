@@ -71,7 +71,20 @@ targets = [{{ provider = "limited", model = "m" }}]
 
 #[tokio::test]
 async fn a_retry_after_pauses_the_key_for_every_worker_and_every_job_still_succeeds() {
-    let fake = FakeProvider::start(&["--rate-429", "0.2", "--retry-after", "1", "--seed", "42"]);
+    // A 3 s retry-after, and requests within 1.5 s of a 429 not counted as early: on a loaded
+    // 2-core machine a worker may read the 429 (or the other worker hear of it through
+    // `NOTIFY`) hundreds of milliseconds late, yet a worker that ignored the rest would still
+    // call inside the remaining 1.5 s, as the jobs keep coming.
+    let fake = FakeProvider::start(&[
+        "--rate-429",
+        "0.2",
+        "--retry-after",
+        "3",
+        "--rest-grace-ms",
+        "1500",
+        "--seed",
+        "42",
+    ]);
     let config = format!(
         r#"
 [[providers]]
