@@ -69,7 +69,7 @@ impl Context {
             .context("cannot build the HTTP client")?;
         let registry = Registry::from_settings(&settings, &http);
         let router = Router::from_settings(&settings, &registry);
-        let budgets = Budgets::from_settings(&settings, &pool);
+
         let scopes = limits::scopes(&settings);
         let limiter = if scopes.is_empty() {
             None
@@ -83,6 +83,12 @@ impl Context {
         };
         let identity = Arc::new(crate::audit::Identity::new(&settings));
         let tasks = TaskTracker::new();
+        let budgets = Budgets::from_settings(&settings, &pool).map(|budgets| {
+            budgets.with_reserver(crate::budget::reserver::Reserver::start(
+                pool.clone(),
+                &tasks,
+            ))
+        });
         let recorder = Recorder::start(pool.clone(), &tasks);
         let lookups = Lookups::start(pool.clone(), &tasks);
         Ok(Self {

@@ -7,6 +7,7 @@
 //! are released. A hard budget's `spent + reserved` can therefore never pass its cap.
 
 pub mod pricing;
+pub mod reserver;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +50,9 @@ pub struct Budgets {
     default_output: u32,
     /// Longest wait for in-flight reservations to settle before the job is parked.
     max_wait: Duration,
+    /// Grants single-budget reservations in groups (see `reserver.rs`); without it every
+    /// reservation is its own statement.
+    reserver: Option<reserver::Reserver>,
 }
 
 /// Output tokens assumed for a job without `max_tokens` when no config says otherwise.
@@ -120,7 +124,15 @@ impl Budgets {
             grace: Duration::from_secs(settings.routing.reservation_grace_secs),
             default_output: settings.routing.default_output_reservation,
             max_wait: Duration::from_secs(settings.routing.max_limit_wait_secs),
+            reserver: None,
         })
+    }
+
+    /// Grants single-budget reservations in groups through `reserver`.
+    #[must_use]
+    pub fn with_reserver(mut self, reserver: reserver::Reserver) -> Self {
+        self.reserver = Some(reserver);
+        self
     }
 
     /// The configured budget called `name`.
@@ -190,9 +202,28 @@ impl Budgets {
                 hard: true,
             })
             .collect();
-        let ids: Vec<Uuid> = asks.iter().map(|_| Uuid::now_v7()).collect();
         let expires =
             now + chrono::Duration::from_std(call_timeout + self.grace).unwrap_or_default();
+        if let ([ask], Some(reserver)) = (asks.as_slice(), &self.reserver) {
+            let id = Uuid::now_v7();
+            let group_ask = budgets::GroupAsk {
+                id,
+                amount,
+                expires_at: expires,
+            };
+            if reserver
+                .reserve(ask.budget, ask.period_start, ask.cap, group_ask)
+                .await
+            {
+                return Ok(Reserved::Held(vec![Held {
+                    reservation: id,
+                    budget: ask.budget.to_owned(),
+                    period_start: ask.period_start,
+                }]));
+            }
+        }
+        // Fresh ids: an ask the group failed on must not collide with a row it may have left.
+        let ids: Vec<Uuid> = asks.iter().map(|_| Uuid::now_v7()).collect();
         match budgets::reserve(&self.pool, &asks, amount, &ids, expires).await? {
             Ok(()) => Ok(Reserved::Held(
                 asks.iter()

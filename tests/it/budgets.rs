@@ -499,3 +499,66 @@ targets = [{{ provider = "p", model = "m" }}]
     assert_eq!(volume, tokens);
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_group_reservation_grants_only_what_fits_under_the_cap_and_never_past_it() {
+    use chrono::{TimeZone, Utc};
+    use switchyard::store::budgets::{GroupAsk, reserve_group};
+
+    let app = crate::helpers::spawn_app().await;
+    let period = Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap();
+    let cap = Decimal::new(100, 2); // $1.00
+    let expires_at = Utc::now() + chrono::Duration::minutes(5);
+    let ask = |cents: i64| GroupAsk {
+        id: uuid::Uuid::now_v7(),
+        amount: Decimal::new(cents, 2),
+        expires_at,
+    };
+
+    // No period row yet: nothing is granted here (the caller's own reservation creates it).
+    let asks = [ask(10)];
+    let granted = reserve_group(app.pool(), "b", period, cap, &asks)
+        .await
+        .unwrap();
+    assert!(granted.is_empty());
+
+    sqlx::query(
+        "INSERT INTO budget_periods (budget, period_start, cap, spent, reserved) VALUES ('b', $1, $2, 0.30, 0.20)",
+    )
+    .bind(period)
+    .bind(cap)
+    .execute(app.pool())
+    .await
+    .unwrap();
+    // Room is $0.50: 0.25 fits, 0.30 does not (0.25 left), 0.20 fits, 0.10 does not (0.05 left),
+    // 0.05 fits exactly.
+    let asks = [ask(25), ask(30), ask(20), ask(10), ask(5)];
+    let granted = reserve_group(app.pool(), "b", period, cap, &asks)
+        .await
+        .unwrap();
+    assert_eq!(granted, vec![asks[0].id, asks[2].id, asks[4].id]);
+    let (spent, reserved): (Decimal, Decimal) = sqlx::query_as(
+        "SELECT spent, reserved FROM budget_periods WHERE budget = 'b' AND period_start = $1",
+    )
+    .bind(period)
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
+    assert_eq!(spent + reserved, cap, "the cap is reached and not passed");
+    let held: Decimal = sqlx::query_scalar(
+        "SELECT sum(amount) FROM budget_reservations WHERE budget = 'b' AND id = ANY($1)",
+    )
+    .bind(&granted)
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
+    assert_eq!(held, Decimal::new(50, 2));
+
+    // A full budget grants nothing.
+    let asks = [ask(1)];
+    let granted = reserve_group(app.pool(), "b", period, cap, &asks)
+        .await
+        .unwrap();
+    assert!(granted.is_empty());
+    app.cleanup().await;
+}
