@@ -4,7 +4,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -103,15 +103,29 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
         Duration::from_millis(ctx.settings.worker.outbox_relay_after_ms),
         sharing.clone(),
     ));
-    let received = Arc::new(AtomicU64::new(0));
+    let state = WorkerState {
+        received: AtomicU64::new(0),
+        in_flight: Arc::new(AtomicUsize::new(0)),
+        stop: ctx.shutdown.child_token(),
+    };
     let lanes = lane_prefetches(options.concurrency, ctx.settings.worker.lanes);
-    let ended = futures::future::try_join_all(
-        lanes
-            .iter()
-            .enumerate()
-            .map(|(lane, &prefetch)| run_lane(ctx, options, lane, prefetch, &received)),
-    )
-    .await?;
+    // Every lane runs to its end. A lane that fails stops the others through `stop`, so they
+    // finish their in-flight jobs within the grace period instead of being dropped midway.
+    let outcomes = futures::future::join_all(lanes.iter().enumerate().map(|(lane, &prefetch)| {
+        let state = &state;
+        async move {
+            let outcome = run_lane(ctx, options, lane, prefetch, state).await;
+            if outcome.is_err() {
+                state.stop.cancel();
+            }
+            outcome
+        }
+    }))
+    .await;
+    let mut ended = Vec::with_capacity(outcomes.len());
+    for outcome in outcomes {
+        ended.push(outcome?);
+    }
     let mut finalized = FinalizeStats::default();
     for (_, stats) in &ended {
         finalized.add(stats);
@@ -128,7 +142,7 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
         .unwrap_or(WorkerExit::Shutdown);
     let report = WorkerReport {
         exit,
-        received: received.load(Ordering::Relaxed),
+        received: state.received.load(Ordering::Relaxed),
         finalized,
     };
     tracing::info!(
@@ -159,11 +173,11 @@ async fn run_lane(
     options: &WorkerOptions,
     lane: usize,
     prefetch: u16,
-    received: &Arc<AtomicU64>,
+    state: &WorkerState,
 ) -> anyhow::Result<(WorkerExit, FinalizeStats)> {
     let mut finalized = FinalizeStats::default();
     let exit = loop {
-        let end = match session(ctx, options, lane, prefetch, received, &mut finalized).await {
+        let end = match session(ctx, options, lane, prefetch, state, &mut finalized).await {
             Ok(end) => end,
             // Setting up a session on a connection that just died.
             Err(error) if !ctx.broker.is_connected() => {
@@ -177,7 +191,7 @@ async fn run_lane(
             SessionEnd::BrokerLost => {
                 metrics::counter!("switchyard_worker_sessions_lost_total").increment(1);
                 tokio::select! {
-                    () = ctx.shutdown.cancelled() => break WorkerExit::Shutdown,
+                    () = state.stop.cancelled() => break WorkerExit::Shutdown,
                     connected = ctx.broker.connection() => {
                         connected.context("RabbitMQ stayed unreachable; giving up")?;
                     }
@@ -187,6 +201,33 @@ async fn run_lane(
         }
     };
     Ok((exit, finalized))
+}
+
+/// What the lanes of one worker share.
+struct WorkerState {
+    /// Deliveries received by every lane.
+    received: AtomicU64,
+    /// Jobs being processed by every lane: a lane is idle only when no lane has one, since a
+    /// job another lane holds may still be parked or requeued.
+    in_flight: Arc<AtomicUsize>,
+    /// Cancelled on shutdown, or when one lane fails, so the others stop gracefully.
+    stop: CancellationToken,
+}
+
+/// Counts one job in [`WorkerState::in_flight`] while it lives.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// How one consuming session ended.
@@ -209,7 +250,7 @@ async fn session(
     options: &WorkerOptions,
     lane: usize,
     prefetch: u16,
-    received: &Arc<AtomicU64>,
+    state: &WorkerState,
     finalized: &mut FinalizeStats,
 ) -> anyhow::Result<SessionEnd> {
     let channel = ctx.broker.create_channel().await?;
@@ -255,12 +296,13 @@ async fn session(
 
     let end = loop {
         tokio::select! {
-            _ = ctx.shutdown.cancelled() => break SessionEnd::Exit(WorkerExit::Shutdown),
+            _ = state.stop.cancelled() => break SessionEnd::Exit(WorkerExit::Shutdown),
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     idle_since = None;
-                    received.fetch_add(1, Ordering::Relaxed);
-                    processing.spawn(process(ctx.clone(), streams.clone(), delivery, outbox.clone(), abandon.clone()));
+                    state.received.fetch_add(1, Ordering::Relaxed);
+                    let in_flight = InFlight::new(&state.in_flight);
+                    processing.spawn(process(ctx.clone(), streams.clone(), delivery, outbox.clone(), abandon.clone(), in_flight));
                 }
                 Some(Err(error)) => {
                     tracing::warn!(error.message = %error, "The jobs consumer failed; in-flight jobs stay unacked for redelivery.");
@@ -281,7 +323,7 @@ async fn session(
                 }
             }
             _ = idle_tick.tick(), if options.exit_when_idle => {
-                if processing.is_empty() && is_idle(ctx, &channel).await {
+                if state.in_flight.load(Ordering::Relaxed) == 0 && is_idle(ctx, &channel).await {
                     let since = *idle_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= options.idle_after {
                         break SessionEnd::Exit(WorkerExit::Idle);
@@ -302,12 +344,16 @@ async fn session(
         }
         SessionEnd::Exit(exit) => {
             tracing::info!(lane, reason = ?exit, in_flight = processing.len(), "Worker is stopping.");
-            if exit != WorkerExit::ConsumerCancelled
-                && let Err(error) = channel
-                    .basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default())
-                    .await
-            {
-                tracing::warn!(error = %error, "Could not cancel the consumer.");
+            if exit != WorkerExit::ConsumerCancelled {
+                let cancel = channel
+                    .basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default());
+                match tokio::time::timeout(options.grace, cancel).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        tracing::warn!(error = %error, "Could not cancel the consumer.")
+                    }
+                    Err(_) => tracing::warn!("The broker did not confirm cancelling the consumer."),
+                }
             }
             if tokio::time::timeout(options.grace, processing.wait())
                 .await
@@ -332,7 +378,13 @@ async fn session(
             () = tokio::time::sleep(options.grace) => {
                 tracing::warn!(grace = ?options.grace, "The finalizer did not finish within the grace period; its unacked jobs will be redelivered.");
                 handle.abort();
-                return Ok(end);
+                // Closing the channel returns its unacked deliveries to the queue now.
+                let _ = tokio::time::timeout(options.grace, channel.close(200, "finalizer stuck".into())).await;
+                // Idle no longer holds once those jobs are back: consume again instead.
+                return Ok(match end {
+                    SessionEnd::Exit(WorkerExit::Idle) => SessionEnd::BrokerLost,
+                    end => end,
+                });
             }
         };
         match finished.context("the finalizer panicked")? {
@@ -376,6 +428,8 @@ async fn process(
     delivery: Delivery,
     outbox: mpsc::Sender<Finished>,
     abandon: CancellationToken,
+    // Counted until the job is handed to the finalizer (or abandoned).
+    _in_flight: InFlight,
 ) {
     let tag = delivery.delivery_tag;
     let provenance = ctx

@@ -206,13 +206,9 @@ impl Budgets {
             now + chrono::Duration::from_std(call_timeout + self.grace).unwrap_or_default();
         if let ([ask], Some(reserver)) = (asks.as_slice(), &self.reserver) {
             let id = Uuid::now_v7();
-            let group_ask = budgets::GroupAsk {
-                id,
-                amount,
-                expires_at: expires,
-            };
+            let hold = chrono::Duration::from_std(call_timeout + self.grace).unwrap_or_default();
             if reserver
-                .reserve(ask.budget, ask.period_start, ask.cap, group_ask)
+                .reserve((ask.budget, ask.period_start, ask.cap), id, amount, hold)
                 .await
             {
                 return Ok(Reserved::Held(vec![Held {

@@ -17,6 +17,7 @@ use rust_decimal::Decimal;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
+use uuid::Uuid;
 
 use crate::store::budgets::{self, GroupAsk};
 
@@ -28,7 +29,10 @@ type Period = (String, DateTime<Utc>, Decimal);
 
 struct Request {
     period: Period,
-    ask: GroupAsk,
+    id: Uuid,
+    amount: Decimal,
+    /// How long the reservation is held, from when it is granted.
+    hold: chrono::Duration,
     /// Whether the ask was granted (and committed).
     granted: oneshot::Sender<bool>,
 }
@@ -54,19 +58,21 @@ impl Reserver {
     }
 
     /// Reserves `amount` on the hard budget `budget` (period `period_start`, cap `cap`) under
-    /// reservation `id`; `true` once the reservation is committed, `false` when the group could
-    /// not grant it (the caller then reserves it alone).
+    /// reservation `id`, held for `hold` from its grant; `true` once the reservation is
+    /// committed, `false` when the group could not grant it (the caller then reserves alone).
     pub async fn reserve(
         &self,
-        budget: &str,
-        period_start: DateTime<Utc>,
-        cap: Decimal,
-        ask: GroupAsk,
+        (budget, period_start, cap): (&str, DateTime<Utc>, Decimal),
+        id: Uuid,
+        amount: Decimal,
+        hold: chrono::Duration,
     ) -> bool {
         let (granted, answer) = oneshot::channel();
         let request = Request {
             period: (budget.to_owned(), period_start, cap),
-            ask,
+            id,
+            amount,
+            hold,
             granted,
         };
         if self.requests.send(request).await.is_err() {
@@ -80,7 +86,8 @@ async fn run(pool: PgPool, mut inbox: mpsc::Receiver<Request>) {
     let mut waiting = Vec::with_capacity(MAX_GROUP);
     while inbox.recv_many(&mut waiting, MAX_GROUP).await > 0 {
         let mut by_period: BTreeMap<Period, Vec<Request>> = BTreeMap::new();
-        for request in waiting.drain(..) {
+        // A caller that went away (its job was abandoned) gets no reservation to hold room.
+        for request in waiting.drain(..).filter(|r| !r.granted.is_closed()) {
             by_period
                 .entry(request.period.clone())
                 .or_default()
@@ -88,7 +95,15 @@ async fn run(pool: PgPool, mut inbox: mpsc::Receiver<Request>) {
         }
         // Periods in name order, as every other reservation and settlement locks them.
         for ((budget, period_start, cap), requests) in by_period {
-            let asks: Vec<GroupAsk> = requests.iter().map(|r| r.ask).collect();
+            let now = Utc::now();
+            let asks: Vec<GroupAsk> = requests
+                .iter()
+                .map(|r| GroupAsk {
+                    id: r.id,
+                    amount: r.amount,
+                    expires_at: now + r.hold,
+                })
+                .collect();
             let granted = match budgets::reserve_group(&pool, &budget, period_start, cap, &asks)
                 .await
             {
@@ -102,7 +117,7 @@ async fn run(pool: PgPool, mut inbox: mpsc::Receiver<Request>) {
             for request in requests {
                 // A caller that went away (its job was abandoned) needs no answer; its
                 // reservation, if granted, expires like any abandoned one.
-                let _ = request.granted.send(granted.contains(&request.ask.id));
+                let _ = request.granted.send(granted.contains(&request.id));
             }
         }
     }

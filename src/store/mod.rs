@@ -62,10 +62,27 @@ fn address(options: &PgConnectOptions) -> String {
 /// host keeps sqlx's default, `prefer`; any URL can say `?sslmode=require` (or `disable`).
 pub fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
     let options = PgConnectOptions::from_str(url).map_err(StoreError::Url)?;
+    // Any TLS setting in the URL or the environment is the user's choice, not ours to drop.
+    const TLS_KEYS: &[&str] = &[
+        "sslmode",
+        "ssl-mode",
+        "sslrootcert",
+        "ssl-root-cert",
+        "ssl-ca",
+        "sslcert",
+        "ssl-cert",
+        "sslkey",
+        "ssl-key",
+    ];
+    const TLS_ENV: &[&str] = &["PGSSLMODE", "PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY"];
     let explicit = url::Url::parse(url)
-        .map(|u| u.query_pairs().any(|(key, _)| key == "sslmode"))
-        .unwrap_or(true);
-    if explicit || std::env::var_os("PGSSLMODE").is_some() || !is_local(options.get_host()) {
+        .map(|u| {
+            u.query_pairs()
+                .any(|(key, _)| TLS_KEYS.contains(&key.as_ref()))
+        })
+        .unwrap_or(true)
+        || TLS_ENV.iter().any(|name| std::env::var_os(name).is_some());
+    if explicit || !is_local(options.get_host()) {
         return Ok(options);
     }
     Ok(options.ssl_mode(PgSslMode::Disable))
@@ -186,6 +203,14 @@ mod tests {
         assert!(matches!(
             mode("postgres://postgres@127.0.0.1/db?sslmode=require"),
             PgSslMode::Require
+        ));
+        assert!(matches!(
+            mode("postgres://postgres@127.0.0.1/db?ssl-mode=require"),
+            PgSslMode::Require
+        ));
+        assert!(matches!(
+            mode("postgres://postgres@127.0.0.1/db?sslrootcert=/etc/ca.pem"),
+            PgSslMode::Prefer | PgSslMode::VerifyCa
         ));
         assert!(matches!(
             mode("postgres://postgres@db.internal:5432/db"),
