@@ -931,27 +931,28 @@ async fn settle_budgets(
         let Some(budget) = budgets.get(&name) else {
             continue;
         };
-        let mut levels = budget.alerts.clone();
+        let mut levels: Vec<i32> = budget
+            .alerts
+            .iter()
+            .map(|&level| i32::try_from(level).unwrap_or(i32::MAX))
+            .collect();
         levels.sort_unstable();
-        for level in levels {
-            let level = i32::try_from(level).unwrap_or(i32::MAX);
-            if let Some((spent, cap)) =
-                crate::store::budgets::mark_alert(conn, &name, period_start, level).await?
-            {
-                metrics::counter!("switchyard_budget_alerts_total", "budget" => name.clone(), "level" => level.to_string())
-                    .increment(1);
-                alerts.push(AuditEvent::new(
-                    budget.tenant.as_deref().unwrap_or(NONE_SEGMENT),
-                    None,
-                    "budget_alert",
-                    Utc::now(),
-                    json!({
-                        "budget": name, "level_percent": level, "spent_usd": spent.normalize().to_string(),
-                        "cap_usd": cap.normalize().to_string(), "period_start": period_start,
-                        "mode": format!("{:?}", budget.mode).to_lowercase(),
-                    }),
-                ));
-            }
+        let reached =
+            crate::store::budgets::mark_alerts(conn, &name, period_start, &levels).await?;
+        for (level, spent, cap) in reached {
+            metrics::counter!("switchyard_budget_alerts_total", "budget" => name.clone(), "level" => level.to_string())
+                .increment(1);
+            alerts.push(AuditEvent::new(
+                budget.tenant.as_deref().unwrap_or(NONE_SEGMENT),
+                None,
+                "budget_alert",
+                Utc::now(),
+                json!({
+                    "budget": name, "level_percent": level, "spent_usd": spent.normalize().to_string(),
+                    "cap_usd": cap.normalize().to_string(), "period_start": period_start,
+                    "mode": format!("{:?}", budget.mode).to_lowercase(),
+                }),
+            ));
         }
     }
     Ok(alerts)

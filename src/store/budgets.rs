@@ -259,24 +259,45 @@ pub async fn settle(
     Ok(())
 }
 
-/// Raises the announced alert level of a budget period; returns `(spent, cap)` when `level` is
-/// newly reached.
-pub async fn mark_alert(
+/// Raises the announced alert level of a budget period to the highest of `levels` (in
+/// percent, ascending) its spending has reached; returns each newly reached level with the
+/// period's `(spent, cap)`. The row is read under a lock first, so every level is judged on the
+/// same `spent`: judging each level in its own statement let a settlement committed between
+/// two statements skip the lower levels (only 100% was announced).
+pub async fn mark_alerts(
     conn: &mut PgConnection,
     budget: &str,
     period_start: DateTime<Utc>,
-    level: i32,
-) -> Result<Option<(Decimal, Decimal)>, sqlx::Error> {
-    sqlx::query_as(
-        "UPDATE budget_periods SET alerted = $3
-         WHERE budget = $1 AND period_start = $2 AND alerted < $3 AND spent * 100 >= cap * $3
-         RETURNING spent, cap",
+    levels: &[i32],
+) -> Result<Vec<(i32, Decimal, Decimal)>, sqlx::Error> {
+    let row: Option<(Decimal, Decimal, i32)> = sqlx::query_as(
+        "SELECT spent, cap, alerted FROM budget_periods WHERE budget = $1 AND period_start = $2 FOR UPDATE",
     )
     .bind(budget)
     .bind(period_start)
-    .bind(level)
-    .fetch_optional(conn)
-    .await
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((spent, cap, alerted)) = row else {
+        return Ok(Vec::new());
+    };
+    let reached: Vec<(i32, Decimal, Decimal)> = levels
+        .iter()
+        .filter(|&&level| {
+            level > alerted && spent * Decimal::from(100) >= cap * Decimal::from(level)
+        })
+        .map(|&level| (level, spent, cap))
+        .collect();
+    if let Some(&(highest, _, _)) = reached.last() {
+        sqlx::query(
+            "UPDATE budget_periods SET alerted = $3 WHERE budget = $1 AND period_start = $2",
+        )
+        .bind(budget)
+        .bind(period_start)
+        .bind(highest)
+        .execute(conn)
+        .await?;
+    }
+    Ok(reached)
 }
 
 /// Releases reservations that expired before `now` (their workers died).
