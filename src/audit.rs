@@ -11,13 +11,11 @@
 //! in `seq` and a `prev_hash` that matches nothing; deleting the last rows leaves the head
 //! pointing past the end.
 
-use std::fmt::Write as _;
-
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures::TryStreamExt;
 use lapin::types::AMQPValue;
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -159,41 +157,55 @@ fn without_password(url: &str) -> String {
 /// as `serde_json` writes them. A `jsonb` round trip keeps the value, so the hash of a row read
 /// back from Postgres equals the hash computed before it was written.
 pub fn canonical(value: &Value) -> String {
-    let mut out = String::new();
+    let mut out = Vec::new();
     write_canonical(value, &mut out);
-    out
+    // serde_json writes UTF-8 only.
+    String::from_utf8(out).unwrap_or_default()
 }
 
-fn write_canonical(value: &Value, out: &mut String) {
+fn write_canonical(value: &Value, out: &mut Vec<u8>) {
     match value {
         Value::Object(map) => {
-            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-            entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-            out.push('{');
-            for (i, (key, item)) in entries.into_iter().enumerate() {
+            out.push(b'{');
+            let mut write = |i: usize, key: &String, item: &Value| {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
-                out.push_str(&Value::String(key.clone()).to_string());
-                out.push(':');
+                write_scalar(key, out);
+                out.push(b':');
                 write_canonical(item, out);
+            };
+            // serde_json's map is usually already in key order; sort only when it is not.
+            if map.keys().is_sorted_by(|a, b| a.as_bytes() <= b.as_bytes()) {
+                for (i, (key, item)) in map.iter().enumerate() {
+                    write(i, key, item);
+                }
+            } else {
+                let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+                entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+                for (i, (key, item)) in entries.into_iter().enumerate() {
+                    write(i, key, item);
+                }
             }
-            out.push('}');
+            out.push(b'}');
         }
         Value::Array(items) => {
-            out.push('[');
+            out.push(b'[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
                 write_canonical(item, out);
             }
-            out.push(']');
+            out.push(b']');
         }
-        other => {
-            let _ = write!(out, "{other}");
-        }
+        other => write_scalar(other, out),
     }
+}
+
+/// A string, number, bool or null as serde_json writes it (writing to a `Vec` cannot fail).
+fn write_scalar<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) {
+    let _ = serde_json::to_writer(&mut *out, value);
 }
 
 /// An audit row's timestamp as Postgres keeps it: whole microseconds.
@@ -217,19 +229,40 @@ pub struct Link<'a> {
 
 /// SHA-256 over the canonical serialisation of `link` (format version 1).
 pub fn row_hash(link: &Link<'_>) -> String {
-    let value = json!({
-        "v": 1,
-        "id": link.id,
-        "tenant": link.tenant,
-        "seq": link.seq,
-        "job_id": link.job_id,
-        "kind": link.kind,
-        "at": to_micros(link.at).to_rfc3339_opts(SecondsFormat::Micros, true),
-        "details": link.details,
-        "provenance": serde_json::to_value(link.provenance).unwrap_or(Value::Null),
-        "prev_hash": link.prev_hash,
-    });
-    sha256_hex(canonical(&value).as_bytes())
+    // The canonical form of the object {v, id, tenant, seq, job_id, kind, at, details,
+    // provenance, prev_hash}, written field by field in key order (no intermediate value).
+    let mut out = Vec::with_capacity(512);
+    let field = |name: &str, out: &mut Vec<u8>| {
+        out.push(if name == "at" { b'{' } else { b',' });
+        write_scalar(name, out);
+        out.push(b':');
+    };
+    field("at", &mut out);
+    let at = to_micros(link.at).to_rfc3339_opts(SecondsFormat::Micros, true);
+    write_scalar(&at, &mut out);
+    field("details", &mut out);
+    write_canonical(link.details, &mut out);
+    field("id", &mut out);
+    write_scalar(&link.id, &mut out);
+    field("job_id", &mut out);
+    write_scalar(&link.job_id, &mut out);
+    field("kind", &mut out);
+    write_scalar(link.kind, &mut out);
+    field("prev_hash", &mut out);
+    write_scalar(link.prev_hash, &mut out);
+    field("provenance", &mut out);
+    write_canonical(
+        &serde_json::to_value(link.provenance).unwrap_or(Value::Null),
+        &mut out,
+    );
+    field("seq", &mut out);
+    write_scalar(&link.seq, &mut out);
+    field("tenant", &mut out);
+    write_scalar(link.tenant, &mut out);
+    field("v", &mut out);
+    write_scalar(&1, &mut out);
+    out.push(b'}');
+    sha256_hex(&out)
 }
 
 /// The first broken link of a chain.
@@ -377,6 +410,47 @@ async fn verify_chain(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    /// The hash as format version 1 defines it: the canonical form of one JSON object.
+    fn reference_row_hash(link: &Link<'_>) -> String {
+        let value = json!({
+            "v": 1,
+            "id": link.id,
+            "tenant": link.tenant,
+            "seq": link.seq,
+            "job_id": link.job_id,
+            "kind": link.kind,
+            "at": to_micros(link.at).to_rfc3339_opts(SecondsFormat::Micros, true),
+            "details": link.details,
+            "provenance": serde_json::to_value(link.provenance).unwrap_or(Value::Null),
+            "prev_hash": link.prev_hash,
+        });
+        sha256_hex(canonical(&value).as_bytes())
+    }
+
+    #[test]
+    fn the_row_hash_written_field_by_field_equals_the_canonical_object_hash() {
+        let details = json!({"z": [1, {"b": "é\n\"q\"", "a": null}], "cost_usd": "0.1", "f": 0.1});
+        let provenance = Provenance {
+            worker_id: Some("w-1".to_owned()),
+            ..Provenance::default()
+        };
+        for job_id in [None, Some(Uuid::now_v7())] {
+            let link = Link {
+                id: Uuid::now_v7(),
+                tenant: "acme",
+                seq: 42,
+                job_id,
+                kind: "job_succeeded",
+                at: Utc::now(),
+                details: &details,
+                provenance: &provenance,
+                prev_hash: GENESIS,
+            };
+            assert_eq!(row_hash(&link), reference_row_hash(&link));
+        }
+    }
 
     #[test]
     fn canonical_json_sorts_keys_at_every_level() {

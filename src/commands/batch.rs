@@ -599,8 +599,16 @@ async fn cancel(settings: Settings, id: &str, tenant: &str) -> anyhow::Result<Ex
             finished_at: now,
         })
         .collect();
-    jobs::insert_many(&mut tx, &rows).await?;
-    let refs: Vec<&JobResult> = cancelled.iter().collect();
+    jobs::insert_many(&mut tx, &rows.iter().collect::<Vec<_>>()).await?;
+    let bodies: Vec<String> = cancelled
+        .iter()
+        .map(serde_json::to_string)
+        .collect::<Result<_, _>>()?;
+    let refs: Vec<(&JobResult, &str)> = cancelled
+        .iter()
+        .zip(&bodies)
+        .map(|(result, body)| (result, body.as_str()))
+        .collect();
     results::insert_many(&mut tx, &refs, now).await?;
     let mut event = AuditEvent::new(
         tenant,

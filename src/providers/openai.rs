@@ -64,6 +64,9 @@ struct OpenAiResponse {
     choices: Vec<OpenAiChoice>,
     #[serde(default)]
     usage: Option<OpenAiUsage>,
+    /// A 200 that carries an error (some gateways answer so); anything but null is refused.
+    #[serde(default)]
+    error: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -257,16 +260,32 @@ fn malformed(text: &str, reason: String) -> ProviderError {
 
 /// Parses a 2xx body into a normalised completion; an unusable body is a server error.
 pub(crate) fn parse_openai_response(text: &str, model: &str) -> Result<Completion, ProviderError> {
-    let value: Value = serde_json::from_str(text.trim_start())
-        .map_err(|e| malformed(text, format!("response body is not JSON: {e}")))?;
-    if let Some(error) = value.get("error").filter(|e| !e.is_null()) {
+    let text_json = text.trim_start();
+    // One pass into the typed shape; only a body that does not fit it is parsed again as a
+    // plain value, to say precisely what is wrong with it.
+    let parsed: OpenAiResponse = match serde_json::from_str(text_json) {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            let value: Value = serde_json::from_str(text_json)
+                .map_err(|e| malformed(text, format!("response body is not JSON: {e}")))?;
+            if let Some(carried) = value.get("error").filter(|e| !e.is_null()) {
+                return Err(malformed(
+                    text,
+                    format!("200 response carries an error: {carried}"),
+                ));
+            }
+            return Err(malformed(
+                text,
+                format!("response is not a chat.completion: {error}"),
+            ));
+        }
+    };
+    if let Some(error) = parsed.error.as_ref().filter(|e| !e.is_null()) {
         return Err(malformed(
             text,
             format!("200 response carries an error: {error}"),
         ));
     }
-    let parsed: OpenAiResponse = serde_json::from_value(value)
-        .map_err(|e| malformed(text, format!("response is not a chat.completion: {e}")))?;
     let Some(choice) = parsed.choices.into_iter().next() else {
         return Err(malformed(text, "response has no choices".to_owned()));
     };

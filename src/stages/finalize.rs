@@ -676,22 +676,25 @@ impl Finalizer {
             source,
         };
         let mut tx = self.pool.begin().await.map_err(store_error)?;
-        let job_rows: Vec<JobRow> = fresh.iter().map(|j| j.job.clone()).collect();
+        let job_rows: Vec<&JobRow> = fresh.iter().map(|j| &j.job).collect();
         jobs::insert_many(&mut tx, &job_rows)
             .await
             .map_err(store_error)?;
-        let attempt_rows: Vec<AttemptRow> = fresh
-            .iter()
-            .flat_map(|j| j.attempts.iter().cloned())
-            .collect();
+        let attempt_rows: Vec<&AttemptRow> = fresh.iter().flat_map(|j| &j.attempts).collect();
         attempts::insert_many(&mut tx, &attempt_rows)
             .await
             .map_err(store_error)?;
-        let result_refs: Vec<&JobResult> = fresh
+        // Each result is serialized once: the same bytes are stored and published.
+        let bodies: Vec<String> = fresh
             .iter()
-            .map(|j| j.stored.as_ref().unwrap_or(&j.result))
+            .map(|j| to_json_string(j.stored.as_ref().unwrap_or(&j.result)))
             .collect();
-        let inserted = results::insert_many(&mut tx, &result_refs, Utc::now())
+        let result_rows: Vec<(&JobResult, &str)> = fresh
+            .iter()
+            .zip(&bodies)
+            .map(|(j, body)| (j.stored.as_ref().unwrap_or(&j.result), body.as_str()))
+            .collect();
+        let inserted = results::insert_many(&mut tx, &result_rows, Utc::now())
             .await
             .map_err(store_error)?;
         let costs: Vec<(Uuid, &CostEvent)> = fresh
@@ -734,7 +737,7 @@ impl Finalizer {
         }
         let created_at = Utc::now();
         let rows: Vec<OutboxRow> = self
-            .messages(fresh, &lost_races, &alerts)
+            .messages(fresh, bodies, &lost_races, &alerts)
             .into_iter()
             .map(|message| OutboxRow {
                 id: Uuid::now_v7(),
@@ -765,16 +768,24 @@ impl Finalizer {
 
     /// Every message of a committed group: one result per job, dead-letter copies of first-seen
     /// rejections, then the cost and audit events.
+    ///
+    /// `bodies` are the jobs' results as stored (serialized once for the rows).
     fn messages(
         &self,
         fresh: &[FinishedJob],
+        bodies: Vec<String>,
         lost_races: &BTreeMap<Uuid, JobResult>,
         alerts: &[AuditEvent],
     ) -> Vec<Outgoing> {
         let mut outgoing = Vec::with_capacity(fresh.len() + 4);
-        for job in fresh {
-            let result = lost_races.get(&job.result.job_id).unwrap_or(&job.result);
-            outgoing.push(self.result_message(result));
+        for (job, body) in fresh.iter().zip(bodies) {
+            // A job that lost a race publishes the winner's result. `body` is the job's own
+            // result unless retention stored a redacted copy, which is never published.
+            outgoing.push(match lost_races.get(&job.result.job_id) {
+                Some(winner) => self.result_message(winner),
+                None if job.stored.is_some() => self.result_message(&job.result),
+                None => self.result_message_with_body(&job.result, body.into_bytes()),
+            });
             // A rejected message seen again was dead-lettered the first time.
             if let Some(body) = &job.dead_letter
                 && !lost_races.contains_key(&job.result.job_id)
@@ -808,10 +819,15 @@ impl Finalizer {
     }
 
     fn result_message(&self, result: &JobResult) -> Outgoing {
+        self.result_message_with_body(result, to_json(result))
+    }
+
+    /// The result message of `result`, whose JSON is `body`.
+    fn result_message_with_body(&self, result: &JobResult, body: Vec<u8>) -> Outgoing {
         Outgoing {
             exchange: self.names.results_exchange(),
             routing_key: result.routing_key(),
-            body: to_json(result),
+            body,
             message_id: result.message_id(),
             kind: RESULT_SCHEMA.to_owned(),
             headers: None,
@@ -974,4 +990,8 @@ impl HasSchema for AuditEvent {
 fn to_json<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     // Serializing our own message types cannot fail: they hold no maps with non-string keys.
     serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn to_json_string<T: Serialize + ?Sized>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_default()
 }

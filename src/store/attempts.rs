@@ -26,7 +26,7 @@ pub struct AttemptRow {
     pub usage: Option<Usage>,
 }
 
-fn tokens(rows: &[AttemptRow], field: impl Fn(&Usage) -> u64) -> Vec<Option<i64>> {
+fn tokens(rows: &[&AttemptRow], field: impl Fn(&Usage) -> u64) -> Vec<Option<i64>> {
     rows.iter()
         .map(|r| {
             r.usage
@@ -37,7 +37,7 @@ fn tokens(rows: &[AttemptRow], field: impl Fn(&Usage) -> u64) -> Vec<Option<i64>
 }
 
 /// Inserts many attempts in one statement.
-pub async fn insert_many(conn: &mut PgConnection, rows: &[AttemptRow]) -> Result<(), sqlx::Error> {
+pub async fn insert_many(conn: &mut PgConnection, rows: &[&AttemptRow]) -> Result<(), sqlx::Error> {
     if rows.is_empty() {
         return Ok(());
     }
@@ -54,9 +54,9 @@ pub async fn insert_many(conn: &mut PgConnection, rows: &[AttemptRow]) -> Result
     .bind(rows.iter().map(|r| r.job_id).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.generation).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.n).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.provider.clone()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.model.clone()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.key_id.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.provider.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.model.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.key_id.as_deref()).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.started_at).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.ended_at).collect::<Vec<_>>())
     .bind(
@@ -67,9 +67,9 @@ pub async fn insert_many(conn: &mut PgConnection, rows: &[AttemptRow]) -> Result
             })
             .collect::<Vec<_>>(),
     )
-    .bind(rows.iter().map(|r| r.error_class.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.error_class.as_deref()).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.http_status).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.error.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.error.as_deref()).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.latency_ms).collect::<Vec<_>>())
     .bind(tokens(rows, |u| u.input_tokens))
     .bind(tokens(rows, |u| u.cached_input_tokens))

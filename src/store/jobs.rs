@@ -3,6 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::PgConnection;
+use sqlx::types::Json;
 use uuid::Uuid;
 
 use crate::messages::JobStatus;
@@ -27,10 +28,10 @@ pub struct JobRow {
 /// Inserts many jobs in one statement. A job id already present is left as it is, unless
 /// the new row is a newer generation (a replay) or replaces a `cancelled` placeholder (the
 /// job was already running when its batch was cancelled).
-pub async fn insert_many(conn: &mut PgConnection, rows: &[JobRow]) -> Result<(), sqlx::Error> {
+pub async fn insert_many(conn: &mut PgConnection, rows: &[&JobRow]) -> Result<(), sqlx::Error> {
     // Two copies of one job in a group would make the upsert touch a row twice (an error).
     let mut seen = std::collections::HashSet::with_capacity(rows.len());
-    let rows: Vec<&JobRow> = rows.iter().filter(|r| seen.insert(r.id)).collect();
+    let rows: Vec<&JobRow> = rows.iter().copied().filter(|r| seen.insert(r.id)).collect();
     if rows.is_empty() {
         return Ok(());
     }
@@ -48,16 +49,16 @@ pub async fn insert_many(conn: &mut PgConnection, rows: &[JobRow]) -> Result<(),
             OR (jobs.status = 'cancelled' AND EXCLUDED.status <> 'cancelled')",
     )
     .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.tenant.clone()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.batch.clone()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.route.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.tenant.as_deref()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.batch.as_deref()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.route.as_deref()).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.generation).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.request.clone()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.raw_body.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.request.as_ref().map(Json)).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.raw_body.as_deref()).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.received_at).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.finished_at).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.request_sha256.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.request_sha256.as_deref()).collect::<Vec<_>>())
     .execute(conn)
     .await?;
     Ok(())

@@ -12,26 +12,28 @@ use crate::messages::JobResult;
 /// result already exists (a duplicate processed concurrently) is not among them. A
 /// `cancelled` placeholder written by `batch cancel` while the job was already running is
 /// replaced by the job's real outcome, so nothing paid for is lost.
+///
+/// Each result comes with its JSON body (the message that is published), serialized once by
+/// the caller for both the row and the message.
 pub async fn insert_many(
     conn: &mut PgConnection,
-    results: &[&JobResult],
+    results: &[(&JobResult, &str)],
     created_at: DateTime<Utc>,
 ) -> Result<Vec<Uuid>, sqlx::Error> {
     // Two copies of one job in a group would make the upsert touch a row twice (an error);
     // the first copy wins and the second is reported as not inserted.
     let mut seen = std::collections::HashSet::with_capacity(results.len());
-    let results: Vec<&JobResult> = results
+    let results: Vec<&(&JobResult, &str)> = results
         .iter()
-        .copied()
-        .filter(|r| seen.insert((r.job_id, r.generation)))
+        .filter(|(r, _)| seen.insert((r.job_id, r.generation)))
         .collect();
     if results.is_empty() {
         return Ok(Vec::new());
     }
     sqlx::query_scalar(
         "INSERT INTO results (job_id, generation, tenant, batch, status, error_code, body, created_at)
-         SELECT job_id, generation, tenant, batch, status, error_code, body, $8
-         FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::text[], $7::jsonb[])
+         SELECT job_id, generation, tenant, batch, status, error_code, body::jsonb, $8
+         FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
               AS t(job_id, generation, tenant, batch, status, error_code, body)
          ON CONFLICT (job_id, generation) DO UPDATE SET
              status = EXCLUDED.status, error_code = EXCLUDED.error_code, body = EXCLUDED.body,
@@ -39,13 +41,18 @@ pub async fn insert_many(
          WHERE results.status = 'cancelled' AND EXCLUDED.status <> 'cancelled'
          RETURNING job_id",
     )
-    .bind(results.iter().map(|r| r.job_id).collect::<Vec<_>>())
-    .bind(results.iter().map(|r| r.generation).collect::<Vec<_>>())
-    .bind(results.iter().map(|r| r.tenant.clone()).collect::<Vec<_>>())
-    .bind(results.iter().map(|r| r.batch.clone()).collect::<Vec<_>>())
-    .bind(results.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
-    .bind(results.iter().map(|r| r.error.as_ref().map(|e| e.code.clone())).collect::<Vec<_>>())
-    .bind(results.iter().map(|r| Json(*r)).collect::<Vec<_>>())
+    .bind(results.iter().map(|(r, _)| r.job_id).collect::<Vec<_>>())
+    .bind(results.iter().map(|(r, _)| r.generation).collect::<Vec<_>>())
+    .bind(results.iter().map(|(r, _)| r.tenant.as_deref()).collect::<Vec<_>>())
+    .bind(results.iter().map(|(r, _)| r.batch.as_deref()).collect::<Vec<_>>())
+    .bind(results.iter().map(|(r, _)| r.status.as_str()).collect::<Vec<_>>())
+    .bind(
+        results
+            .iter()
+            .map(|(r, _)| r.error.as_ref().map(|e| e.code.as_str()))
+            .collect::<Vec<_>>(),
+    )
+    .bind(results.iter().map(|(_, body)| *body).collect::<Vec<_>>())
     .bind(created_at)
     .fetch_all(conn)
     .await
