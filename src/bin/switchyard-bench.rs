@@ -10,7 +10,8 @@
 //! How a pipeline run measures:
 //! 1. a fresh database and broker prefix, a fresh `fake-provider` (and a fallback one), a
 //!    config file, `switchyard migrate`;
-//! 2. the worker starts on the empty queue; once it consumes, its CPU time is read and it is
+//! 2. the worker starts on the empty queue; once it consumes, it serves `--warm-up` jobs (1,000;
+//!    100 in a smoke run) that no figure counts, then its CPU time is read and it is
 //!    stopped (`SIGSTOP`) while every job is published, then continued (`SIGCONT`): the
 //!    throughput is jobs ÷ (last result − continue), the CPU per job is the worker process's
 //!    user+sys time (`/proc/<pid>/stat`) over that span ÷ jobs, so start-up is not counted;
@@ -59,6 +60,10 @@ struct Args {
     /// smoke 300).
     #[arg(long)]
     jobs: Option<usize>,
+    /// Jobs each pipeline run serves before it measures, not counted (HTTP connections opened,
+    /// statements prepared, pools grown): the figures are what a job costs a running worker.
+    #[arg(long)]
+    warm_up: Option<usize>,
     /// Worker concurrency (and prefetch) for the 0 ms runs.
     #[arg(long, default_value_t = 512)]
     concurrency: u16,
@@ -110,6 +115,8 @@ struct Plan {
     paced_secs: f64,
     /// Give up when no result arrived for this long.
     stall: Duration,
+    /// Jobs served before measuring (see `Args::warm_up`).
+    warm_up: usize,
 }
 
 /// One pipeline scenario.
@@ -213,6 +220,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             scaling: args.scaling.clone().unwrap_or_else(|| vec![100, 200, 400]),
             paced_secs: 1.0,
             stall: Duration::from_secs(30),
+            warm_up: args.warm_up.unwrap_or(100),
         }
     } else {
         Plan {
@@ -225,6 +233,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .unwrap_or_else(|| vec![1_000, 10_000, 100_000]),
             paced_secs: 5.0,
             stall: Duration::from_secs(60),
+            warm_up: args.warm_up.unwrap_or(1_000),
         }
     };
     let wants = |name: &str| {
@@ -254,6 +263,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         perf_dir: args.perf_dir.clone(),
         keep_logs: args.keep_logs,
         stall: plan.stall,
+        warm_up: plan.warm_up,
         clk_tck: clock_ticks(),
     };
     let machine = machine();
@@ -356,6 +366,7 @@ struct Env {
     perf_dir: Option<PathBuf>,
     keep_logs: bool,
     stall: Duration,
+    warm_up: usize,
     clk_tck: f64,
 }
 
@@ -963,8 +974,19 @@ async fn pipeline_in(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Let start-up work (pool, limiter registration, first sharing round) settle.
+    // Let start-up work (pool, limiter registration, first sharing round) settle, then serve
+    // the warm-up jobs, which no figure counts.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut alive = || match worker.child.try_wait() {
+        Ok(None) => Ok(()),
+        Ok(Some(status)) => bail!("the worker exited early ({status}):\n{}", tail(&log)),
+        Err(error) => Err(error.into()),
+    };
+    let warm_up = env.warm_up;
+    if warm_up > 0 {
+        publish_jobs(&publisher, names, warm_up).await?;
+        wait_results(&collected, warm_up, env.stall, &mut alive).await?;
+    }
     signal(pid, "STOP")?;
     let published = publish_jobs(&publisher, names, scenario.jobs).await;
     let before = cpu_ticks(pid);
@@ -991,12 +1013,7 @@ async fn pipeline_in(
         }
         None => None,
     };
-    let mut alive = || match worker.child.try_wait() {
-        Ok(None) => Ok(()),
-        Ok(Some(status)) => bail!("the worker exited early ({status}):\n{}", tail(&log)),
-        Err(error) => Err(error.into()),
-    };
-    let last = wait_results(&collected, scenario.jobs, env.stall, &mut alive).await?;
+    let last = wait_results(&collected, warm_up + scenario.jobs, env.stall, &mut alive).await?;
     let after = cpu_ticks(pid)?;
     if let Some(mut perf) = perf {
         signal(perf.child.id(), "INT")?;
@@ -1032,7 +1049,13 @@ async fn pipeline_in(
                 bail!("the broker nacked a job");
             }
         }
-        wait_results(&collected, scenario.jobs + count, env.stall, &mut alive).await?;
+        wait_results(
+            &collected,
+            warm_up + scenario.jobs + count,
+            env.stall,
+            &mut alive,
+        )
+        .await?;
         let (mut added, mut stages) = {
             let mut state = lock(&collected);
             (
