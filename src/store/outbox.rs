@@ -63,16 +63,16 @@ pub async fn insert_many(conn: &mut PgConnection, rows: &[OutboxRow]) -> Result<
          SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::bytea[], $8::timestamptz[])",
     )
     .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.message.message_id.clone()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.message.exchange.clone()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.message.routing_key.clone()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.message.kind.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.message.message_id.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.message.exchange.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.message.routing_key.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.message.kind.as_str()).collect::<Vec<_>>())
     .bind(
         rows.iter()
             .map(|r| Json(headers_to_json(r.message.headers.as_ref())))
             .collect::<Vec<_>>(),
     )
-    .bind(rows.iter().map(|r| r.message.body.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.message.body.as_slice()).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
     .execute(conn)
     .await?;
