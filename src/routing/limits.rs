@@ -29,6 +29,20 @@ const GRANT_DIVISOR: u32 = 256;
 /// exactly, at the price of up to this much of each window for unused calls.
 const GRANT_TTL: Duration = Duration::from_secs(1);
 
+/// How long a scope's shared pause, once read, answers this worker's calls before it is read
+/// again. Well below any retry-after a provider sends (whole seconds), and a pause this worker
+/// announces itself is seen at once.
+const PAUSE_RECHECK: Duration = Duration::from_millis(100);
+
+/// A scope's shared pause as this worker last read it.
+#[derive(Debug, Default)]
+struct PauseView {
+    /// When it was read (`None`: never); a task that finds it stale reads it again, the others
+    /// meanwhile go by what was read.
+    read_at: Option<tokio::time::Instant>,
+    until: Option<tokio::time::Instant>,
+}
+
 /// Calls of a grant not used yet, and until when they may be.
 #[derive(Debug)]
 struct Grant {
@@ -145,6 +159,8 @@ pub struct Limiter {
     keep: Duration,
     /// Grants of the scopes drawn in grants (see [`Scope::grant_size`]).
     grants: Arc<HashMap<String, Grants>>,
+    /// The shared pauses of the scopes that count no calls (read every [`PAUSE_RECHECK`]).
+    pauses: Arc<HashMap<String, std::sync::Mutex<PauseView>>>,
 }
 
 /// Every scope the settings define.
@@ -191,8 +207,14 @@ impl Limiter {
             .filter(|scope| scope.grant_size().is_some())
             .map(|scope| (scope.name.clone(), Grants::default()))
             .collect();
+        let pauses = scopes
+            .iter()
+            .filter(|scope| !scope.counts_calls())
+            .map(|scope| (scope.name.clone(), std::sync::Mutex::default()))
+            .collect();
         Ok(Self {
             grants: Arc::new(grants),
+            pauses: Arc::new(pauses),
             pool,
             holder: Uuid::now_v7(),
             local: Arc::new(local),
@@ -283,7 +305,7 @@ impl Limiter {
             if !scope.counts_calls() {
                 // Nothing to count: only a shared pause (a key's retry-after) can hold it.
                 loop {
-                    match limiter::paused_for(&self.pool, &scope.name, Utc::now()).await? {
+                    match self.paused_for(scope).await? {
                         None => break,
                         Some(wait) if tokio::time::Instant::now() + wait <= deadline => {
                             tokio::time::sleep(wait + Duration::from_millis(fastrand::u64(0..5)))
@@ -369,6 +391,44 @@ impl Limiter {
         Ok(None)
     }
 
+    /// How long `scope` is paused for every worker, read from Postgres at most every
+    /// [`PAUSE_RECHECK`] by one task at a time.
+    async fn paused_for(&self, scope: &Scope) -> Result<Option<Duration>, sqlx::Error> {
+        let Some(view) = self.pauses.get(&scope.name) else {
+            return limiter::paused_for(&self.pool, &scope.name, Utc::now()).await;
+        };
+        let now = tokio::time::Instant::now();
+        let cached = {
+            let mut view = view
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match view.read_at {
+                Some(read_at) if now < read_at + PAUSE_RECHECK => Some(view.until),
+                // A pause known to last: wait it out before asking again.
+                _ if view.until.is_some_and(|until| until > now) => Some(view.until),
+                // Stale: this task reads it; the others go by the last reading meanwhile.
+                _ => {
+                    view.read_at = Some(now);
+                    None
+                }
+            }
+        };
+        let until = match cached {
+            Some(until) => until,
+            None => {
+                let wait = limiter::paused_for(&self.pool, &scope.name, Utc::now()).await?;
+                let until = wait.map(|wait| now + wait);
+                let mut view = view
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                view.read_at = Some(now);
+                view.until = until.max(view.until.filter(|u| *u > now));
+                view.until
+            }
+        };
+        Ok(until.filter(|until| *until > now).map(|until| until - now))
+    }
+
     /// Gives back a lease that was not used for a call: its slots are freed and its calls are
     /// removed from the rate windows.
     pub async fn cancel(&self, lease: Lease) {
@@ -396,6 +456,13 @@ impl Limiter {
 
     /// Pauses a scope for every worker (a provider's retry-after on a key).
     pub async fn pause(&self, scope: &Scope, rest: Duration) {
+        if let Some(view) = self.pauses.get(&scope.name) {
+            let until = tokio::time::Instant::now() + rest;
+            let mut view = view
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            view.until = Some(until).max(view.until);
+        }
         let until = Utc::now() + chrono::Duration::from_std(rest).unwrap_or_default();
         if let Err(error) = limiter::pause(&self.pool, &scope.name, until).await {
             tracing::warn!(scope = %scope.name, error.message = %error, "Could not share a key's pause.");

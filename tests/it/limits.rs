@@ -242,3 +242,58 @@ async fn token_limits_count_estimates_and_are_corrected_to_actual_usage() {
     ));
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_key_pause_is_seen_at_once_by_its_own_worker_and_within_a_recheck_by_another() {
+    use switchyard::config::Limits;
+    use switchyard::routing::limits::{Acquired, Limiter, Scope};
+    let app = spawn_app_with("").await;
+    // A key scope counts no calls: only a shared pause (a retry-after) can hold it.
+    let scope = Scope::key("pause-test", "k1", Limits::default());
+    let worker = || async {
+        Limiter::new(
+            app.pool().clone(),
+            std::slice::from_ref(&scope),
+            Duration::ZERO,
+        )
+        .await
+        .unwrap()
+    };
+    let (a, b) = (worker().await, worker().await);
+    let timeout = Duration::from_secs(5);
+    let granted = |acquired: Acquired| matches!(acquired, Acquired::Granted(_));
+    // Both have read the scope (unpaused) just now.
+    assert!(granted(
+        a.acquire(&[&scope], 0, Duration::ZERO, timeout)
+            .await
+            .unwrap()
+    ));
+    assert!(granted(
+        b.acquire(&[&scope], 0, Duration::ZERO, timeout)
+            .await
+            .unwrap()
+    ));
+    a.pause(&scope, Duration::from_secs(3)).await;
+    assert!(
+        !granted(
+            a.acquire(&[&scope], 0, Duration::ZERO, timeout)
+                .await
+                .unwrap()
+        ),
+        "the worker that announced the pause keeps it at once"
+    );
+    // The other worker reads the shared pause again after at most 100 ms.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    match b
+        .acquire(&[&scope], 0, Duration::ZERO, timeout)
+        .await
+        .unwrap()
+    {
+        Acquired::TooLong(wait) => assert!(
+            wait > Duration::from_secs(2) && wait <= Duration::from_secs(3),
+            "the rest of the announced pause: {wait:?}"
+        ),
+        Acquired::Granted(_) => panic!("another worker's pause was not seen"),
+    }
+    app.cleanup().await;
+}
