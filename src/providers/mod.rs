@@ -473,9 +473,18 @@ pub fn excerpt(text: &str, max: usize) -> String {
     format!("{}…", &text[..end])
 }
 
+/// The longest retry delay taken from a response (a week, as for Gemini's `RetryInfo`); a
+/// longer one is ignored as absurd: no provider means it, and a large enough one would
+/// overflow `Instant::now() + wait` (a panic).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
 /// The retry delay a response's headers ask for: `retry-after-ms`, then `retry-after`
-/// (seconds or an HTTP date).
+/// (seconds or an HTTP date); `None` when absent, unreadable or over [`MAX_RETRY_AFTER`].
 pub fn retry_after_from_headers(headers: &HeaderMap) -> Option<Duration> {
+    requested_retry_after(headers).filter(|wait| *wait <= MAX_RETRY_AFTER)
+}
+
+fn requested_retry_after(headers: &HeaderMap) -> Option<Duration> {
     let header = |name: &str| {
         headers
             .get(name)
@@ -627,6 +636,17 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("retry-after", HeaderValue::from_static("1e30"));
         assert_eq!(retry_after_from_headers(&headers), None);
+        // Representable, but past any clock: `Instant::now() + wait` would panic.
+        headers.insert("retry-after", HeaderValue::from_static("9e18"));
+        assert_eq!(retry_after_from_headers(&headers), None);
+        headers.insert("retry-after", HeaderValue::from_static("604801"));
+        assert_eq!(retry_after_from_headers(&headers), None);
+        headers.insert("retry-after", HeaderValue::from_static("604800"));
+        assert_eq!(
+            retry_after_from_headers(&headers),
+            Some(Duration::from_secs(604_800))
+        );
+        headers.insert("retry-after", HeaderValue::from_static("1e30"));
         headers.insert("retry-after-ms", HeaderValue::from_static("-5"));
         assert_eq!(retry_after_from_headers(&headers), None);
         assert_eq!(parse_go_duration("99999999999999999999999s"), None);

@@ -560,6 +560,7 @@ fn retry_delay(headers: &HeaderMap) -> Option<std::time::Duration> {
                 parse_go_duration(reset)
             })
             .max()
+            .filter(|wait| *wait <= super::MAX_RETRY_AFTER)
     })
 }
 

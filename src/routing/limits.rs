@@ -457,7 +457,7 @@ impl Limiter {
     /// Pauses a scope for every worker (a provider's retry-after on a key).
     pub async fn pause(&self, scope: &Scope, rest: Duration) {
         if let Some(view) = self.pauses.get(&scope.name) {
-            let until = tokio::time::Instant::now() + rest;
+            let until = tokio::time::Instant::now() + rest.min(crate::providers::MAX_RETRY_AFTER);
             let mut view = view
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);

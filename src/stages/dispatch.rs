@@ -650,7 +650,10 @@ fn key_health(
         ErrorClass::Auth => ("key_disabled", KeyStatus::Disabled, None),
         ErrorClass::QuotaExhausted => ("key_exhausted", KeyStatus::Exhausted, None),
         ErrorClass::RateLimited => {
-            let rest = error.retry_after.unwrap_or(DEFAULT_KEY_REST);
+            let rest = error
+                .retry_after
+                .unwrap_or(DEFAULT_KEY_REST)
+                .min(crate::providers::MAX_RETRY_AFTER);
             (
                 "key_rate_limited",
                 KeyStatus::Resting(Instant::now() + rest),
