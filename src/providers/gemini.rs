@@ -17,7 +17,7 @@ use super::images::{self, InlineImage};
 use super::sse::{SseEvent, SseParser};
 use super::{
     Call, Completion, ErrorClass, ProviderError, chat_completion, excerpt, finish,
-    parse_go_duration, retry_after_from_headers,
+    parse_go_duration, plausible_retry_after as plausible, retry_after_from_headers,
 };
 use crate::messages::{ChatMessage, ChatRequest, Usage};
 
@@ -1305,16 +1305,6 @@ fn retry_delay_text(delay: &str) -> Option<Duration> {
     (delay.len() <= 32 && longest <= 12)
         .then(|| parse_go_duration(delay))
         .flatten()
-}
-
-/// Longest retry delay taken at face value. Gemini's `RetryInfo` says seconds to hours (a
-/// per-day quota at most a day); anything beyond a week is a broken value, and passing it on
-/// would risk `Instant + delay` overflows in the retry logic.
-const MAX_RETRY_DELAY: Duration = Duration::from_secs(7 * 24 * 3600);
-
-/// A retry delay, or `None` when it is beyond [`MAX_RETRY_DELAY`].
-fn plausible(delay: Option<Duration>) -> Option<Duration> {
-    delay.filter(|d| *d <= MAX_RETRY_DELAY)
 }
 
 /// `retry_after_from_headers`, unless a numeric delay header is too large to be a

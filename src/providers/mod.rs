@@ -473,15 +473,20 @@ pub fn excerpt(text: &str, max: usize) -> String {
     format!("{}…", &text[..end])
 }
 
-/// The longest retry delay taken from a response (a week, as for Gemini's `RetryInfo`); a
-/// longer one is ignored as absurd: no provider means it, and a large enough one would
-/// overflow `Instant::now() + wait` (a panic).
+/// The longest retry delay taken at face value from any provider. Providers ask for seconds
+/// to hours (a per-day quota at most a day); anything beyond a week is a broken value, and a
+/// large enough one would overflow `Instant::now() + wait` (a panic).
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
+/// A retry delay, or `None` when it is beyond [`MAX_RETRY_AFTER`].
+pub fn plausible_retry_after(delay: Option<Duration>) -> Option<Duration> {
+    delay.filter(|wait| *wait <= MAX_RETRY_AFTER)
+}
 
 /// The retry delay a response's headers ask for: `retry-after-ms`, then `retry-after`
 /// (seconds or an HTTP date); `None` when absent, unreadable or over [`MAX_RETRY_AFTER`].
 pub fn retry_after_from_headers(headers: &HeaderMap) -> Option<Duration> {
-    requested_retry_after(headers).filter(|wait| *wait <= MAX_RETRY_AFTER)
+    plausible_retry_after(requested_retry_after(headers))
 }
 
 fn requested_retry_after(headers: &HeaderMap) -> Option<Duration> {

@@ -543,7 +543,7 @@ fn error_object(body: &str) -> Option<Map<String, Value>> {
 
 /// The retry delay of a 429: `retry-after(-ms)`, else the reset header of the exhausted limit.
 fn retry_delay(headers: &HeaderMap) -> Option<std::time::Duration> {
-    retry_after_from_headers(headers).or_else(|| {
+    let reset = || {
         ["requests", "tokens"]
             .into_iter()
             .filter(|kind| {
@@ -560,8 +560,8 @@ fn retry_delay(headers: &HeaderMap) -> Option<std::time::Duration> {
                 parse_go_duration(reset)
             })
             .max()
-            .filter(|wait| *wait <= super::MAX_RETRY_AFTER)
-    })
+    };
+    retry_after_from_headers(headers).or_else(|| super::plausible_retry_after(reset()))
 }
 
 /// Maps an error status (then the body's discriminator) to an error class. Never fails:

@@ -421,7 +421,6 @@ impl Limiter {
                 let mut view = view
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                view.read_at = Some(now);
                 view.until = until.max(view.until.filter(|u| *u > now));
                 view.until
             }
@@ -457,7 +456,7 @@ impl Limiter {
     /// Pauses a scope for every worker (a provider's retry-after on a key).
     pub async fn pause(&self, scope: &Scope, rest: Duration) {
         if let Some(view) = self.pauses.get(&scope.name) {
-            let until = tokio::time::Instant::now() + rest.min(crate::providers::MAX_RETRY_AFTER);
+            let until = tokio::time::Instant::now() + rest;
             let mut view = view
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);

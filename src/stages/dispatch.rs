@@ -32,6 +32,15 @@ const STREAM_HOLD: Duration = Duration::from_secs(3600);
 /// Rest given to a rate-limited key whose response named no delay.
 const DEFAULT_KEY_REST: Duration = Duration::from_secs(1);
 
+/// How long a rate-limited key rests, here and (through the limiter) on every worker: the
+/// provider's retry-after, at most [`crate::providers::MAX_RETRY_AFTER`].
+fn key_rest(error: &ProviderError) -> Duration {
+    error
+        .retry_after
+        .unwrap_or(DEFAULT_KEY_REST)
+        .min(crate::providers::MAX_RETRY_AFTER)
+}
+
 /// A change of a key's health, audited with the key's id (never the key).
 #[derive(Debug, Clone)]
 pub struct KeyEvent {
@@ -457,9 +466,7 @@ pub async fn dispatch(
                     && error.class == ErrorClass::RateLimited
                     && let Some(scope) = entry.scopes.keys.get(&key.id)
                 {
-                    limiter
-                        .pause(scope, error.retry_after.unwrap_or(DEFAULT_KEY_REST))
-                        .await;
+                    limiter.pause(scope, key_rest(error)).await;
                 }
             }
             let error = match &attempt.outcome {
@@ -650,10 +657,7 @@ fn key_health(
         ErrorClass::Auth => ("key_disabled", KeyStatus::Disabled, None),
         ErrorClass::QuotaExhausted => ("key_exhausted", KeyStatus::Exhausted, None),
         ErrorClass::RateLimited => {
-            let rest = error
-                .retry_after
-                .unwrap_or(DEFAULT_KEY_REST)
-                .min(crate::providers::MAX_RETRY_AFTER);
+            let rest = key_rest(error);
             (
                 "key_rate_limited",
                 KeyStatus::Resting(Instant::now() + rest),
