@@ -166,26 +166,16 @@ pub fn canonical(value: &Value) -> String {
 fn write_canonical(value: &Value, out: &mut Vec<u8>) {
     match value {
         Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
             out.push(b'{');
-            let mut write = |i: usize, key: &String, item: &Value| {
+            for (i, (key, item)) in entries.into_iter().enumerate() {
                 if i > 0 {
                     out.push(b',');
                 }
                 write_scalar(key, out);
                 out.push(b':');
                 write_canonical(item, out);
-            };
-            // serde_json's map is usually already in key order; sort only when it is not.
-            if map.keys().is_sorted_by(|a, b| a.as_bytes() <= b.as_bytes()) {
-                for (i, (key, item)) in map.iter().enumerate() {
-                    write(i, key, item);
-                }
-            } else {
-                let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-                entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-                for (i, (key, item)) in entries.into_iter().enumerate() {
-                    write(i, key, item);
-                }
             }
             out.push(b'}');
         }
@@ -232,8 +222,11 @@ pub fn row_hash(link: &Link<'_>) -> String {
     // The canonical form of the object {v, id, tenant, seq, job_id, kind, at, details,
     // provenance, prev_hash}, written field by field in key order (no intermediate value).
     let mut out = Vec::with_capacity(512);
+    out.push(b'{');
     let field = |name: &str, out: &mut Vec<u8>| {
-        out.push(if name == "at" { b'{' } else { b',' });
+        if out.len() > 1 {
+            out.push(b',');
+        }
         write_scalar(name, out);
         out.push(b':');
     };

@@ -685,14 +685,14 @@ impl Finalizer {
             .await
             .map_err(store_error)?;
         // Each result is serialized once: the same bytes are stored and published.
-        let bodies: Vec<String> = fresh
+        let stored: Vec<&JobResult> = fresh
             .iter()
-            .map(|j| to_json_string(j.stored.as_ref().unwrap_or(&j.result)))
+            .map(|j| j.stored.as_ref().unwrap_or(&j.result))
             .collect();
-        let result_rows: Vec<(&JobResult, &str)> = fresh
-            .iter()
-            .zip(&bodies)
-            .map(|(j, body)| (j.stored.as_ref().unwrap_or(&j.result), body.as_str()))
+        let bodies: Vec<String> = stored.iter().map(to_json_string).collect();
+        let result_rows: Vec<(&JobResult, &str)> = stored
+            .into_iter()
+            .zip(bodies.iter().map(String::as_str))
             .collect();
         let inserted = results::insert_many(&mut tx, &result_rows, Utc::now())
             .await
@@ -988,10 +988,10 @@ impl HasSchema for AuditEvent {
 }
 
 fn to_json<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
-    // Serializing our own message types cannot fail: they hold no maps with non-string keys.
-    serde_json::to_vec(value).unwrap_or_default()
+    to_json_string(value).into_bytes()
 }
 
 fn to_json_string<T: Serialize + ?Sized>(value: &T) -> String {
+    // Serializing our own message types cannot fail: they hold no maps with non-string keys.
     serde_json::to_string(value).unwrap_or_default()
 }
