@@ -435,7 +435,9 @@ async fn process(
     let provenance = ctx
         .identity
         .for_delivery(&delivery.data, delivery.properties.headers().as_ref());
-    let handled = AssertUnwindSafe(handle(&ctx, &streams, delivery)).catch_unwind();
+    // Boxed, so a job's task keeps only this small frame once it is handled and waits for
+    // the finalizer: thousands of jobs in flight must not each hold the largest state.
+    let handled = Box::pin(AssertUnwindSafe(handle(&ctx, &streams, delivery)).catch_unwind());
     let mut finished = tokio::select! {
         _ = abandon.cancelled() => return,
         finished = handled => finished.unwrap_or_else(|_| {
@@ -492,7 +494,7 @@ async fn handle(ctx: &Context, streams: &Publisher, delivery: Delivery) -> Finis
         }
     };
     crate::failpoint::on_job(job.metadata.as_ref());
-    match stored_result(ctx, job.id).await {
+    match Box::pin(stored_result(ctx, job.id)).await {
         // A replay (a newer generation) is served even though an older result exists.
         Ok(Some(result)) if result.generation >= job.generation => {
             tracing::info!(job_id = %job.id, "Job already has a committed result; republishing it.");
@@ -537,24 +539,12 @@ async fn handle(ctx: &Context, streams: &Publisher, delivery: Delivery) -> Finis
         }
     };
     let targets = &plan;
+    // Each kind of dispatch is boxed: the frame holds only the one that runs, for as long
+    // as it runs.
     let dispatched = if job.request.wants_stream() {
-        let (sink, items) = StreamSink::new();
-        let relay = relay_stream(ctx, streams, &job, items);
-        let (dispatched, relayed) = tokio::join!(
-            async {
-                let dispatched = dispatch(&job, targets, Some(&sink), ctx.shared()).await;
-                drop(sink);
-                dispatched
-            },
-            relay
-        );
-        if let Err(error) = relayed {
-            // Chunks are a convenience; the result (with the whole text) still follows.
-            tracing::warn!(job_id = %job.id, error.message = %error, "Could not publish stream chunks.");
-        }
-        dispatched
+        Box::pin(dispatch_streamed(ctx, streams, &job, targets)).await
     } else {
-        dispatch(&job, targets, None, ctx.shared()).await
+        Box::pin(dispatch(&job, targets, None, ctx.shared())).await
     };
     if let Some(wait) = dispatched.park {
         metrics::counter!("switchyard_jobs_parked_total").increment(1);
@@ -570,6 +560,30 @@ async fn handle(ctx: &Context, streams: &Publisher, delivery: Delivery) -> Finis
         received_at,
         dispatched,
     )))
+}
+
+/// Dispatches a job that asked for a stream, publishing its chunks as they come.
+async fn dispatch_streamed(
+    ctx: &Context,
+    streams: &Publisher,
+    job: &Job,
+    targets: &crate::routing::Plan,
+) -> Dispatched {
+    let (sink, items) = StreamSink::new();
+    let relay = relay_stream(ctx, streams, job, items);
+    let (dispatched, relayed) = tokio::join!(
+        async {
+            let dispatched = dispatch(job, targets, Some(&sink), ctx.shared()).await;
+            drop(sink);
+            dispatched
+        },
+        relay
+    );
+    if let Err(error) = relayed {
+        // Chunks are a convenience; the result (with the whole text) still follows.
+        tracing::warn!(job_id = %job.id, error.message = %error, "Could not publish stream chunks.");
+    }
+    dispatched
 }
 
 /// With `enforce_user_id` on for the job's tenant, the job must have been published with

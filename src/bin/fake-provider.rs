@@ -2790,6 +2790,10 @@ async fn run(cli: Cli) -> Result<(), String> {
     Ok(())
 }
 
+/// jemalloc: the same allocator as the worker, so the provider stand-in costs the shared CPU as little as it can.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();

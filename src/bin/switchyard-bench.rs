@@ -199,6 +199,10 @@ fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Collected> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// jemalloc: the same allocator as the worker, so the raw relay baseline and the pipeline are measured alike.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
@@ -270,10 +274,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     eprintln!("switchyard-bench: {}", machine.one_line());
     let mut report = Report::default();
 
-    if wants("raw") {
-        eprintln!("== raw relay: {} jobs", plan.jobs);
-        report.raw = Some(raw_relay(&env, plan.jobs).await?);
-    }
     let healthy = Scenario {
         name: "healthy".to_owned(),
         jobs: plan.jobs,
@@ -286,6 +286,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     if wants("healthy") {
         report.healthy = Some(pipeline(&env, &healthy, plan.paced_secs).await?);
+    }
+    // The relay runs after the healthy pipeline so that it can also be paced at the
+    // pipeline's paced rate: the broker's own latency at the very rate the pipeline's is taken.
+    if wants("raw") {
+        eprintln!("== raw relay: {} jobs", plan.jobs);
+        let pipeline_rate = report
+            .healthy
+            .as_ref()
+            .and_then(|h| h.latency)
+            .map(|(rate, _, _)| rate);
+        report.raw = Some(raw_relay(&env, plan.jobs, plan.paced_secs, pipeline_rate).await?);
     }
     if wants("inflight") {
         let scenario = Scenario {
@@ -453,6 +464,52 @@ fn durable_queue() -> QueueDeclareOptions {
     }
 }
 
+/// Publishes jobs made by `message` at `rate` per second for `secs` (at least 100), each
+/// stamped with its publish time by `message`, then awaits their confirms; returns how many.
+async fn publish_paced(
+    channel: &Channel,
+    rate: f64,
+    secs: f64,
+    mut message: impl FnMut() -> Outgoing,
+) -> anyhow::Result<usize> {
+    let count = ((rate * secs) as usize).max(100);
+    let mut confirms = Vec::with_capacity(count);
+    let began = Instant::now();
+    let mut sent = 0usize;
+    while sent < count {
+        let due = ((began.elapsed().as_secs_f64() * rate) as usize + 1).min(count);
+        while sent < due {
+            confirms.push(publish(channel, &message()).await?);
+            sent += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for confirm in confirms {
+        if confirm.await?.is_nack() {
+            bail!("the broker nacked a job");
+        }
+    }
+    Ok(count)
+}
+
+/// The `message_id` prefix of a raw relay job that carries its publish time (the relay copies
+/// the id onto its result): `relay-latency:<µs since the epoch>:<n>`.
+const RELAY_LATENCY: &str = "relay-latency:";
+
+fn relay_sent_us(message_id: &str) -> Option<u64> {
+    let rest = message_id.strip_prefix(RELAY_LATENCY)?;
+    rest.split(':').next()?.parse().ok()
+}
+
+/// Sorted latencies (µs) → (p50, p99) in ms.
+fn p50_p99_ms(mut micros: Vec<f64>) -> (f64, f64) {
+    micros.sort_by(f64::total_cmp);
+    (
+        percentile(&micros, 0.50) / 1000.0,
+        percentile(&micros, 0.99) / 1000.0,
+    )
+}
+
 /// A durable quorum queue bound to the results exchange with `#`, consumed by a task that
 /// counts distinct results (by `message_id`) and, when `parse`, their status and added latency.
 async fn collect_results(
@@ -503,12 +560,16 @@ async fn collect_results(
             } else {
                 None
             };
+            let relay_sent = relay_sent_us(&id);
             let mut state = lock(&state);
             if !state.seen.insert(id) {
                 state.duplicates += 1;
                 continue;
             }
             state.last_at = Some(Instant::now());
+            if let Some(sent) = relay_sent {
+                state.added_us.push(received_us.saturating_sub(sent) as f64);
+            }
             match parsed {
                 Some(result) => {
                     if let Some(sent) = result.metadata.and_then(|m| m.bench_sent_us) {
@@ -570,7 +631,12 @@ async fn wait_results(
 
 /// Jobs/s of a minimal relay: consume from a quorum queue, publish a 1 KiB result with
 /// confirms to a quorum queue, ack with `multiple` once confirmed. No database, no provider.
-async fn raw_relay(env: &Env, jobs: usize) -> anyhow::Result<f64> {
+async fn raw_relay(
+    env: &Env,
+    jobs: usize,
+    paced_secs: f64,
+    pipeline_rate: Option<f64>,
+) -> anyhow::Result<RawRelay> {
     let names = Names::new(&format!("bench-raw-{}", short_id()));
     let connection = switchyard::queue::connect(&env.broker_url).await?;
     let setup = connection.create_channel().await?;
@@ -694,11 +760,46 @@ async fn raw_relay(env: &Env, jobs: usize) -> anyhow::Result<f64> {
     let secs = last.duration_since(started).as_secs_f64();
     let rate = jobs as f64 / secs;
     eprintln!("   raw relay: {jobs} jobs in {secs:.2} s = {rate:.0} jobs/s");
+    // The broker's own latency floor, publish → result: the relay paced at half its rate and
+    // at the pipeline's paced rate.
+    let mut latency = Vec::new();
+    if paced_secs > 0.0 {
+        let mut expected = jobs;
+        let mut n = 0u64;
+        for paced_rate in std::iter::once(rate / 2.0).chain(pipeline_rate) {
+            let count = publish_paced(&setup, paced_rate, paced_secs, || {
+                n += 1;
+                let mut message = job_message(&names, &bench_job(None));
+                message.message_id = format!("{RELAY_LATENCY}{}:{n}", now_us());
+                message
+            })
+            .await?;
+            expected += count;
+            wait_results(&collected, expected, env.stall, || Ok(())).await?;
+            let (p50, p99) = p50_p99_ms(std::mem::take(&mut lock(&collected).added_us));
+            eprintln!(
+                "   raw relay latency at {paced_rate:.0} jobs/s: p50 {p50:.2} ms p99 {p99:.2} ms"
+            );
+            latency.push((paced_rate, p50, p99));
+        }
+    }
     tasks.abort_all();
     let _ = relay.close(200, "done".into()).await;
     delete_topology(&connection, &names).await;
     let _ = connection.close(200, "done".into()).await;
-    Ok(rate)
+    Ok(RawRelay {
+        jobs_per_sec: rate,
+        latency,
+    })
+}
+
+/// What the raw relay measured.
+#[derive(Debug, Clone)]
+struct RawRelay {
+    jobs_per_sec: f64,
+    /// Publish → result latency (ms) at half the relay's rate, then at the pipeline's paced
+    /// rate when the pipeline ran: (rate, p50, p99).
+    latency: Vec<(f64, f64, f64)>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1031,24 +1132,10 @@ async fn pipeline_in(
 
     if scenario.paced && paced_secs > 0.0 {
         let rate = (figures.jobs_per_sec / 2.0).max(20.0);
-        let count = ((rate * paced_secs) as usize).max(100);
-        let mut confirms = Vec::with_capacity(count);
-        let began = Instant::now();
-        let mut sent = 0usize;
-        while sent < count {
-            let due = ((began.elapsed().as_secs_f64() * rate) as usize + 1).min(count);
-            while sent < due {
-                let message = job_message(names, &bench_job(Some(now_us())));
-                confirms.push(publish(&publisher, &message).await?);
-                sent += 1;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        for confirm in confirms {
-            if confirm.await?.is_nack() {
-                bail!("the broker nacked a job");
-            }
-        }
+        let count = publish_paced(&publisher, rate, paced_secs, || {
+            job_message(names, &bench_job(Some(now_us())))
+        })
+        .await?;
         wait_results(
             &collected,
             warm_up + scenario.jobs + count,
@@ -1056,33 +1143,21 @@ async fn pipeline_in(
             &mut alive,
         )
         .await?;
-        let (mut added, mut stages) = {
+        let (added, stages) = {
             let mut state = lock(&collected);
             (
                 std::mem::take(&mut state.added_us),
                 std::mem::take(&mut state.stages_us),
             )
         };
-        added.sort_by(f64::total_cmp);
-        for stage in &mut stages {
-            stage.sort_by(f64::total_cmp);
-        }
-        let ms = |v: &[f64], q| percentile(v, q) / 1000.0;
+        let [to_worker, in_worker, to_result] = stages.map(p50_p99_ms);
         eprintln!(
             "   added latency by stage, p50/p99 ms: publish → worker {:.2}/{:.2}; in worker \
              before finalize {:.2}/{:.2}; finalize → result received {:.2}/{:.2}",
-            ms(&stages[0], 0.5),
-            ms(&stages[0], 0.99),
-            ms(&stages[1], 0.5),
-            ms(&stages[1], 0.99),
-            ms(&stages[2], 0.5),
-            ms(&stages[2], 0.99),
+            to_worker.0, to_worker.1, in_worker.0, in_worker.1, to_result.0, to_result.1,
         );
-        figures.latency = Some((
-            rate,
-            percentile(&added, 0.50) / 1000.0,
-            percentile(&added, 0.99) / 1000.0,
-        ));
+        let (p50, p99) = p50_p99_ms(added);
+        figures.latency = Some((rate, p50, p99));
     }
     figures.peak_rss_mb = peak_rss_mb(pid)?;
     signal(pid, "TERM")?;
@@ -1174,7 +1249,7 @@ async fn drop_database(env: &Env, database: &str) {
 
 #[derive(Debug, Default)]
 struct Report {
-    raw: Option<f64>,
+    raw: Option<RawRelay>,
     healthy: Option<Figures>,
     inflight: Option<(u16, Figures)>,
     fallback: Option<Figures>,
@@ -1199,13 +1274,21 @@ impl Report {
         let row = |figure: String, measured: String, target: &str, met: Option<bool>| {
             Row(figure, measured, target.to_owned(), met)
         };
-        if let Some(raw) = self.raw {
+        if let Some(raw) = &self.raw {
             rows.push(row(
                 format!("raw relay jobs/s ({} jobs)", plan.jobs),
-                format!("{raw:.0}"),
+                format!("{:.0}", raw.jobs_per_sec),
                 "",
                 None,
             ));
+            for (rate, p50, p99) in &raw.latency {
+                rows.push(row(
+                    format!("raw relay latency p50 / p99 at {rate:.0} jobs/s, ms"),
+                    format!("{p50:.2} / {p99:.2}"),
+                    "",
+                    None,
+                ));
+            }
         }
         if let Some(h) = &self.healthy {
             rows.push(row(
@@ -1217,8 +1300,8 @@ impl Report {
                 "",
                 None,
             ));
-            if let Some(raw) = self.raw {
-                let ratio = h.jobs_per_sec / raw;
+            if let Some(raw) = &self.raw {
+                let ratio = h.jobs_per_sec / raw.jobs_per_sec;
                 rows.push(row(
                     "pipeline ÷ raw relay".to_owned(),
                     format!("{ratio:.2}"),

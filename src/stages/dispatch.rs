@@ -210,7 +210,7 @@ impl Drop for ProbeGuard<'_> {
 /// Gives back a limiter lease that was not used for a call (uncounted).
 async fn release(limiter: Option<&Limiter>, lease: Option<Lease>) {
     if let (Some(limiter), Some(lease)) = (limiter, lease) {
-        limiter.cancel(lease).await;
+        Box::pin(limiter.cancel(lease)).await;
     }
 }
 
@@ -244,6 +244,10 @@ impl StreamSink {
 /// Runs `request` against the plan's targets in order. Moving on to the next target is
 /// immediate; retries with backoff happen only on the last target, where there is nowhere
 /// else to go.
+///
+/// Every awaited step (limiter, budget, call, ledger) is boxed: this future lives as long as
+/// the job, so it holds only its own state and the one step running, never the largest of
+/// them all (a worker keeps thousands of these in flight).
 pub async fn dispatch(
     job: &Job,
     plan: &Plan,
@@ -360,9 +364,13 @@ pub async fn dispatch(
                     } else {
                         0
                     };
-                    match limiter
-                        .acquire(&scopes, units, limiter.max_wait(), hold_for(target))
-                        .await
+                    match Box::pin(limiter.acquire(
+                        &scopes,
+                        units,
+                        limiter.max_wait(),
+                        hold_for(target),
+                    ))
+                    .await
                     {
                         Ok(Acquired::Granted(lease)) => Some(lease),
                         Ok(Acquired::TooLong(wait)) => {
@@ -411,17 +419,27 @@ pub async fn dispatch(
                 if let Some(budgets) = shared.budgets {
                     let key_id = key.as_ref().map(|k| k.id.as_str());
                     let deadline = tokio::time::Instant::now() + budgets.max_wait();
-                    let mut reserved = budgets
-                        .reserve(job, &entry.name, key_id, needed, hold_for(target))
-                        .await;
+                    let mut reserved = Box::pin(budgets.reserve(
+                        job,
+                        &entry.name,
+                        key_id,
+                        needed,
+                        hold_for(target),
+                    ))
+                    .await;
                     // Room held by calls in flight frees up when they settle: wait, don't fail.
                     while matches!(reserved, Ok(Reserved::Busy(_)))
                         && tokio::time::Instant::now() < deadline
                     {
                         tokio::time::sleep(Duration::from_millis(20 + fastrand::u64(0..30))).await;
-                        reserved = budgets
-                            .reserve(job, &entry.name, key_id, needed, hold_for(target))
-                            .await;
+                        reserved = Box::pin(budgets.reserve(
+                            job,
+                            &entry.name,
+                            key_id,
+                            needed,
+                            hold_for(target),
+                        ))
+                        .await;
                     }
                     match reserved {
                         Ok(Reserved::Held(held)) => holds = held,
@@ -452,21 +470,22 @@ pub async fn dispatch(
             }
             calls_left -= 1;
             let n = u32::try_from(attempts.len() + 1).unwrap_or(u32::MAX);
-            let mut attempt = call_once(request, target, key.as_ref(), n, stream, probe).await;
+            let mut attempt =
+                Box::pin(call_once(request, target, key.as_ref(), n, stream, probe)).await;
             probe_guard.disarm();
             attempt.attempt.holds = holds;
             attempt.attempt.cost = cost_event(job, &attempt.attempt);
-            record(shared, &mut attempt.attempt).await;
+            Box::pin(record(shared, &mut attempt.attempt)).await;
             if let (Some(limiter), Some(lease)) = (limiter, lease) {
                 let actual = attempt
                     .billed_usage()
                     .map(|u| u.input_tokens + u.output_tokens);
-                limiter.release(lease, actual).await;
+                Box::pin(limiter.release(lease, actual)).await;
                 if let (Err(error), Some(key)) = (&attempt.outcome, &key)
                     && error.class == ErrorClass::RateLimited
                     && let Some(scope) = entry.scopes.keys.get(&key.id)
                 {
-                    limiter.pause(scope, key_rest(error)).await;
+                    Box::pin(limiter.pause(scope, key_rest(error))).await;
                 }
             }
             let error = match &attempt.outcome {
