@@ -419,27 +419,22 @@ pub async fn dispatch(
                 if let Some(budgets) = shared.budgets {
                     let key_id = key.as_ref().map(|k| k.id.as_str());
                     let deadline = tokio::time::Instant::now() + budgets.max_wait();
-                    let mut reserved = Box::pin(budgets.reserve(
-                        job,
-                        &entry.name,
-                        key_id,
-                        needed,
-                        hold_for(target),
-                    ))
-                    .await;
-                    // Room held by calls in flight frees up when they settle: wait, don't fail.
-                    while matches!(reserved, Ok(Reserved::Busy(_)))
-                        && tokio::time::Instant::now() < deadline
-                    {
-                        tokio::time::sleep(Duration::from_millis(20 + fastrand::u64(0..30))).await;
-                        reserved = Box::pin(budgets.reserve(
+                    let reserve = || {
+                        Box::pin(budgets.reserve(
                             job,
                             &entry.name,
                             key_id,
                             needed,
                             hold_for(target),
                         ))
-                        .await;
+                    };
+                    let mut reserved = reserve().await;
+                    // Room held by calls in flight frees up when they settle: wait, don't fail.
+                    while matches!(reserved, Ok(Reserved::Busy(_)))
+                        && tokio::time::Instant::now() < deadline
+                    {
+                        tokio::time::sleep(Duration::from_millis(20 + fastrand::u64(0..30))).await;
+                        reserved = reserve().await;
                     }
                     match reserved {
                         Ok(Reserved::Held(held)) => holds = held,
