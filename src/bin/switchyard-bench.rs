@@ -4,6 +4,10 @@
 //! `switchyard worker` subprocess against `fake-provider`) in several scenarios, then prints a
 //! table against the targets and appends it to `bench/RESULTS.md`.
 //!
+//! The raw relay runs after the healthy pipeline run and is also paced, at half its own rate and
+//! at the pipeline's paced rate: its publish → result latency there is the broker's own floor
+//! under the pipeline's added latency.
+//!
 //! It is a benchmark, not a test: it never fails on a timing. It fails only when a job gets no
 //! result (or a process cannot start), which is what the CI smoke run checks.
 //!
