@@ -19,7 +19,7 @@
 //!    stopped (`SIGSTOP`) while every job is published, then continued (`SIGCONT`): the
 //!    throughput is jobs ÷ (last result − continue), the CPU per job is the worker process's
 //!    time on the CPU (summed over its threads' `/proc/<pid>/task/*/schedstat`, in ns; from
-//!    `/proc/<pid>/stat` clock ticks if a thread ended meanwhile) over that span ÷ jobs, so
+//!    `/proc/<pid>/stat` clock ticks if a thread ended meanwhile or schedstat is missing) over that span ÷ jobs, so
 //!    start-up is not counted;
 //! 3. optionally a paced phase at half the measured throughput, whose jobs carry their publish
 //!    time: added latency = result received − published − the result's `timings.provider_ms`;
@@ -967,17 +967,19 @@ fn cpu_time(pid: u32, clk_tck: f64) -> anyhow::Result<CpuTime> {
 
 impl CpuTime {
     /// Seconds of CPU since `earlier`: exact when every thread of then is still there to be
-    /// read (a thread that ended took its time with it), else from the clock ticks.
-    fn since(&self, earlier: &CpuTime) -> f64 {
+    /// read, else (a thread that ended took its time with it; no schedstat at all; or the
+    /// exact sum falls short of the ticks by more than their rounding) from the clock ticks.
+    fn since(&self, earlier: &CpuTime, clk_tck: f64) -> f64 {
+        let ticks = self.ticks_secs - earlier.ticks_secs;
         let exact = earlier
             .threads_ns
             .iter()
             .try_fold(0u64, |sum, (tid, then)| {
                 let now = self.threads_ns.get(tid)?;
                 Some(sum + now.saturating_sub(*then))
-            });
-        match exact {
-            Some(old_threads) => {
+            })
+            .filter(|_| !earlier.threads_ns.is_empty())
+            .map(|old_threads| {
                 let new_threads: u64 = self
                     .threads_ns
                     .iter()
@@ -985,12 +987,14 @@ impl CpuTime {
                     .map(|(_, ns)| ns)
                     .sum();
                 (old_threads + new_threads) as f64 / 1e9
-            }
-            None => {
-                eprintln!("   (a worker thread ended during the run: CPU from clock ticks)");
-                self.ticks_secs - earlier.ticks_secs
-            }
-        }
+            })
+            // Each tick reading rounds down by under a tick; a thread that came and went
+            // within the run shows as more missing than that.
+            .filter(|exact| *exact > ticks - 3.0 / clk_tck);
+        exact.unwrap_or_else(|| {
+            eprintln!("   (worker threads came and went during the run: CPU from clock ticks)");
+            ticks
+        })
     }
 }
 
@@ -1203,7 +1207,7 @@ async fn pipeline_in(
         jobs: scenario.jobs,
         secs,
         jobs_per_sec: scenario.jobs as f64 / secs,
-        cpu_ms_per_job: after.since(&before) * 1000.0 / scenario.jobs as f64,
+        cpu_ms_per_job: after.since(&before, env.clk_tck) * 1000.0 / scenario.jobs as f64,
         ..Figures::default()
     };
 
