@@ -19,8 +19,8 @@
 //!    stopped (`SIGSTOP`) while every job is published, then continued (`SIGCONT`): the
 //!    throughput is jobs ÷ (last result − continue), the CPU per job is the worker process's
 //!    time on the CPU (summed over its threads' `/proc/<pid>/task/*/schedstat`, in ns; from
-//!    `/proc/<pid>/stat` clock ticks if a thread ended meanwhile or schedstat is missing) over that span ÷ jobs, so
-//!    start-up is not counted;
+//!    `/proc/<pid>/stat` clock ticks if a thread ended meanwhile or schedstat is missing) over
+//!    that span ÷ jobs, so start-up is not counted;
 //! 3. optionally a paced phase at half the measured throughput, whose jobs carry their publish
 //!    time: added latency = result received − published − the result's `timings.provider_ms`;
 //! 4. peak RSS is the worker's `VmHWM` (`/proc/<pid>/status`), read before it is stopped.
