@@ -2790,7 +2790,8 @@ async fn run(cli: Cli) -> Result<(), String> {
     Ok(())
 }
 
-/// jemalloc: the same allocator as the worker, so the provider stand-in costs the shared CPU as little as it can.
+/// jemalloc: the same allocator as the worker, so the provider stand-in costs the shared CPU as
+/// little as it can.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

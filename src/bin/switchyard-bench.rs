@@ -207,7 +207,8 @@ fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Collected> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// jemalloc: the same allocator as the worker, so the raw relay baseline and the pipeline are measured alike.
+/// jemalloc: the same allocator as the worker, so the raw relay baseline and the pipeline are
+/// measured alike.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -520,7 +521,7 @@ fn relay_sent_us(message_id: &str) -> Option<u64> {
     rest.split(':').next()?.parse().ok()
 }
 
-/// Sorted latencies (µs) → (p50, p99) in ms.
+/// Latencies (µs) → (p50, p99) in ms.
 fn p50_p99_ms(mut micros: Vec<f64>) -> (f64, f64) {
     micros.sort_by(f64::total_cmp);
     (
@@ -813,7 +814,7 @@ async fn raw_relay(
 }
 
 /// What the raw relay measured.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct RawRelay {
     jobs_per_sec: f64,
     /// Publish → result latency (ms) at half the relay's rate, then at the pipeline's paced
@@ -942,10 +943,10 @@ fn signal(pid: u32, name: &str) -> anyhow::Result<()> {
 #[derive(Debug)]
 struct CpuTime {
     threads_ns: BTreeMap<u32, u64>,
-    ticks_secs: f64,
+    ticks: u64,
 }
 
-fn cpu_time(pid: u32, clk_tck: f64) -> anyhow::Result<CpuTime> {
+fn cpu_time(pid: u32) -> anyhow::Result<CpuTime> {
     let mut threads_ns = BTreeMap::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let task = task?;
@@ -961,7 +962,7 @@ fn cpu_time(pid: u32, clk_tck: f64) -> anyhow::Result<CpuTime> {
     }
     Ok(CpuTime {
         threads_ns,
-        ticks_secs: cpu_ticks(pid)? as f64 / clk_tck,
+        ticks: cpu_ticks(pid)?,
     })
 }
 
@@ -970,31 +971,26 @@ impl CpuTime {
     /// read, else (a thread that ended took its time with it; no schedstat at all; or the
     /// exact sum falls short of the ticks by more than their rounding) from the clock ticks.
     fn since(&self, earlier: &CpuTime, clk_tck: f64) -> f64 {
-        let ticks = self.ticks_secs - earlier.ticks_secs;
-        let exact = earlier
+        let ticks = self.ticks.saturating_sub(earlier.ticks) as f64 / clk_tck;
+        let all_there = !earlier.threads_ns.is_empty()
+            && earlier
+                .threads_ns
+                .keys()
+                .all(|tid| self.threads_ns.contains_key(tid));
+        let exact = self
             .threads_ns
             .iter()
-            .try_fold(0u64, |sum, (tid, then)| {
-                let now = self.threads_ns.get(tid)?;
-                Some(sum + now.saturating_sub(*then))
-            })
-            .filter(|_| !earlier.threads_ns.is_empty())
-            .map(|old_threads| {
-                let new_threads: u64 = self
-                    .threads_ns
-                    .iter()
-                    .filter(|(tid, _)| !earlier.threads_ns.contains_key(tid))
-                    .map(|(_, ns)| ns)
-                    .sum();
-                (old_threads + new_threads) as f64 / 1e9
-            })
-            // Each tick reading rounds down by under a tick; a thread that came and went
-            // within the run shows as more missing than that.
-            .filter(|exact| *exact > ticks - 3.0 / clk_tck);
-        exact.unwrap_or_else(|| {
+            .map(|(tid, now)| now.saturating_sub(earlier.threads_ns.get(tid).copied().unwrap_or(0)))
+            .sum::<u64>() as f64
+            / 1e9;
+        // Each tick reading rounds down by under a tick; a thread that came and went within
+        // the run shows as more missing than that.
+        if all_there && exact > ticks - 3.0 / clk_tck {
+            exact
+        } else {
             eprintln!("   (worker threads came and went during the run: CPU from clock ticks)");
             ticks
-        })
+        }
     }
 }
 
@@ -1171,7 +1167,7 @@ async fn pipeline_in(
     }
     signal(pid, "STOP")?;
     let published = publish_jobs(&publisher, names, scenario.jobs).await;
-    let before = cpu_time(pid, env.clk_tck);
+    let before = cpu_time(pid);
     signal(pid, "CONT")?;
     published?;
     let before = before?;
@@ -1196,7 +1192,7 @@ async fn pipeline_in(
         None => None,
     };
     let last = wait_results(&collected, warm_up + scenario.jobs, env.stall, &mut alive).await?;
-    let after = cpu_time(pid, env.clk_tck)?;
+    let after = cpu_time(pid)?;
     if let Some(mut perf) = perf {
         signal(perf.child.id(), "INT")?;
         let _ = perf.child.wait();
