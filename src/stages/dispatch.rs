@@ -157,14 +157,16 @@ async fn record(shared: Shared<'_>, attempt: &mut Attempt) {
         .unwrap_or_default();
     let table = attempt.price_table.clone();
     // A tiered price is chosen under the model's volume row lock, so those calls commit alone.
+    // The two direct writes are boxed: their query futures are ~14 KB, and a job waiting on
+    // the recorder (the usual path) would otherwise hold that much while it waits.
     let recorded = match attempt.cost.as_mut() {
-        Some(cost) if table.has_tiers() => crate::store::cost_ledger::record_tiered(
+        Some(cost) if table.has_tiers() => Box::pin(crate::store::cost_ledger::record_tiered(
             pool,
             attempt.id,
             cost,
             &table,
             &mut settlements,
-        )
+        ))
         .await
         .map_err(|e| e.to_string()),
         cost => match shared.recorder {
@@ -172,11 +174,14 @@ async fn record(shared: Shared<'_>, attempt: &mut Attempt) {
                 .record(attempt.id, cost.as_deref(), settlements)
                 .await
                 .map_err(|e| e.to_string()),
-            None => {
-                crate::store::cost_ledger::record(pool, attempt.id, cost.as_deref(), &settlements)
-                    .await
-                    .map_err(|e| e.to_string())
-            }
+            None => Box::pin(crate::store::cost_ledger::record(
+                pool,
+                attempt.id,
+                cost.as_deref(),
+                &settlements,
+            ))
+            .await
+            .map_err(|e| e.to_string()),
         },
     };
     match recorded {
@@ -485,7 +490,7 @@ pub async fn dispatch(
             }
             let error = match &attempt.outcome {
                 Ok(_) => {
-                    let response = attempt.response.clone().unwrap_or(Value::Null);
+                    let response = attempt.response.take().unwrap_or(Value::Null);
                     attempts.push(attempt.with_response_dropped());
                     return Dispatched {
                         attempts,
