@@ -32,7 +32,7 @@ pub fn apply(job: &mut FinishedJob, mode: Retention) {
     job.job.raw_body = None;
     let request_sha256 = (mode == Retention::Hash).then(|| match (&request, &job.dead_letter) {
         // The same digest as the `request_sha256` of the job's audit events.
-        (Some(request), _) => sha256_hex(request.to_string().as_bytes()),
+        (Some(request), _) => sha256_hex(request.get().as_bytes()),
         (None, Some(original)) => sha256_hex(original),
         (None, None) => sha256_hex(b""),
     });

@@ -13,6 +13,7 @@ use lapin::Channel;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
@@ -103,8 +104,11 @@ fn strip_nul(value: &mut Value) {
     }
 }
 
-fn request_hash(request: &Value) -> String {
-    hex::encode(Sha256::digest(request.to_string().as_bytes()))
+/// SHA-256 of a job's request as serialized for `jobs.request` (`null` when it could not be).
+fn request_hash(request: Option<&RawValue>) -> String {
+    hex::encode(Sha256::digest(
+        request.map_or("null", RawValue::get).as_bytes(),
+    ))
 }
 
 impl FinishedJob {
@@ -116,7 +120,12 @@ impl FinishedJob {
         dispatched: Dispatched,
     ) -> Self {
         let finished_at = Utc::now();
-        let request = serde_json::to_value(&job.request).unwrap_or(Value::Null);
+        // Serialized once, through a `Value` so its keys are sorted (the digest does not depend
+        // on field order), and hashed once: `jobs.request` and every audit event reuse them.
+        let request = serde_json::to_value(&job.request)
+            .ok()
+            .and_then(|value| serde_json::value::to_raw_value(&value).ok());
+        let request_sha256 = request_hash(request.as_deref());
         let mut cost = CostSummary::default();
         let mut costs = Vec::new();
         let mut audits = Vec::new();
@@ -234,7 +243,7 @@ impl FinishedJob {
                     "failover",
                     first.started_at,
                     json!({
-                        "route": job.route, "batch": job.batch, "request_sha256": request_hash(&request),
+                        "route": job.route, "batch": job.batch, "request_sha256": request_sha256,
                         "from": from, "to": format!("{}/{}", first.provider, first.model),
                         "error_class": "circuit_open", "http_status": null, "latency_ms": 0, "attempt": 0,
                     }),
@@ -258,7 +267,7 @@ impl FinishedJob {
                 "failover",
                 from.ended_at,
                 json!({
-                    "route": job.route, "batch": job.batch, "request_sha256": request_hash(&request),
+                    "route": job.route, "batch": job.batch, "request_sha256": request_sha256,
                     "from": format!("{}/{}", from.provider, from.model),
                     "to": format!("{}/{}", to.provider, to.model),
                     "error_class": error.class.as_str(), "http_status": error.status,
@@ -309,7 +318,7 @@ impl FinishedJob {
             kind,
             finished_at,
             json!({
-                "route": job.route, "batch": job.batch, "request_sha256": request_hash(&request),
+                "route": job.route, "batch": job.batch, "request_sha256": request_sha256,
                 "provider": result.provider, "model": result.model, "attempts": result.attempts.len(),
                 "cost_usd": cost.amount_usd.to_string(), "error": error,
             }),
@@ -323,7 +332,7 @@ impl FinishedJob {
                 route: Some(job.route.clone()),
                 generation: job.generation,
                 status,
-                request: Some(request),
+                request,
                 request_sha256: None,
                 raw_body: None,
                 received_at,

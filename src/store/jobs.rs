@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use sqlx::PgConnection;
 use sqlx::types::Json;
 use uuid::Uuid;
@@ -17,7 +18,8 @@ pub struct JobRow {
     pub route: Option<String>,
     pub generation: i32,
     pub status: JobStatus,
-    pub request: Option<Value>,
+    /// The request as JSON text (serialized once at finalize).
+    pub request: Option<Box<RawValue>>,
     /// SHA-256 of the request when the tenant's retention is `hash` (then `request` is None).
     pub request_sha256: Option<String>,
     pub raw_body: Option<Vec<u8>>,
@@ -54,7 +56,7 @@ pub async fn insert_many(conn: &mut PgConnection, rows: &[&JobRow]) -> Result<()
     .bind(rows.iter().map(|r| r.route.as_deref()).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.generation).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.request.as_ref().map(Json)).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.request.as_deref().map(Json)).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.raw_body.as_deref()).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.received_at).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.finished_at).collect::<Vec<_>>())
