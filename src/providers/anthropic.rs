@@ -1132,6 +1132,8 @@ impl AnthropicProvider {
             .header("x-api-key", key_header)
             .header("anthropic-version", ANTHROPIC_VERSION)
             .json(&body);
+        // The builder holds the serialized bytes: the body is not kept while the call is out.
+        drop(body);
         match send(builder, call, PROVIDER_TYPE, handle_anthropic_error).await? {
             Answer::Stream(response) => read_anthropic_stream(response, model, call).await,
             Answer::Body(text) => parse_anthropic_response(&text, model),

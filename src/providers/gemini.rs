@@ -781,6 +781,8 @@ impl GeminiProvider {
             .post(url)
             .header("x-goog-api-key", key_header)
             .json(&body);
+        // The builder holds the serialized bytes: the body is not kept while the call is out.
+        drop(body);
         match send(builder, call, PROVIDER_TYPE, handle_gemini_error).await? {
             Answer::Stream(response) => read_gemini_stream(response, model, call).await,
             Answer::Body(text) => parse_gemini_response(&text, model),

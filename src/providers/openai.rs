@@ -236,6 +236,8 @@ impl OpenAiProvider {
             .post(format!("{}/chat/completions", self.base_url))
             .bearer_auth(key.secret.expose_secret())
             .json(&body);
+        // The builder holds the serialized bytes: the body is not kept while the call is out.
+        drop(body);
         match send(builder, call, PROVIDER_TYPE, handle_openai_error).await? {
             Answer::Stream(response) => read_openai_stream(response, model, call).await,
             Answer::Body(text) => parse_openai_response(&text, model),
