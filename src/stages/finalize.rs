@@ -104,6 +104,14 @@ fn strip_nul(value: &mut Value) {
     }
 }
 
+/// A job's request as JSON text for `jobs.request`: through a `Value`, so its keys are sorted
+/// (the digest does not depend on field order) and the text is what `Value::to_string` prints;
+/// `null` if it cannot be serialized.
+fn request_json(request: &crate::messages::ChatRequest) -> Option<Box<RawValue>> {
+    let value = serde_json::to_value(request).unwrap_or(Value::Null);
+    serde_json::value::to_raw_value(&value).ok()
+}
+
 /// SHA-256 of a job's request as serialized for `jobs.request` (`null` when it could not be).
 fn request_hash(request: Option<&RawValue>) -> String {
     hex::encode(Sha256::digest(
@@ -120,11 +128,8 @@ impl FinishedJob {
         dispatched: Dispatched,
     ) -> Self {
         let finished_at = Utc::now();
-        // Serialized once, through a `Value` so its keys are sorted (the digest does not depend
-        // on field order), and hashed once: `jobs.request` and every audit event reuse them.
-        let request = serde_json::to_value(&job.request)
-            .ok()
-            .and_then(|value| serde_json::value::to_raw_value(&value).ok());
+        // Serialized and hashed once: `jobs.request` and every audit event reuse them.
+        let request = request_json(&job.request);
         let request_sha256 = request_hash(request.as_deref());
         let mut cost = CostSummary::default();
         let mut costs = Vec::new();
@@ -1003,4 +1008,34 @@ fn to_json<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
 fn to_json_string<T: Serialize + ?Sized>(value: &T) -> String {
     // Serializing our own message types cannot fail: they hold no maps with non-string keys.
     serde_json::to_string(value).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stored request and its digest are exactly what hashing `Value::to_string()` gave
+    /// before the request was serialized once: keys sorted, escapes, non-ASCII text, floats.
+    #[test]
+    fn the_request_text_and_digest_match_the_value_printing() {
+        let request: crate::messages::ChatRequest = serde_json::from_str(
+            r#"{"zeta": {"y": 1, "b": [0.1, 1e300, -2.5]}, "alpha": "tab\t \"quote\" é ✓ \u0001",
+                "messages": [{"role": "user", "content": "Grüße \n ✓"}], "temperature": 0.7,
+                "max_tokens": 12, "model": "m"}"#,
+        )
+        .unwrap();
+        let value = serde_json::to_value(&request).unwrap();
+        let text = request_json(&request).unwrap();
+        assert_eq!(text.get(), value.to_string());
+        assert!(
+            text.get().starts_with(r#"{"alpha":"#),
+            "keys sorted: {}",
+            text.get()
+        );
+        assert_eq!(
+            request_hash(Some(&text)),
+            hex::encode(Sha256::digest(value.to_string().as_bytes()))
+        );
+        assert_eq!(request_hash(None), hex::encode(Sha256::digest(b"null")));
+    }
 }
