@@ -131,10 +131,17 @@ async fn retention_full_hash_and_none_store_what_they_promise() {
         body["retention"]["output_sha256"],
         sha256(published_choices.as_bytes()).as_str()
     );
-    assert_eq!(
-        body["retention"]["request_sha256"],
-        request_sha256.unwrap().as_str()
-    );
+    let request_sha256 = request_sha256.unwrap();
+    assert_eq!(body["retention"]["request_sha256"], request_sha256.as_str());
+    // The audit event carries the same digest (finalize hashes the request once for both).
+    let audit: Value = sqlx::query_scalar(
+        "SELECT details FROM audit_events WHERE job_id = $1 AND kind = 'job_succeeded'",
+    )
+    .bind(digest.id)
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
+    assert_eq!(audit["request_sha256"], request_sha256.as_str(), "{audit}");
     // Usage and cost stay: they are not the prompt.
     assert!(body["cost"]["usage"]["output_tokens"].as_u64().unwrap() > 0);
 
