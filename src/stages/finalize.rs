@@ -15,7 +15,6 @@ use lapin::types::{AMQPValue, FieldTable};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -114,9 +113,7 @@ fn request_json(request: &crate::messages::ChatRequest) -> Option<Box<RawValue>>
 
 /// SHA-256 of a job's request as serialized for `jobs.request` (`null` when it could not be).
 fn request_hash(request: Option<&RawValue>) -> String {
-    hex::encode(Sha256::digest(
-        request.map_or("null", RawValue::get).as_bytes(),
-    ))
+    crate::audit::sha256_hex(request.map_or("null", RawValue::get).as_bytes())
 }
 
 impl FinishedJob {
@@ -1012,6 +1009,8 @@ fn to_json_string<T: Serialize + ?Sized>(value: &T) -> String {
 
 #[cfg(test)]
 mod tests {
+    use sha2::{Digest, Sha256};
+
     use super::*;
 
     /// The stored request and its digest are exactly what hashing `Value::to_string()` gave
