@@ -213,6 +213,14 @@ pub struct ProviderSettings {
     /// standard chat-completions fields and drop nulls.
     #[serde(default)]
     pub strict_fields: bool,
+    /// Speak HTTP/2 to a plain `http` endpoint without negotiating it (h2c), as TLS
+    /// endpoints that offer HTTP/2 are spoken to anyway.
+    #[serde(default)]
+    pub http2_prior_knowledge: bool,
+    /// Calls one HTTP/2 connection carries at once; more calls open more connections, so
+    /// none waits for the server's stream limit. Set it at or below what the server allows.
+    #[serde(default = "default_max_streams_per_connection")]
+    pub max_streams_per_connection: u32,
     /// Limits of the whole provider, shared by every worker through Postgres.
     #[serde(default)]
     pub limits: Option<Limits>,
@@ -480,6 +488,10 @@ fn default_stream_idle_secs() -> u64 {
     30
 }
 
+fn default_max_streams_per_connection() -> u32 {
+    100
+}
+
 fn default_max_retries() -> u32 {
     1
 }
@@ -653,6 +665,8 @@ impl Settings {
                 max_retries: 0,
                 max_tokens_field: None,
                 strict_fields: false,
+                http2_prior_knowledge: false,
+                max_streams_per_connection: default_max_streams_per_connection(),
                 limits: None,
                 models: vec![ModelSettings {
                     name: BUILTIN_MODEL.to_owned(),

@@ -8,6 +8,7 @@
 //! Anthropic equivalent (`n`, `seed`, penalties, `logprobs`, …) are dropped. Responses come
 //! back as the normalised OpenAI `chat.completion` object built by [`chat_completion`].
 
+use super::transport::Transport;
 use super::{Answer, EXCERPT_BYTES, send};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -65,7 +66,7 @@ const CONTEXT_PHRASES: &[&str] = &[
 /// A client for one Anthropic base URL.
 #[derive(Debug)]
 pub struct AnthropicProvider {
-    http: reqwest::Client,
+    http: Transport,
     /// The API root without `/v1` (`https://api.anthropic.com`), possibly with a proxy's path
     /// prefix; the adapter appends `/v1/messages` as the official SDK does.
     base_url: String,
@@ -1102,9 +1103,9 @@ async fn read_anthropic_stream(
 impl AnthropicProvider {
     /// A client for `base_url` (`https://api.anthropic.com`, or a proxy such as
     /// `http://proxy/anthropic`); a trailing `/` is ignored.
-    pub fn new(http: reqwest::Client, base_url: String) -> Self {
+    pub fn new(http: impl Into<Transport>, base_url: String) -> Self {
         Self {
-            http,
+            http: http.into(),
             base_url: base_url.trim_end_matches('/').to_owned(),
         }
     }
@@ -1126,8 +1127,8 @@ impl AnthropicProvider {
         })?;
         key_header.set_sensitive(true);
         let body = AnthropicRequestBody::new(request, model, call.streaming())?;
-        let builder = self
-            .http
+        let http = self.http.lease();
+        let builder = http
             .post(format!("{}/v1/messages", self.base_url))
             .header("x-api-key", key_header)
             .header("anthropic-version", ANTHROPIC_VERSION)

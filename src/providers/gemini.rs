@@ -3,6 +3,7 @@
 //! responses and SSE streams folded back into a normalised `chat.completion`, and Google RPC
 //! error bodies classified per §6.
 
+use super::transport::Transport;
 use super::{Answer, EXCERPT_BYTES, send};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -38,7 +39,7 @@ const MAX_STRAY_BYTES: usize = 64 * 1024;
 /// prefix in front of it).
 #[derive(Debug)]
 pub struct GeminiProvider {
-    http: reqwest::Client,
+    http: Transport,
     /// `{base_url}/v1beta`, without a trailing `/`.
     api_root: String,
 }
@@ -565,14 +566,17 @@ fn tool_config(extra: &Map<String, Value>) -> Result<Option<GeminiToolConfig<'_>
 impl GeminiProvider {
     /// A client for `base_url`, which may carry a path prefix; `/v1beta` is appended unless
     /// the URL already ends with it.
-    pub fn new(http: reqwest::Client, base_url: String) -> Self {
+    pub fn new(http: impl Into<Transport>, base_url: String) -> Self {
         let base = base_url.trim_end_matches('/');
         let api_root = if base.ends_with(&format!("/{API_VERSION}")) {
             base.to_owned()
         } else {
             format!("{base}/{API_VERSION}")
         };
-        Self { http, api_root }
+        Self {
+            http: http.into(),
+            api_root,
+        }
     }
 
     /// `…/v1beta/models/{model}:generateContent` (or the SSE streaming method). A model given
@@ -608,7 +612,7 @@ impl GeminiProvider {
         let image: Result<InlineImage, String> = if url.starts_with("data:") {
             images::parse_data_url(url)
         } else {
-            images::fetch_inline(&self.http, url, timeout).await
+            images::fetch_inline(self.http.shared(), url, timeout).await
         };
         let image = image.map_err(|e| format!("messages[{at}]: {e}"))?;
         Ok(GeminiPart {
@@ -776,8 +780,8 @@ impl GeminiProvider {
         let url = self.endpoint(model, call.streaming()).map_err(invalid)?;
         let body = self.request_body(request, call.timeout).await?;
         // The key travels in a header, never in the URL (`?key=` would leak into logs).
-        let builder = self
-            .http
+        let http = self.http.lease();
+        let builder = http
             .post(url)
             .header("x-goog-api-key", key_header)
             .json(&body);

@@ -15,6 +15,7 @@ mod robustness;
 pub mod sse;
 #[cfg(test)]
 pub(crate) mod test_support;
+pub mod transport;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -337,6 +338,7 @@ fn read_keys(settings: &ProviderSettings) -> Vec<ApiKey> {
 
 fn build_entry(settings: &ProviderSettings, http: &reqwest::Client) -> ProviderEntry {
     let base_url = settings.base_url.clone().unwrap_or_default();
+    let http = transport::Transport::for_provider(settings, http);
     let client = match settings.kind {
         ProviderKind::Extractive => Provider::Extractive(extractive::ExtractiveProvider),
         ProviderKind::Openai => {
@@ -350,7 +352,7 @@ fn build_entry(settings: &ProviderSettings, http: &reqwest::Client) -> ProviderE
                 MaxTokensField::MaxTokens
             });
             Provider::OpenAi(openai::OpenAiProvider::new(
-                http.clone(),
+                http,
                 base_url,
                 openai::OpenAiOptions {
                     max_tokens_field,
@@ -359,11 +361,9 @@ fn build_entry(settings: &ProviderSettings, http: &reqwest::Client) -> ProviderE
             ))
         }
         ProviderKind::Anthropic => {
-            Provider::Anthropic(anthropic::AnthropicProvider::new(http.clone(), base_url))
+            Provider::Anthropic(anthropic::AnthropicProvider::new(http, base_url))
         }
-        ProviderKind::Gemini => {
-            Provider::Gemini(gemini::GeminiProvider::new(http.clone(), base_url))
-        }
+        ProviderKind::Gemini => Provider::Gemini(gemini::GeminiProvider::new(http, base_url)),
     };
     ProviderEntry {
         name: settings.name.clone(),

@@ -1,6 +1,7 @@
 //! OpenAI chat completions, and every OpenAI-compatible service through `base_url` (Groq,
 //! Mistral, DeepSeek, Together, OpenRouter, vLLM, Ollama, …), non-streaming and streaming.
 
+use super::transport::Transport;
 use super::{Answer, EXCERPT_BYTES, send};
 use futures::StreamExt;
 use reqwest::header::HeaderMap;
@@ -49,7 +50,7 @@ pub struct OpenAiOptions {
 /// A client for one OpenAI-compatible base URL.
 #[derive(Debug)]
 pub struct OpenAiProvider {
-    http: reqwest::Client,
+    http: Transport,
     /// `…/v1`; the adapter appends `/chat/completions` as the official SDK does.
     base_url: String,
     options: OpenAiOptions,
@@ -158,9 +159,9 @@ fn canonical_finish(native: Option<&str>, has_tool_calls: bool, refused: bool) -
 }
 
 impl OpenAiProvider {
-    pub fn new(http: reqwest::Client, base_url: String, options: OpenAiOptions) -> Self {
+    pub fn new(http: impl Into<Transport>, base_url: String, options: OpenAiOptions) -> Self {
         Self {
-            http,
+            http: http.into(),
             base_url: base_url.trim_end_matches('/').to_owned(),
             options,
         }
@@ -231,8 +232,8 @@ impl OpenAiProvider {
     ) -> Result<Completion, ProviderError> {
         let key = call.require_key(PROVIDER_TYPE)?;
         let body = self.body(request, model, call.streaming())?;
-        let builder = self
-            .http
+        let http = self.http.lease();
+        let builder = http
             .post(format!("{}/chat/completions", self.base_url))
             .bearer_auth(key.secret.expose_secret())
             .json(&body);
