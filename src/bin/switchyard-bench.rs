@@ -80,7 +80,8 @@ struct Args {
     /// Job counts of the scaling runs (default 1000,10000,100000; smoke 100,200,400).
     #[arg(long, value_delimiter = ',')]
     scaling: Option<Vec<usize>>,
-    /// Scenarios to run: raw, healthy, inflight, fallback, scaling, limits (default: all).
+    /// Scenarios to run: raw, healthy, inflight, inflight-h2, fallback, scaling, limits
+    /// (default: all).
     #[arg(long, value_delimiter = ',')]
     only: Option<Vec<String>>,
     #[arg(
@@ -142,6 +143,9 @@ struct Scenario {
     limits: bool,
     /// Measure added latency in a paced phase at half the measured throughput.
     paced: bool,
+    /// The worker speaks HTTP/2 to the fake provider (h2c), as it does over TLS to providers
+    /// that offer HTTP/2; otherwise HTTP/1.1, one connection per call.
+    http2: bool,
 }
 
 /// What one pipeline run measured.
@@ -294,6 +298,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         fallback: false,
         limits: false,
         paced: true,
+        http2: false,
     };
     if wants("healthy") {
         report.healthy = Some(pipeline(&env, &healthy, plan.paced_secs).await?);
@@ -319,6 +324,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ..healthy.clone()
         };
         report.inflight = Some((plan.in_flight, pipeline(&env, &scenario, 0.0).await?));
+    }
+    if wants("inflight-h2") {
+        let scenario = Scenario {
+            name: "inflight-h2".to_owned(),
+            jobs: usize::from(plan.in_flight) * 2,
+            concurrency: plan.in_flight,
+            latency_ms: 200,
+            paced: false,
+            http2: true,
+            ..healthy.clone()
+        };
+        report.inflight_h2 = Some((plan.in_flight, pipeline(&env, &scenario, 0.0).await?));
     }
     if wants("fallback") {
         let scenario = Scenario {
@@ -865,11 +882,16 @@ fn fake_provider(env: &Env, latency_ms: u64, rate_429: f64) -> anyhow::Result<(P
     ))
 }
 
-fn provider_toml(name: &str, url: &str, limits: bool) -> String {
+fn provider_toml(name: &str, url: &str, limits: bool, http2: bool) -> String {
     // The rate limit is active on every call but set above anything this machine reaches, so
     // the run shows what the limiter costs, not what it holds back.
     let limits = if limits {
         "limits = { rpm = 1000000 }\n"
+    } else {
+        ""
+    };
+    let http2 = if http2 {
+        "http2_prior_knowledge = true\n"
     } else {
         ""
     };
@@ -881,7 +903,7 @@ kind = "openai"
 base_url = "{url}/v1"
 timeout_secs = 30
 max_retries = 0
-{limits}keys = [{{ id = "{name}-key", env = "SWITCHYARD_BENCH_FAKE_KEY" }}]
+{limits}{http2}keys = [{{ id = "{name}-key", env = "SWITCHYARD_BENCH_FAKE_KEY" }}]
 models = [{{ name = "fake-model", prices = {{ input = "0.5", cached_input = "0.25", output = "1.5" }} }}]
 "#
     )
@@ -900,9 +922,9 @@ fn worker_config(
          [worker]\nconcurrency = {}\nshutdown_grace_secs = 10\n",
         env.broker_url, env.database_server, scenario.concurrency
     );
-    toml.push_str(&provider_toml("primary", primary, scenario.limits));
+    toml.push_str(&provider_toml("primary", primary, scenario.limits, scenario.http2));
     if let Some(url) = fallback {
-        toml.push_str(&provider_toml("fallback", url, false));
+        toml.push_str(&provider_toml("fallback", url, false, scenario.http2));
     }
     toml.push_str(
         "\n[[routes]]\nalias = \"bench\"\ntargets = [{ provider = \"primary\", model = \"fake-model\" }]\n",
@@ -1346,6 +1368,7 @@ struct Report {
     raw: Option<RawRelay>,
     healthy: Option<Figures>,
     inflight: Option<(u16, Figures)>,
+    inflight_h2: Option<(u16, Figures)>,
     fallback: Option<Figures>,
     scaling: Vec<(usize, Median)>,
     limits: Option<Figures>,
@@ -1358,6 +1381,7 @@ impl Report {
     fn runs(&self) -> usize {
         usize::from(self.healthy.is_some())
             + usize::from(self.inflight.is_some())
+            + usize::from(self.inflight_h2.is_some())
             + usize::from(self.fallback.is_some())
             + self
                 .scaling
@@ -1434,10 +1458,13 @@ impl Report {
                 None,
             ));
         }
-        if let Some((in_flight, f)) = &self.inflight {
+        for (protocol, run) in [("HTTP/1.1", &self.inflight), ("HTTP/2", &self.inflight_h2)] {
+            let Some((in_flight, f)) = run else {
+                continue;
+            };
             rows.push(row(
                 format!(
-                    "jobs/s, 200 ms provider, {in_flight} in flight ({} jobs; ideal {:.0})",
+                    "jobs/s, 200 ms provider over {protocol}, {in_flight} in flight ({} jobs; ideal {:.0})",
                     f.jobs,
                     f64::from(*in_flight) / 0.2
                 ),
@@ -1446,7 +1473,7 @@ impl Report {
                 None,
             ));
             rows.push(row(
-                format!("worker peak RSS, {in_flight} in flight, MiB"),
+                format!("worker peak RSS, {in_flight} in flight over {protocol}, MiB"),
                 format!("{:.0}", f.peak_rss_mb),
                 "≤ 200",
                 Some(f.peak_rss_mb <= 200.0),
@@ -1541,6 +1568,7 @@ impl Report {
         let statuses: Vec<String> = [
             ("healthy", self.healthy.as_ref()),
             ("inflight", self.inflight.as_ref().map(|(_, f)| f)),
+            ("inflight-h2", self.inflight_h2.as_ref().map(|(_, f)| f)),
             ("fallback", self.fallback.as_ref()),
             ("limits", self.limits.as_ref()),
         ]
