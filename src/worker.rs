@@ -422,46 +422,62 @@ async fn is_idle(ctx: &Context, channel: &lapin::Channel) -> bool {
 
 /// One delivery through the pipeline. Abandoned on `abandon` without sending anything, which
 /// leaves the delivery unacked for redelivery.
-async fn process(
+///
+/// A plain function returning the task, not an `async fn`: an `async fn` keeps a slot for each
+/// argument as well as for the local it is moved into, so the task would hold the context and
+/// the delivery (some 750 bytes) twice for its whole life. Here they go straight into the boxed
+/// `handle`, and the task keeps only what it needs once the job is handled.
+fn process(
     ctx: Context,
     streams: Publisher,
     delivery: Delivery,
     outbox: mpsc::Sender<Finished>,
     abandon: CancellationToken,
     // Counted until the job is handed to the finalizer (or abandoned).
-    _in_flight: InFlight,
-) {
+    in_flight: InFlight,
+) -> impl Future<Output = ()> + Send + 'static {
     let tag = delivery.delivery_tag;
     let provenance = ctx
         .identity
         .for_delivery(&delivery.data, delivery.properties.headers().as_ref());
+    let settings = Arc::clone(&ctx.settings);
     // Boxed, so a job's task keeps only this small frame once it is handled and waits for
     // the finalizer: thousands of jobs in flight must not each hold the largest state.
-    let handled = Box::pin(AssertUnwindSafe(handle(&ctx, &streams, delivery)).catch_unwind());
-    let mut finished = tokio::select! {
-        _ = abandon.cancelled() => return,
-        finished = handled => finished.unwrap_or_else(|_| {
-            // The panic message went to stderr through the panic hook.
-            metrics::counter!("switchyard_job_panics_total").increment(1);
-            tracing::error!(delivery_tag = tag, "A job's task panicked; returning it to the queue (the broker dead-letters it after the delivery limit).");
-            Finished::Requeue { tag }
-        }),
-    };
-    if let Finished::Job(job) = &mut finished {
-        let retention = job
-            .result
-            .tenant
-            .as_deref()
-            .map_or_else(Default::default, |t| ctx.settings.retention(t));
-        crate::retention::apply(job, retention);
-        crate::audit::stamp(&mut job.audits, &provenance, job.result.job_id);
-    }
-    if outbox.send(finished).await.is_err() {
-        tracing::warn!("Finalizer is gone; the job stays unacked and will be redelivered.");
+    let handled = Box::pin(AssertUnwindSafe(handle(ctx, streams, delivery)).catch_unwind());
+    async move {
+        let _in_flight = in_flight;
+        let mut finished = tokio::select! {
+            _ = abandon.cancelled() => return,
+            finished = handled => finished.unwrap_or_else(|_| {
+                // The panic message went to stderr through the panic hook.
+                metrics::counter!("switchyard_job_panics_total").increment(1);
+                tracing::error!(delivery_tag = tag, "A job's task panicked; returning it to the queue (the broker dead-letters it after the delivery limit).");
+                Finished::Requeue { tag }
+            }),
+        };
+        if let Finished::Job(job) = &mut finished {
+            let retention = job
+                .result
+                .tenant
+                .as_deref()
+                .map_or_else(Default::default, |t| settings.retention(t));
+            crate::retention::apply(job, retention);
+            crate::audit::stamp(&mut job.audits, &provenance, job.result.job_id);
+        }
+        if outbox.send(finished).await.is_err() {
+            tracing::warn!("Finalizer is gone; the job stays unacked and will be redelivered.");
+        }
     }
 }
 
-async fn handle(ctx: &Context, streams: &Publisher, delivery: Delivery) -> Finished {
+/// The job's work from its delivery to what the finalizer gets. Like `process`, a function
+/// returning the future: the delivery is taken apart before the future is built, so the
+/// future holds its body and ids, not the whole delivery twice.
+fn handle(
+    ctx: Context,
+    streams: Publisher,
+    delivery: Delivery,
+) -> impl Future<Output = Finished> + Send + 'static {
     let received_at = Utc::now();
     let tag = delivery.delivery_tag;
     let message_id = delivery
@@ -469,12 +485,24 @@ async fn handle(ctx: &Context, streams: &Publisher, delivery: Delivery) -> Finis
         .message_id()
         .as_ref()
         .map(|id| id.as_str().to_owned());
-    let body = delivery.data;
     let user_id = delivery
         .properties
         .user_id()
         .as_ref()
         .map(|u| u.as_str().to_owned());
+    let body = delivery.data;
+    async move { handle_job(&ctx, &streams, tag, received_at, body, message_id, user_id).await }
+}
+
+async fn handle_job(
+    ctx: &Context,
+    streams: &Publisher,
+    tag: u64,
+    received_at: chrono::DateTime<Utc>,
+    body: Vec<u8>,
+    message_id: Option<String>,
+    user_id: Option<String>,
+) -> Finished {
     let job = match ingest(
         &body,
         message_id.as_deref(),

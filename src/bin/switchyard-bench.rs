@@ -922,7 +922,12 @@ fn worker_config(
          [worker]\nconcurrency = {}\nshutdown_grace_secs = 10\n",
         env.broker_url, env.database_server, scenario.concurrency
     );
-    toml.push_str(&provider_toml("primary", primary, scenario.limits, scenario.http2));
+    toml.push_str(&provider_toml(
+        "primary",
+        primary,
+        scenario.limits,
+        scenario.http2,
+    ));
     if let Some(url) = fallback {
         toml.push_str(&provider_toml("fallback", url, false, scenario.http2));
     }

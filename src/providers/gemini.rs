@@ -778,7 +778,9 @@ impl GeminiProvider {
         })?;
         key_header.set_sensitive(true);
         let url = self.endpoint(model, call.streaming()).map_err(invalid)?;
-        let body = self.request_body(request, call.timeout).await?;
+        // Boxed: building the body may fetch images, a large future a call waiting for its
+        // answer need not hold.
+        let body = Box::pin(self.request_body(request, call.timeout)).await?;
         // The key travels in a header, never in the URL (`?key=` would leak into logs).
         let http = self.http.lease();
         let builder = http

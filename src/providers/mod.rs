@@ -412,7 +412,7 @@ pub async fn send(
             return Ok(Answer::Stream(response));
         }
         let headers = response.headers().clone();
-        let text = tokio::time::timeout(call.idle_timeout, response.text())
+        let text = Box::pin(tokio::time::timeout(call.idle_timeout, response.text()))
             .await
             .ok()
             .and_then(Result::ok)
@@ -426,8 +426,9 @@ pub async fn send(
         .map_err(|e| ProviderError::transport(provider_type, &e))?;
     let status = response.status().as_u16();
     let headers = response.headers().clone();
-    let text = response
-        .text()
+    // Boxed, like every step of a call that only runs for a moment: reading a body takes a
+    // 1 KB future, which a call waiting for its answer would otherwise hold all along.
+    let text = Box::pin(response.text())
         .await
         .map_err(|e| ProviderError::transport(provider_type, &e))?;
     if (200..300).contains(&status) {

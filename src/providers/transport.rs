@@ -317,7 +317,8 @@ mod tests {
             .with_state((Arc::clone(&seen), Arc::clone(&release)));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        tokio::spawn(async move {
+        let tasks = tokio_util::task::TaskTracker::new();
+        tasks.spawn(async move {
             axum::serve(
                 listener,
                 app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -329,7 +330,7 @@ mod tests {
         let calls: Vec<_> = (0..10)
             .map(|_| {
                 let transport = transport.clone();
-                tokio::spawn(async move {
+                tasks.spawn(async move {
                     let http = transport.lease();
                     let response = http.get(format!("http://{address}/")).send().await?;
                     response.text().await

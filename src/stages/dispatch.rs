@@ -470,8 +470,11 @@ pub async fn dispatch(
             }
             calls_left -= 1;
             let n = u32::try_from(attempts.len() + 1).unwrap_or(u32::MAX);
-            let mut attempt =
-                Box::pin(call_once(request, target, key.as_ref(), n, stream, probe)).await;
+            // The outcome is boxed too (880 bytes): held across the ledger and limiter awaits
+            // below, it would otherwise widen every job's dispatch frame by that much.
+            let mut attempt = Box::new(
+                Box::pin(call_once(request, target, key.as_ref(), n, stream, probe)).await,
+            );
             probe_guard.disarm();
             attempt.attempt.holds = holds;
             attempt.attempt.cost = cost_event(job, &attempt.attempt);
