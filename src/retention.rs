@@ -57,7 +57,7 @@ pub fn apply(job: &mut FinishedJob, mode: Retention) {
         output_sha256,
         request_sha256,
     });
-    job.stored = Some(stored);
+    job.stored = Some(Box::new(stored));
 
     for event in &mut job.audits {
         let Value::Object(details) = &mut event.details else {

@@ -86,7 +86,7 @@ pub struct FinishedJob {
     pub recorded: Vec<Uuid>,
     /// What `results.body` keeps when it is not `result` itself (tenant retention
     /// `hash`/`none`, see `crate::retention`).
-    pub stored: Option<JobResult>,
+    pub stored: Option<Box<JobResult>>,
 }
 
 fn millis_between(from: DateTime<Utc>, to: DateTime<Utc>) -> u64 {
@@ -701,7 +701,7 @@ impl Finalizer {
         // Each result is serialized once: the same bytes are stored and published.
         let stored: Vec<&JobResult> = fresh
             .iter()
-            .map(|j| j.stored.as_ref().unwrap_or(&j.result))
+            .map(|j| j.stored.as_deref().unwrap_or(&j.result))
             .collect();
         let bodies: Vec<String> = stored.iter().map(to_json_string).collect();
         let result_rows: Vec<(&JobResult, &str)> = stored
