@@ -67,26 +67,25 @@ impl Identity {
     }
 
     /// Provenance of events about one delivered message: its body's hash and the trace id of
-    /// its `traceparent` header (when valid).
-    pub fn for_delivery(
-        &self,
-        body: &[u8],
-        headers: Option<&lapin::types::FieldTable>,
-    ) -> Provenance {
-        let trace_id =
-            headers
-                .and_then(|h| h.inner().get(TRACEPARENT))
-                .and_then(|value| match value {
-                    AMQPValue::LongString(s) => trace_id_of(&s.to_string()),
-                    AMQPValue::ShortString(s) => trace_id_of(s.as_str()),
-                    _ => None,
-                });
+    /// its `traceparent` header (see [`delivery_trace_id`]).
+    pub fn for_delivery(&self, message_sha256: String, trace_id: Option<String>) -> Provenance {
         Provenance {
-            message_sha256: Some(sha256_hex(body)),
+            message_sha256: Some(message_sha256),
             trace_id,
             ..self.provenance()
         }
     }
+}
+
+/// The trace id of a delivery's `traceparent` header, when it is valid.
+pub fn delivery_trace_id(headers: Option<&lapin::types::FieldTable>) -> Option<String> {
+    headers
+        .and_then(|h| h.inner().get(TRACEPARENT))
+        .and_then(|value| match value {
+            AMQPValue::LongString(s) => trace_id_of(&s.to_string()),
+            AMQPValue::ShortString(s) => trace_id_of(s.as_str()),
+            _ => None,
+        })
 }
 
 /// Sets `provenance` on every event; a missing trace id becomes the job id's 32 hex digits,

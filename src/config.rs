@@ -705,6 +705,12 @@ impl Settings {
             if !names.insert(provider.name.as_str()) {
                 return invalid(format!("provider {:?} is defined twice", provider.name));
             }
+            if provider.max_streams_per_connection == 0 {
+                return invalid(format!(
+                    "provider {:?}: max_streams_per_connection must be at least 1",
+                    provider.name
+                ));
+            }
             if provider.kind != ProviderKind::Extractive {
                 match provider.base_url.as_deref().map(url::Url::parse) {
                     None => {
@@ -844,6 +850,31 @@ mod tests {
         let err = Settings::from_toml(text).unwrap_err();
         assert!(
             err.to_string().contains("unknown provider \"nope\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn http2_settings_default_and_zero_streams_is_rejected() {
+        let provider = |extra: &str| {
+            format!(
+                "[[providers]]\nname = \"p\"\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\n\
+                 keys = [{{ id = \"k\", env = \"K\" }}]\n{extra}"
+            )
+        };
+        let settings = Settings::from_toml(&provider("")).unwrap();
+        assert!(!settings.providers[0].http2_prior_knowledge);
+        assert_eq!(settings.providers[0].max_streams_per_connection, 100);
+        let settings = Settings::from_toml(&provider(
+            "http2_prior_knowledge = true\nmax_streams_per_connection = 8\n",
+        ))
+        .unwrap();
+        assert!(settings.providers[0].http2_prior_knowledge);
+        assert_eq!(settings.providers[0].max_streams_per_connection, 8);
+        let err = Settings::from_toml(&provider("max_streams_per_connection = 0\n")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("max_streams_per_connection must be at least 1"),
             "{err}"
         );
     }

@@ -437,25 +437,25 @@ fn process(
     in_flight: InFlight,
 ) -> impl Future<Output = ()> + Send + 'static {
     let tag = delivery.delivery_tag;
-    let provenance = ctx
-        .identity
-        .for_delivery(&delivery.data, delivery.properties.headers().as_ref());
+    let trace_id = crate::audit::delivery_trace_id(delivery.properties.headers().as_ref());
+    let identity = Arc::clone(&ctx.identity);
     let settings = Arc::clone(&ctx.settings);
     // Boxed, so a job's task keeps only this small frame once it is handled and waits for
     // the finalizer: thousands of jobs in flight must not each hold the largest state.
     let handled = Box::pin(AssertUnwindSafe(handle(ctx, streams, delivery)).catch_unwind());
     async move {
         let _in_flight = in_flight;
-        let mut finished = tokio::select! {
+        let (mut finished, message_sha256) = tokio::select! {
             _ = abandon.cancelled() => return,
             finished = handled => finished.unwrap_or_else(|_| {
                 // The panic message went to stderr through the panic hook.
                 metrics::counter!("switchyard_job_panics_total").increment(1);
                 tracing::error!(delivery_tag = tag, "A job's task panicked; returning it to the queue (the broker dead-letters it after the delivery limit).");
-                Finished::Requeue { tag }
+                (Finished::Requeue { tag }, String::new())
             }),
         };
         if let Finished::Job(job) = &mut finished {
+            let provenance = identity.for_delivery(message_sha256, trace_id);
             let retention = job
                 .result
                 .tenant
@@ -470,14 +470,16 @@ fn process(
     }
 }
 
-/// The job's work from its delivery to what the finalizer gets. Like `process`, a function
-/// returning the future: the delivery is taken apart before the future is built, so the
-/// future holds its body and ids, not the whole delivery twice.
+/// The job's work from its delivery to what the finalizer gets, with the SHA-256 of the
+/// message body for the job's audit provenance. Like `process`, a function returning the
+/// future: the delivery is taken apart before the future is built, so the future holds its
+/// body and ids, not the whole delivery twice. Hashing (a body may be megabytes) waits for the
+/// job's own task, never the consume loop.
 fn handle(
     ctx: Context,
     streams: Publisher,
     delivery: Delivery,
-) -> impl Future<Output = Finished> + Send + 'static {
+) -> impl Future<Output = (Finished, String)> + Send + 'static {
     let received_at = Utc::now();
     let tag = delivery.delivery_tag;
     let message_id = delivery
@@ -491,7 +493,12 @@ fn handle(
         .as_ref()
         .map(|u| u.as_str().to_owned());
     let body = delivery.data;
-    async move { handle_job(&ctx, &streams, tag, received_at, body, message_id, user_id).await }
+    async move {
+        let message_sha256 = crate::audit::sha256_hex(&body);
+        let finished =
+            handle_job(&ctx, &streams, tag, received_at, body, message_id, user_id).await;
+        (finished, message_sha256)
+    }
 }
 
 async fn handle_job(
