@@ -314,28 +314,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .map(|(rate, _, _)| rate);
         report.raw = Some(raw_relay(&env, plan.jobs, plan.paced_secs, pipeline_rate).await?);
     }
-    if wants("inflight") {
+    // 10,000 in flight over HTTP/1.1 (a connection per call), then over h2c.
+    for (name, http2) in [("inflight", false), ("inflight-h2", true)] {
+        if !wants(name) {
+            continue;
+        }
         let scenario = Scenario {
-            name: "inflight".to_owned(),
+            name: name.to_owned(),
             jobs: usize::from(plan.in_flight) * 2,
             concurrency: plan.in_flight,
             latency_ms: 200,
             paced: false,
+            http2,
             ..healthy.clone()
         };
-        report.inflight = Some((plan.in_flight, pipeline(&env, &scenario, 0.0).await?));
-    }
-    if wants("inflight-h2") {
-        let scenario = Scenario {
-            name: "inflight-h2".to_owned(),
-            jobs: usize::from(plan.in_flight) * 2,
-            concurrency: plan.in_flight,
-            latency_ms: 200,
-            paced: false,
-            http2: true,
-            ..healthy.clone()
-        };
-        report.inflight_h2 = Some((plan.in_flight, pipeline(&env, &scenario, 0.0).await?));
+        let run = Some((plan.in_flight, pipeline(&env, &scenario, 0.0).await?));
+        if http2 {
+            report.inflight_h2 = run;
+        } else {
+            report.inflight = run;
+        }
     }
     if wants("fallback") {
         let scenario = Scenario {
