@@ -464,7 +464,8 @@ fn process(
             crate::retention::apply(job, retention);
             crate::audit::stamp(&mut job.audits, &provenance, job.result.job_id);
         }
-        if outbox.send(finished).await.is_err() {
+        // Serialized here, on any of the runtime's threads, not in the finalizer's one task.
+        if outbox.send(finished.seal()).await.is_err() {
             tracing::warn!("Finalizer is gone; the job stays unacked and will be redelivered.");
         }
     }
@@ -479,7 +480,7 @@ fn handle(
     ctx: Context,
     streams: Publisher,
     delivery: Delivery,
-) -> impl Future<Output = (Finished, String)> + Send + 'static {
+) -> impl Future<Output = (Finished<FinishedJob>, String)> + Send + 'static {
     let received_at = Utc::now();
     let tag = delivery.delivery_tag;
     let message_id = delivery
@@ -509,7 +510,7 @@ async fn handle_job(
     body: Vec<u8>,
     message_id: Option<String>,
     user_id: Option<String>,
-) -> Finished {
+) -> Finished<FinishedJob> {
     let job = match ingest(
         &body,
         message_id.as_deref(),

@@ -20,7 +20,9 @@ use crate::cli::{BatchCommand, BatchResultsArgs, BatchSubmitArgs};
 use crate::config::Settings;
 use crate::messages::result::RESULT_SCHEMA;
 use crate::messages::schema::Schema;
-use crate::messages::{AuditEvent, CostSummary, Job, JobError, JobResult, JobStatus, Timings};
+use crate::messages::{
+    AuditEvent, CostSummary, Job, JobError, JobResult, JobStatus, ResultHead, Timings,
+};
 use crate::queue::publisher::{Outgoing, Publisher};
 use crate::queue::topology::Names;
 use crate::stages::ingest::is_name;
@@ -604,10 +606,11 @@ async fn cancel(settings: Settings, id: &str, tenant: &str) -> anyhow::Result<Ex
         .iter()
         .map(serde_json::to_string)
         .collect::<Result<_, _>>()?;
-    let refs: Vec<(&JobResult, &str)> = cancelled
+    let heads: Vec<ResultHead> = cancelled.iter().map(JobResult::head).collect();
+    let refs: Vec<(&ResultHead, &str)> = heads
         .iter()
         .zip(&bodies)
-        .map(|(result, body)| (result, body.as_str()))
+        .map(|(head, body)| (head, body.as_str()))
         .collect();
     results::insert_many(&mut tx, &refs, now).await?;
     let mut event = AuditEvent::new(

@@ -9,8 +9,8 @@ pub mod schema;
 pub use events::{AuditEvent, ChunkKind, CostEvent, Provenance, StreamChunk};
 pub use job::{ChatMessage, ChatRequest, Job};
 pub use result::{
-    AttemptReport, AttemptStatus, CostSummary, JobError, JobResult, JobStatus, Retained, Timings,
-    Usage,
+    AttemptReport, AttemptStatus, CostSummary, JobError, JobResult, JobStatus, ResultHead,
+    Retained, Timings, Usage,
 };
 
 /// The routing-key segment used when a job has no tenant or no batch.

@@ -72,24 +72,69 @@ pub struct Retained {
     pub request_sha256: Option<String>,
 }
 
+/// What places a result (its row key, routing key and `message_id`) and why it failed: what the
+/// finalizer reads of a result once the result itself is serialized (`FinishedJob::seal`), so
+/// a job waiting for its group holds the JSON text rather than the response's `Value` tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResultHead {
+    pub job_id: Uuid,
+    pub generation: i32,
+    pub tenant: Option<String>,
+    pub batch: Option<String>,
+    pub status: JobStatus,
+    pub error: Option<JobError>,
+}
+
+impl ResultHead {
+    /// `<tenant>.<batch>.<status>`, `_` standing in for a missing tenant or batch.
+    pub fn routing_key(&self) -> String {
+        routing_key(self.tenant.as_deref(), self.batch.as_deref(), self.status)
+    }
+
+    /// The AMQP `message_id` of the result: see `JobResult::message_id`.
+    pub fn message_id(&self) -> String {
+        message_id(self.job_id, self.generation)
+    }
+}
+
+fn routing_key(tenant: Option<&str>, batch: Option<&str>, status: JobStatus) -> String {
+    format!(
+        "{}.{}.{}",
+        tenant.unwrap_or(super::NONE_SEGMENT),
+        batch.unwrap_or(super::NONE_SEGMENT),
+        status.as_str()
+    )
+}
+
+fn message_id(job_id: Uuid, generation: i32) -> String {
+    if generation == 0 {
+        job_id.to_string()
+    } else {
+        format!("{job_id}/g{generation}")
+    }
+}
+
 impl JobResult {
     /// `<tenant>.<batch>.<status>`, `_` standing in for a missing tenant or batch.
     pub fn routing_key(&self) -> String {
-        format!(
-            "{}.{}.{}",
-            self.tenant.as_deref().unwrap_or(super::NONE_SEGMENT),
-            self.batch.as_deref().unwrap_or(super::NONE_SEGMENT),
-            self.status.as_str()
-        )
+        routing_key(self.tenant.as_deref(), self.batch.as_deref(), self.status)
     }
 
     /// The AMQP `message_id` of this result: the job id, with `/g<N>` for a replayed
     /// generation so that subscribers deduplicating on it keep every generation's result.
     pub fn message_id(&self) -> String {
-        if self.generation == 0 {
-            self.job_id.to_string()
-        } else {
-            format!("{}/g{}", self.job_id, self.generation)
+        message_id(self.job_id, self.generation)
+    }
+
+    /// A copy of the fields that place the result (see `ResultHead`).
+    pub fn head(&self) -> ResultHead {
+        ResultHead {
+            job_id: self.job_id,
+            generation: self.generation,
+            tenant: self.tenant.clone(),
+            batch: self.batch.clone(),
+            status: self.status,
+            error: self.error.clone(),
         }
     }
 

@@ -27,7 +27,7 @@ use crate::messages::job::JOB_SCHEMA;
 use crate::messages::result::RESULT_SCHEMA;
 use crate::messages::{
     AttemptReport, AttemptStatus, AuditEvent, CostEvent, CostSummary, Job, JobResult, JobStatus,
-    NONE_SEGMENT, Timings,
+    NONE_SEGMENT, ResultHead, Timings,
 };
 use crate::queue::BrokerError;
 use crate::queue::consumer::AckTracker;
@@ -50,9 +50,12 @@ pub const ERROR_HEADER: &str = "x-switchyard-error";
 
 /// What a processing task hands to the finalizer.
 #[derive(Debug)]
-pub enum Finished {
+///
+/// A job's task builds a `Finished<FinishedJob>` and seals it (`Finished::seal`) before handing
+/// it to the finalizer, which takes `Finished<SealedJob>`.
+pub enum Finished<J = SealedJob> {
     /// A job processed now: to be committed, published and acked.
-    Job(Box<FinishedJob>),
+    Job(Box<J>),
     /// A job whose result was already committed: republish the stored result and ack.
     Duplicate { tag: u64, result: Box<JobResult> },
     /// The job could not be looked up (database trouble): return it to the queue.
@@ -66,7 +69,19 @@ pub enum Finished {
     },
 }
 
-/// Everything one job writes and publishes.
+impl Finished<FinishedJob> {
+    /// Serializes a processed job's result (`FinishedJob::seal`); the other cases pass as they are.
+    pub fn seal(self) -> Finished {
+        match self {
+            Finished::Job(job) => Finished::Job(Box::new(job.seal())),
+            Finished::Duplicate { tag, result } => Finished::Duplicate { tag, result },
+            Finished::Requeue { tag } => Finished::Requeue { tag },
+            Finished::Park { tag, body, wait } => Finished::Park { tag, body, wait },
+        }
+    }
+}
+
+/// Everything one job writes and publishes, as its task builds it.
 #[derive(Debug)]
 pub struct FinishedJob {
     /// The delivery tag on the consuming channel.
@@ -87,6 +102,28 @@ pub struct FinishedJob {
     /// What `results.body` keeps when it is not `result` itself (tenant retention
     /// `hash`/`none`, see `crate::retention`).
     pub stored: Option<Box<JobResult>>,
+}
+
+/// A finished job as the finalizer takes it: its result serialized, in the job's own task, to
+/// the JSON text that is stored and published. Thousands of finished jobs may wait for their
+/// group; each holds this text (about 1 KB for a short answer) rather than the response's
+/// `Value` tree (about 2.5 KB of map nodes), and the finalizer's one task does not serialize.
+#[derive(Debug)]
+pub struct SealedJob {
+    pub tag: u64,
+    pub job: JobRow,
+    pub attempts: Vec<AttemptRow>,
+    /// What places the result; its body is `body`.
+    pub head: ResultHead,
+    /// The result message, as published (and stored, unless `stored_body`).
+    pub body: String,
+    /// What `results.body` keeps when it is not `body` (tenant retention `hash`/`none`).
+    pub stored_body: Option<String>,
+    pub costs: Vec<(Uuid, CostEvent)>,
+    pub audits: Vec<AuditEvent>,
+    pub dead_letter: Option<Vec<u8>>,
+    pub holds: Vec<(Uuid, Vec<crate::budget::Held>)>,
+    pub recorded: Vec<Uuid>,
 }
 
 fn millis_between(from: DateTime<Utc>, to: DateTime<Utc>) -> u64 {
@@ -117,6 +154,26 @@ fn request_hash(request: Option<&RawValue>) -> String {
 }
 
 impl FinishedJob {
+    /// Serializes the result (and its retention copy) once, for the row and the message; call it
+    /// after retention and provenance are applied.
+    pub fn seal(self) -> SealedJob {
+        let body = to_json_string(&self.result);
+        let stored_body = self.stored.map(|stored| to_json_string(&*stored));
+        SealedJob {
+            tag: self.tag,
+            job: self.job,
+            attempts: self.attempts,
+            head: self.result.head(),
+            body,
+            stored_body,
+            costs: self.costs,
+            audits: self.audits,
+            dead_letter: self.dead_letter,
+            holds: self.holds,
+            recorded: self.recorded,
+        }
+    }
+
     /// A job that went through dispatch, successful or not.
     pub fn completed(
         tag: u64,
@@ -640,7 +697,7 @@ impl Finalizer {
                 .map_err(FinalizeError::Ack)?;
         }
         for job in &fresh {
-            metrics::counter!("switchyard_jobs_total", "status" => job.result.status.as_str())
+            metrics::counter!("switchyard_jobs_total", "status" => job.head.status.as_str())
                 .increment(1);
             let failovers = job.audits.iter().filter(|a| a.kind == "failover").count();
             if failovers > 0 {
@@ -679,7 +736,7 @@ impl Finalizer {
     /// confirmed, and empties it once committed.
     async fn commit(
         &self,
-        fresh: &[FinishedJob],
+        fresh: &[SealedJob],
         confirmed: &mut Vec<Uuid>,
     ) -> Result<Vec<OutboxRow>, FinalizeError> {
         if fresh.is_empty() {
@@ -698,15 +755,11 @@ impl Finalizer {
         attempts::insert_many(&mut tx, &attempt_rows)
             .await
             .map_err(store_error)?;
-        // Each result is serialized once: the same bytes are stored and published.
-        let stored: Vec<&JobResult> = fresh
+        // Each result was serialized once, in its job's task: the same text is stored and
+        // published.
+        let result_rows: Vec<(&ResultHead, &str)> = fresh
             .iter()
-            .map(|j| j.stored.as_deref().unwrap_or(&j.result))
-            .collect();
-        let bodies: Vec<String> = stored.iter().map(to_json_string).collect();
-        let result_rows: Vec<(&JobResult, &str)> = stored
-            .into_iter()
-            .zip(bodies.iter().map(String::as_str))
+            .map(|j| (&j.head, j.stored_body.as_deref().unwrap_or(&j.body)))
             .collect();
         let inserted = results::insert_many(&mut tx, &result_rows, Utc::now())
             .await
@@ -729,7 +782,7 @@ impl Finalizer {
         let mut claimed = std::collections::HashSet::with_capacity(fresh.len());
         let lost: Vec<Uuid> = fresh
             .iter()
-            .map(|j| j.result.job_id)
+            .map(|j| j.head.job_id)
             .filter(|id| !(inserted.contains(id) && claimed.insert(*id)))
             .collect();
         let stored = results::find_latest_many(&mut tx, &lost)
@@ -751,7 +804,7 @@ impl Finalizer {
         }
         let created_at = Utc::now();
         let rows: Vec<OutboxRow> = self
-            .messages(fresh, bodies, &lost_races, &alerts)
+            .messages(fresh, &lost_races, &alerts)
             .into_iter()
             .map(|message| OutboxRow {
                 id: Uuid::now_v7(),
@@ -768,7 +821,7 @@ impl Finalizer {
         // A rejected message seen again (redelivered after its commit) adds no second audit.
         let audits: Vec<&AuditEvent> = fresh
             .iter()
-            .filter(|j| !(j.dead_letter.is_some() && lost.contains(&j.result.job_id)))
+            .filter(|j| !(j.dead_letter.is_some() && lost.contains(&j.head.job_id)))
             .flat_map(|j| j.audits.iter())
             .chain(&alerts)
             .collect();
@@ -783,28 +836,26 @@ impl Finalizer {
     /// Every message of a committed group: one result per job, dead-letter copies of first-seen
     /// rejections, then the cost and audit events.
     ///
-    /// `bodies` are the jobs' results as stored (serialized once for the rows).
+    /// A job's own result is published as its task serialized it (a redacted retention copy
+    /// is only stored, never published).
     fn messages(
         &self,
-        fresh: &[FinishedJob],
-        bodies: Vec<String>,
+        fresh: &[SealedJob],
         lost_races: &BTreeMap<Uuid, JobResult>,
         alerts: &[AuditEvent],
     ) -> Vec<Outgoing> {
         let mut outgoing = Vec::with_capacity(fresh.len() + 4);
-        for (job, body) in fresh.iter().zip(bodies) {
-            // A job that lost a race publishes the winner's result. `body` is the job's own
-            // result unless retention stored a redacted copy, which is never published.
-            outgoing.push(match lost_races.get(&job.result.job_id) {
+        for job in fresh {
+            // A job that lost a race publishes the winner's result.
+            outgoing.push(match lost_races.get(&job.head.job_id) {
                 Some(winner) => self.result_message(winner),
-                None if job.stored.is_some() => self.result_message(&job.result),
-                None => self.result_message_with_body(&job.result, body.into_bytes()),
+                None => self.result_message_with_body(&job.head, job.body.as_bytes().to_vec()),
             });
             // A rejected message seen again was dead-lettered the first time.
             if let Some(body) = &job.dead_letter
-                && !lost_races.contains_key(&job.result.job_id)
+                && !lost_races.contains_key(&job.head.job_id)
             {
-                outgoing.push(self.dead_letter_message(&job.result, body));
+                outgoing.push(self.dead_letter_message(&job.head, body));
             }
         }
         let costs: Vec<&CostEvent> = fresh
@@ -813,7 +864,7 @@ impl Finalizer {
             .collect();
         let audits: Vec<&AuditEvent> = fresh
             .iter()
-            .filter(|j| !(j.dead_letter.is_some() && lost_races.contains_key(&j.result.job_id)))
+            .filter(|j| !(j.dead_letter.is_some() && lost_races.contains_key(&j.head.job_id)))
             .flat_map(|j| j.audits.iter())
             .chain(alerts)
             .collect();
@@ -833,16 +884,16 @@ impl Finalizer {
     }
 
     fn result_message(&self, result: &JobResult) -> Outgoing {
-        self.result_message_with_body(result, to_json(result))
+        self.result_message_with_body(&result.head(), to_json(result))
     }
 
-    /// The result message of `result`, whose JSON is `body`.
-    fn result_message_with_body(&self, result: &JobResult, body: Vec<u8>) -> Outgoing {
+    /// The result message placed by `head`, whose JSON is `body`.
+    fn result_message_with_body(&self, head: &ResultHead, body: Vec<u8>) -> Outgoing {
         Outgoing {
             exchange: self.names.results_exchange(),
-            routing_key: result.routing_key(),
+            routing_key: head.routing_key(),
             body,
-            message_id: result.message_id(),
+            message_id: head.message_id(),
             kind: RESULT_SCHEMA.to_owned(),
             headers: None,
         }
@@ -864,8 +915,8 @@ impl Finalizer {
         }
     }
 
-    fn dead_letter_message(&self, result: &JobResult, body: &[u8]) -> Outgoing {
-        let error = result
+    fn dead_letter_message(&self, head: &ResultHead, body: &[u8]) -> Outgoing {
+        let error = head
             .error
             .as_ref()
             .map_or_else(String::new, |e| format!("{}: {}", e.code, e.message));
@@ -873,13 +924,13 @@ impl Finalizer {
         headers.insert(ERROR_HEADER.into(), AMQPValue::LongString(error.into()));
         headers.insert(
             "x-switchyard-job-id".into(),
-            AMQPValue::LongString(result.job_id.to_string().into()),
+            AMQPValue::LongString(head.job_id.to_string().into()),
         );
         Outgoing {
             exchange: self.names.dead_exchange(),
             routing_key: JOBS_ROUTING_KEY.to_owned(),
             body: body.to_vec(),
-            message_id: result.job_id.to_string(),
+            message_id: head.job_id.to_string(),
             kind: JOB_SCHEMA.to_owned(),
             headers: Some(headers),
         }
@@ -935,7 +986,7 @@ impl Finalizer {
 async fn settle_budgets(
     conn: &mut sqlx::PgConnection,
     budgets: &crate::budget::Budgets,
-    fresh: &[FinishedJob],
+    fresh: &[SealedJob],
 ) -> Result<Vec<AuditEvent>, sqlx::Error> {
     let mut settlements = Vec::new();
     let mut touched: Vec<(String, chrono::DateTime<Utc>)> = Vec::new();

@@ -6,7 +6,7 @@ use sqlx::PgConnection;
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use crate::messages::JobResult;
+use crate::messages::{JobResult, ResultHead};
 
 /// Inserts results in one statement and returns the job ids that were inserted; a job whose
 /// result already exists (a duplicate processed concurrently) is not among them. A
@@ -17,13 +17,13 @@ use crate::messages::JobResult;
 /// the caller for both the row and the message.
 pub async fn insert_many(
     conn: &mut PgConnection,
-    results: &[(&JobResult, &str)],
+    results: &[(&ResultHead, &str)],
     created_at: DateTime<Utc>,
 ) -> Result<Vec<Uuid>, sqlx::Error> {
     // Two copies of one job in a group would make the upsert touch a row twice (an error);
     // the first copy wins and the second is reported as not inserted.
     let mut seen = std::collections::HashSet::with_capacity(results.len());
-    let results: Vec<&(&JobResult, &str)> = results
+    let results: Vec<&(&ResultHead, &str)> = results
         .iter()
         .filter(|(r, _)| seen.insert((r.job_id, r.generation)))
         .collect();
