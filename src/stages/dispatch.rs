@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -493,7 +494,11 @@ pub async fn dispatch(
             }
             let error = match &attempt.outcome {
                 Ok(_) => {
-                    let response = attempt.response.take().unwrap_or(Value::Null);
+                    let response = attempt
+                        .response
+                        .take()
+                        .and_then(|text| serde_json::from_str(text.get()).ok())
+                        .unwrap_or(Value::Null);
                     attempts.push(attempt.with_response_dropped());
                     return Dispatched {
                         attempts,
@@ -631,7 +636,11 @@ async fn call_once(
         tracing::warn!(target = %target.label(), transition = transition.kind(), "Circuit breaker changed state.");
     }
     let (outcome, response) = match result {
-        Ok(completion) => (Ok(completion.usage), Some(completion.response)),
+        // A `Value` always serializes (its keys are strings).
+        Ok(completion) => (
+            Ok(completion.usage),
+            serde_json::value::to_raw_value(&completion.response).ok(),
+        ),
         Err(error) => {
             if let Some(sink) = stream
                 && streamed_any.load(Ordering::Relaxed)
@@ -732,7 +741,10 @@ fn no_key_attempt(target: &Target, previous: usize, reason: String) -> Attempt {
 /// An attempt with the response body of a success, which only the winner carries onwards.
 struct AttemptWithResponse {
     attempt: Attempt,
-    response: Option<Value>,
+    /// The response as JSON text while the call's ledger row is recorded: when thousands of
+    /// calls return at once they queue for the recorder, and a `chat.completion` `Value` (a map
+    /// node per object, some 3 KB) is several times its text. Parsed back once recorded.
+    response: Option<Box<RawValue>>,
 }
 
 impl std::ops::Deref for AttemptWithResponse {
