@@ -55,8 +55,8 @@ impl Target {
 pub struct Route {
     pub alias: String,
     pub policy: Policy,
-    pub targets: Vec<Target>,
-    pub fallback: Vec<Target>,
+    pub targets: Vec<Arc<Target>>,
+    pub fallback: Vec<Arc<Target>>,
     pub max_failover_depth: u8,
     pub failover_on: Vec<ErrorClass>,
     wrr: WeightedRoundRobin,
@@ -65,7 +65,8 @@ pub struct Route {
 /// The targets to try for one job, in order, and the route's failover rules.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    pub targets: Vec<Target>,
+    /// Shared with the route: a plan is made per job, and thousands of jobs may hold one.
+    pub targets: Vec<Arc<Target>>,
     /// Targets left out because their circuit is open (`provider/model`), for the audit.
     pub skipped: Vec<String>,
     /// Non-retryable classes that still move on to the next target.
@@ -182,9 +183,18 @@ impl Router {
             .routes
             .iter()
             .map(|route| {
-                let targets: Vec<Target> = route.targets.iter().filter_map(&mut resolve).collect();
-                let fallback: Vec<Target> =
-                    route.fallback.iter().filter_map(&mut resolve).collect();
+                let targets: Vec<Arc<Target>> = route
+                    .targets
+                    .iter()
+                    .filter_map(&mut resolve)
+                    .map(Arc::new)
+                    .collect();
+                let fallback: Vec<Arc<Target>> = route
+                    .fallback
+                    .iter()
+                    .filter_map(&mut resolve)
+                    .map(Arc::new)
+                    .collect();
                 let resolved = Route {
                     alias: route.alias.clone(),
                     policy: route.policy,
@@ -301,7 +311,7 @@ impl Router {
                 None => true,
             }
         };
-        let mut ordered: Vec<Target> = route
+        let mut ordered: Vec<Arc<Target>> = route
             .targets
             .iter()
             .filter(|t| eligible(t))
@@ -427,7 +437,7 @@ allowed_providers = ["eu-mid"]
     }
 
     fn labels(plan: &Plan) -> Vec<&str> {
-        plan.targets.iter().map(Target::label).collect()
+        plan.targets.iter().map(|t| t.label()).collect()
     }
 
     #[test]

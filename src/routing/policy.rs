@@ -2,7 +2,7 @@
 //! so shares hold exactly rather than on average), `cheapest`, `fastest` (EWMA latency with
 //! occasional exploration) and `least_busy`.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rust_decimal::Decimal;
 
@@ -55,7 +55,7 @@ pub fn estimated_cost(target: &Target, prompt_tokens: u64, output_tokens: u64) -
 /// Orders `targets` (already filtered) in place.
 pub fn order(
     policy: Policy,
-    targets: &mut Vec<Target>,
+    targets: &mut Vec<Arc<Target>>,
     wrr: &WeightedRoundRobin,
     all_weights: &[(String, u32)],
     tokens: impl Fn() -> (u64, u64),
