@@ -148,7 +148,7 @@ impl Router {
     pub fn from_settings(settings: &Settings, registry: &Registry) -> Self {
         let mut health: HashMap<String, Arc<TargetHealth>> = HashMap::new();
         let all_providers = settings.all_providers();
-        let mut resolve = |target: &TargetSettings| -> Option<Target> {
+        let mut resolve = |target: &TargetSettings| -> Option<Arc<Target>> {
             let provider = registry.get(&target.provider)?.clone();
             let model: Option<&ModelSettings> = provider.model(&target.model);
             let key = format!("{}/{}", target.provider, target.model);
@@ -157,7 +157,7 @@ impl Router {
                 .or_insert_with(|| Arc::new(TargetHealth::new(key, &settings.routing)))
                 .clone();
             let provider_settings = all_providers.iter().find(|p| p.name == target.provider);
-            Some(Target {
+            Some(Arc::new(Target {
                 model: target.model.clone(),
                 price_table: Arc::new(model.map(PriceTable::from_model).unwrap_or_default()),
                 capabilities: model
@@ -177,24 +177,16 @@ impl Router {
                     .map(|m| m as usize),
                 health,
                 provider,
-            })
+            }))
         };
         let routes = settings
             .routes
             .iter()
             .map(|route| {
-                let targets: Vec<Arc<Target>> = route
-                    .targets
-                    .iter()
-                    .filter_map(&mut resolve)
-                    .map(Arc::new)
-                    .collect();
-                let fallback: Vec<Arc<Target>> = route
-                    .fallback
-                    .iter()
-                    .filter_map(&mut resolve)
-                    .map(Arc::new)
-                    .collect();
+                let targets: Vec<Arc<Target>> =
+                    route.targets.iter().filter_map(&mut resolve).collect();
+                let fallback: Vec<Arc<Target>> =
+                    route.fallback.iter().filter_map(&mut resolve).collect();
                 let resolved = Route {
                     alias: route.alias.clone(),
                     policy: route.policy,
