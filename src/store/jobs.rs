@@ -33,7 +33,11 @@ pub struct JobRow {
 pub async fn insert_many(conn: &mut PgConnection, rows: &[&JobRow]) -> Result<(), sqlx::Error> {
     // Two copies of one job in a group would make the upsert touch a row twice (an error).
     let mut seen = std::collections::HashSet::with_capacity(rows.len());
-    let rows: Vec<&JobRow> = rows.iter().copied().filter(|r| seen.insert(r.id)).collect();
+    let mut rows: Vec<&JobRow> = rows.iter().copied().filter(|r| seen.insert(r.id)).collect();
+    // In key order, so two groups holding copies of the same jobs (two lanes, or two workers,
+    // given redelivered duplicates) take the rows' locks in the same order: one waits for the
+    // other instead of both deadlocking and going back to the queue.
+    rows.sort_unstable_by_key(|r| r.id);
     if rows.is_empty() {
         return Ok(());
     }

@@ -23,10 +23,12 @@ pub async fn insert_many(
     // Two copies of one job in a group would make the upsert touch a row twice (an error);
     // the first copy wins and the second is reported as not inserted.
     let mut seen = std::collections::HashSet::with_capacity(results.len());
-    let results: Vec<&(&ResultHead, &str)> = results
+    let mut results: Vec<&(&ResultHead, &str)> = results
         .iter()
         .filter(|(r, _)| seen.insert((r.job_id, r.generation)))
         .collect();
+    // In key order, as `jobs::insert_many`: overlapping groups lock in the same order.
+    results.sort_unstable_by_key(|(r, _)| (r.job_id, r.generation));
     if results.is_empty() {
         return Ok(Vec::new());
     }

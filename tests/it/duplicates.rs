@@ -65,3 +65,75 @@ async fn the_same_job_in_flight_twice_still_gets_exactly_one_result_row() {
     );
     app.cleanup().await;
 }
+
+/// Two groups holding copies of the same jobs (two lanes, or two workers, given redelivered
+/// duplicates) commit at once with the jobs in opposite orders. The job and result rows are
+/// inserted in key order, so one waits for the other; in arrival order they would lock in
+/// opposite orders and Postgres would abort one as a deadlock, sending its whole group back to
+/// the queue to be paid for again.
+#[tokio::test]
+async fn overlapping_groups_in_opposite_orders_commit_without_a_deadlock() {
+    use chrono::Utc;
+    use switchyard::messages::{JobStatus, ResultHead};
+    use switchyard::store::jobs::JobRow;
+    use switchyard::store::{jobs, results};
+    use uuid::Uuid;
+
+    let app = crate::helpers::spawn_app().await;
+    let now = Utc::now();
+    for _round in 0..3 {
+        let ids: Vec<Uuid> = (0..3000).map(|_| Uuid::now_v7()).collect();
+        let rows: Vec<JobRow> = ids
+            .iter()
+            .map(|&id| JobRow {
+                id,
+                tenant: Some("acme".to_owned()),
+                batch: None,
+                route: Some("fake".to_owned()),
+                generation: 0,
+                status: JobStatus::Succeeded,
+                request: None,
+                request_sha256: None,
+                raw_body: None,
+                received_at: now,
+                finished_at: now,
+            })
+            .collect();
+        let heads: Vec<ResultHead> = ids
+            .iter()
+            .map(|&job_id| ResultHead {
+                job_id,
+                generation: 0,
+                tenant: Some("acme".to_owned()),
+                batch: None,
+                status: JobStatus::Succeeded,
+                error: None,
+            })
+            .collect();
+        let group = |reversed: bool| {
+            let pool = app.pool().clone();
+            let mut job_rows: Vec<&JobRow> = rows.iter().collect();
+            let mut result_rows: Vec<(&ResultHead, &str)> =
+                heads.iter().map(|h| (h, "{}")).collect();
+            if reversed {
+                job_rows.reverse();
+                result_rows.reverse();
+            }
+            async move {
+                let mut tx = pool.begin().await?;
+                jobs::insert_many(&mut tx, &job_rows).await?;
+                results::insert_many(&mut tx, &result_rows, Utc::now()).await?;
+                tx.commit().await
+            }
+        };
+        let (forward, backward) = tokio::join!(group(false), group(true));
+        forward.expect("the forward group commits");
+        backward.expect("the reversed group commits");
+    }
+    let (stored,): (i64,) = sqlx::query_as("SELECT count(*) FROM results")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert_eq!(stored, 9000);
+    app.cleanup().await;
+}
