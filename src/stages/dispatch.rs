@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::{DateTime, Utc};
+use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
@@ -497,8 +498,7 @@ pub async fn dispatch(
                     let response = attempt
                         .response
                         .take()
-                        .and_then(|text| serde_json::from_str(text.get()).ok())
-                        .unwrap_or(Value::Null);
+                        .map_or(Value::Null, |text| parse_response(&text));
                     attempts.push(attempt.with_response_dropped());
                     return Dispatched {
                         attempts,
@@ -678,6 +678,19 @@ async fn call_once(
     }
 }
 
+/// A response kept as text (`AttemptWithResponse::response`) as a `Value` again. The text came
+/// from a `Value`, so it parses; the depth limit is lifted because the normalised
+/// `chat.completion` wraps a provider's content (parsed within serde_json's 128 levels) a few
+/// levels deeper, so the depth stays bounded by that parse.
+fn parse_response(text: &RawValue) -> Value {
+    let mut parser = serde_json::Deserializer::from_str(text.get());
+    parser.disable_recursion_limit();
+    Value::deserialize(&mut parser).unwrap_or_else(|error| {
+        tracing::error!(%error, "A provider response could not be read back; the result carries no response.");
+        Value::Null
+    })
+}
+
 /// Updates the key's health after a failure and says what changed.
 fn key_health(
     entry: &crate::providers::ProviderEntry,
@@ -808,11 +821,29 @@ mod tests {
     use crate::messages::ChatMessage;
     use crate::providers::Registry;
     use crate::routing::{RouteError, Router};
+    use serde_json::json;
     use wiremock::matchers::method;
     use wiremock::{Mock, MockServer, ResponseTemplate};
 
     const OK: &str = r#"{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"big answer"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
     const TOO_LONG: &str = r#"{"error":{"message":"maximum context length is 8192 tokens","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#;
+
+    /// The text a response waits as reads back as the same `Value`: floats to the last bit,
+    /// NUL characters (finalize strips them later), and deeper than serde_json's 128 levels
+    /// (a provider's content parsed at the limit, wrapped by the normaliser).
+    #[test]
+    fn a_response_kept_as_text_reads_back_unchanged() {
+        let mut deep = json!("leaf");
+        for _ in 0..140 {
+            deep = json!({ "nested": deep });
+        }
+        let response = json!({
+            "choices": [{ "message": { "content": "a\u{0}b", "tool": deep } }],
+            "float": 0.1 + 0.2, "tiny": 5e-324, "big": u64::MAX, "negative": i64::MIN,
+        });
+        let text = serde_json::value::to_raw_value(&response).unwrap();
+        assert_eq!(parse_response(&text), response);
+    }
 
     async fn server(status: u16, body: &str) -> MockServer {
         let server = MockServer::start().await;

@@ -335,7 +335,7 @@ async fn summarize(
         (stop, handle)
     });
     if local_worker.is_none() {
-        eprintln!("summarize: {consumers} worker(s) are consuming; publishing to them");
+        eprintln!("summarize: {consumers} consumer(s) are on the jobs queue; publishing to them");
     }
 
     let mut conn = ctx.pool.acquire().await?;
