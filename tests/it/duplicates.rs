@@ -3,9 +3,13 @@
 
 use std::time::Duration;
 
-use switchyard::messages::JobResult;
+use chrono::Utc;
+use switchyard::messages::{JobResult, JobStatus, ResultHead};
+use switchyard::store::jobs::JobRow;
+use switchyard::store::{jobs, results};
+use uuid::Uuid;
 
-use crate::helpers::{FakeProvider, collect, fake_provider_config, job, spawn_app_with};
+use crate::helpers::{FakeProvider, collect, fake_provider_config, job, spawn_app, spawn_app_with};
 
 #[tokio::test]
 async fn a_job_published_twice_is_answered_from_the_store_without_a_second_provider_call() {
@@ -73,13 +77,7 @@ async fn the_same_job_in_flight_twice_still_gets_exactly_one_result_row() {
 /// the queue to be paid for again.
 #[tokio::test]
 async fn overlapping_groups_in_opposite_orders_commit_without_a_deadlock() {
-    use chrono::Utc;
-    use switchyard::messages::{JobStatus, ResultHead};
-    use switchyard::store::jobs::JobRow;
-    use switchyard::store::{jobs, results};
-    use uuid::Uuid;
-
-    let app = crate::helpers::spawn_app().await;
+    let app = spawn_app().await;
     let now = Utc::now();
     for _round in 0..3 {
         let ids: Vec<Uuid> = (0..3000).map(|_| Uuid::now_v7()).collect();
