@@ -123,11 +123,15 @@ pub struct GroupAsk {
 }
 
 /// Reserves, on one hard budget's period row, every ask of `asks` that still fits in the cap,
-/// in order, in ONE transaction: the row is locked once for the whole group (instead of once
-/// per call), the asks that fit are added to `reserved` together and their reservation rows
-/// inserted with one statement. Returns the ids granted. An ask that does not fit, or every
-/// ask when the period row does not exist yet, is not granted here: the caller reserves it
-/// alone with [`reserve`], which creates the row or names the refusal.
+/// in order: the row is locked once for the whole group (instead of once per call), the asks
+/// that fit are added to `reserved` together and their reservation rows inserted with one
+/// statement. Returns the ids granted. An ask that does not fit, or every ask when the period
+/// row does not exist yet, is not granted here: the caller reserves it alone with [`reserve`],
+/// which creates the row or names the refusal.
+///
+/// The usual case, room for the whole group, is that one statement alone: the shared row is
+/// locked only while it runs and commits. Otherwise the row is read under a lock and the asks
+/// that fit are chosen one by one.
 pub async fn reserve_group(
     pool: &PgPool,
     budget: &str,
@@ -135,6 +139,10 @@ pub async fn reserve_group(
     cap: Decimal,
     asks: &[GroupAsk],
 ) -> Result<Vec<Uuid>, sqlx::Error> {
+    let all: Vec<&GroupAsk> = asks.iter().collect();
+    if all.is_empty() || hold(pool, budget, period_start, cap, &all).await? {
+        return Ok(all.iter().map(|ask| ask.id).collect());
+    }
     let mut tx = pool.begin().await?;
     let row: Option<(Decimal, Decimal)> = sqlx::query_as(
         "SELECT spent, reserved FROM budget_periods WHERE budget = $1 AND period_start = $2 FOR UPDATE",
@@ -157,30 +165,42 @@ pub async fn reserve_group(
             fits
         })
         .collect();
-    if granted.is_empty() {
+    if granted.is_empty() || !hold(&mut *tx, budget, period_start, cap, &granted).await? {
         return Ok(Vec::new());
     }
-    let total: Decimal = granted.iter().map(|ask| ask.amount).sum();
-    let ids: Vec<Uuid> = granted.iter().map(|ask| ask.id).collect();
-    sqlx::query(
+    tx.commit().await?;
+    Ok(granted.iter().map(|ask| ask.id).collect())
+}
+
+/// Adds the asks' total to the period's `reserved` and inserts their reservation rows, in one
+/// statement, only if the total fits under `cap` on the row as locked; whether it did.
+async fn hold(
+    conn: impl sqlx::PgExecutor<'_>,
+    budget: &str,
+    period_start: DateTime<Utc>,
+    cap: Decimal,
+    asks: &[&GroupAsk],
+) -> Result<bool, sqlx::Error> {
+    let total: Decimal = asks.iter().map(|ask| ask.amount).sum();
+    let inserted = sqlx::query(
         "WITH held AS (
              UPDATE budget_periods SET reserved = reserved + $3
-             WHERE budget = $1 AND period_start = $2
+             WHERE budget = $1 AND period_start = $2 AND spent + reserved + $3 <= $4
              RETURNING budget, period_start)
          INSERT INTO budget_reservations (id, budget, period_start, amount, expires_at)
          SELECT a.id, held.budget, held.period_start, a.amount, a.expires_at
-         FROM held, UNNEST($4::uuid[], $5::numeric[], $6::timestamptz[]) AS a(id, amount, expires_at)",
+         FROM held, UNNEST($5::uuid[], $6::numeric[], $7::timestamptz[]) AS a(id, amount, expires_at)",
     )
     .bind(budget)
     .bind(period_start)
     .bind(total)
-    .bind(&ids)
-    .bind(granted.iter().map(|ask| ask.amount).collect::<Vec<_>>())
-    .bind(granted.iter().map(|ask| ask.expires_at).collect::<Vec<_>>())
-    .execute(&mut *tx)
+    .bind(cap)
+    .bind(asks.iter().map(|ask| ask.id).collect::<Vec<_>>())
+    .bind(asks.iter().map(|ask| ask.amount).collect::<Vec<_>>())
+    .bind(asks.iter().map(|ask| ask.expires_at).collect::<Vec<_>>())
+    .execute(conn)
     .await?;
-    tx.commit().await?;
-    Ok(ids)
+    Ok(inserted.rows_affected() > 0)
 }
 
 /// What one call actually cost on one budget, and the reservation it releases (soft budgets
@@ -194,8 +214,11 @@ pub struct Settlement {
     pub actual: Decimal,
 }
 
-/// Inside the finalize transaction: adds each call's actual cost to its budgets' `spent` and
-/// releases the reservation — unless it already expired, in which case only `spent` grows.
+/// Adds each call's actual cost to its budgets' `spent` and releases its reservation — unless
+/// it already expired, in which case only `spent` grows — in ONE statement (inside the
+/// recorder's or the finalize transaction). A period row a soft budget has not made yet is
+/// created. The shared period rows are locked in name order (the `ORDER BY` of the upsert's
+/// rows), as `reserve` locks them, and only from this statement to the commit.
 pub async fn settle(
     conn: &mut PgConnection,
     settlements: &[Settlement],
@@ -203,73 +226,63 @@ pub async fn settle(
     if settlements.is_empty() {
         return Ok(());
     }
-    sqlx::query(
-        "INSERT INTO budget_periods (budget, period_start, cap)
-         SELECT DISTINCT * FROM UNNEST($1::text[], $2::timestamptz[], $3::numeric[])
-         ON CONFLICT (budget, period_start) DO NOTHING",
-    )
-    .bind(
-        settlements
-            .iter()
-            .map(|s| s.budget.clone())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        settlements
-            .iter()
-            .map(|s| s.period_start)
-            .collect::<Vec<_>>(),
-    )
-    .bind(settlements.iter().map(|s| s.cap).collect::<Vec<_>>())
-    .execute(&mut *conn)
-    .await?;
-    // Lock the periods in the same (name) order `reserve` does, so the two cannot deadlock.
-    sqlx::query(
-        "SELECT 1 FROM budget_periods p
-         JOIN (SELECT DISTINCT * FROM UNNEST($1::text[], $2::timestamptz[]) AS t(budget, period_start)) t
-           USING (budget, period_start)
-         ORDER BY p.budget, p.period_start FOR UPDATE OF p",
-    )
-    .bind(settlements.iter().map(|s| s.budget.clone()).collect::<Vec<_>>())
-    .bind(settlements.iter().map(|s| s.period_start).collect::<Vec<_>>())
-    .execute(&mut *conn)
-    .await?;
     let ids: Vec<Uuid> = settlements.iter().filter_map(|s| s.reservation).collect();
+    // `reserved` of an upserted row carries minus what the deleted reservations held; a period
+    // with a reservation always has its row, so a new row is inserted with nothing to release.
     sqlx::query(
-        "WITH gone AS (DELETE FROM budget_reservations WHERE id = ANY($1) RETURNING budget, period_start, amount),
-              held AS (SELECT budget, period_start, sum(amount) AS amount FROM gone GROUP BY budget, period_start)
-         UPDATE budget_periods p SET reserved = p.reserved - held.amount
-         FROM held WHERE p.budget = held.budget AND p.period_start = held.period_start",
-    )
-    .bind(&ids)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(
-        "WITH spent AS (SELECT budget, period_start, sum(actual) AS actual
-                        FROM UNNEST($1::text[], $2::timestamptz[], $3::numeric[]) AS t(budget, period_start, actual)
+        "WITH gone AS (DELETE FROM budget_reservations WHERE id = ANY($5) RETURNING budget, period_start, amount),
+              held AS (SELECT budget, period_start, sum(amount) AS amount FROM gone GROUP BY budget, period_start),
+              spent AS (SELECT budget, period_start, max(cap) AS cap, sum(actual) AS actual
+                        FROM UNNEST($1::text[], $2::timestamptz[], $3::numeric[], $4::numeric[])
+                             AS t(budget, period_start, cap, actual)
                         GROUP BY budget, period_start)
-         UPDATE budget_periods p SET spent = p.spent + spent.actual
-         FROM spent WHERE p.budget = spent.budget AND p.period_start = spent.period_start",
+         INSERT INTO budget_periods AS p (budget, period_start, cap, spent, reserved)
+         SELECT s.budget, s.period_start, s.cap, s.actual, -coalesce(h.amount, 0)
+         FROM spent s LEFT JOIN held h USING (budget, period_start)
+         ORDER BY s.budget, s.period_start
+         ON CONFLICT (budget, period_start) DO UPDATE
+         SET spent = p.spent + excluded.spent, reserved = p.reserved + excluded.reserved",
     )
-    .bind(settlements.iter().map(|s| s.budget.clone()).collect::<Vec<_>>())
+    .bind(settlements.iter().map(|s| s.budget.as_str()).collect::<Vec<_>>())
     .bind(settlements.iter().map(|s| s.period_start).collect::<Vec<_>>())
+    .bind(settlements.iter().map(|s| s.cap).collect::<Vec<_>>())
     .bind(settlements.iter().map(|s| s.actual).collect::<Vec<_>>())
-    .execute(&mut *conn)
+    .bind(&ids)
+    .execute(conn)
     .await?;
     Ok(())
 }
 
 /// Raises the announced alert level of a budget period to the highest of `levels` (in
 /// percent, ascending) its spending has reached; returns each newly reached level with the
-/// period's `(spent, cap)`. The row is read under a lock first, so every level is judged on the
-/// same `spent`: judging each level in its own statement let a settlement committed between
-/// two statements skip the lower levels (only 100% was announced).
+/// period's `(spent, cap)`.
+///
+/// The row is first read without a lock: `spent` and `alerted` only grow, and every settlement
+/// is committed before (or in the same transaction as) a check of its budget, so a reading
+/// with no new level means none was crossed that a later check will not see. Only when a level
+/// looks reached is the row read again under a lock, so every level is judged on the same
+/// `spent` (judging each level in its own statement let a settlement committed between two
+/// statements skip the lower levels) and announced once. Every finalize group checks the
+/// budgets it touched, so the usual check takes no lock on the row all workers share.
 pub async fn mark_alerts(
     conn: &mut PgConnection,
     budget: &str,
     period_start: DateTime<Utc>,
     levels: &[i32],
 ) -> Result<Vec<(i32, Decimal, Decimal)>, sqlx::Error> {
+    if levels.is_empty() {
+        return Ok(Vec::new());
+    }
+    let row: Option<(Decimal, Decimal, i32)> = sqlx::query_as(
+        "SELECT spent, cap, alerted FROM budget_periods WHERE budget = $1 AND period_start = $2",
+    )
+    .bind(budget)
+    .bind(period_start)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if row.is_none_or(|row| reached(levels, row).is_empty()) {
+        return Ok(Vec::new());
+    }
     let row: Option<(Decimal, Decimal, i32)> = sqlx::query_as(
         "SELECT spent, cap, alerted FROM budget_periods WHERE budget = $1 AND period_start = $2 FOR UPDATE",
     )
@@ -277,16 +290,7 @@ pub async fn mark_alerts(
     .bind(period_start)
     .fetch_optional(&mut *conn)
     .await?;
-    let Some((spent, cap, alerted)) = row else {
-        return Ok(Vec::new());
-    };
-    let reached: Vec<(i32, Decimal, Decimal)> = levels
-        .iter()
-        .filter(|&&level| {
-            level > alerted && spent * Decimal::from(100) >= cap * Decimal::from(level)
-        })
-        .map(|&level| (level, spent, cap))
-        .collect();
+    let reached = row.map(|row| reached(levels, row)).unwrap_or_default();
     if let Some(&(highest, _, _)) = reached.last() {
         sqlx::query(
             "UPDATE budget_periods SET alerted = $3 WHERE budget = $1 AND period_start = $2",
@@ -298,6 +302,20 @@ pub async fn mark_alerts(
         .await?;
     }
     Ok(reached)
+}
+
+/// The levels of `levels` above `alerted` that `spent` has reached, each with `(spent, cap)`.
+fn reached(
+    levels: &[i32],
+    (spent, cap, alerted): (Decimal, Decimal, i32),
+) -> Vec<(i32, Decimal, Decimal)> {
+    levels
+        .iter()
+        .filter(|&&level| {
+            level > alerted && spent * Decimal::from(100) >= cap * Decimal::from(level)
+        })
+        .map(|&level| (level, spent, cap))
+        .collect()
 }
 
 /// Releases reservations that expired before `now` (their workers died).

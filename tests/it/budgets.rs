@@ -515,6 +515,16 @@ async fn a_group_reservation_grants_only_what_fits_under_the_cap_and_never_past_
         expires_at,
     };
 
+    let figures = || async {
+        sqlx::query_as::<_, (Decimal, Decimal)>(
+            "SELECT spent, reserved FROM budget_periods WHERE budget = 'b' AND period_start = $1",
+        )
+        .bind(period)
+        .fetch_one(app.pool())
+        .await
+        .unwrap()
+    };
+
     // No period row yet: nothing is granted here (the caller's own reservation creates it).
     let asks = [ask(10)];
     let granted = reserve_group(app.pool(), "b", period, cap, &asks)
@@ -523,13 +533,20 @@ async fn a_group_reservation_grants_only_what_fits_under_the_cap_and_never_past_
     assert!(granted.is_empty());
 
     sqlx::query(
-        "INSERT INTO budget_periods (budget, period_start, cap, spent, reserved) VALUES ('b', $1, $2, 0.30, 0.20)",
+        "INSERT INTO budget_periods (budget, period_start, cap, spent, reserved) VALUES ('b', $1, $2, 0.30, 0.00)",
     )
     .bind(period)
     .bind(cap)
     .execute(app.pool())
     .await
     .unwrap();
+    // Room for the whole group ($0.70): every ask is granted at once.
+    let asks = [ask(5), ask(10), ask(5)];
+    let granted = reserve_group(app.pool(), "b", period, cap, &asks)
+        .await
+        .unwrap();
+    assert_eq!(granted, asks.iter().map(|a| a.id).collect::<Vec<_>>());
+    assert_eq!(figures().await, (Decimal::new(30, 2), Decimal::new(20, 2)));
     // Room is $0.50: 0.25 fits, 0.30 does not (0.25 left), 0.20 fits, 0.10 does not (0.05 left),
     // 0.05 fits exactly.
     let asks = [ask(25), ask(30), ask(20), ask(10), ask(5)];
@@ -537,13 +554,7 @@ async fn a_group_reservation_grants_only_what_fits_under_the_cap_and_never_past_
         .await
         .unwrap();
     assert_eq!(granted, vec![asks[0].id, asks[2].id, asks[4].id]);
-    let (spent, reserved): (Decimal, Decimal) = sqlx::query_as(
-        "SELECT spent, reserved FROM budget_periods WHERE budget = 'b' AND period_start = $1",
-    )
-    .bind(period)
-    .fetch_one(app.pool())
-    .await
-    .unwrap();
+    let (spent, reserved) = figures().await;
     assert_eq!(spent + reserved, cap, "the cap is reached and not passed");
     let held: Decimal = sqlx::query_scalar(
         "SELECT sum(amount) FROM budget_reservations WHERE budget = 'b' AND id = ANY($1)",
@@ -560,5 +571,172 @@ async fn a_group_reservation_grants_only_what_fits_under_the_cap_and_never_past_
         .await
         .unwrap();
     assert!(granted.is_empty());
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn settling_releases_reservations_adds_spending_and_creates_a_soft_budgets_row() {
+    use chrono::{TimeZone, Utc};
+    use switchyard::store::budgets::{Settlement, settle};
+
+    let app = crate::helpers::spawn_app().await;
+    let period = Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap();
+    let cap = Decimal::new(100, 0);
+    let (held_1, held_2, expired) = (
+        uuid::Uuid::now_v7(),
+        uuid::Uuid::now_v7(),
+        uuid::Uuid::now_v7(),
+    );
+    sqlx::query(
+        "INSERT INTO budget_periods (budget, period_start, cap, spent, reserved) VALUES ('hard', $1, $2, 1, 5)",
+    )
+    .bind(period)
+    .bind(cap)
+    .execute(app.pool())
+    .await
+    .unwrap();
+    // Two live reservations ($2 and $3); the third call's reservation already expired and was
+    // released (no row), so only its spending counts.
+    sqlx::query(
+        "INSERT INTO budget_reservations (id, budget, period_start, amount, expires_at)
+         VALUES ($1, 'hard', $3, 2, now() + interval '5 minutes'), ($2, 'hard', $3, 3, now() + interval '5 minutes')",
+    )
+    .bind(held_1)
+    .bind(held_2)
+    .bind(period)
+    .execute(app.pool())
+    .await
+    .unwrap();
+    let settlement = |reservation, budget: &str, cents| Settlement {
+        reservation,
+        budget: budget.to_owned(),
+        period_start: period,
+        cap,
+        actual: Decimal::new(cents, 2),
+    };
+    let settlements = [
+        settlement(Some(held_1), "hard", 150),
+        settlement(Some(held_2), "hard", 25),
+        settlement(Some(expired), "hard", 10),
+        settlement(None, "soft", 40),
+        settlement(None, "soft", 2),
+    ];
+    let mut conn = app.pool().acquire().await.unwrap();
+    settle(&mut conn, &settlements).await.unwrap();
+
+    let rows: Vec<(String, Decimal, Decimal, Decimal)> = sqlx::query_as(
+        "SELECT budget, cap, spent, reserved FROM budget_periods WHERE period_start = $1 ORDER BY budget",
+    )
+    .bind(period)
+    .fetch_all(app.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            // spent 1 + 1.50 + 0.25 + 0.10; reserved 5 − 2 − 3.
+            ("hard".to_owned(), cap, Decimal::new(285, 2), Decimal::ZERO),
+            ("soft".to_owned(), cap, Decimal::new(42, 2), Decimal::ZERO),
+        ]
+    );
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM budget_reservations").await,
+        0
+    );
+
+    // Settling the same reservations again (a retried group) releases nothing twice.
+    settle(&mut conn, &settlements[..1]).await.unwrap();
+    assert_eq!(
+        decimal(
+            &app,
+            "SELECT reserved FROM budget_periods WHERE budget = 'hard'"
+        )
+        .await,
+        Decimal::ZERO
+    );
+    drop(conn);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_alert_check_locks_the_shared_budget_row_only_once_a_level_is_reached() {
+    use chrono::{TimeZone, Utc};
+    use switchyard::store::budgets::mark_alerts;
+
+    let app = crate::helpers::spawn_app().await;
+    let period = Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap();
+    let levels = [50, 80, 100];
+    sqlx::query(
+        "INSERT INTO budget_periods (budget, period_start, cap, spent) VALUES ('b', $1, 100, 40)",
+    )
+    .bind(period)
+    .execute(app.pool())
+    .await
+    .unwrap();
+    let set_spent = |spent: i64| {
+        let pool = app.pool().clone();
+        async move {
+            sqlx::query("UPDATE budget_periods SET spent = $1 WHERE budget = 'b'")
+                .bind(Decimal::from(spent))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    // Another transaction (a recorder's settlement, say) holds the row's lock; a check made
+    // meanwhile fails on its lock timeout if it waits for the row.
+    let check = || {
+        let pool = app.pool().clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            sqlx::query("SET LOCAL lock_timeout = '500ms'")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            let reached = mark_alerts(&mut tx, "b", period, &levels).await;
+            tx.commit().await.unwrap_or_default();
+            reached
+        }
+    };
+    let hold = || {
+        let pool = app.pool().clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            sqlx::query("SELECT 1 FROM budget_periods WHERE budget = 'b' FOR UPDATE")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx
+        }
+    };
+
+    // Below every level: answered without waiting for the lock.
+    let holder = hold().await;
+    assert_eq!(check().await.unwrap(), Vec::new());
+    holder.rollback().await.unwrap();
+
+    // 85% reached: the check takes the lock (and so waits for the holder).
+    set_spent(85).await;
+    let holder = hold().await;
+    let waited = check().await.unwrap_err();
+    assert!(
+        waited.to_string().contains("lock timeout"),
+        "the check should have waited for the row's lock: {waited}"
+    );
+    holder.rollback().await.unwrap();
+
+    // Free again: 50% and 80% are announced together, then never again.
+    let (spent, cap) = (Decimal::from(85), Decimal::from(100));
+    assert_eq!(
+        check().await.unwrap(),
+        vec![(50, spent, cap), (80, spent, cap)]
+    );
+    let holder = hold().await;
+    assert_eq!(
+        check().await.unwrap(),
+        Vec::new(),
+        "announced levels take no lock"
+    );
+    holder.rollback().await.unwrap();
     app.cleanup().await;
 }
