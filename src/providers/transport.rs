@@ -8,8 +8,12 @@
 //! clients, each with its own connection, and each call leases a client carrying fewer than
 //! `max_streams_per_connection` calls; when all are full, a new client joins the set. Calls
 //! pack onto the first clients, so the connections in use follow the calls in flight. A client
-//! stays in the set once built (its idle connection closes after reqwest's 90 s idle timeout);
-//! each keeps its own copy of the root certificates, about 40 KB.
+//! stays in the set once built (its idle connection closes after reqwest's 90 s idle timeout).
+//!
+//! The clients of a set share one TLS setup ([`shared_tls`]): one certificate verifier holding
+//! the system's root certificates, read once when the provider is set up. Left to itself,
+//! reqwest reads and parses the roots again for every client (a directory of PEM files, inside
+//! the call that opens the client) and keeps its own copy, about 37 KB each.
 //!
 //! A plain `http` endpoint speaks HTTP/1.1, one call per connection, and shares the worker's
 //! one client.
@@ -38,6 +42,8 @@ struct Spread {
     shared: reqwest::Client,
     per_connection: usize,
     prior_knowledge: bool,
+    /// The TLS setup every client of the set is built with; `None` leaves it to reqwest.
+    tls: Option<Box<rustls::ClientConfig>>,
     slots: Mutex<Vec<Slot>>,
 }
 
@@ -79,6 +85,7 @@ impl Transport {
             shared: shared.clone(),
             per_connection: per_connection.max(1),
             prior_knowledge,
+            tls: shared_tls(prior_knowledge).map(Box::new),
             slots: Mutex::new(Vec::new()),
         };
         let first = spread.build().unwrap_or_else(|| shared.clone());
@@ -113,8 +120,8 @@ impl Transport {
         let index = match free {
             Some(index) => index,
             None => {
-                // Built without the lock (building reads the system's root certificates), so
-                // other calls lease meanwhile; two calls may both build, which only adds a client.
+                // Built without the lock, so other calls lease meanwhile; two calls may both
+                // build, which only adds a client.
                 drop(slots);
                 let built = spread.build();
                 slots = spread.slots.lock().unwrap_or_else(PoisonError::into_inner);
@@ -149,6 +156,37 @@ impl Transport {
     }
 }
 
+/// The TLS setup reqwest would build for a client, built once for a whole set: the platform's
+/// verifier (the system's root certificates), TLS 1.2 and 1.3, and ALPN offering `h2` (and
+/// `http/1.1`, unless the provider is configured for HTTP/2 only), as reqwest offers them.
+/// `None`, with a warning, when the system's roots cannot be loaded: each client then tries
+/// again itself.
+fn shared_tls(prior_knowledge: bool) -> Option<rustls::ClientConfig> {
+    use rustls_platform_verifier::BuilderVerifierExt as _;
+
+    let provider = rustls::crypto::CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+    let built = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|builder| builder.with_platform_verifier());
+    match built {
+        Ok(builder) => {
+            let mut config = builder.with_no_client_auth();
+            config.alpn_protocols = if prior_knowledge {
+                vec![b"h2".to_vec()]
+            } else {
+                vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+            };
+            Some(config)
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot set up TLS once for a provider's clients; each client sets up its own");
+            None
+        }
+    }
+}
+
 fn least_busy(slots: &[Slot]) -> usize {
     slots
         .iter()
@@ -159,7 +197,10 @@ fn least_busy(slots: &[Slot]) -> usize {
 
 impl Spread {
     fn build(&self) -> Option<reqwest::Client> {
-        let builder = reqwest::Client::builder().pool_max_idle_per_host(self.per_connection);
+        let mut builder = reqwest::Client::builder().pool_max_idle_per_host(self.per_connection);
+        if let Some(tls) = &self.tls {
+            builder = builder.tls_backend_preconfigured(rustls::ClientConfig::clone(tls));
+        }
         let builder = if self.prior_knowledge {
             builder.http2_prior_knowledge()
         } else {
@@ -362,5 +403,153 @@ mod tests {
             seen.most
         );
         assert_eq!(in_flight(&transport), vec![0, 0, 0, 0]);
+    }
+
+    /// Runs `tls_calls_share_one_setup_and_negotiate_http2` in a child process whose system
+    /// roots are the test CA (`SSL_CERT_FILE`, which the platform verifier reads on Linux): a
+    /// test cannot change its own environment (`unsafe_code` is forbidden) and must not add
+    /// a test CA to the machine.
+    #[test]
+    fn tls_clients_verify_with_the_system_roots_and_offer_http2_and_http1() {
+        let output = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "providers::transport::tests::tls_calls_share_one_setup_and_negotiate_http2",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("SSL_CERT_FILE", fixture("ca.crt"))
+            .env_remove("SSL_CERT_DIR")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success() && stdout.contains("1 passed"),
+            "the TLS test failed:\n{stdout}\n{stderr}"
+        );
+    }
+
+    fn fixture(name: &str) -> String {
+        format!("{}/tests/fixtures/tls/{name}", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    /// A TLS server on loopback with the test CA's `localhost` certificate, offering `alpn`;
+    /// answers "ok" over HTTP/2 or HTTP/1.1, whichever was negotiated, and records it.
+    async fn tls_server(
+        alpn: &[&[u8]],
+        tasks: &tokio_util::task::TaskTracker,
+    ) -> (SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+        let certs = CertificateDer::pem_file_iter(fixture("localhost.crt"))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(fixture("localhost.key")).unwrap();
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let negotiated = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&negotiated);
+        let connections = tasks.clone();
+        tasks.spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, seen) = (acceptor.clone(), Arc::clone(&seen));
+                connections.spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let protocol = tls.get_ref().1.alpn_protocol().unwrap_or_default().to_vec();
+                    seen.lock().unwrap().push(protocol.clone());
+                    if protocol == b"h2" {
+                        let Ok(mut connection) = h2::server::handshake(tls).await else {
+                            return;
+                        };
+                        while let Some(Ok((_, mut respond))) = connection.accept().await {
+                            if let Ok(mut body) = respond.send_response(http::Response::new(()), false) {
+                                let _ = body.send_data(bytes::Bytes::from_static(b"ok"), true);
+                            }
+                        }
+                    } else {
+                        let mut request = Vec::new();
+                        let mut chunk = [0; 1024];
+                        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match tls.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => request.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let _ = tls
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+                            .await;
+                        let _ = tls.shutdown().await;
+                    }
+                });
+            }
+        });
+        (address, negotiated)
+    }
+
+    #[tokio::test]
+    #[ignore = "run by tls_clients_verify_with_the_system_roots_and_offer_http2_and_http1, with SSL_CERT_FILE set"]
+    async fn tls_calls_share_one_setup_and_negotiate_http2() {
+        let tasks = tokio_util::task::TaskTracker::new();
+        let transport = Transport::spread(2, false, &reqwest::Client::new());
+        let Inner::Spread(spread) = &*transport.inner else {
+            panic!("not a spread transport");
+        };
+        assert!(spread.tls.is_some(), "the shared TLS setup was built");
+
+        // Three calls at two per connection: two clients, both built from the shared setup,
+        // each verifying the server against the (test) system roots and negotiating HTTP/2.
+        let (address, negotiated) = tls_server(&[b"h2", b"http/1.1"], &tasks).await;
+        let leases: Vec<Lease> = (0..3).map(|_| transport.lease()).collect();
+        assert_eq!(in_flight(&transport), vec![2, 1]);
+        let url = format!("https://localhost:{}/", address.port());
+        for http in &leases {
+            let response = http.get(&url).send().await.unwrap();
+            assert_eq!(response.version(), reqwest::Version::HTTP_2);
+            assert_eq!(response.text().await.unwrap(), "ok");
+        }
+        assert_eq!(*negotiated.lock().unwrap(), vec![b"h2".to_vec(); 2]);
+        drop(leases);
+
+        // A server that speaks only HTTP/1.1 is reached over it: the clients offer both.
+        let (address, negotiated) = tls_server(&[b"http/1.1"], &tasks).await;
+        let http = transport.lease();
+        let response = http
+            .get(format!("https://localhost:{}/", address.port()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.version(), reqwest::Version::HTTP_11);
+        assert_eq!(response.text().await.unwrap(), "ok");
+        assert_eq!(*negotiated.lock().unwrap(), vec![b"http/1.1".to_vec()]);
+
+        // The certificate must name the host called: the verifier checks names, not only roots.
+        let refused = reqwest::Client::builder()
+            .tls_backend_preconfigured(*spread.tls.clone().unwrap())
+            .resolve("other.example", address)
+            .build()
+            .unwrap()
+            .get(format!("https://other.example:{}/", address.port()))
+            .send()
+            .await;
+        assert!(
+            refused.is_err(),
+            "a certificate for another name is refused"
+        );
     }
 }
