@@ -812,10 +812,7 @@ impl Finalizer {
                 created_at,
             })
             .collect();
-        outbox::insert_many(&mut tx, &rows)
-            .await
-            .map_err(store_error)?;
-        outbox::delete_many(&mut tx, confirmed)
+        outbox::insert_many(&mut tx, &rows, confirmed)
             .await
             .map_err(store_error)?;
         // A rejected message seen again (redelivered after its commit) adds no second audit.

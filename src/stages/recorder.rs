@@ -101,6 +101,12 @@ async fn commit(pool: &PgPool, group: &[Request]) -> Result<(), sqlx::Error> {
         .iter()
         .flat_map(|r| r.settlements.iter().cloned())
         .collect();
+    // Without settlements the ledger rows are one statement, atomic on its own: no
+    // transaction, so two round trips fewer on every call's way back.
+    if settlements.is_empty() {
+        let mut conn = pool.acquire().await?;
+        return cost_ledger::insert_many(&mut conn, &rows).await;
+    }
     let mut tx = pool.begin().await?;
     cost_ledger::insert_many(&mut tx, &rows).await?;
     budgets::settle(&mut tx, &settlements).await?;

@@ -99,6 +99,9 @@ fn is_local(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
+/// How long a pooled connection may sit idle before it is pinged when handed out.
+const PING_AFTER_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Connects a pool; with `auto_migrate`, first creates the database when missing and then
 /// applies pending migrations.
 pub async fn connect(settings: &DatabaseSettings) -> Result<PgPool, StoreError> {
@@ -106,8 +109,21 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<PgPool, StoreError> 
     if settings.auto_migrate {
         create_database_if_missing(&options).await?;
     }
+    // sqlx pings a connection when it goes back to the pool, and by default again before
+    // handing it out: a round trip added to every transaction. A connection back for less
+    // than `PING_AFTER_IDLE` answered that release ping a moment ago, so only one idle for
+    // longer (through a Postgres restart, say) is pinged, and replaced if it is dead.
     let pool = PgPoolOptions::new()
         .max_connections(settings.max_connections)
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_AFTER_IDLE {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_with(options.clone())
         .await
         .map_err(|source| StoreError::Unreachable {

@@ -53,13 +53,19 @@ fn headers_from_json(map: BTreeMap<String, String>) -> Option<FieldTable> {
     Some(table)
 }
 
-/// Inserts the rows in one statement.
-pub async fn insert_many(conn: &mut PgConnection, rows: &[OutboxRow]) -> Result<(), sqlx::Error> {
+/// Inserts the rows, and deletes the rows `published` (an earlier group's, confirmed since),
+/// in one statement.
+pub async fn insert_many(
+    conn: &mut PgConnection,
+    rows: &[OutboxRow],
+    published: &[Uuid],
+) -> Result<(), sqlx::Error> {
     if rows.is_empty() {
-        return Ok(());
+        return delete_many(conn, published).await;
     }
     sqlx::query(
-        "INSERT INTO outbox (id, message_id, exchange, routing_key, kind, headers, body, created_at)
+        "WITH published AS (DELETE FROM outbox WHERE id = ANY($9))
+         INSERT INTO outbox (id, message_id, exchange, routing_key, kind, headers, body, created_at)
          SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::bytea[], $8::timestamptz[])",
     )
     .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
@@ -74,6 +80,7 @@ pub async fn insert_many(conn: &mut PgConnection, rows: &[OutboxRow]) -> Result<
     )
     .bind(rows.iter().map(|r| r.message.body.as_slice()).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
+    .bind(published)
     .execute(conn)
     .await?;
     Ok(())
