@@ -226,67 +226,31 @@ pub async fn settle(
     if settlements.is_empty() {
         return Ok(());
     }
-    static SETTLE: std::sync::LazyLock<String> =
-        std::sync::LazyLock::new(|| format!("WITH {}", settle_statement(1)));
-    // Safe: built only from this file's fixed text and parameter numbers.
-    bind_settlements(
-        sqlx::query(sqlx::AssertSqlSafe(SETTLE.as_str())),
-        settlements,
-    )
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// The settlement statement of [`settle`] after its `WITH`: the CTEs, then the upsert, with its
-/// five arrays numbered from `$first` (bound by [`bind_settlements`]), so that another
-/// statement can put its own CTE in front (`cost_ledger::insert_settling`).
-pub(crate) fn settle_statement(first: usize) -> String {
-    let [budget, period, cap, actual, ids] = std::array::from_fn(|i| format!("${}", first + i));
+    let ids: Vec<Uuid> = settlements.iter().filter_map(|s| s.reservation).collect();
     // `reserved` of an upserted row carries minus what the deleted reservations held; a period
     // with a reservation always has its row, so a new row is inserted with nothing to release.
-    format!(
-        "gone AS (DELETE FROM budget_reservations WHERE id = ANY({ids}) RETURNING budget, period_start, amount),
-         held AS (SELECT budget, period_start, sum(amount) AS amount FROM gone GROUP BY budget, period_start),
-         spent AS (SELECT budget, period_start, max(cap) AS cap, sum(actual) AS actual
-                   FROM UNNEST({budget}::text[], {period}::timestamptz[], {cap}::numeric[], {actual}::numeric[])
-                        AS t(budget, period_start, cap, actual)
-                   GROUP BY budget, period_start)
+    sqlx::query(
+        "WITH gone AS (DELETE FROM budget_reservations WHERE id = ANY($5) RETURNING budget, period_start, amount),
+              held AS (SELECT budget, period_start, sum(amount) AS amount FROM gone GROUP BY budget, period_start),
+              spent AS (SELECT budget, period_start, max(cap) AS cap, sum(actual) AS actual
+                        FROM UNNEST($1::text[], $2::timestamptz[], $3::numeric[], $4::numeric[])
+                             AS t(budget, period_start, cap, actual)
+                        GROUP BY budget, period_start)
          INSERT INTO budget_periods AS p (budget, period_start, cap, spent, reserved)
          SELECT s.budget, s.period_start, s.cap, s.actual, -coalesce(h.amount, 0)
          FROM spent s LEFT JOIN held h USING (budget, period_start)
          ORDER BY s.budget, s.period_start
          ON CONFLICT (budget, period_start) DO UPDATE
-         SET spent = p.spent + excluded.spent, reserved = p.reserved + excluded.reserved"
+         SET spent = p.spent + excluded.spent, reserved = p.reserved + excluded.reserved",
     )
-}
-
-/// Binds the arrays of [`settle_statement`], in its order.
-pub(crate) fn bind_settlements<'q>(
-    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    settlements: &'q [Settlement],
-) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
-    query
-        .bind(
-            settlements
-                .iter()
-                .map(|s| s.budget.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            settlements
-                .iter()
-                .map(|s| s.period_start)
-                .collect::<Vec<_>>(),
-        )
-        .bind(settlements.iter().map(|s| s.cap).collect::<Vec<_>>())
-        .bind(settlements.iter().map(|s| s.actual).collect::<Vec<_>>())
-        .bind(
-            settlements
-                .iter()
-                .filter_map(|s| s.reservation)
-                .collect::<Vec<_>>(),
-        )
+    .bind(settlements.iter().map(|s| s.budget.as_str()).collect::<Vec<_>>())
+    .bind(settlements.iter().map(|s| s.period_start).collect::<Vec<_>>())
+    .bind(settlements.iter().map(|s| s.cap).collect::<Vec<_>>())
+    .bind(settlements.iter().map(|s| s.actual).collect::<Vec<_>>())
+    .bind(&ids)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Raises the announced alert level of a budget period to the highest of `levels` (in

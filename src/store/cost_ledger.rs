@@ -12,16 +12,6 @@ fn tokens(entries: &[(Uuid, &CostEvent)], field: impl Fn(&CostEvent) -> u64) -> 
         .collect()
 }
 
-/// The ledger insert, its 22 arrays numbered from `$1` (bound by [`bind_entries`]).
-const INSERT: &str = "INSERT INTO cost_ledger (id, job_id, attempt_id, tenant, batch, route, provider, model, key_id,
-                                  input_tokens, cached_input_tokens, cache_write_tokens, output_tokens,
-                                  price_input, price_cached_input, price_cache_write, price_output,
-                                  amount_usd, created_at, price_version, price_tier_above, price_per_request)
-         SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[],
-                              $7::text[], $8::text[], $9::text[], $10::int8[], $11::int8[], $12::int8[],
-                              $13::int8[], $14::numeric[], $15::numeric[], $16::numeric[], $17::numeric[],
-                              $18::numeric[], $19::timestamptz[], $20::text[], $21::int8[], $22::numeric[])";
-
 /// Inserts ledger rows, each `(attempt_id, event)`, in one statement.
 pub async fn insert_many(
     conn: &mut PgConnection,
@@ -30,160 +20,62 @@ pub async fn insert_many(
     if entries.is_empty() {
         return Ok(());
     }
-    bind_entries(sqlx::query(INSERT), entries)
-        .execute(conn)
-        .await?;
+    sqlx::query(
+        "INSERT INTO cost_ledger (id, job_id, attempt_id, tenant, batch, route, provider, model, key_id,
+                                  input_tokens, cached_input_tokens, cache_write_tokens, output_tokens,
+                                  price_input, price_cached_input, price_cache_write, price_output,
+                                  amount_usd, created_at, price_version, price_tier_above, price_per_request)
+         SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[],
+                              $7::text[], $8::text[], $9::text[], $10::int8[], $11::int8[], $12::int8[],
+                              $13::int8[], $14::numeric[], $15::numeric[], $16::numeric[], $17::numeric[],
+                              $18::numeric[], $19::timestamptz[], $20::text[], $21::int8[], $22::numeric[])",
+    )
+    .bind(entries.iter().map(|(_, e)| e.event_id).collect::<Vec<_>>())
+    .bind(entries.iter().map(|(_, e)| e.job_id).collect::<Vec<_>>())
+    .bind(entries.iter().map(|(attempt, _)| *attempt).collect::<Vec<_>>())
+    .bind(entries.iter().map(|(_, e)| e.tenant.clone()).collect::<Vec<_>>())
+    .bind(entries.iter().map(|(_, e)| e.batch.clone()).collect::<Vec<_>>())
+    .bind(entries.iter().map(|(_, e)| e.route.clone()).collect::<Vec<_>>())
+    .bind(entries.iter().map(|(_, e)| e.provider.clone()).collect::<Vec<_>>())
+    .bind(entries.iter().map(|(_, e)| e.model.clone()).collect::<Vec<_>>())
+    .bind(entries.iter().map(|(_, e)| e.key_id.clone()).collect::<Vec<_>>())
+    .bind(tokens(entries, |e| e.usage.input_tokens))
+    .bind(tokens(entries, |e| e.usage.cached_input_tokens))
+    .bind(tokens(entries, |e| e.usage.cache_write_tokens))
+    .bind(tokens(entries, |e| e.usage.output_tokens))
+    .bind(entries.iter().map(|(_, e)| e.prices.input).collect::<Vec<_>>())
+    .bind(entries.iter().map(|(_, e)| e.prices.cached_input).collect::<Vec<_>>())
+    .bind(entries.iter().map(|(_, e)| e.prices.cache_write).collect::<Vec<_>>())
+    .bind(entries.iter().map(|(_, e)| e.prices.output).collect::<Vec<_>>())
+    .bind(entries.iter().map(|(_, e)| e.amount_usd).collect::<Vec<_>>())
+    .bind(entries.iter().map(|(_, e)| e.at).collect::<Vec<_>>())
+    .bind(entries.iter().map(|(_, e)| e.price_version.clone()).collect::<Vec<_>>())
+    .bind(
+        entries
+            .iter()
+            .map(|(_, e)| e.price_tier_above.map(|t| i64::try_from(t).unwrap_or(i64::MAX)))
+            .collect::<Vec<_>>(),
+    )
+    .bind(entries.iter().map(|(_, e)| e.prices.per_request).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
-/// Inserts ledger rows and settles budgets (see [`budgets::settle`]) in ONE statement, so
-/// that, atomic on its own, it needs no transaction around it: one round trip instead of
-/// four for a group of billed calls on hard budgets.
-///
-/// [`budgets::settle`]: crate::store::budgets::settle
-pub async fn insert_settling(
-    conn: &mut PgConnection,
-    entries: &[(Uuid, &CostEvent)],
-    settlements: &[crate::store::budgets::Settlement],
-) -> Result<(), sqlx::Error> {
-    use crate::store::budgets::{bind_settlements, settle, settle_statement};
-
-    match (entries.is_empty(), settlements.is_empty()) {
-        (_, true) => insert_many(conn, entries).await,
-        (true, false) => settle(conn, settlements).await,
-        (false, false) => {
-            static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-                format!("WITH ledger AS ({INSERT}), {}", settle_statement(23))
-            });
-            // Safe: built only from fixed text and parameter numbers.
-            let query = sqlx::query(sqlx::AssertSqlSafe(SQL.as_str()));
-            bind_settlements(bind_entries(query, entries), settlements)
-                .execute(conn)
-                .await?;
-            Ok(())
-        }
-    }
-}
-
-/// Binds the arrays of [`INSERT`], in its order.
-fn bind_entries<'q>(
-    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    entries: &[(Uuid, &CostEvent)],
-) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
-    query
-        .bind(entries.iter().map(|(_, e)| e.event_id).collect::<Vec<_>>())
-        .bind(entries.iter().map(|(_, e)| e.job_id).collect::<Vec<_>>())
-        .bind(
-            entries
-                .iter()
-                .map(|(attempt, _)| *attempt)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            entries
-                .iter()
-                .map(|(_, e)| e.tenant.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            entries
-                .iter()
-                .map(|(_, e)| e.batch.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            entries
-                .iter()
-                .map(|(_, e)| e.route.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            entries
-                .iter()
-                .map(|(_, e)| e.provider.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            entries
-                .iter()
-                .map(|(_, e)| e.model.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            entries
-                .iter()
-                .map(|(_, e)| e.key_id.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(tokens(entries, |e| e.usage.input_tokens))
-        .bind(tokens(entries, |e| e.usage.cached_input_tokens))
-        .bind(tokens(entries, |e| e.usage.cache_write_tokens))
-        .bind(tokens(entries, |e| e.usage.output_tokens))
-        .bind(
-            entries
-                .iter()
-                .map(|(_, e)| e.prices.input)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            entries
-                .iter()
-                .map(|(_, e)| e.prices.cached_input)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            entries
-                .iter()
-                .map(|(_, e)| e.prices.cache_write)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            entries
-                .iter()
-                .map(|(_, e)| e.prices.output)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            entries
-                .iter()
-                .map(|(_, e)| e.amount_usd)
-                .collect::<Vec<_>>(),
-        )
-        .bind(entries.iter().map(|(_, e)| e.at).collect::<Vec<_>>())
-        .bind(
-            entries
-                .iter()
-                .map(|(_, e)| e.price_version.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            entries
-                .iter()
-                .map(|(_, e)| {
-                    e.price_tier_above
-                        .map(|t| i64::try_from(t).unwrap_or(i64::MAX))
-                })
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            entries
-                .iter()
-                .map(|(_, e)| e.prices.per_request)
-                .collect::<Vec<_>>(),
-        )
-}
-
 /// Commits one billed call: its ledger row and the settlement of its budget reservations, in
-/// one statement.
+/// one transaction.
 pub async fn record(
     pool: &sqlx::PgPool,
     attempt: Uuid,
     cost: Option<&CostEvent>,
     settlements: &[crate::store::budgets::Settlement],
 ) -> Result<(), sqlx::Error> {
-    let entries: Vec<(Uuid, &CostEvent)> = cost.map(|cost| (attempt, cost)).into_iter().collect();
-    let mut conn = pool.acquire().await?;
-    insert_settling(&mut conn, &entries, settlements).await
+    let mut tx = pool.begin().await?;
+    if let Some(cost) = cost {
+        insert_many(&mut tx, &[(attempt, cost)]).await?;
+    }
+    crate::store::budgets::settle(&mut tx, settlements).await?;
+    tx.commit().await
 }
 
 /// Locks the model's volume row for this month and returns the tokens used so far; with
@@ -258,7 +150,8 @@ pub async fn record_tiered(
         cost.usage.input_tokens + cost.usage.output_tokens,
     )
     .await?;
-    insert_settling(&mut tx, &[(attempt, &*cost)], settlements).await?;
+    insert_many(&mut tx, &[(attempt, &*cost)]).await?;
+    crate::store::budgets::settle(&mut tx, settlements).await?;
     tx.commit().await
 }
 
