@@ -2,9 +2,10 @@
 //! period row before it is made; with one statement per call, that one row, hit by every job,
 //! caps the whole system (DESIGN §8: about 4k conditional updates a second here, fewer under
 //! contention). Instead one reserver task per worker takes every reservation waiting for the
-//! same budget period and grants them with ONE locked transaction
-//! ([`budgets::reserve_group`]), each ask only while `spent + reserved + amount <= cap` still
-//! holds, so the cap is exactly as safe as with one statement per call.
+//! same budget period and grants them together ([`budgets::reserve_group`]): in ONE statement
+//! when the group's total fits (`spent + reserved + total <= cap`, checked on the locked
+//! row), otherwise in one locked transaction, each ask only while `spent + reserved + amount
+//! <= cap` still holds, so the cap is exactly as safe as with one statement per call.
 //!
 //! Only single-budget reservations come here; an ask the group cannot grant (no period row
 //! yet, no room left, or a failed transaction) goes back to its caller, which reserves it alone

@@ -552,4 +552,47 @@ mod tests {
             "a certificate for another name is refused"
         );
     }
+
+    #[tokio::test]
+    async fn every_client_of_a_set_is_built_from_the_sets_tls_setup() {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject as _;
+
+        // A setup that trusts only the test CA: a client built without it (with the system's
+        // roots, which do not hold the test CA) would refuse the server's certificate.
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(fixture("ca.crt")).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let transport = Transport {
+            inner: Arc::new(Inner::Spread(Spread {
+                shared: reqwest::Client::new(),
+                per_connection: 1,
+                prior_knowledge: false,
+                tls: Some(Box::new(tls)),
+                slots: Mutex::new(Vec::new()),
+            })),
+        };
+        let tasks = tokio_util::task::TaskTracker::new();
+        let (address, negotiated) = tls_server(&[b"h2", b"http/1.1"], &tasks).await;
+        let leases: Vec<Lease> = (0..2).map(|_| transport.lease()).collect();
+        assert_eq!(in_flight(&transport), vec![1, 1], "two clients built");
+        for http in &leases {
+            let response = http
+                .get(format!("https://localhost:{}/", address.port()))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.text().await.unwrap(), "ok");
+        }
+        assert_eq!(*negotiated.lock().unwrap(), vec![b"h2".to_vec(); 2]);
+    }
 }

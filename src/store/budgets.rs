@@ -216,9 +216,11 @@ pub struct Settlement {
 
 /// Adds each call's actual cost to its budgets' `spent` and releases its reservation — unless
 /// it already expired, in which case only `spent` grows — in ONE statement (inside the
-/// recorder's or the finalize transaction). A period row a soft budget has not made yet is
-/// created. The shared period rows are locked in name order (the `ORDER BY` of the upsert's
-/// rows), as `reserve` locks them, and only from this statement to the commit.
+/// recorder's, a direct ledger write's or the finalize transaction). A period row a soft
+/// budget has not made yet is created. It deletes the reservations first, then locks the
+/// shared period rows in name order (the `ORDER BY` of the upsert's rows), as `reserve` locks
+/// them and `release_expired` takes both, and holds them only from this statement to the
+/// commit.
 pub async fn settle(
     conn: &mut PgConnection,
     settlements: &[Settlement],
@@ -273,23 +275,11 @@ pub async fn mark_alerts(
     if levels.is_empty() {
         return Ok(Vec::new());
     }
-    let row: Option<(Decimal, Decimal, i32)> = sqlx::query_as(
-        "SELECT spent, cap, alerted FROM budget_periods WHERE budget = $1 AND period_start = $2",
-    )
-    .bind(budget)
-    .bind(period_start)
-    .fetch_optional(&mut *conn)
-    .await?;
+    let row = alert_figures(conn, budget, period_start, false).await?;
     if row.is_none_or(|row| reached(levels, row).is_empty()) {
         return Ok(Vec::new());
     }
-    let row: Option<(Decimal, Decimal, i32)> = sqlx::query_as(
-        "SELECT spent, cap, alerted FROM budget_periods WHERE budget = $1 AND period_start = $2 FOR UPDATE",
-    )
-    .bind(budget)
-    .bind(period_start)
-    .fetch_optional(&mut *conn)
-    .await?;
+    let row = alert_figures(conn, budget, period_start, true).await?;
     let reached = row.map(|row| reached(levels, row)).unwrap_or_default();
     if let Some(&(highest, _, _)) = reached.last() {
         sqlx::query(
@@ -302,6 +292,25 @@ pub async fn mark_alerts(
         .await?;
     }
     Ok(reached)
+}
+
+/// `(spent, cap, alerted)` of a budget period, read under a lock when `lock`.
+async fn alert_figures(
+    conn: &mut PgConnection,
+    budget: &str,
+    period_start: DateTime<Utc>,
+    lock: bool,
+) -> Result<Option<(Decimal, Decimal, i32)>, sqlx::Error> {
+    let sql = if lock {
+        "SELECT spent, cap, alerted FROM budget_periods WHERE budget = $1 AND period_start = $2 FOR UPDATE"
+    } else {
+        "SELECT spent, cap, alerted FROM budget_periods WHERE budget = $1 AND period_start = $2"
+    };
+    sqlx::query_as(sql)
+        .bind(budget)
+        .bind(period_start)
+        .fetch_optional(conn)
+        .await
 }
 
 /// The levels of `levels` above `alerted` that `spent` has reached, each with `(spent, cap)`.
@@ -318,31 +327,41 @@ fn reached(
         .collect()
 }
 
-/// Releases reservations that expired before `now` (their workers died).
+/// Releases reservations that expired before `now` (their workers died); returns how many.
+///
+/// Locks are taken in the order `settle` takes them: the reservations first (`settle`
+/// deletes them), then their period rows in name order (`settle`'s ordered upsert), so a sweep
+/// and a settlement of a reservation that just expired cannot deadlock. A reservation a
+/// settlement holds right now is skipped: that settlement releases it.
 pub async fn release_expired(pool: &PgPool, now: DateTime<Utc>) -> Result<u64, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    // Lock the affected periods in name order first (as `reserve` and `settle` do).
-    let locked = sqlx::query(
-        "SELECT 1 FROM budget_periods p
-         WHERE (p.budget, p.period_start) IN (SELECT budget, period_start FROM budget_reservations WHERE expires_at < $1)
-         ORDER BY p.budget, p.period_start FOR UPDATE OF p",
+    let expired: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM budget_reservations WHERE expires_at < $1 FOR UPDATE SKIP LOCKED",
     )
     .bind(now)
-    .execute(&mut *tx)
+    .fetch_all(&mut *tx)
     .await?;
-    if locked.rows_affected() == 0 {
+    if expired.is_empty() {
         tx.rollback().await?;
         return Ok(0);
     }
-    let result = sqlx::query(
-        "WITH gone AS (DELETE FROM budget_reservations WHERE expires_at < $1 RETURNING budget, period_start, amount),
+    sqlx::query(
+        "SELECT 1 FROM budget_periods p
+         WHERE (p.budget, p.period_start) IN (SELECT budget, period_start FROM budget_reservations WHERE id = ANY($1))
+         ORDER BY p.budget, p.period_start FOR UPDATE OF p",
+    )
+    .bind(&expired)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "WITH gone AS (DELETE FROM budget_reservations WHERE id = ANY($1) RETURNING budget, period_start, amount),
               held AS (SELECT budget, period_start, sum(amount) AS amount FROM gone GROUP BY budget, period_start)
          UPDATE budget_periods p SET reserved = p.reserved - held.amount
          FROM held WHERE p.budget = held.budget AND p.period_start = held.period_start",
     )
-    .bind(now)
+    .bind(&expired)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(result.rows_affected())
+    Ok(u64::try_from(expired.len()).unwrap_or(u64::MAX))
 }

@@ -740,3 +740,66 @@ async fn an_alert_check_locks_the_shared_budget_row_only_once_a_level_is_reached
     holder.rollback().await.unwrap();
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_expiry_sweep_skips_a_reservation_being_settled_instead_of_waiting_for_it() {
+    use chrono::{TimeZone, Utc};
+    use switchyard::store::budgets::release_expired;
+
+    let app = crate::helpers::spawn_app().await;
+    let period = Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap();
+    let (settling, abandoned) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    sqlx::query(
+        "INSERT INTO budget_periods (budget, period_start, cap, reserved) VALUES ('b', $1, 100, 5)",
+    )
+    .bind(period)
+    .execute(app.pool())
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO budget_reservations (id, budget, period_start, amount, expires_at)
+         VALUES ($1, 'b', $3, 2, now() - interval '1 minute'), ($2, 'b', $3, 3, now() - interval '1 minute')",
+    )
+    .bind(settling)
+    .bind(abandoned)
+    .bind(period)
+    .execute(app.pool())
+    .await
+    .unwrap();
+    // A settlement has just deleted the first (expired) reservation and not committed yet: it
+    // holds the reservation's row, and will lock the period row next. A sweep that locked the
+    // period first and then waited for the reservation would deadlock with it.
+    let mut settlement = app.pool().begin().await.unwrap();
+    sqlx::query("DELETE FROM budget_reservations WHERE id = $1")
+        .bind(settling)
+        .execute(&mut *settlement)
+        .await
+        .unwrap();
+    let released = tokio::time::timeout(
+        Duration::from_secs(5),
+        release_expired(app.pool(), Utc::now()),
+    )
+    .await
+    .expect("the sweep does not wait for a reservation being settled")
+    .unwrap();
+    assert_eq!(released, 1, "only the abandoned reservation");
+    // The settlement can now take the period row and finish.
+    sqlx::query("UPDATE budget_periods SET reserved = reserved - 2 WHERE budget = 'b'")
+        .execute(&mut *settlement)
+        .await
+        .unwrap();
+    settlement.commit().await.unwrap();
+    assert_eq!(
+        decimal(
+            &app,
+            "SELECT reserved FROM budget_periods WHERE budget = 'b'"
+        )
+        .await,
+        Decimal::ZERO
+    );
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM budget_reservations").await,
+        0
+    );
+    app.cleanup().await;
+}
