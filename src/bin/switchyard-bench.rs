@@ -119,7 +119,7 @@ struct Plan {
     in_flight: u16,
     scaling: Vec<usize>,
     /// Runs of each scaling size under 100,000 jobs, and pairs of runs without and with the
-    /// budget and rate limit (the medians are reported).
+    /// budget and rate limit (medians are reported).
     scaling_repeats: usize,
     /// How long the paced (latency) phase publishes.
     paced_secs: f64,
@@ -371,7 +371,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if wants("limits") {
         // Each run with the budget and the rate limit is paired with a run without, right
         // before it, so that the ratio compares runs minutes apart at most in the machine's
-        // drift; the pairs are repeated as the scaling runs are, and the medians compared.
+        // drift; the pairs are repeated as the scaling runs are, and the median of the pairs'
+        // own ratios is reported.
         let without = Scenario {
             name: "limits-off".to_owned(),
             paced: false,
