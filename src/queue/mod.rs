@@ -184,10 +184,18 @@ impl Broker {
     }
 }
 
+/// The largest AMQP frame a connection asks for, unless its URL sets `frame_max`. lapin keeps
+/// a receive and a send buffer of 32 frames each per connection, so RabbitMQ's default of
+/// 128 KiB holds 8 MiB resident in every process; 32 KiB holds 2 MiB. A message larger than a
+/// frame is split into body frames, as it always was.
+const FRAME_MAX: u32 = 32 * 1024;
+
 /// Opens a connection, turning failures into a one-line error that names the address.
 pub async fn connect(url: &str) -> Result<Connection, BrokerError> {
     url::Url::parse(url).map_err(|e| BrokerError::Url(e.to_string()))?;
-    Connection::connect(url, ConnectionProperties::default())
+    let mut uri: lapin::uri::AMQPUri = url.parse().map_err(BrokerError::Url)?;
+    uri.query.frame_max.get_or_insert(FRAME_MAX);
+    Connection::connect_uri(uri, ConnectionProperties::default())
         .await
         .map_err(|source| BrokerError::Unreachable {
             address: broker_address(url),

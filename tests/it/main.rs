@@ -11,6 +11,7 @@ mod helpers;
 
 mod audit;
 mod bad_input;
+mod broker;
 mod bench_smoke;
 mod budgets;
 mod bulk;
