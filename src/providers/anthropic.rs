@@ -8,7 +8,7 @@
 //! Anthropic equivalent (`n`, `seed`, penalties, `logprobs`, …) are dropped. Responses come
 //! back as the normalised OpenAI `chat.completion` object built by [`chat_completion`].
 
-use super::transport::Transport;
+use super::transport::{Endpoint, Transport};
 use super::{Answer, EXCERPT_BYTES, send};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -67,9 +67,9 @@ const CONTEXT_PHRASES: &[&str] = &[
 #[derive(Debug)]
 pub struct AnthropicProvider {
     http: Transport,
-    /// The API root without `/v1` (`https://api.anthropic.com`), possibly with a proxy's path
-    /// prefix; the adapter appends `/v1/messages` as the official SDK does.
-    base_url: String,
+    /// `{base_url}/v1/messages`, as the official SDK builds it; `base_url` is the API root
+    /// without `/v1` (`https://api.anthropic.com`), possibly with a proxy's path prefix.
+    endpoint: Endpoint,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1106,7 +1106,7 @@ impl AnthropicProvider {
     pub fn new(http: impl Into<Transport>, base_url: String) -> Self {
         Self {
             http: http.into(),
-            base_url: base_url.trim_end_matches('/').to_owned(),
+            endpoint: Endpoint::new(format!("{}/v1/messages", base_url.trim_end_matches('/'))),
         }
     }
 
@@ -1128,8 +1128,9 @@ impl AnthropicProvider {
         key_header.set_sensitive(true);
         let body = AnthropicRequestBody::new(request, model, call.streaming())?;
         let http = self.http.lease();
-        let builder = http
-            .post(format!("{}/v1/messages", self.base_url))
+        let builder = self
+            .endpoint
+            .post(&http)
             .header("x-api-key", key_header)
             .header("anthropic-version", ANTHROPIC_VERSION)
             .json(&body);

@@ -1,7 +1,7 @@
 //! OpenAI chat completions, and every OpenAI-compatible service through `base_url` (Groq,
 //! Mistral, DeepSeek, Together, OpenRouter, vLLM, Ollama, …), non-streaming and streaming.
 
-use super::transport::Transport;
+use super::transport::{Endpoint, Transport};
 use super::{Answer, EXCERPT_BYTES, send};
 use futures::StreamExt;
 use reqwest::header::HeaderMap;
@@ -51,8 +51,8 @@ pub struct OpenAiOptions {
 #[derive(Debug)]
 pub struct OpenAiProvider {
     http: Transport,
-    /// `…/v1`; the adapter appends `/chat/completions` as the official SDK does.
-    base_url: String,
+    /// `{base_url}/chat/completions` (`base_url` is `…/v1`), as the official SDK builds it.
+    endpoint: Endpoint,
     options: OpenAiOptions,
 }
 
@@ -162,7 +162,10 @@ impl OpenAiProvider {
     pub fn new(http: impl Into<Transport>, base_url: String, options: OpenAiOptions) -> Self {
         Self {
             http: http.into(),
-            base_url: base_url.trim_end_matches('/').to_owned(),
+            endpoint: Endpoint::new(format!(
+                "{}/chat/completions",
+                base_url.trim_end_matches('/')
+            )),
             options,
         }
     }
@@ -233,8 +236,9 @@ impl OpenAiProvider {
         let key = call.require_key(PROVIDER_TYPE)?;
         let body = self.body(request, model, call.streaming())?;
         let http = self.http.lease();
-        let builder = http
-            .post(format!("{}/chat/completions", self.base_url))
+        let builder = self
+            .endpoint
+            .post(&http)
             .bearer_auth(key.secret.expose_secret())
             .json(&body);
         // The builder holds the serialized bytes: the body is not kept while the call is out.

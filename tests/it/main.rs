@@ -11,8 +11,8 @@ mod helpers;
 
 mod audit;
 mod bad_input;
-mod broker;
 mod bench_smoke;
+mod broker;
 mod budgets;
 mod bulk;
 mod chaos;
