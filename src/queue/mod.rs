@@ -192,7 +192,7 @@ const FRAME_MAX: u32 = 32 * 1024;
 
 /// Opens a connection, turning failures into a one-line error that names the address.
 pub async fn connect(url: &str) -> Result<Connection, BrokerError> {
-    url::Url::parse(url).map_err(|e| BrokerError::Url(e.to_string()))?;
+    // The AMQP parser starts with `url::Url::parse`, whose error text it passes on.
     let mut uri: lapin::uri::AMQPUri = url.parse().map_err(BrokerError::Url)?;
     uri.query.frame_max.get_or_insert(FRAME_MAX);
     Connection::connect_uri(uri, ConnectionProperties::default())
