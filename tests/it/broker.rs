@@ -1,9 +1,11 @@
 //! The broker connection itself: the frame size it asks for, and that messages larger than a
 //! frame still arrive whole.
 
+use std::time::Duration;
+
+use futures::StreamExt;
 use lapin::BasicProperties;
-use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicPublishOptions;
 
 use crate::helpers::broker_url;
 
@@ -19,13 +21,8 @@ async fn connections_ask_for_32_kib_frames_unless_the_url_sets_one_and_carry_lar
 
     // A 200 KiB message crosses seven frames each way and comes back byte for byte.
     let channel = connection.create_channel().await.unwrap();
-    let temporary = QueueDeclareOptions {
-        exclusive: true,
-        auto_delete: true,
-        ..QueueDeclareOptions::default()
-    };
-    let queue = channel
-        .queue_declare("".into(), temporary, FieldTable::default())
+    let key = format!("frames-{}", uuid::Uuid::now_v7());
+    let mut consumer = switchyard::queue::listen(&channel, "amq.direct", &key)
         .await
         .unwrap();
     let body: Vec<u8> = (0..200 * 1024_u32)
@@ -33,28 +30,21 @@ async fn connections_ask_for_32_kib_frames_unless_the_url_sets_one_and_carry_lar
         .collect();
     channel
         .basic_publish(
-            "".into(),
-            queue.name().clone(),
+            "amq.direct".into(),
+            key.as_str().into(),
             BasicPublishOptions::default(),
             &body,
             BasicProperties::default(),
         )
         .await
         .unwrap();
-    let mut got = None;
-    for _ in 0..50 {
-        got = channel
-            .basic_get(queue.name().clone(), BasicGetOptions { no_ack: true })
-            .await
-            .unwrap();
-        if got.is_some() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    let got = got.expect("the message reaches its queue");
-    assert_eq!(got.delivery.data.len(), body.len());
-    assert!(got.delivery.data == body, "the body arrives unchanged");
+    let got = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .expect("the message reaches its queue")
+        .expect("the consumer is open")
+        .unwrap();
+    assert_eq!(got.data.len(), body.len());
+    assert!(got.data == body, "the body arrives unchanged");
 
     // The URL's own setting wins.
     let separator = if url.contains('?') { '&' } else { '?' };
