@@ -157,8 +157,8 @@ impl FinishedJob {
     /// Serializes the result (and its retention copy) once, for the row and the message; call it
     /// after retention and provenance are applied.
     pub fn seal(self) -> SealedJob {
-        let body = to_json_string(&self.result);
-        let stored_body = self.stored.map(|stored| to_json_string(&*stored));
+        let body = held_json(&self.result);
+        let stored_body = self.stored.map(|stored| held_json(&*stored));
         SealedJob {
             tag: self.tag,
             job: self.job,
@@ -1058,11 +1058,49 @@ fn to_json_string<T: Serialize + ?Sized>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_default()
 }
 
+/// JSON text that waits (for its finalize group) without spare capacity: serializing doubles
+/// the buffer as it grows, so a 1.1 KB result would otherwise hold 2 KB, and thousands of
+/// finished jobs may wait at once.
+fn held_json<T: Serialize + ?Sized>(value: &T) -> String {
+    let mut text = to_json_string(value);
+    text.shrink_to_fit();
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use sha2::{Digest, Sha256};
 
     use super::*;
+
+    /// A sealed job's JSON text (which waits for its group, thousands at a time) has no spare
+    /// capacity, and is exactly what serializing the result gives.
+    #[test]
+    fn a_sealed_result_holds_its_json_text_without_spare_capacity() {
+        // Long enough that serializing grows the buffer past its size (128 → … → 2,048 bytes).
+        let rejection = Rejection {
+            job_id: Uuid::now_v7(),
+            tenant: Some("acme".to_owned()),
+            batch: None,
+            route: None,
+            generation: 0,
+            error: crate::messages::JobError::new("invalid_json", "x".repeat(1_100)),
+            raw_body: b"{".to_vec(),
+        };
+        let mut job = FinishedJob::rejected(1, rejection, Utc::now(), b"{".to_vec());
+        job.stored = Some(Box::new(job.result.clone()));
+        let expected = serde_json::to_string(&job.result).unwrap();
+        assert!(
+            serde_json::to_string(&job.result).unwrap().capacity() > expected.len(),
+            "the case must be one where serializing leaves spare capacity"
+        );
+        let sealed = job.seal();
+        assert_eq!(sealed.body, expected);
+        assert_eq!(sealed.body.capacity(), sealed.body.len());
+        let stored = sealed.stored_body.expect("a retention copy");
+        assert_eq!(stored, expected);
+        assert_eq!(stored.capacity(), stored.len());
+    }
 
     /// The stored request and its digest are exactly what hashing `Value::to_string()` gave
     /// before the request was serialized once: keys sorted, escapes, non-ASCII text, floats.
