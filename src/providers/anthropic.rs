@@ -1106,7 +1106,7 @@ impl AnthropicProvider {
     pub fn new(http: impl Into<Transport>, base_url: String) -> Self {
         Self {
             http: http.into(),
-            endpoint: Endpoint::new(format!("{}/v1/messages", base_url.trim_end_matches('/'))),
+            endpoint: Endpoint::under(&base_url, "/v1/messages"),
         }
     }
 

@@ -162,10 +162,7 @@ impl OpenAiProvider {
     pub fn new(http: impl Into<Transport>, base_url: String, options: OpenAiOptions) -> Self {
         Self {
             http: http.into(),
-            endpoint: Endpoint::new(format!(
-                "{}/chat/completions",
-                base_url.trim_end_matches('/')
-            )),
+            endpoint: Endpoint::under(&base_url, "/chat/completions"),
             options,
         }
     }

@@ -255,7 +255,10 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    pub fn new(url: String) -> Self {
+    /// `path` (which starts with `/`) under `base_url`, whose trailing slashes are dropped, as
+    /// the official SDKs join them.
+    pub fn under(base_url: &str, path: &str) -> Self {
+        let url = format!("{}{path}", base_url.trim_end_matches('/'));
         match reqwest::Url::parse(&url) {
             Ok(parsed) => Self::Parsed(parsed),
             Err(_) => Self::Unparsed(url),
@@ -627,7 +630,7 @@ mod tests {
     #[test]
     fn an_endpoint_is_parsed_once_and_an_unparsable_one_fails_its_calls_as_before() {
         let client = reqwest::Client::new();
-        let endpoint = Endpoint::new("http://127.0.0.1:9/v1/chat/completions".to_owned());
+        let endpoint = Endpoint::under("http://127.0.0.1:9/v1/", "/chat/completions");
         assert!(matches!(endpoint, Endpoint::Parsed(_)));
         let request = endpoint.post(&client).build().unwrap();
         assert_eq!(request.method(), reqwest::Method::POST);
@@ -636,7 +639,7 @@ mod tests {
             "http://127.0.0.1:9/v1/chat/completions"
         );
 
-        let broken = Endpoint::new("no scheme/chat/completions".to_owned());
+        let broken = Endpoint::under("no scheme", "/chat/completions");
         assert!(matches!(broken, Endpoint::Unparsed(_)));
         let error = broken.post(&client).build().unwrap_err();
         assert!(error.is_builder(), "{error}");
