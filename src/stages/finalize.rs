@@ -36,7 +36,7 @@ use crate::queue::topology::{JOBS_ROUTING_KEY, Names};
 use crate::store::attempts::AttemptRow;
 use crate::store::jobs::JobRow;
 use crate::store::outbox::OutboxRow;
-use crate::store::{attempts, audit, cost_ledger, jobs, outbox, results};
+use crate::store::{audit, group, outbox, results};
 
 /// How long confirmed outbox rows wait for the next group's transaction before they are
 /// deleted on their own (well below `outbox_relay_after_ms`, so the relay never sees them).
@@ -748,22 +748,13 @@ impl Finalizer {
         };
         let mut tx = self.pool.begin().await.map_err(store_error)?;
         let job_rows: Vec<&JobRow> = fresh.iter().map(|j| &j.job).collect();
-        jobs::insert_many(&mut tx, &job_rows)
-            .await
-            .map_err(store_error)?;
         let attempt_rows: Vec<&AttemptRow> = fresh.iter().flat_map(|j| &j.attempts).collect();
-        attempts::insert_many(&mut tx, &attempt_rows)
-            .await
-            .map_err(store_error)?;
         // Each result was serialized once, in its job's task: the same text is stored and
         // published.
         let result_rows: Vec<(&ResultHead, &str)> = fresh
             .iter()
             .map(|j| (&j.head, j.stored_body.as_deref().unwrap_or(&j.body)))
             .collect();
-        let inserted = results::insert_many(&mut tx, &result_rows, Utc::now())
-            .await
-            .map_err(store_error)?;
         let costs: Vec<(Uuid, &CostEvent)> = fresh
             .iter()
             .flat_map(|j| {
@@ -773,7 +764,13 @@ impl Finalizer {
                     .map(|(attempt, cost)| (*attempt, cost))
             })
             .collect();
-        cost_ledger::insert_many(&mut tx, &costs)
+        let records = group::Records {
+            jobs: &job_rows,
+            attempts: &attempt_rows,
+            results: &result_rows,
+            costs: &costs,
+        };
+        let inserted = group::insert(&mut tx, &records, Utc::now())
             .await
             .map_err(store_error)?;
         // A job lost the race when its result row was already there, or when an earlier copy

@@ -1,9 +1,12 @@
 //! The `cost_ledger` table: one row per billed attempt, exact decimal.
 
+use std::sync::LazyLock;
+
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::messages::CostEvent;
+use crate::store::PgQuery;
 
 fn tokens(entries: &[(Uuid, &CostEvent)], field: impl Fn(&CostEvent) -> u64) -> Vec<i64> {
     entries
@@ -12,53 +15,163 @@ fn tokens(entries: &[(Uuid, &CostEvent)], field: impl Fn(&CostEvent) -> u64) -> 
         .collect()
 }
 
+/// How many arguments [`bind`] adds.
+pub const COLUMN_COUNT: usize = TYPES.len();
+
+const TYPES: [&str; 22] = [
+    "uuid",
+    "uuid",
+    "uuid",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "int8",
+    "int8",
+    "int8",
+    "int8",
+    "numeric",
+    "numeric",
+    "numeric",
+    "numeric",
+    "numeric",
+    "timestamptz",
+    "text",
+    "int8",
+    "numeric",
+];
+
+/// The insert of [`insert_many`], its arguments numbered from `$first` (as [`bind`] adds them).
+pub fn insert_sql(first: usize) -> String {
+    format!(
+        "INSERT INTO cost_ledger (id, job_id, attempt_id, tenant, batch, route, provider, model, key_id,
+                                  input_tokens, cached_input_tokens, cache_write_tokens, output_tokens,
+                                  price_input, price_cached_input, price_cache_write, price_output,
+                                  amount_usd, created_at, price_version, price_tier_above, price_per_request)
+         SELECT * FROM UNNEST({})",
+        crate::store::unnest_arguments(first, &TYPES)
+    )
+}
+
+/// Adds the entries' columns to `query`, one array each, in [`insert_sql`]'s order.
+pub fn bind<'q>(query: PgQuery<'q>, entries: &[(Uuid, &CostEvent)]) -> PgQuery<'q> {
+    query
+        .bind(entries.iter().map(|(_, e)| e.event_id).collect::<Vec<_>>())
+        .bind(entries.iter().map(|(_, e)| e.job_id).collect::<Vec<_>>())
+        .bind(
+            entries
+                .iter()
+                .map(|(attempt, _)| *attempt)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            entries
+                .iter()
+                .map(|(_, e)| e.tenant.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            entries
+                .iter()
+                .map(|(_, e)| e.batch.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            entries
+                .iter()
+                .map(|(_, e)| e.route.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            entries
+                .iter()
+                .map(|(_, e)| e.provider.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            entries
+                .iter()
+                .map(|(_, e)| e.model.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            entries
+                .iter()
+                .map(|(_, e)| e.key_id.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(tokens(entries, |e| e.usage.input_tokens))
+        .bind(tokens(entries, |e| e.usage.cached_input_tokens))
+        .bind(tokens(entries, |e| e.usage.cache_write_tokens))
+        .bind(tokens(entries, |e| e.usage.output_tokens))
+        .bind(
+            entries
+                .iter()
+                .map(|(_, e)| e.prices.input)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            entries
+                .iter()
+                .map(|(_, e)| e.prices.cached_input)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            entries
+                .iter()
+                .map(|(_, e)| e.prices.cache_write)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            entries
+                .iter()
+                .map(|(_, e)| e.prices.output)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            entries
+                .iter()
+                .map(|(_, e)| e.amount_usd)
+                .collect::<Vec<_>>(),
+        )
+        .bind(entries.iter().map(|(_, e)| e.at).collect::<Vec<_>>())
+        .bind(
+            entries
+                .iter()
+                .map(|(_, e)| e.price_version.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            entries
+                .iter()
+                .map(|(_, e)| {
+                    e.price_tier_above
+                        .map(|t| i64::try_from(t).unwrap_or(i64::MAX))
+                })
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            entries
+                .iter()
+                .map(|(_, e)| e.prices.per_request)
+                .collect::<Vec<_>>(),
+        )
+}
+
 /// Inserts ledger rows, each `(attempt_id, event)`, in one statement.
 pub async fn insert_many(
     conn: &mut PgConnection,
     entries: &[(Uuid, &CostEvent)],
 ) -> Result<(), sqlx::Error> {
+    static SQL: LazyLock<String> = LazyLock::new(|| insert_sql(1));
     if entries.is_empty() {
         return Ok(());
     }
-    sqlx::query(
-        "INSERT INTO cost_ledger (id, job_id, attempt_id, tenant, batch, route, provider, model, key_id,
-                                  input_tokens, cached_input_tokens, cache_write_tokens, output_tokens,
-                                  price_input, price_cached_input, price_cache_write, price_output,
-                                  amount_usd, created_at, price_version, price_tier_above, price_per_request)
-         SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[],
-                              $7::text[], $8::text[], $9::text[], $10::int8[], $11::int8[], $12::int8[],
-                              $13::int8[], $14::numeric[], $15::numeric[], $16::numeric[], $17::numeric[],
-                              $18::numeric[], $19::timestamptz[], $20::text[], $21::int8[], $22::numeric[])",
-    )
-    .bind(entries.iter().map(|(_, e)| e.event_id).collect::<Vec<_>>())
-    .bind(entries.iter().map(|(_, e)| e.job_id).collect::<Vec<_>>())
-    .bind(entries.iter().map(|(attempt, _)| *attempt).collect::<Vec<_>>())
-    .bind(entries.iter().map(|(_, e)| e.tenant.clone()).collect::<Vec<_>>())
-    .bind(entries.iter().map(|(_, e)| e.batch.clone()).collect::<Vec<_>>())
-    .bind(entries.iter().map(|(_, e)| e.route.clone()).collect::<Vec<_>>())
-    .bind(entries.iter().map(|(_, e)| e.provider.clone()).collect::<Vec<_>>())
-    .bind(entries.iter().map(|(_, e)| e.model.clone()).collect::<Vec<_>>())
-    .bind(entries.iter().map(|(_, e)| e.key_id.clone()).collect::<Vec<_>>())
-    .bind(tokens(entries, |e| e.usage.input_tokens))
-    .bind(tokens(entries, |e| e.usage.cached_input_tokens))
-    .bind(tokens(entries, |e| e.usage.cache_write_tokens))
-    .bind(tokens(entries, |e| e.usage.output_tokens))
-    .bind(entries.iter().map(|(_, e)| e.prices.input).collect::<Vec<_>>())
-    .bind(entries.iter().map(|(_, e)| e.prices.cached_input).collect::<Vec<_>>())
-    .bind(entries.iter().map(|(_, e)| e.prices.cache_write).collect::<Vec<_>>())
-    .bind(entries.iter().map(|(_, e)| e.prices.output).collect::<Vec<_>>())
-    .bind(entries.iter().map(|(_, e)| e.amount_usd).collect::<Vec<_>>())
-    .bind(entries.iter().map(|(_, e)| e.at).collect::<Vec<_>>())
-    .bind(entries.iter().map(|(_, e)| e.price_version.clone()).collect::<Vec<_>>())
-    .bind(
-        entries
-            .iter()
-            .map(|(_, e)| e.price_tier_above.map(|t| i64::try_from(t).unwrap_or(i64::MAX)))
-            .collect::<Vec<_>>(),
-    )
-    .bind(entries.iter().map(|(_, e)| e.prices.per_request).collect::<Vec<_>>())
-    .execute(conn)
-    .await?;
+    bind(sqlx::query(SQL.as_str()), entries)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 

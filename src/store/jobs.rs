@@ -1,5 +1,7 @@
 //! The `jobs` table: one row per job id, written by finalize.
 
+use std::sync::LazyLock;
+
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use serde_json::value::RawValue;
@@ -8,6 +10,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use crate::messages::JobStatus;
+use crate::store::PgQuery;
 
 /// A job as recorded at finalize.
 #[derive(Debug, Clone)]
@@ -27,25 +30,33 @@ pub struct JobRow {
     pub finished_at: DateTime<Utc>,
 }
 
-/// Inserts many jobs in one statement. A job id already present is left as it is, unless
-/// the new row is a newer generation (a replay) or replaces a `cancelled` placeholder (the
-/// job was already running when its batch was cancelled).
-pub async fn insert_many(conn: &mut PgConnection, rows: &[&JobRow]) -> Result<(), sqlx::Error> {
-    // Two copies of one job in a group would make the upsert touch a row twice (an error).
-    let mut seen = std::collections::HashSet::with_capacity(rows.len());
-    let mut rows: Vec<&JobRow> = rows.iter().copied().filter(|r| seen.insert(r.id)).collect();
-    // In key order, so two groups holding copies of the same jobs (two lanes, or two workers,
-    // given redelivered duplicates) take the rows' locks in the same order: one waits for the
-    // other instead of both deadlocking and going back to the queue.
-    rows.sort_unstable_by_key(|r| r.id);
-    if rows.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "INSERT INTO jobs (id, tenant, batch, route, generation, status, request, raw_body, received_at, finished_at,
-                           request_sha256)
-         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::text[],
-                              $7::jsonb[], $8::bytea[], $9::timestamptz[], $10::timestamptz[], $11::text[])
+/// The columns of a `jobs` row as bound, in order, with their Postgres types.
+const COLUMNS: &str = "id, tenant, batch, route, generation, status, request, raw_body, received_at, finished_at, request_sha256";
+/// How many arguments [`bind`] adds.
+pub const COLUMN_COUNT: usize = TYPES.len();
+
+const TYPES: [&str; 11] = [
+    "uuid",
+    "text",
+    "text",
+    "text",
+    "int4",
+    "text",
+    "jsonb",
+    "bytea",
+    "timestamptz",
+    "timestamptz",
+    "text",
+];
+
+/// The upsert of [`insert_many`], its arguments numbered from `$first` (as [`bind`] adds them).
+/// A job id already present is left as it is, unless the new row is a newer generation (a
+/// replay) or replaces a `cancelled` placeholder (the job was already running when its batch
+/// was cancelled).
+pub fn upsert_sql(first: usize) -> String {
+    format!(
+        "INSERT INTO jobs ({COLUMNS})
+         SELECT * FROM UNNEST({})
          ON CONFLICT (id) DO UPDATE SET
              generation = EXCLUDED.generation, status = EXCLUDED.status, route = EXCLUDED.route,
              request = COALESCE(EXCLUDED.request, jobs.request),
@@ -53,20 +64,59 @@ pub async fn insert_many(conn: &mut PgConnection, rows: &[&JobRow]) -> Result<()
              finished_at = EXCLUDED.finished_at
          WHERE EXCLUDED.generation > jobs.generation
             OR (jobs.status = 'cancelled' AND EXCLUDED.status <> 'cancelled')",
+        crate::store::unnest_arguments(first, &TYPES)
     )
-    .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.tenant.as_deref()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.batch.as_deref()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.route.as_deref()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.generation).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.request.as_deref().map(Json)).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.raw_body.as_deref()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.received_at).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.finished_at).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.request_sha256.as_deref()).collect::<Vec<_>>())
-    .execute(conn)
-    .await?;
+}
+
+/// The rows an upsert may hold: the first copy of each job id, in key order.
+///
+/// Two copies of one job in a group would make the upsert touch a row twice (an error). Key
+/// order makes two groups holding copies of the same jobs (two lanes, or two workers, given
+/// redelivered duplicates) take the rows' locks in the same order: one waits for the other
+/// instead of both deadlocking and going back to the queue.
+pub fn upsertable<'r>(rows: &[&'r JobRow]) -> Vec<&'r JobRow> {
+    let mut seen = std::collections::HashSet::with_capacity(rows.len());
+    let mut rows: Vec<&JobRow> = rows.iter().copied().filter(|r| seen.insert(r.id)).collect();
+    rows.sort_unstable_by_key(|r| r.id);
+    rows
+}
+
+/// Adds the [`upsertable`] rows' columns to `query`, one array each, in [`upsert_sql`]'s order.
+pub fn bind<'q>(query: PgQuery<'q>, rows: &[&JobRow]) -> PgQuery<'q> {
+    query
+        .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.tenant.as_deref()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.batch.as_deref()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.route.as_deref()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.generation).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.request.as_deref().map(Json))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| r.raw_body.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|r| r.received_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.finished_at).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.request_sha256.as_deref())
+                .collect::<Vec<_>>(),
+        )
+}
+
+/// Upserts many jobs in one statement (see [`upsert_sql`]).
+pub async fn insert_many(conn: &mut PgConnection, rows: &[&JobRow]) -> Result<(), sqlx::Error> {
+    static SQL: LazyLock<String> = LazyLock::new(|| upsert_sql(1));
+    let rows = upsertable(rows);
+    if rows.is_empty() {
+        return Ok(());
+    }
+    bind(sqlx::query(SQL.as_str()), &rows).execute(conn).await?;
     Ok(())
 }
 

@@ -8,6 +8,7 @@ pub mod batches;
 pub mod budgets;
 pub mod circuits;
 pub mod cost_ledger;
+pub mod group;
 pub mod jobs;
 pub mod limiter;
 pub mod outbox;
@@ -190,9 +191,33 @@ pub async fn connect_one(url: &str) -> Result<PgConnection, StoreError> {
         })
 }
 
+/// A query with its arguments bound so far; store functions add their rows' columns to it.
+pub type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// The arguments of an `UNNEST` of one array per column, numbered from `$first`:
+/// `$1::uuid[], $2::text[]` for `unnest_arguments(1, &["uuid", "text"])`. Lets one table's
+/// insert stand alone or as one part of a larger statement.
+pub fn unnest_arguments(first: usize, types: &[&str]) -> String {
+    types
+        .iter()
+        .enumerate()
+        .map(|(i, ty)| format!("${}::{ty}[]", first + i))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unnest_arguments_are_numbered_from_the_first_one_given() {
+        assert_eq!(unnest_arguments(1, &["uuid"]), "$1::uuid[]");
+        assert_eq!(
+            unnest_arguments(9, &["uuid", "text", "int4"]),
+            "$9::uuid[], $10::text[], $11::int4[]"
+        );
+    }
 
     fn mode(url: &str) -> PgSslMode {
         connect_options(url).unwrap().get_ssl_mode()

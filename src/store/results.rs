@@ -2,16 +2,90 @@
 //! published message so a redelivered job can be answered without calling a provider.
 
 use chrono::{DateTime, Utc};
-use sqlx::PgConnection;
+use sqlx::postgres::PgRow;
 use sqlx::types::Json;
+use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use crate::messages::{JobResult, ResultHead};
+use crate::store::PgQuery;
 
-/// Inserts results in one statement and returns the job ids that were inserted; a job whose
-/// result already exists (a duplicate processed concurrently) is not among them. A
+/// The insert of [`insert_many`], its arguments `$1` to `$8` (as [`bind`] adds them). A
 /// `cancelled` placeholder written by `batch cancel` while the job was already running is
-/// replaced by the job's real outcome, so nothing paid for is lost.
+/// replaced by the job's real outcome, so nothing paid for is lost. Returns the job ids whose
+/// row it wrote.
+pub const INSERT_SQL: &str =
+    "INSERT INTO results (job_id, generation, tenant, batch, status, error_code, body, created_at)
+     SELECT job_id, generation, tenant, batch, status, error_code, body::jsonb, $8
+     FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
+          AS t(job_id, generation, tenant, batch, status, error_code, body)
+     ON CONFLICT (job_id, generation) DO UPDATE SET
+         status = EXCLUDED.status, error_code = EXCLUDED.error_code, body = EXCLUDED.body,
+         created_at = EXCLUDED.created_at
+     WHERE results.status = 'cancelled' AND EXCLUDED.status <> 'cancelled'
+     RETURNING job_id";
+
+/// The results an insert may hold: the first copy of each (job, generation), in key order
+/// (as [`crate::store::jobs::upsertable`], so overlapping groups lock in the same order).
+/// Two copies of one job would make the upsert touch a row twice (an error); the second is
+/// then reported as not inserted.
+pub fn insertable<'r>(results: &[(&'r ResultHead, &'r str)]) -> Vec<(&'r ResultHead, &'r str)> {
+    let mut seen = std::collections::HashSet::with_capacity(results.len());
+    let mut results: Vec<(&ResultHead, &str)> = results
+        .iter()
+        .copied()
+        .filter(|(r, _)| seen.insert((r.job_id, r.generation)))
+        .collect();
+    results.sort_unstable_by_key(|(r, _)| (r.job_id, r.generation));
+    results
+}
+
+/// Adds the [`insertable`] results' columns to `query`, then `created_at`, in [`INSERT_SQL`]'s
+/// order.
+pub fn bind<'q>(
+    query: PgQuery<'q>,
+    results: &[(&ResultHead, &str)],
+    created_at: DateTime<Utc>,
+) -> PgQuery<'q> {
+    query
+        .bind(results.iter().map(|(r, _)| r.job_id).collect::<Vec<_>>())
+        .bind(
+            results
+                .iter()
+                .map(|(r, _)| r.generation)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            results
+                .iter()
+                .map(|(r, _)| r.tenant.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            results
+                .iter()
+                .map(|(r, _)| r.batch.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            results
+                .iter()
+                .map(|(r, _)| r.status.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            results
+                .iter()
+                .map(|(r, _)| r.error.as_ref().map(|e| e.code.as_str()))
+                .collect::<Vec<_>>(),
+        )
+        .bind(results.iter().map(|(_, body)| *body).collect::<Vec<_>>())
+        .bind(created_at)
+}
+
+/// Inserts results in one statement (see [`INSERT_SQL`]) and returns the job ids that were
+/// inserted; a job whose result already exists (a duplicate processed concurrently) is not
+/// among them.
 ///
 /// Each result comes with its JSON body (the message that is published), serialized once by
 /// the caller for both the row and the message.
@@ -20,44 +94,22 @@ pub async fn insert_many(
     results: &[(&ResultHead, &str)],
     created_at: DateTime<Utc>,
 ) -> Result<Vec<Uuid>, sqlx::Error> {
-    // Two copies of one job in a group would make the upsert touch a row twice (an error);
-    // the first copy wins and the second is reported as not inserted.
-    let mut seen = std::collections::HashSet::with_capacity(results.len());
-    let mut results: Vec<&(&ResultHead, &str)> = results
-        .iter()
-        .filter(|(r, _)| seen.insert((r.job_id, r.generation)))
-        .collect();
-    // In key order, as `jobs::insert_many`: overlapping groups lock in the same order.
-    results.sort_unstable_by_key(|(r, _)| (r.job_id, r.generation));
+    let results = insertable(results);
     if results.is_empty() {
         return Ok(Vec::new());
     }
-    sqlx::query_scalar(
-        "INSERT INTO results (job_id, generation, tenant, batch, status, error_code, body, created_at)
-         SELECT job_id, generation, tenant, batch, status, error_code, body::jsonb, $8
-         FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
-              AS t(job_id, generation, tenant, batch, status, error_code, body)
-         ON CONFLICT (job_id, generation) DO UPDATE SET
-             status = EXCLUDED.status, error_code = EXCLUDED.error_code, body = EXCLUDED.body,
-             created_at = EXCLUDED.created_at
-         WHERE results.status = 'cancelled' AND EXCLUDED.status <> 'cancelled'
-         RETURNING job_id",
-    )
-    .bind(results.iter().map(|(r, _)| r.job_id).collect::<Vec<_>>())
-    .bind(results.iter().map(|(r, _)| r.generation).collect::<Vec<_>>())
-    .bind(results.iter().map(|(r, _)| r.tenant.as_deref()).collect::<Vec<_>>())
-    .bind(results.iter().map(|(r, _)| r.batch.as_deref()).collect::<Vec<_>>())
-    .bind(results.iter().map(|(r, _)| r.status.as_str()).collect::<Vec<_>>())
-    .bind(
-        results
-            .iter()
-            .map(|(r, _)| r.error.as_ref().map(|e| e.code.as_str()))
-            .collect::<Vec<_>>(),
-    )
-    .bind(results.iter().map(|(_, body)| *body).collect::<Vec<_>>())
-    .bind(created_at)
-    .fetch_all(conn)
-    .await
+    inserted_ids(bind(sqlx::query(INSERT_SQL), &results, created_at), conn).await
+}
+
+/// Runs a statement ending in [`INSERT_SQL`] and returns the job ids it inserted.
+pub async fn inserted_ids(
+    query: PgQuery<'_>,
+    conn: &mut PgConnection,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    query
+        .try_map(|row: PgRow| row.try_get::<Uuid, _>(0))
+        .fetch_all(conn)
+        .await
 }
 
 /// The latest stored result of a job, if it has one.

@@ -4,9 +4,12 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use switchyard::messages::{JobResult, JobStatus, ResultHead};
+use rust_decimal::Decimal;
+use switchyard::config::Prices;
+use switchyard::messages::{AttemptStatus, CostEvent, JobResult, JobStatus, ResultHead, Usage};
+use switchyard::store::attempts::AttemptRow;
+use switchyard::store::group::{self, Records};
 use switchyard::store::jobs::JobRow;
-use switchyard::store::{jobs, results};
 use uuid::Uuid;
 
 use crate::helpers::{FakeProvider, collect, fake_provider_config, job, spawn_app, spawn_app_with};
@@ -71,10 +74,10 @@ async fn the_same_job_in_flight_twice_still_gets_exactly_one_result_row() {
 }
 
 /// Two groups holding copies of the same jobs (two lanes, or two workers, given redelivered
-/// duplicates) commit at once with the jobs in opposite orders. The job and result rows are
-/// inserted in key order, so one waits for the other; in arrival order they would lock in
-/// opposite orders and Postgres would abort one as a deadlock, sending its whole group back to
-/// the queue to be paid for again.
+/// duplicates) commit at once with the jobs in opposite orders, through finalize's one
+/// statement. The job and result rows are written in key order, so one waits for the other; in
+/// arrival order they would lock in opposite orders and Postgres would abort one as a
+/// deadlock, sending its whole group back to the queue to be paid for again.
 #[tokio::test]
 async fn overlapping_groups_in_opposite_orders_commit_without_a_deadlock() {
     let app = spawn_app().await;
@@ -119,8 +122,13 @@ async fn overlapping_groups_in_opposite_orders_commit_without_a_deadlock() {
             }
             async move {
                 let mut tx = pool.begin().await?;
-                jobs::insert_many(&mut tx, &job_rows).await?;
-                results::insert_many(&mut tx, &result_rows, Utc::now()).await?;
+                let records = Records {
+                    jobs: &job_rows,
+                    attempts: &[],
+                    results: &result_rows,
+                    costs: &[],
+                };
+                group::insert(&mut tx, &records, Utc::now()).await?;
                 tx.commit().await
             }
         };
@@ -133,5 +141,228 @@ async fn overlapping_groups_in_opposite_orders_commit_without_a_deadlock() {
         .await
         .unwrap();
     assert_eq!(stored, 9000);
+    app.cleanup().await;
+}
+
+fn job_row(id: Uuid, status: JobStatus) -> JobRow {
+    let now = Utc::now();
+    JobRow {
+        id,
+        tenant: Some("acme".to_owned()),
+        batch: Some("b1".to_owned()),
+        route: Some("fake".to_owned()),
+        generation: 0,
+        status,
+        request: None,
+        request_sha256: Some("ab12".to_owned()),
+        raw_body: None,
+        received_at: now,
+        finished_at: now,
+    }
+}
+
+fn attempt_row(job_id: Uuid, n: i32, outcome: AttemptStatus) -> AttemptRow {
+    let now = Utc::now();
+    AttemptRow {
+        id: Uuid::now_v7(),
+        job_id,
+        generation: 0,
+        n,
+        provider: format!("provider-{n}"),
+        model: "m".to_owned(),
+        key_id: Some("k1".to_owned()),
+        started_at: now,
+        ended_at: now,
+        outcome,
+        error_class: (outcome == AttemptStatus::Failed).then(|| "rate_limited".to_owned()),
+        http_status: Some(if outcome == AttemptStatus::Failed {
+            429
+        } else {
+            200
+        }),
+        error: None,
+        latency_ms: 7,
+        usage: Some(Usage {
+            input_tokens: 11,
+            output_tokens: 5,
+            ..Usage::default()
+        }),
+    }
+}
+
+fn head(job_id: Uuid, status: JobStatus) -> ResultHead {
+    ResultHead {
+        job_id,
+        generation: 0,
+        tenant: Some("acme".to_owned()),
+        batch: Some("b1".to_owned()),
+        status,
+        error: None,
+    }
+}
+
+/// Commits one group's records as finalize does, with the same body for every result; returns
+/// the job ids whose result was inserted, sorted.
+async fn write_group(
+    pool: &sqlx::PgPool,
+    jobs: &[&JobRow],
+    attempts: &[&AttemptRow],
+    heads: &[ResultHead],
+    costs: &[(Uuid, &CostEvent)],
+) -> Vec<Uuid> {
+    let results: Vec<(&ResultHead, &str)> =
+        heads.iter().map(|h| (h, r#"{"text": "done"}"#)).collect();
+    let records = Records {
+        jobs,
+        attempts,
+        results: &results,
+        costs,
+    };
+    let mut tx = pool.begin().await.unwrap();
+    let mut inserted = group::insert(&mut tx, &records, Utc::now()).await.unwrap();
+    tx.commit().await.unwrap();
+    inserted.sort();
+    inserted
+}
+
+/// Finalize writes a group's jobs, attempts, results and ledger rows in one statement, each
+/// table's columns numbered after the last. Every table gets its rows with each value in its
+/// own column, and a job whose result is already stored is not reported as inserted.
+#[tokio::test]
+async fn a_group_writes_its_jobs_attempts_results_and_ledger_rows_in_one_statement() {
+    let app = spawn_app().await;
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    let jobs = [
+        job_row(a, JobStatus::Succeeded),
+        job_row(b, JobStatus::Failed),
+    ];
+    let attempts = [
+        attempt_row(a, 1, AttemptStatus::Failed),
+        attempt_row(a, 2, AttemptStatus::Succeeded),
+        attempt_row(b, 1, AttemptStatus::Failed),
+    ];
+    let heads = [head(a, JobStatus::Succeeded), head(b, JobStatus::Failed)];
+    let cost = CostEvent {
+        schema: "switchyard.cost_event.v1".to_owned(),
+        event_id: Uuid::now_v7(),
+        job_id: a,
+        tenant: "acme".to_owned(),
+        batch: Some("b1".to_owned()),
+        route: "fake".to_owned(),
+        provider: "provider-2".to_owned(),
+        model: "m".to_owned(),
+        key_id: Some("k1".to_owned()),
+        usage: Usage {
+            input_tokens: 11,
+            output_tokens: 5,
+            ..Usage::default()
+        },
+        prices: Prices {
+            input: Decimal::new(25, 1),
+            output: Decimal::new(10, 0),
+            ..Prices::default()
+        },
+        price_version: "base".to_owned(),
+        price_tier_above: Some(1_000_000),
+        amount_usd: Decimal::new(77_500, 9),
+        at: Utc::now(),
+    };
+    let inserted = write_group(
+        app.pool(),
+        &jobs.iter().collect::<Vec<_>>(),
+        &attempts.iter().collect::<Vec<_>>(),
+        &heads,
+        &[(attempts[1].id, &cost)],
+    )
+    .await;
+    assert_eq!(inserted, vec![a, b]);
+
+    let job: (String, Option<String>, Option<String>, Option<String>) =
+        sqlx::query_as("SELECT status, batch, route, request_sha256 FROM jobs WHERE id = $1")
+            .bind(b)
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        job,
+        (
+            "failed".to_owned(),
+            Some("b1".to_owned()),
+            Some("fake".to_owned()),
+            Some("ab12".to_owned())
+        )
+    );
+    let tried: Vec<(i32, String, Option<String>, Option<i32>, i64, Option<i64>)> = sqlx::query_as(
+        "SELECT n, provider, error_class, http_status, latency_ms, output_tokens FROM attempts
+         WHERE job_id = $1 ORDER BY n",
+    )
+    .bind(a)
+    .fetch_all(app.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        tried,
+        vec![
+            (
+                1,
+                "provider-1".to_owned(),
+                Some("rate_limited".to_owned()),
+                Some(429),
+                7,
+                Some(5)
+            ),
+            (2, "provider-2".to_owned(), None, Some(200), 7, Some(5)),
+        ]
+    );
+    let ledger: (Uuid, String, i64, Decimal, Decimal, Option<i64>, String) = sqlx::query_as(
+        "SELECT attempt_id, provider, input_tokens, price_input, amount_usd, price_tier_above,
+                price_version
+         FROM cost_ledger WHERE job_id = $1",
+    )
+    .bind(a)
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        ledger,
+        (
+            attempts[1].id,
+            "provider-2".to_owned(),
+            11,
+            Decimal::new(25, 1),
+            Decimal::new(77_500, 9),
+            Some(1_000_000),
+            "base".to_owned()
+        )
+    );
+    let stored: (String, serde_json::Value) =
+        sqlx::query_as("SELECT status, body FROM results WHERE job_id = $1")
+            .bind(a)
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        stored,
+        ("succeeded".to_owned(), serde_json::json!({"text": "done"}))
+    );
+
+    // The same jobs again (a redelivered group): their results are already stored.
+    let again = write_group(
+        app.pool(),
+        &jobs.iter().collect::<Vec<_>>(),
+        &[],
+        &heads,
+        &[],
+    )
+    .await;
+    assert!(again.is_empty(), "{again:?}");
+    let counts: (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM jobs), (SELECT count(*) FROM attempts),
+                (SELECT count(*) FROM results), (SELECT count(*) FROM cost_ledger)",
+    )
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
+    assert_eq!(counts, (2, 3, 2, 1));
     app.cleanup().await;
 }
