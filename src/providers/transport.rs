@@ -7,8 +7,10 @@
 //! (an `https` endpoint, where TLS may negotiate it, or one configured for h2c) gets a set of
 //! clients, each with its own connection, and each call leases a client carrying fewer than
 //! `max_streams_per_connection` calls; when all are full, a new client joins the set. Calls
-//! pack onto the first clients, so the connections in use follow the calls in flight. A client
-//! stays in the set once built (its idle connection closes after reqwest's 90 s idle timeout).
+//! pack onto the first clients, so the connections in use follow the calls in flight. When the
+//! calls fall back, the set shrinks with them: a last client without calls is dropped (closing
+//! its connection) once the one before it has none either, so one idle client stays ready for
+//! the next rise and a load hovering at a boundary does not build and drop a client per call.
 //!
 //! The clients of a set share one TLS setup ([`shared_tls`]): one certificate verifier holding
 //! the system's root certificates, read once when the provider is set up. Left to itself,
@@ -239,6 +241,16 @@ impl Drop for Lease {
         {
             let mut slots = spread.slots.lock().unwrap_or_else(PoisonError::into_inner);
             slots[index].in_flight -= 1;
+            // Only trailing slots without calls go, so no lease's index moves.
+            let mut spare = Vec::new();
+            while let [.., before, last] = slots.as_slice()
+                && before.in_flight == 0
+                && last.in_flight == 0
+            {
+                spare.extend(slots.pop());
+            }
+            drop(slots);
+            drop(spare);
         }
     }
 }
@@ -311,7 +323,30 @@ mod tests {
         let fourth = transport.lease();
         assert_eq!(in_flight(&transport), vec![2, 1]);
         drop((second, third, fourth));
-        assert_eq!(in_flight(&transport), vec![0, 0]);
+        assert_eq!(in_flight(&transport), vec![0]);
+    }
+
+    #[test]
+    fn the_set_shrinks_with_the_calls_and_keeps_one_idle_client_beyond_the_busy_ones() {
+        let transport = Transport::spread(2, false, &reqwest::Client::new());
+        let mut leases: Vec<Lease> = (0..7).map(|_| transport.lease()).collect();
+        assert_eq!(in_flight(&transport), vec![2, 2, 2, 1]);
+        // The last client's only call ends: it stays, as the idle one, while the one before
+        // it is busy.
+        drop(leases.pop());
+        assert_eq!(in_flight(&transport), vec![2, 2, 2, 0]);
+        // Calls on the first clients end: the trailing clients without calls go, down to one
+        // idle client after the busy ones.
+        leases.truncate(4);
+        assert_eq!(in_flight(&transport), vec![2, 2, 0]);
+        leases.truncate(1);
+        assert_eq!(in_flight(&transport), vec![1, 0]);
+        // A call at the boundary reuses the idle client instead of building one.
+        let more = [transport.lease(), transport.lease()];
+        assert_eq!(in_flight(&transport), vec![2, 1]);
+        drop(more);
+        drop(leases);
+        assert_eq!(in_flight(&transport), vec![0]);
     }
 
     #[test]
@@ -433,7 +468,8 @@ mod tests {
             "no connection carries more than 3 calls: {:?}",
             seen.most
         );
-        assert_eq!(in_flight(&transport), vec![0, 0, 0, 0]);
+        // With every call answered, the set is back to one client.
+        assert_eq!(in_flight(&transport), vec![0]);
     }
 
     /// Runs `tls_calls_share_one_setup_and_negotiate_http2` in a child process whose system
