@@ -8,9 +8,10 @@
 //! clients, each with its own connection, and each call leases a client carrying fewer than
 //! `max_streams_per_connection` calls; when all are full, a new client joins the set. Calls
 //! pack onto the first clients, so the connections in use follow the calls in flight. When the
-//! calls fall back, the set shrinks with them: a last client without calls is dropped (closing
-//! its connection) once the one before it has none either, so one idle client stays ready for
-//! the next rise and a load hovering at a boundary does not build and drop a client per call.
+//! calls fall back, the set shrinks with them: a last client that has carried no call for
+//! [`KEEP_IDLE`] (reqwest's own idle timeout, when its connection has closed anyway) leaves the
+//! set, so a burst does not keep its clients for the life of the worker, and a load going up and
+//! down does not build a client, and open a connection, on every rise.
 //!
 //! The clients of a set share one TLS setup ([`shared_tls`]): one certificate verifier holding
 //! the system's root certificates, read once when the provider is set up. Left to itself,
@@ -21,8 +22,13 @@
 //! one client.
 
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use crate::config::ProviderSettings;
+
+/// How long a client beyond the first may carry no call before it leaves its set: reqwest's
+/// pool closes an idle connection after 90 s, so by then the client holds none.
+pub const KEEP_IDLE: Duration = Duration::from_secs(90);
 
 /// Where a provider's calls get their HTTP client.
 #[derive(Debug, Clone)]
@@ -46,6 +52,8 @@ struct Spread {
     prior_knowledge: bool,
     /// The TLS setup every client of the set is built with; `None` leaves it to reqwest.
     tls: Option<Box<rustls::ClientConfig>>,
+    /// How long a last client may carry no call before it leaves the set ([`KEEP_IDLE`]).
+    keep_idle: Duration,
     slots: Mutex<Vec<Slot>>,
 }
 
@@ -53,6 +61,18 @@ struct Spread {
 struct Slot {
     client: reqwest::Client,
     in_flight: usize,
+    /// When its last call ended, while it carries none.
+    idle_since: Option<Instant>,
+}
+
+impl Slot {
+    fn new(client: reqwest::Client) -> Self {
+        Self {
+            client,
+            in_flight: 0,
+            idle_since: None,
+        }
+    }
 }
 
 /// A client for one call; the call's stream slot is given back when the lease is dropped, so
@@ -83,11 +103,21 @@ impl Transport {
 
     /// Clients that each carry at most `per_connection` calls.
     pub fn spread(per_connection: usize, prior_knowledge: bool, shared: &reqwest::Client) -> Self {
+        Self::spread_keeping_idle(per_connection, prior_knowledge, shared, KEEP_IDLE)
+    }
+
+    fn spread_keeping_idle(
+        per_connection: usize,
+        prior_knowledge: bool,
+        shared: &reqwest::Client,
+        keep_idle: Duration,
+    ) -> Self {
         let spread = Spread {
             shared: shared.clone(),
             per_connection: per_connection.max(1),
             prior_knowledge,
             tls: shared_tls(prior_knowledge).map(Box::new),
+            keep_idle,
             slots: Mutex::new(Vec::new()),
         };
         let first = spread.build().unwrap_or_else(|| shared.clone());
@@ -95,10 +125,7 @@ impl Transport {
             .slots
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push(Slot {
-                client: first,
-                in_flight: 0,
-            });
+            .push(Slot::new(first));
         Self {
             inner: Arc::new(Inner::Spread(spread)),
         }
@@ -129,10 +156,7 @@ impl Transport {
                 slots = spread.slots.lock().unwrap_or_else(PoisonError::into_inner);
                 match built {
                     Some(client) => {
-                        slots.push(Slot {
-                            client,
-                            in_flight: 0,
-                        });
+                        slots.push(Slot::new(client));
                         slots.len() - 1
                     }
                     // A client that cannot be built now leaves the call on the least busy one.
@@ -142,6 +166,7 @@ impl Transport {
         };
         let slot = &mut slots[index];
         slot.in_flight += 1;
+        slot.idle_since = None;
         Lease {
             client: slot.client.clone(),
             slot: Some((Arc::clone(&self.inner), index)),
@@ -239,18 +264,25 @@ impl Drop for Lease {
         if let Some((inner, index)) = self.slot.take()
             && let Inner::Spread(spread) = &*inner
         {
+            let now = Instant::now();
             let mut slots = spread.slots.lock().unwrap_or_else(PoisonError::into_inner);
-            slots[index].in_flight -= 1;
-            // Only trailing slots without calls go, so no lease's index moves.
-            let mut spare = Vec::new();
-            while let [.., before, last] = slots.as_slice()
-                && before.in_flight == 0
-                && last.in_flight == 0
+            let slot = &mut slots[index];
+            slot.in_flight -= 1;
+            if slot.in_flight == 0 {
+                slot.idle_since = Some(now);
+            }
+            // Only trailing clients go, so no lease's index moves; the first always stays.
+            let mut gone = Vec::new();
+            while slots.len() > 1
+                && slots
+                    .last()
+                    .and_then(|last| last.idle_since)
+                    .is_some_and(|since| now.saturating_duration_since(since) >= spread.keep_idle)
             {
-                spare.extend(slots.pop());
+                gone.extend(slots.pop());
             }
             drop(slots);
-            drop(spare);
+            drop(gone);
         }
     }
 }
@@ -323,30 +355,41 @@ mod tests {
         let fourth = transport.lease();
         assert_eq!(in_flight(&transport), vec![2, 1]);
         drop((second, third, fourth));
+        assert_eq!(in_flight(&transport), vec![0, 0]);
+    }
+
+    #[test]
+    fn clients_idle_for_the_keep_idle_time_leave_the_set_from_its_end() {
+        let keep_idle = Duration::from_millis(200);
+        let transport =
+            Transport::spread_keeping_idle(2, false, &reqwest::Client::new(), keep_idle);
+        let mut leases: Vec<Lease> = (0..7).map(|_| transport.lease()).collect();
+        assert_eq!(in_flight(&transport), vec![2, 2, 2, 1]);
+        // Calls end on the last two clients: both stay while they have been idle only briefly.
+        leases.truncate(4);
+        assert_eq!(in_flight(&transport), vec![2, 2, 0, 0]);
+        std::thread::sleep(keep_idle);
+        // The next call to end finds them idle for long enough: they go, from the end.
+        leases.truncate(3);
+        assert_eq!(in_flight(&transport), vec![2, 1]);
+        // A call packs onto the remaining clients; once they are idle long enough, the set
+        // shrinks again, down to its first client, which always stays.
+        let again = transport.lease();
+        assert_eq!(in_flight(&transport), vec![2, 2]);
+        drop(again);
+        leases.clear();
+        std::thread::sleep(keep_idle);
+        drop(transport.lease());
         assert_eq!(in_flight(&transport), vec![0]);
     }
 
     #[test]
-    fn the_set_shrinks_with_the_calls_and_keeps_one_idle_client_beyond_the_busy_ones() {
-        let transport = Transport::spread(2, false, &reqwest::Client::new());
-        let mut leases: Vec<Lease> = (0..7).map(|_| transport.lease()).collect();
-        assert_eq!(in_flight(&transport), vec![2, 2, 2, 1]);
-        // The last client's only call ends: it stays, as the idle one, while the one before
-        // it is busy.
-        drop(leases.pop());
-        assert_eq!(in_flight(&transport), vec![2, 2, 2, 0]);
-        // Calls on the first clients end: the trailing clients without calls go, down to one
-        // idle client after the busy ones.
-        leases.truncate(4);
-        assert_eq!(in_flight(&transport), vec![2, 2, 0]);
-        leases.truncate(1);
-        assert_eq!(in_flight(&transport), vec![1, 0]);
-        // A call at the boundary reuses the idle client instead of building one.
-        let more = [transport.lease(), transport.lease()];
-        assert_eq!(in_flight(&transport), vec![2, 1]);
-        drop(more);
+    fn a_set_keeps_its_idle_clients_until_reqwest_would_have_closed_their_connections() {
+        let transport = Transport::spread(1, false, &reqwest::Client::new());
+        let leases: Vec<Lease> = (0..3).map(|_| transport.lease()).collect();
         drop(leases);
-        assert_eq!(in_flight(&transport), vec![0]);
+        assert_eq!(in_flight(&transport), vec![0, 0, 0]);
+        assert_eq!(KEEP_IDLE, Duration::from_secs(90));
     }
 
     #[test]
@@ -468,8 +511,7 @@ mod tests {
             "no connection carries more than 3 calls: {:?}",
             seen.most
         );
-        // With every call answered, the set is back to one client.
-        assert_eq!(in_flight(&transport), vec![0]);
+        assert_eq!(in_flight(&transport), vec![0, 0, 0, 0]);
     }
 
     /// Runs `tls_calls_share_one_setup_and_negotiate_http2` in a child process whose system
@@ -645,6 +687,7 @@ mod tests {
                 per_connection: 1,
                 prior_knowledge: false,
                 tls: Some(Box::new(tls)),
+                keep_idle: KEEP_IDLE,
                 slots: Mutex::new(Vec::new()),
             })),
         };
