@@ -201,6 +201,9 @@ fn head(job_id: Uuid, status: JobStatus) -> ResultHead {
     }
 }
 
+/// An attempt row's n, provider, error class, HTTP status, latency and output tokens.
+type AttemptColumns = (i32, String, Option<String>, Option<i32>, i64, Option<i64>);
+
 /// Commits one group's records as finalize does, with the same body for every result; returns
 /// the job ids whose result was inserted, sorted.
 async fn write_group(
@@ -292,7 +295,7 @@ async fn a_group_writes_its_jobs_attempts_results_and_ledger_rows_in_one_stateme
             Some("ab12".to_owned())
         )
     );
-    let tried: Vec<(i32, String, Option<String>, Option<i32>, i64, Option<i64>)> = sqlx::query_as(
+    let tried: Vec<AttemptColumns> = sqlx::query_as(
         "SELECT n, provider, error_class, http_status, latency_ms, output_tokens FROM attempts
          WHERE job_id = $1 ORDER BY n",
     )
