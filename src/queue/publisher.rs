@@ -1,5 +1,5 @@
-//! Publishing with publisher confirms: every message of a batch is sent, then every confirm is
-//! awaited; a broker nack is an error, never a success. A publisher whose connection was lost
+//! Publishing with publisher confirms: every message of a batch is handed to lapin at once, in
+//! order, and every confirm is awaited; a broker nack is an error, never a success. A publisher whose connection was lost
 //! opens a new channel on the reconnected [`Broker`] by itself.
 
 use std::sync::{Arc, Mutex};
@@ -107,27 +107,31 @@ impl Publisher {
             return Err(BrokerError::Disconnected);
         }
         let channel = self.open_channel().await?;
-        let mut confirms = Vec::with_capacity(messages.len());
-        for message in messages {
-            let mut properties = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type("application/json".into())
-                .with_message_id(message.message_id.as_str().into())
-                .with_type(message.kind.as_str().into())
-                .with_timestamp(u64::try_from(chrono::Utc::now().timestamp()).unwrap_or(0));
-            if let Some(headers) = &message.headers {
-                properties = properties.with_headers(headers.clone());
-            }
-            let confirm = channel
-                .basic_publish(
-                    message.exchange.as_str().into(),
-                    message.routing_key.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &message.body,
-                    properties,
-                )
-                .await?;
-            confirms.push(async move {
+        // Every message is handed to lapin at once: each publish waits until lapin's I/O loop
+        // has written its frames, and awaiting them one after another would add a hand-off to
+        // that loop per message. The futures are first polled in order (`try_join_all` polls
+        // them in the order given), so the messages go out in order.
+        let published = messages.iter().map(|message| {
+            let channel = &channel;
+            async move {
+                let mut properties = BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type("application/json".into())
+                    .with_message_id(message.message_id.as_str().into())
+                    .with_type(message.kind.as_str().into())
+                    .with_timestamp(u64::try_from(chrono::Utc::now().timestamp()).unwrap_or(0));
+                if let Some(headers) = &message.headers {
+                    properties = properties.with_headers(headers.clone());
+                }
+                let confirm = channel
+                    .basic_publish(
+                        message.exchange.as_str().into(),
+                        message.routing_key.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &message.body,
+                        properties,
+                    )
+                    .await?;
                 match confirm.await? {
                     Confirmation::Nack(_) => Err(BrokerError::Nacked {
                         exchange: message.exchange.clone(),
@@ -135,9 +139,9 @@ impl Publisher {
                     }),
                     Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
                 }
-            });
-        }
-        try_join_all(confirms).await?;
+            }
+        });
+        try_join_all(published).await?;
         Ok(())
     }
 
