@@ -809,9 +809,6 @@ impl Finalizer {
                 created_at,
             })
             .collect();
-        outbox::insert_many(&mut tx, &rows, confirmed)
-            .await
-            .map_err(store_error)?;
         // A rejected message seen again (redelivered after its commit) adds no second audit.
         let audits: Vec<&AuditEvent> = fresh
             .iter()
@@ -819,7 +816,11 @@ impl Finalizer {
             .flat_map(|j| j.audits.iter())
             .chain(&alerts)
             .collect();
-        audit::insert_many(&mut tx, &audits)
+        let tenants = audit::tenants(&audits);
+        let heads = group::write_outbox_then_lock_heads(&mut tx, &rows, confirmed, &tenants)
+            .await
+            .map_err(store_error)?;
+        audit::append_locked(&mut tx, &audits, &tenants, heads)
             .await
             .map_err(store_error)?;
         tx.commit().await.map_err(store_error)?;

@@ -2,16 +2,22 @@
 //! per tenant (see `crate::audit`), and `audit_chain_heads`, each chain's last link.
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 use serde_json::Value;
-use sqlx::PgConnection;
+use sqlx::postgres::PgRow;
 use sqlx::types::Json;
+use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use crate::audit::{GENESIS, Link, row_hash, to_micros};
 use crate::messages::{AuditEvent, Provenance};
+use crate::store::PgQuery;
+
+/// The chain heads a transaction holds: each tenant's last `seq` and `hash`.
+pub type Heads = BTreeMap<String, (i64, String)>;
 
 /// Appends events, chaining each tenant's in the order given. Locks the chain heads of the
 /// events' tenants (in tenant order, so concurrent groups cannot deadlock) until the caller's
@@ -23,10 +29,64 @@ pub async fn insert_many(
     if events.is_empty() {
         return Ok(());
     }
+    let tenants = tenants(events);
+    let heads = lock_heads(conn, &tenants).await?;
+    append_locked(conn, events, &tenants, heads).await
+}
+
+/// The events' tenants, sorted, each once: the order their heads are locked in.
+pub fn tenants<'e>(events: &[&'e AuditEvent]) -> Vec<&'e str> {
     let mut tenants: Vec<&str> = events.iter().map(|e| e.tenant.as_str()).collect();
     tenants.sort_unstable();
     tenants.dedup();
-    let mut heads = lock_heads(conn, &tenants).await?;
+    tenants
+}
+
+/// The statement that locks the existing heads of the tenants in `$1` (sorted), in tenant
+/// order so that concurrent groups cannot deadlock, returning their links. `parts` are other
+/// data-modifying `WITH` parts written by the same statement, or empty; `done` is a condition
+/// that reads them, so they run before any head is locked (an uncorrelated subquery runs
+/// before the scan), and the heads, which every lane shares, are held no longer than before.
+pub fn lock_sql(parts: &str, done: &str) -> String {
+    let with = if parts.is_empty() {
+        String::new()
+    } else {
+        format!("WITH {parts}\n")
+    };
+    format!(
+        "{with}SELECT tenant, seq, hash FROM audit_chain_heads WHERE tenant = ANY($1) AND {done}
+         ORDER BY tenant FOR UPDATE"
+    )
+}
+
+/// Runs a [`lock_sql`] statement and returns the heads it locked.
+pub async fn fetch_heads(
+    query: PgQuery<'_>,
+    conn: &mut PgConnection,
+) -> Result<Heads, sqlx::Error> {
+    query
+        .try_map(|row: PgRow| {
+            Ok((
+                row.try_get::<String, _>(0)?,
+                (row.try_get::<i64, _>(1)?, row.try_get::<String, _>(2)?),
+            ))
+        })
+        .fetch_all(conn)
+        .await
+        .map(|rows| rows.into_iter().collect())
+}
+
+/// Appends events to their tenants' chains, whose `heads` (of `tenants`, from [`tenants`])
+/// this transaction has locked; a tenant without a head yet gets its first.
+pub async fn append_locked(
+    conn: &mut PgConnection,
+    events: &[&AuditEvent],
+    tenants: &[&str],
+    mut heads: Heads,
+) -> Result<(), sqlx::Error> {
+    if events.is_empty() {
+        return Ok(());
+    }
     if heads.len() < tenants.len() {
         // First events of a tenant (rare): create its head, then lock every head again.
         sqlx::query(
@@ -34,11 +94,11 @@ pub async fn insert_many(
              SELECT tenant, 0, $2 FROM UNNEST($1::text[]) AS t(tenant) ORDER BY tenant
              ON CONFLICT (tenant) DO NOTHING",
         )
-        .bind(&tenants)
+        .bind(tenants)
         .bind(GENESIS)
         .execute(&mut *conn)
         .await?;
-        heads = lock_heads(conn, &tenants).await?;
+        heads = lock_heads(conn, tenants).await?;
     }
 
     let n = events.len();
@@ -103,23 +163,10 @@ pub async fn insert_many(
     Ok(())
 }
 
-/// Locks the existing heads of `tenants` (sorted), in tenant order so that concurrent groups
-/// cannot deadlock, and returns their current links.
-async fn lock_heads(
-    conn: &mut PgConnection,
-    tenants: &[&str],
-) -> Result<BTreeMap<String, (i64, String)>, sqlx::Error> {
-    let rows: Vec<(String, i64, String)> = sqlx::query_as(
-        "SELECT tenant, seq, hash FROM audit_chain_heads WHERE tenant = ANY($1)
-         ORDER BY tenant FOR UPDATE",
-    )
-    .bind(tenants)
-    .fetch_all(conn)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(tenant, seq, hash)| (tenant, (seq, hash)))
-        .collect())
+/// Locks the existing heads of `tenants` (sorted) and returns their current links.
+async fn lock_heads(conn: &mut PgConnection, tenants: &[&str]) -> Result<Heads, sqlx::Error> {
+    static SQL: LazyLock<String> = LazyLock::new(|| lock_sql("", "true"));
+    fetch_heads(sqlx::query(SQL.as_str()).bind(tenants), conn).await
 }
 
 /// One chained row as stored.

@@ -1,7 +1,8 @@
-//! A finalize group's records — jobs, attempts, results and ledger rows — written by one
-//! statement: one round trip instead of four. Each table's insert is its own module's, its
-//! arguments numbered after the ones before it; data-modifying `WITH` parts all run, whether
-//! or not the final insert reads them.
+//! A finalize group's writes in fewer statements. [`insert`] writes its jobs, attempts, results
+//! and ledger rows (one round trip instead of four); [`write_outbox_then_lock_heads`] writes
+//! its outbox rows and then locks its tenants' audit chain heads (one instead of two). Each
+//! table's SQL is its own module's, its arguments numbered after the ones before it;
+//! data-modifying `WITH` parts all run, whether or not the statement's final part reads them.
 
 use std::sync::LazyLock;
 
@@ -10,7 +11,8 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::messages::{CostEvent, ResultHead};
-use crate::store::{attempts, cost_ledger, jobs, results};
+use crate::store::outbox::OutboxRow;
+use crate::store::{attempts, audit, cost_ledger, jobs, outbox, results};
 
 use attempts::AttemptRow;
 use jobs::JobRow;
@@ -54,4 +56,22 @@ pub async fn insert(
     let query = attempts::bind(query, records.attempts);
     let query = cost_ledger::bind(query, records.costs);
     results::inserted_ids(query, conn).await
+}
+
+/// The outbox's parts, then the lock of the chain heads once they have run.
+static LOCK_SQL: LazyLock<String> =
+    LazyLock::new(|| audit::lock_sql(&outbox::parts_sql(2), outbox::PARTS_DONE));
+
+/// Inserts the group's outbox rows (deleting `published`, rows of earlier groups the broker has
+/// confirmed), then locks the audit chain heads of `tenants` (see [`audit::tenants`]), in one
+/// statement; returns the heads for [`audit::append_locked`]. The heads, which every lane
+/// shares, are locked only after the outbox rows are written.
+pub async fn write_outbox_then_lock_heads(
+    conn: &mut PgConnection,
+    rows: &[OutboxRow],
+    published: &[Uuid],
+    tenants: &[&str],
+) -> Result<audit::Heads, sqlx::Error> {
+    let query = sqlx::query(LOCK_SQL.as_str()).bind(tenants);
+    audit::fetch_heads(outbox::bind(query, rows, published), conn).await
 }

@@ -3,6 +3,7 @@
 //! publish are claimed by the relay with `FOR UPDATE SKIP LOCKED` and republished.
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -11,6 +12,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use crate::queue::publisher::Outgoing;
+use crate::store::PgQuery;
 
 /// One message waiting to be published.
 #[derive(Debug, Clone)]
@@ -53,6 +55,75 @@ fn headers_from_json(map: BTreeMap<String, String>) -> Option<FieldTable> {
     Some(table)
 }
 
+const TYPES: [&str; 8] = [
+    "uuid",
+    "text",
+    "text",
+    "text",
+    "text",
+    "jsonb",
+    "bytea",
+    "timestamptz",
+];
+
+/// Two data-modifying `WITH` parts: `published` deletes the rows an earlier group's broker
+/// confirmed, `outbox_written` inserts the new rows; their arguments are numbered from
+/// `$first` (as [`bind`] adds them). [`PARTS_DONE`] is true once both have run.
+pub fn parts_sql(first: usize) -> String {
+    format!(
+        "published AS (DELETE FROM outbox WHERE id = ANY(${}) RETURNING 1),
+         outbox_written AS (
+             INSERT INTO outbox (id, message_id, exchange, routing_key, kind, headers, body, created_at)
+             SELECT * FROM UNNEST({})
+             RETURNING 1)",
+        first + TYPES.len(),
+        crate::store::unnest_arguments(first, &TYPES)
+    )
+}
+
+/// A condition that reads both of [`parts_sql`]'s parts (so a statement runs them before what
+/// the condition guards), and is always true.
+pub const PARTS_DONE: &str =
+    "(SELECT count(*) FROM published) + (SELECT count(*) FROM outbox_written) >= 0";
+
+/// Adds the rows' columns, one array each, then the `published` ids, in [`parts_sql`]'s order.
+pub fn bind<'q>(query: PgQuery<'q>, rows: &[OutboxRow], published: &[Uuid]) -> PgQuery<'q> {
+    query
+        .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.message.message_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| r.message.exchange.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| r.message.routing_key.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| r.message.kind.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| Json(headers_to_json(r.message.headers.as_ref())))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| r.message.body.as_slice())
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
+        .bind(published.to_vec())
+}
+
 /// Inserts the rows, and deletes the rows `published` (an earlier group's, confirmed since),
 /// in one statement.
 pub async fn insert_many(
@@ -60,29 +131,13 @@ pub async fn insert_many(
     rows: &[OutboxRow],
     published: &[Uuid],
 ) -> Result<(), sqlx::Error> {
+    static SQL: LazyLock<String> = LazyLock::new(|| format!("WITH {} SELECT 1", parts_sql(1)));
     if rows.is_empty() {
         return delete_many(conn, published).await;
     }
-    sqlx::query(
-        "WITH published AS (DELETE FROM outbox WHERE id = ANY($9))
-         INSERT INTO outbox (id, message_id, exchange, routing_key, kind, headers, body, created_at)
-         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::bytea[], $8::timestamptz[])",
-    )
-    .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.message.message_id.as_str()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.message.exchange.as_str()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.message.routing_key.as_str()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.message.kind.as_str()).collect::<Vec<_>>())
-    .bind(
-        rows.iter()
-            .map(|r| Json(headers_to_json(r.message.headers.as_ref())))
-            .collect::<Vec<_>>(),
-    )
-    .bind(rows.iter().map(|r| r.message.body.as_slice()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
-    .bind(published)
-    .execute(conn)
-    .await?;
+    bind(sqlx::query(SQL.as_str()), rows, published)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 

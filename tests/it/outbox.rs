@@ -151,3 +151,86 @@ async fn relays_claim_only_stale_rows_and_never_the_same_row_twice() {
     second.rollback().await.unwrap();
     app.cleanup().await;
 }
+
+/// A finalize group writes its outbox rows (deleting rows the broker confirmed for an earlier
+/// group) and then locks its tenants' audit chain heads, in one statement: the rows are
+/// written, the confirmed one is gone, the heads come back with their links, and another
+/// transaction cannot take a head until this one ends.
+#[tokio::test]
+async fn a_group_writes_its_outbox_rows_and_then_locks_its_chain_heads_in_one_statement() {
+    use chrono::Utc;
+    use switchyard::queue::publisher::Outgoing;
+    use switchyard::store::group;
+    use switchyard::store::outbox::{self, OutboxRow};
+
+    let app = crate::helpers::spawn_app().await;
+    let row = || OutboxRow {
+        id: uuid::Uuid::now_v7(),
+        message: Outgoing {
+            exchange: app.names.results_exchange(),
+            routing_key: "acme._.succeeded".to_owned(),
+            body: b"{}".to_vec(),
+            message_id: uuid::Uuid::now_v7().to_string(),
+            kind: "switchyard.result.v1".to_owned(),
+            headers: None,
+        },
+        created_at: Utc::now(),
+    };
+    let confirmed = row();
+    let mut conn = app.pool().acquire().await.unwrap();
+    outbox::insert_many(&mut conn, std::slice::from_ref(&confirmed), &[])
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO audit_chain_heads (tenant, seq, hash) VALUES ('acme', 7, 'h7'), ('beta', 2, 'h2')",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    drop(conn);
+
+    let rows = [row(), row()];
+    let mut tx = app.pool().begin().await.unwrap();
+    let heads = group::write_outbox_then_lock_heads(
+        &mut tx,
+        &rows,
+        &[confirmed.id],
+        &["acme", "beta", "new"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        heads.into_iter().collect::<Vec<_>>(),
+        vec![
+            ("acme".to_owned(), (7, "h7".to_owned())),
+            ("beta".to_owned(), (2, "h2".to_owned()))
+        ],
+        "the existing heads, each with its link; a tenant without one has none yet"
+    );
+    let mut ids: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM outbox")
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+    ids.sort();
+    assert_eq!(
+        ids,
+        vec![rows[0].id, rows[1].id],
+        "written, and the confirmed row deleted"
+    );
+
+    let mut other = app.pool().begin().await.unwrap();
+    let taken =
+        sqlx::query("SELECT 1 FROM audit_chain_heads WHERE tenant = 'beta' FOR UPDATE NOWAIT")
+            .execute(&mut *other)
+            .await;
+    assert!(taken.is_err(), "the head is locked until the group commits");
+    other.rollback().await.unwrap();
+    tx.commit().await.unwrap();
+    let mut other = app.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM audit_chain_heads WHERE tenant = 'beta' FOR UPDATE NOWAIT")
+        .execute(&mut *other)
+        .await
+        .expect("free once the group committed");
+    other.rollback().await.unwrap();
+    app.cleanup().await;
+}
