@@ -5,9 +5,10 @@
 //! Each tenant's events are numbered `seq` = 1, 2, 3, … and each row stores `prev_hash` (the
 //! `hash` of the tenant's previous row, [`GENESIS`] for the first) and `hash` = SHA-256 over
 //! the canonical serialisation of the row (every column but `hash`). `audit_chain_heads` holds
-//! each chain's last `seq` and `hash`: `store::audit::insert_many` locks the heads of a
-//! group's tenants once per finalize transaction, so chaining costs three statements per
-//! group, not a lock per event. Editing a row breaks its own hash; deleting one leaves a gap
+//! each chain's last `seq` and `hash`: a finalize transaction locks the heads of its group's
+//! tenants once (`store::group::write_outbox_then_lock_heads`, or `store::audit::insert_many`
+//! for other writers) and appends with `store::audit::append_locked`, so chaining costs two
+//! statements per group (one of them shared with the outbox), not a lock per event. Editing a row breaks its own hash; deleting one leaves a gap
 //! in `seq` and a `prev_hash` that matches nothing; deleting the last rows leaves the head
 //! pointing past the end.
 
