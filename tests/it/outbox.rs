@@ -98,16 +98,14 @@ async fn a_worker_dying_between_commit_and_publish_has_its_messages_relayed_exac
     app.cleanup().await;
 }
 
-#[tokio::test]
-async fn relays_claim_only_stale_rows_and_never_the_same_row_twice() {
-    use chrono::Utc;
-    use switchyard::queue::publisher::Outgoing;
-    use switchyard::store::outbox::{self, OutboxRow};
-
-    let app = crate::helpers::spawn_app().await;
-    let row = |age_secs: i64| OutboxRow {
+/// An outbox row holding a result message, created at `created_at`.
+fn result_row(
+    app: &crate::helpers::TestApp,
+    created_at: chrono::DateTime<chrono::Utc>,
+) -> switchyard::store::outbox::OutboxRow {
+    switchyard::store::outbox::OutboxRow {
         id: uuid::Uuid::now_v7(),
-        message: Outgoing {
+        message: switchyard::queue::publisher::Outgoing {
             exchange: app.names.results_exchange(),
             routing_key: "acme._.succeeded".to_owned(),
             body: b"{}".to_vec(),
@@ -115,8 +113,17 @@ async fn relays_claim_only_stale_rows_and_never_the_same_row_twice() {
             kind: "switchyard.result.v1".to_owned(),
             headers: None,
         },
-        created_at: Utc::now() - chrono::Duration::seconds(age_secs),
-    };
+        created_at,
+    }
+}
+
+#[tokio::test]
+async fn relays_claim_only_stale_rows_and_never_the_same_row_twice() {
+    use chrono::Utc;
+    use switchyard::store::outbox::{self, OutboxRow};
+
+    let app = crate::helpers::spawn_app().await;
+    let row = |age_secs: i64| result_row(&app, Utc::now() - chrono::Duration::seconds(age_secs));
     let stale: Vec<OutboxRow> = (0..10).map(|_| row(60)).collect();
     let fresh = row(0);
     let published = row(60);
@@ -159,23 +166,11 @@ async fn relays_claim_only_stale_rows_and_never_the_same_row_twice() {
 #[tokio::test]
 async fn a_group_writes_its_outbox_rows_and_then_locks_its_chain_heads_in_one_statement() {
     use chrono::Utc;
-    use switchyard::queue::publisher::Outgoing;
     use switchyard::store::group;
-    use switchyard::store::outbox::{self, OutboxRow};
+    use switchyard::store::outbox;
 
     let app = crate::helpers::spawn_app().await;
-    let row = || OutboxRow {
-        id: uuid::Uuid::now_v7(),
-        message: Outgoing {
-            exchange: app.names.results_exchange(),
-            routing_key: "acme._.succeeded".to_owned(),
-            body: b"{}".to_vec(),
-            message_id: uuid::Uuid::now_v7().to_string(),
-            kind: "switchyard.result.v1".to_owned(),
-            headers: None,
-        },
-        created_at: Utc::now(),
-    };
+    let row = || result_row(&app, Utc::now());
     let confirmed = row();
     let mut conn = app.pool().acquire().await.unwrap();
     outbox::insert_many(&mut conn, std::slice::from_ref(&confirmed), &[])
