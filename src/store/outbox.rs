@@ -121,7 +121,7 @@ pub fn bind<'q>(query: PgQuery<'q>, rows: &[OutboxRow], published: &[Uuid]) -> P
                 .collect::<Vec<_>>(),
         )
         .bind(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
-        .bind(published.to_vec())
+        .bind(published)
 }
 
 /// Inserts the rows, and deletes the rows `published` (an earlier group's, confirmed since),
