@@ -1,7 +1,7 @@
 //! Batched duplicate check. Before calling a provider, every job asks whether its id already
 //! has a committed result (a redelivered or republished job is answered from Postgres). One
 //! query per job costs a pool checkout and a round trip each; instead one lookup task per
-//! worker answers every question waiting with ONE `job_id = ANY($1)` query.
+//! worker answers every question waiting with ONE query (`results::LATEST_MANY_SQL`).
 
 use std::collections::HashMap;
 use std::sync::Arc;

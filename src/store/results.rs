@@ -126,7 +126,19 @@ pub async fn find_latest(
     Ok(row.map(|Json(result)| result))
 }
 
-/// The latest stored results of several jobs.
+/// The query of [`find_latest_many`]: for each id in `$1` that has a result, its latest one,
+/// in the order given.
+///
+/// One index probe per id, whatever the table's statistics say. The plainer
+/// `job_id = ANY($1) … DISTINCT ON (job_id)` was planned as a sequential scan and sort of the
+/// whole table for a few hundred ids (their estimated share is large while the table is young
+/// or unanalyzed, and it stayed a scan after an `ANALYZE` at 60,000 rows): 6–10 ms per lookup
+/// instead of about 1 ms, growing with the table.
+pub const LATEST_MANY_SQL: &str = "SELECT latest.body FROM UNNEST($1::uuid[]) AS wanted(job_id)
+     CROSS JOIN LATERAL (SELECT body FROM results WHERE results.job_id = wanted.job_id
+                         ORDER BY generation DESC LIMIT 1) AS latest";
+
+/// The latest stored results of several jobs (see [`LATEST_MANY_SQL`]).
 pub async fn find_latest_many(
     conn: &mut PgConnection,
     job_ids: &[Uuid],
@@ -134,12 +146,9 @@ pub async fn find_latest_many(
     if job_ids.is_empty() {
         return Ok(Vec::new());
     }
-    let rows: Vec<Json<JobResult>> = sqlx::query_scalar(
-        "SELECT DISTINCT ON (job_id) body FROM results WHERE job_id = ANY($1)
-         ORDER BY job_id, generation DESC",
-    )
-    .bind(job_ids)
-    .fetch_all(conn)
-    .await?;
+    let rows: Vec<Json<JobResult>> = sqlx::query_scalar(LATEST_MANY_SQL)
+        .bind(job_ids)
+        .fetch_all(conn)
+        .await?;
     Ok(rows.into_iter().map(|Json(result)| result).collect())
 }

@@ -5,11 +5,15 @@ use std::time::Duration;
 
 use chrono::Utc;
 use rust_decimal::Decimal;
+use sqlx::AssertSqlSafe;
 use switchyard::config::Prices;
-use switchyard::messages::{AttemptStatus, CostEvent, JobResult, JobStatus, ResultHead, Usage};
+use switchyard::messages::{
+    AttemptStatus, CostEvent, CostSummary, JobResult, JobStatus, ResultHead, Timings, Usage,
+};
 use switchyard::store::attempts::AttemptRow;
 use switchyard::store::group::{self, Records};
 use switchyard::store::jobs::JobRow;
+use switchyard::store::results;
 use uuid::Uuid;
 
 use crate::helpers::{FakeProvider, collect, fake_provider_config, job, spawn_app, spawn_app_with};
@@ -367,5 +371,92 @@ async fn a_group_writes_its_jobs_attempts_results_and_ledger_rows_in_one_stateme
     .await
     .unwrap();
     assert_eq!(counts, (2, 3, 2, 1));
+    app.cleanup().await;
+}
+
+/// A stored result for the lookup test, `generation` given.
+fn stored_result(job_id: Uuid, generation: i32) -> JobResult {
+    let now = Utc::now();
+    JobResult {
+        schema: "switchyard.result.v1".to_owned(),
+        job_id,
+        generation,
+        tenant: Some("acme".to_owned()),
+        batch: Some("b1".to_owned()),
+        route: Some("fake".to_owned()),
+        status: JobStatus::Succeeded,
+        response: None,
+        provider: None,
+        model: None,
+        attempts: Vec::new(),
+        error: None,
+        cost: CostSummary::default(),
+        timings: Timings {
+            received_at: now,
+            finished_at: now,
+            total_ms: 0,
+            provider_ms: 0,
+        },
+        metadata: None,
+        retention: None,
+    }
+}
+
+/// The duplicate check asks for hundreds of job ids at once. It gets each one's latest result
+/// (missing ids left out), and its plan probes the primary key per id even on a young,
+/// unanalyzed table, where `job_id = ANY($1)` over 300 ids was planned as a scan of them all.
+#[tokio::test]
+async fn the_latest_results_of_many_jobs_are_found_by_one_index_probe_each() {
+    let app = spawn_app().await;
+    let stored: Vec<JobResult> = (0..5_000)
+        .map(|_| stored_result(Uuid::now_v7(), 0))
+        .chain((0..100).map(|_| stored_result(Uuid::now_v7(), 0)))
+        .collect();
+    // The last 100 jobs were replayed: generation 1 is their latest result.
+    let replayed: Vec<JobResult> = stored[5_000..]
+        .iter()
+        .map(|r| stored_result(r.job_id, 1))
+        .collect();
+    let rows: Vec<(ResultHead, String)> = stored
+        .iter()
+        .chain(&replayed)
+        .map(|r| (r.head(), serde_json::to_string(r).unwrap()))
+        .collect();
+    let rows: Vec<(&ResultHead, &str)> = rows.iter().map(|(h, b)| (h, b.as_str())).collect();
+    let mut conn = app.pool().acquire().await.unwrap();
+    switchyard::store::results::insert_many(&mut conn, &rows, Utc::now())
+        .await
+        .unwrap();
+
+    // 100 never-replayed jobs, the 100 replayed ones and 100 unknown ids.
+    let asked: Vec<Uuid> = stored[..100]
+        .iter()
+        .chain(&stored[5_000..])
+        .map(|r| r.job_id)
+        .chain((0..100).map(|_| Uuid::now_v7()))
+        .collect();
+    let found = results::find_latest_many(&mut conn, &asked).await.unwrap();
+    let found: Vec<(Uuid, i32)> = found.iter().map(|r| (r.job_id, r.generation)).collect();
+    let expected: Vec<(Uuid, i32)> = stored[..100]
+        .iter()
+        .map(|r| (r.job_id, 0))
+        .chain(replayed.iter().map(|r| (r.job_id, 1)))
+        .collect();
+    assert_eq!(found, expected);
+
+    let plan: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "EXPLAIN {}",
+        results::LATEST_MANY_SQL
+    )))
+    .bind(&asked)
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("Index Scan Backward using results_pkey") && !plan.contains("Seq Scan"),
+        "{plan}"
+    );
+    drop(conn);
     app.cleanup().await;
 }
