@@ -229,3 +229,33 @@ async fn a_group_writes_its_outbox_rows_and_then_locks_its_chain_heads_in_one_st
     other.rollback().await.unwrap();
     app.cleanup().await;
 }
+
+/// An outbox row is deleted once the broker confirms it, so its body is not compressed: a
+/// group's event array of tens of KB is stored as it is (compressing it cost Postgres more
+/// CPU than any other part of a group's write).
+#[tokio::test]
+async fn outbox_bodies_are_stored_uncompressed() {
+    let app = crate::helpers::spawn_app().await;
+    let mut row = result_row(&app, chrono::Utc::now());
+    let events: Vec<String> = (0..400)
+        .map(|n| format!(r#"{{"kind":"job_succeeded","tenant":"acme","n":{n}}}"#))
+        .collect();
+    row.message.body = format!("[{}]", events.join(",")).into_bytes();
+    row.message.kind = "switchyard.audit_event.v1[]".to_owned();
+    let mut conn = app.pool().acquire().await.unwrap();
+    switchyard::store::outbox::insert_many(&mut conn, std::slice::from_ref(&row), &[])
+        .await
+        .unwrap();
+    let (length, compression): (i32, Option<String>) = sqlx::query_as(
+        "SELECT octet_length(body), pg_column_compression(body)::text FROM outbox WHERE id = $1",
+    )
+    .bind(row.id)
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(length as usize, row.message.body.len());
+    assert!(length > 16_000, "{length}");
+    assert_eq!(compression, None);
+    drop(conn);
+    app.cleanup().await;
+}
