@@ -575,12 +575,7 @@ async fn cancel(settings: Settings, id: &str, tenant: &str) -> anyhow::Result<Ex
                 format!("batch {id} was cancelled before this request started"),
             )),
             cost: CostSummary::default(),
-            timings: Timings {
-                received_at: now,
-                finished_at: now,
-                total_ms: 0,
-                provider_ms: 0,
-            },
+            timings: Timings::instant(now),
             metadata: Some(json!({ "custom_id": job.item_key })),
             retention: None,
         })

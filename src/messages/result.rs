@@ -232,3 +232,15 @@ pub struct Timings {
     /// Time spent waiting on providers, summed over attempts.
     pub provider_ms: u64,
 }
+
+impl Timings {
+    /// A result settled the moment it was received, without any work (a cancelled request).
+    pub fn instant(at: DateTime<Utc>) -> Self {
+        Self {
+            received_at: at,
+            finished_at: at,
+            total_ms: 0,
+            provider_ms: 0,
+        }
+    }
+}

@@ -376,7 +376,6 @@ async fn a_group_writes_its_jobs_attempts_results_and_ledger_rows_in_one_stateme
 
 /// A stored result for the lookup test, `generation` given.
 fn stored_result(job_id: Uuid, generation: i32) -> JobResult {
-    let now = Utc::now();
     JobResult {
         schema: "switchyard.result.v1".to_owned(),
         job_id,
@@ -391,12 +390,7 @@ fn stored_result(job_id: Uuid, generation: i32) -> JobResult {
         attempts: Vec::new(),
         error: None,
         cost: CostSummary::default(),
-        timings: Timings {
-            received_at: now,
-            finished_at: now,
-            total_ms: 0,
-            provider_ms: 0,
-        },
+        timings: Timings::instant(Utc::now()),
         metadata: None,
         retention: None,
     }
