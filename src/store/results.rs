@@ -126,8 +126,8 @@ pub async fn find_latest(
     Ok(row.map(|Json(result)| result))
 }
 
-/// The query of [`find_latest_many`]: for each id in `$1` that has a result, its latest one,
-/// in the order given.
+/// The query of [`find_latest_many`]: for each id in `$1` that has a result, its latest one
+/// (in no particular order).
 ///
 /// One index probe per id, whatever the table's statistics say. The plainer
 /// `job_id = ANY($1) … DISTINCT ON (job_id)` was planned as a sequential scan and sort of the

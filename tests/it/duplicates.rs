@@ -1,6 +1,7 @@
 //! A job id whose result is already committed is answered from Postgres: the stored result is
 //! published again and the provider is not called a second time.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -430,8 +431,9 @@ async fn the_latest_results_of_many_jobs_are_found_by_one_index_probe_each() {
         .chain((0..100).map(|_| Uuid::now_v7()))
         .collect();
     let found = results::find_latest_many(&mut conn, &asked).await.unwrap();
-    let found: Vec<(Uuid, i32)> = found.iter().map(|r| (r.job_id, r.generation)).collect();
-    let expected: Vec<(Uuid, i32)> = stored[..100]
+    assert_eq!(found.len(), 200, "one result per known id");
+    let found: BTreeSet<(Uuid, i32)> = found.iter().map(|r| (r.job_id, r.generation)).collect();
+    let expected: BTreeSet<(Uuid, i32)> = stored[..100]
         .iter()
         .map(|r| (r.job_id, 0))
         .chain(replayed.iter().map(|r| (r.job_id, 1)))
