@@ -156,6 +156,8 @@ struct Figures {
     secs: f64,
     jobs_per_sec: f64,
     cpu_ms_per_job: f64,
+    /// CPU of the whole Postgres server per job over the same span, when it runs here.
+    postgres_ms_per_job: Option<f64>,
     peak_rss_mb: f64,
     /// Added latency (ms) of the paced phase, with its rate.
     latency: Option<(f64, f64, f64)>,
@@ -285,6 +287,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         stall: plan.stall,
         warm_up: plan.warm_up,
         clk_tck: clock_ticks(),
+        postmaster: postmaster_pid(&args.database_server).await,
     };
     let machine = machine();
     eprintln!("switchyard-bench: {}", machine.one_line());
@@ -428,6 +431,8 @@ struct Env {
     stall: Duration,
     warm_up: usize,
     clk_tck: f64,
+    /// The Postgres server's main process, when it runs on this machine.
+    postmaster: Option<u32>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1033,17 +1038,67 @@ impl CpuTime {
     }
 }
 
-/// User + system CPU ticks of a process (`/proc/<pid>/stat` fields 14 and 15).
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+/// The fields of `/proc/<pid>/stat` after the command name: index 0 is field 3 (the state).
+fn stat_fields(pid: u32) -> anyhow::Result<Vec<u64>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let after = stat
         .rsplit_once(')')
         .map(|(_, rest)| rest)
         .context("odd /proc stat")?;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let utime: u64 = fields.get(11).context("no utime")?.parse()?;
-    let stime: u64 = fields.get(12).context("no stime")?.parse()?;
-    Ok(utime + stime)
+    // The state is a letter; every field after it is a number.
+    Ok(after
+        .split_whitespace()
+        .skip(1)
+        .map(|field| field.parse().unwrap_or(0))
+        .collect())
+}
+
+/// User + system CPU ticks of a process (`/proc/<pid>/stat` fields 14 and 15).
+fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let fields = stat_fields(pid)?;
+    Ok(fields.get(10).context("no utime")? + fields.get(11).context("no stime")?)
+}
+
+/// The Postgres server's main process when it runs on this machine: the parent of the backend
+/// that serves a new connection, if that parent is a `postgres` process. `None` when Postgres
+/// runs elsewhere (its CPU is then not reported).
+async fn postmaster_pid(database_server: &str) -> Option<u32> {
+    let mut conn = PgConnection::connect(&format!("{database_server}/postgres"))
+        .await
+        .ok()?;
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut conn)
+        .await
+        .ok()?;
+    let parent = u32::try_from(*stat_fields(u32::try_from(backend).ok()?).ok()?.first()?).ok()?;
+    let _ = conn.close().await;
+    let name = std::fs::read_to_string(format!("/proc/{parent}/comm")).ok()?;
+    (name.trim() == "postgres").then_some(parent)
+}
+
+/// CPU ticks of the whole Postgres server: its main process's own and those of the children it
+/// has reaped (`/proc/<pid>/stat` fields 14–17), plus every live child's (backends, WAL writer,
+/// checkpointer, autovacuum). A backend that ends between two readings is counted whole in
+/// the second, so the difference is the server's CPU in between.
+fn postgres_ticks(postmaster: u32) -> anyhow::Result<u64> {
+    let own = stat_fields(postmaster)?;
+    let mut ticks: u64 = own.get(10..14).context("no CPU fields")?.iter().sum();
+    for entry in std::fs::read_dir("/proc")? {
+        let Some(pid) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A process that ends between the listing and the read is left to the reaped counts.
+        if let Ok(fields) = stat_fields(pid)
+            && fields.first() == Some(&u64::from(postmaster))
+        {
+            ticks += fields.get(10).copied().unwrap_or(0) + fields.get(11).copied().unwrap_or(0);
+        }
+    }
+    Ok(ticks)
 }
 
 /// Peak resident set (`VmHWM`) in MiB.
@@ -1207,6 +1262,7 @@ async fn pipeline_in(
     signal(pid, "STOP")?;
     let published = publish_jobs(&publisher, names, scenario.jobs).await;
     let before = cpu_time(pid);
+    let postgres_before = env.postmaster.and_then(|pm| postgres_ticks(pm).ok());
     signal(pid, "CONT")?;
     published?;
     let before = before?;
@@ -1232,6 +1288,7 @@ async fn pipeline_in(
     };
     let last = wait_results(&collected, warm_up + scenario.jobs, env.stall, &mut alive).await?;
     let after = cpu_time(pid)?;
+    let postgres_after = env.postmaster.and_then(|pm| postgres_ticks(pm).ok());
     if let Some(mut perf) = perf {
         signal(perf.child.id(), "INT")?;
         let _ = perf.child.wait();
@@ -1243,6 +1300,9 @@ async fn pipeline_in(
         secs,
         jobs_per_sec: scenario.jobs as f64 / secs,
         cpu_ms_per_job: after.since(&before, env.clk_tck) * 1000.0 / scenario.jobs as f64,
+        postgres_ms_per_job: postgres_before
+            .zip(postgres_after)
+            .map(|(b, a)| a.saturating_sub(b) as f64 / env.clk_tck * 1000.0 / scenario.jobs as f64),
         ..Figures::default()
     };
 
@@ -1294,11 +1354,15 @@ async fn pipeline_in(
     tasks.abort_all();
     let _ = connection.close(200, "done".into()).await;
     eprintln!(
-        "   {} jobs in {:.2} s = {:.0} jobs/s; {:.3} ms CPU/job; peak RSS {:.0} MiB{}; {:?}",
+        "   {} jobs in {:.2} s = {:.0} jobs/s; {:.3} ms CPU/job{}; peak RSS {:.0} MiB{}; {:?}",
         figures.jobs,
         figures.secs,
         figures.jobs_per_sec,
         figures.cpu_ms_per_job,
+        figures
+            .postgres_ms_per_job
+            .map(|ms| format!(" (Postgres {ms:.3})"))
+            .unwrap_or_default(),
         figures.peak_rss_mb,
         figures
             .latency
@@ -1467,6 +1531,15 @@ impl Report {
                 "≤ 0.25",
                 Some(h.cpu_ms_per_job <= 0.25),
             ));
+            if let Some(ms) = h.postgres_ms_per_job {
+                rows.push(row(
+                    "Postgres CPU ms/job, healthy (every Postgres process on the machine)"
+                        .to_owned(),
+                    format!("{ms:.3}"),
+                    "",
+                    None,
+                ));
+            }
             if let Some((rate, p50, p99)) = h.latency {
                 rows.push(row(
                     format!("added latency p50 at {rate:.0} jobs/s (half of max), ms"),
@@ -1753,4 +1826,20 @@ fn append_results(
         plan.scaling,
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_start_after_the_state_with_the_parent_pid() {
+        let fields = stat_fields(std::process::id()).unwrap();
+        assert_eq!(fields[0], u64::from(std::os::unix::process::parent_id()));
+        // utime + stime of this very process: it has run, so at least the fields exist.
+        assert_eq!(
+            cpu_ticks(std::process::id()).unwrap(),
+            fields[10] + fields[11]
+        );
+    }
 }

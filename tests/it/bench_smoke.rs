@@ -44,5 +44,12 @@ async fn the_benchmark_smoke_run_completes_and_every_job_gets_a_result() {
         "{stdout}"
     );
     assert!(stdout.contains("pipeline ÷ raw relay"), "{stdout}");
+    // Postgres runs on this machine, so its CPU per job is reported beside the worker's.
+    assert!(
+        stdout.contains(
+            "| Postgres CPU ms/job, healthy (every Postgres process on the machine) | 0."
+        ),
+        "{stdout}"
+    );
     assert!(stdout.contains("every job got a result: yes"), "{stdout}");
 }
