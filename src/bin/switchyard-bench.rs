@@ -1038,7 +1038,8 @@ impl CpuTime {
     }
 }
 
-/// The fields of `/proc/<pid>/stat` after the command name: index 0 is field 3 (the state).
+/// The numeric fields of `/proc/<pid>/stat` after the command name and the state: index 0 is
+/// field 4 (the parent's pid), index 10 field 14 (utime).
 fn stat_fields(pid: u32) -> anyhow::Result<Vec<u64>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let after = stat
