@@ -3,7 +3,6 @@
 //! publish are claimed by the relay with `FOR UPDATE SKIP LOCKED` and republished.
 
 use std::collections::BTreeMap;
-use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -122,23 +121,6 @@ pub fn bind<'q>(query: PgQuery<'q>, rows: &[OutboxRow], published: &[Uuid]) -> P
         )
         .bind(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
         .bind(published)
-}
-
-/// Inserts the rows, and deletes the rows `published` (an earlier group's, confirmed since),
-/// in one statement.
-pub async fn insert_many(
-    conn: &mut PgConnection,
-    rows: &[OutboxRow],
-    published: &[Uuid],
-) -> Result<(), sqlx::Error> {
-    static SQL: LazyLock<String> = LazyLock::new(|| format!("WITH {} SELECT 1", parts_sql(1)));
-    if rows.is_empty() {
-        return delete_many(conn, published).await;
-    }
-    bind(sqlx::query(SQL.as_str()), rows, published)
-        .execute(conn)
-        .await?;
-    Ok(())
 }
 
 /// Deletes published rows in one statement.

@@ -117,6 +117,18 @@ fn result_row(
     }
 }
 
+/// Writes outbox rows (and deletes `published`) with the statement finalize uses, locking no
+/// chain head.
+async fn write_outbox(
+    conn: &mut sqlx::PgConnection,
+    rows: &[switchyard::store::outbox::OutboxRow],
+    published: &[uuid::Uuid],
+) {
+    switchyard::store::group::write_outbox_then_lock_heads(conn, rows, published, &[])
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn relays_claim_only_stale_rows_and_never_the_same_row_twice() {
     use chrono::Utc;
@@ -128,14 +140,10 @@ async fn relays_claim_only_stale_rows_and_never_the_same_row_twice() {
     let fresh = row(0);
     let published = row(60);
     let mut conn = app.pool().acquire().await.unwrap();
-    outbox::insert_many(&mut conn, &stale, &[]).await.unwrap();
-    outbox::insert_many(&mut conn, std::slice::from_ref(&published), &[])
-        .await
-        .unwrap();
+    write_outbox(&mut conn, &stale, &[]).await;
+    write_outbox(&mut conn, std::slice::from_ref(&published), &[]).await;
     // A group's insert also deletes the rows confirmed since the last one.
-    outbox::insert_many(&mut conn, std::slice::from_ref(&fresh), &[published.id])
-        .await
-        .unwrap();
+    write_outbox(&mut conn, std::slice::from_ref(&fresh), &[published.id]).await;
     drop(conn);
 
     let cutoff = Utc::now() - chrono::Duration::seconds(5);
@@ -167,15 +175,12 @@ async fn relays_claim_only_stale_rows_and_never_the_same_row_twice() {
 async fn a_group_writes_its_outbox_rows_and_then_locks_its_chain_heads_in_one_statement() {
     use chrono::Utc;
     use switchyard::store::group;
-    use switchyard::store::outbox;
 
     let app = crate::helpers::spawn_app().await;
     let row = || result_row(&app, Utc::now());
     let confirmed = row();
     let mut conn = app.pool().acquire().await.unwrap();
-    outbox::insert_many(&mut conn, std::slice::from_ref(&confirmed), &[])
-        .await
-        .unwrap();
+    write_outbox(&mut conn, std::slice::from_ref(&confirmed), &[]).await;
     sqlx::query(
         "INSERT INTO audit_chain_heads (tenant, seq, hash) VALUES ('acme', 7, 'h7'), ('beta', 2, 'h2')",
     )
@@ -243,9 +248,7 @@ async fn outbox_bodies_are_compressed_with_lz4_or_not_at_all() {
     row.message.body = format!("[{}]", events.join(",")).into_bytes();
     row.message.kind = "switchyard.audit_event.v1[]".to_owned();
     let mut conn = app.pool().acquire().await.unwrap();
-    switchyard::store::outbox::insert_many(&mut conn, std::slice::from_ref(&row), &[])
-        .await
-        .unwrap();
+    write_outbox(&mut conn, std::slice::from_ref(&row), &[]).await;
     let (length, compression): (i32, Option<String>) = sqlx::query_as(
         "SELECT octet_length(body), pg_column_compression(body)::text FROM outbox WHERE id = $1",
     )
