@@ -389,7 +389,11 @@ async fn session(
         };
         match finished.context("the finalizer panicked")? {
             Ok(stats) => finalized.add(&stats),
-            Err(error) if matches!(end, SessionEnd::BrokerLost) || broker_lost(ctx, &channel) => {
+            Err(error)
+                if matches!(end, SessionEnd::BrokerLost)
+                    || broker_lost(ctx, &channel)
+                    || error.is_connection_loss() =>
+            {
                 tracing::warn!(error.message = %error, "Finalize could not finish on the lost connection; its jobs will be redelivered.");
                 if matches!(end, SessionEnd::Exit(_)) {
                     return Ok(SessionEnd::BrokerLost);

@@ -493,6 +493,23 @@ pub enum FinalizeError {
     Ack(#[source] lapin::Error),
 }
 
+impl FinalizeError {
+    /// Whether the error is the broker connection going away: an I/O error on it, or a
+    /// connection no longer open. A publish can fail with the I/O error a moment before lapin
+    /// marks the connection lost, so the session asks the error as well as the connection.
+    pub fn is_connection_loss(&self) -> bool {
+        let lost = |error: &lapin::Error| {
+            error.is_io_error()
+                || matches!(error.kind(), lapin::ErrorKind::InvalidConnectionState(_))
+        };
+        match self {
+            Self::Publish(BrokerError::Disconnected) => true,
+            Self::Publish(BrokerError::Amqp(error)) | Self::Ack(error) => lost(error),
+            Self::Publish(_) | Self::Store { .. } => false,
+        }
+    }
+}
+
 /// Counts of what a finalizer did, for logs and `--exit-when-idle` reporting.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct FinalizeStats {
@@ -1070,6 +1087,26 @@ mod tests {
     use sha2::{Digest, Sha256};
 
     use super::*;
+
+    #[test]
+    fn io_errors_and_closed_connections_are_connection_losses_and_nothing_else_is() {
+        let reset = || {
+            lapin::Error::from(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "Connection reset by peer",
+            ))
+        };
+        assert!(FinalizeError::Publish(BrokerError::Amqp(reset())).is_connection_loss());
+        assert!(FinalizeError::Ack(reset()).is_connection_loss());
+        assert!(FinalizeError::Publish(BrokerError::Disconnected).is_connection_loss());
+        let nacked = BrokerError::Nacked {
+            exchange: "x".to_owned(),
+            routing_key: "k".to_owned(),
+        };
+        assert!(!FinalizeError::Publish(nacked).is_connection_loss());
+        let protocol = lapin::Error::from(lapin::ErrorKind::FutureCompleted);
+        assert!(!FinalizeError::Ack(protocol).is_connection_loss());
+    }
 
     /// A sealed job's JSON text (which waits for its group, thousands at a time) has no spare
     /// capacity, and is exactly what serializing the result gives.
