@@ -314,8 +314,9 @@ async fn submit(settings: Settings, args: BatchSubmitArgs) -> anyhow::Result<Exi
             format!("cannot publish batch {batch}; `batch status {batch}` shows what was submitted")
         })?;
         let ids: Vec<Uuid> = chunk.iter().map(|job| job.id).collect();
-        batches::mark_published(&mut conn, &args.tenant, &batch, &ids).await?;
+        batches::mark_published(&mut conn, &ids).await?;
     }
+    batches::mark_started(&mut conn, &args.tenant, &batch).await?;
     broker.close(200, "submitted").await.ok();
     let mut out = std::io::stdout().lock();
     writeln!(out, "{batch}")?;

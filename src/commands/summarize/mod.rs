@@ -545,7 +545,8 @@ impl Runner<'_> {
                     .await
                     .context("cannot publish the batch")?;
                 let ids: Vec<Uuid> = to_publish.iter().map(|j| j.id).collect();
-                batches::mark_published(self.conn, &self.plan.tenant, self.batch, &ids).await?;
+                batches::mark_published(self.conn, &ids).await?;
+                batches::mark_started(self.conn, &self.plan.tenant, self.batch).await?;
             }
             for (document, piece, result) in ready {
                 steps.extend(self.on_result(document, piece, &result));
