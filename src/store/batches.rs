@@ -209,14 +209,33 @@ impl From<ItemResultRow> for ItemResult {
     }
 }
 
-/// Items of a batch with their jobs' latest results; `$3` filters on item keys.
-const ITEMS_WITH_RESULTS: &str = "SELECT i.item_key, i.line, i.job_id, i.error, i.published, r.body
-     FROM batch_items i
-     LEFT JOIN LATERAL (SELECT body FROM results
-                        WHERE job_id = i.job_id AND tenant = i.tenant
-                        ORDER BY generation DESC LIMIT 1) r ON true
-     WHERE i.tenant = $1 AND i.batch = $2 AND ($3::text[] IS NULL OR i.item_key = ANY($3))
-     ORDER BY i.line, i.item_key";
+/// Items of a batch (`$items`, a `FROM` item named `i`) with their jobs' latest results.
+/// The latest result is found by the `results` primary key alone and then checked for the
+/// tenant: with the tenant inside the probe, a young `results` table's plan could look
+/// through all of the tenant's results for every item.
+macro_rules! items_with_results_sql {
+    ($items:literal) => {
+        concat!(
+            "SELECT i.item_key, i.line, i.job_id, i.error, i.published, r.body
+             FROM ",
+            $items,
+            "
+             LEFT JOIN LATERAL (SELECT body, tenant FROM results WHERE job_id = i.job_id
+                                ORDER BY generation DESC LIMIT 1) r ON r.tenant = i.tenant
+             ORDER BY i.line, i.item_key"
+        )
+    };
+}
+
+/// [`items_by_key`]'s statement: one probe of the primary key per key in `$3`. Summarize asks
+/// for up to 500 keys a round. The plain `item_key = ANY($3)` was planned as a scan of the
+/// batch's whole primary-key prefix (the planner expects a young or unseen batch to hold one
+/// row), testing each item against the list: 235 ms a round at 30,000 items, against 3 ms.
+pub const ITEMS_BY_KEY_SQL: &str = items_with_results_sql!(
+    "UNNEST($3::text[]) AS k(key)
+     CROSS JOIN LATERAL (SELECT * FROM batch_items
+                         WHERE tenant = $1 AND batch = $2 AND item_key = k.key LIMIT 1) i"
+);
 
 /// Every item of the batch (in line order) with its job's latest result.
 pub async fn items_with_results(
@@ -224,12 +243,13 @@ pub async fn items_with_results(
     tenant: &str,
     batch: &str,
 ) -> Result<Vec<ItemResult>, sqlx::Error> {
-    let rows: Vec<ItemResultRow> = sqlx::query_as(ITEMS_WITH_RESULTS)
-        .bind(tenant)
-        .bind(batch)
-        .bind(None::<Vec<String>>)
-        .fetch_all(conn)
-        .await?;
+    let rows: Vec<ItemResultRow> = sqlx::query_as(items_with_results_sql!(
+        "(SELECT * FROM batch_items WHERE tenant = $1 AND batch = $2) i"
+    ))
+    .bind(tenant)
+    .bind(batch)
+    .fetch_all(conn)
+    .await?;
     Ok(rows.into_iter().map(ItemResult::from).collect())
 }
 
@@ -264,9 +284,9 @@ pub async fn progress(
         "SELECT CASE WHEN i.job_id IS NULL THEN 'invalid' ELSE r.status END, count(*),
                 max(r.created_at)
          FROM batch_items i
-         LEFT JOIN LATERAL (SELECT status, created_at FROM results
-                            WHERE job_id = i.job_id AND tenant = i.tenant
-                            ORDER BY generation DESC LIMIT 1) r ON true
+         LEFT JOIN LATERAL (SELECT status, created_at, tenant FROM results
+                            WHERE job_id = i.job_id
+                            ORDER BY generation DESC LIMIT 1) r ON r.tenant = i.tenant
          WHERE i.tenant = $1 AND i.batch = $2
          GROUP BY 1",
     )
@@ -344,7 +364,7 @@ pub async fn items_by_key(
     batch: &str,
     keys: &[String],
 ) -> Result<std::collections::HashMap<String, ItemResult>, sqlx::Error> {
-    let rows: Vec<ItemResultRow> = sqlx::query_as(ITEMS_WITH_RESULTS)
+    let rows: Vec<ItemResultRow> = sqlx::query_as(ITEMS_BY_KEY_SQL)
         .bind(tenant)
         .bind(batch)
         .bind(keys)

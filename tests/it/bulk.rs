@@ -861,3 +861,85 @@ async fn marking_a_chunk_published_probes_the_job_id_index_and_not_the_whole_bat
     drop(conn);
     app.cleanup().await;
 }
+
+/// Summarize asks for up to 500 of its batch's items by key in every round. Each key is one
+/// probe of the primary key, and each item's latest result one probe of the results' primary
+/// key, also in the generic plan Postgres switches a prepared statement to after its fifth
+/// run: there, `item_key = ANY($3)` was a filter over the whole batch, every round.
+#[tokio::test]
+async fn summarize_rounds_find_their_items_by_one_probe_per_key() {
+    use switchyard::store::batches::{self, BatchKind, ItemRow};
+    let app = crate::helpers::spawn_app().await;
+    let mut conn = app.pool().acquire().await.unwrap();
+    batches::create_or_get(&mut conn, "acme", "sum", BatchKind::Summarize, "fake", None)
+        .await
+        .unwrap();
+    let items: Vec<ItemRow> = (0..5_000)
+        .map(|n| ItemRow {
+            item_key: format!("doc-{n}@hash/L0"),
+            line: n + 1,
+            job_id: Some(uuid::Uuid::now_v7()),
+            error: None,
+            published: true,
+        })
+        .collect();
+    batches::insert_items(&mut conn, "acme", "sum", &items)
+        .await
+        .unwrap();
+    // Items 0..100 succeeded once; items 100..200 were replayed (generation 1 is the latest);
+    // items 200..300 have no result yet.
+    let job = |n: usize| items[n].job_id.unwrap();
+    let results: Vec<_> = (0..200)
+        .map(|n| crate::helpers::stored_result(job(n), 0))
+        .chain((100..200).map(|n| crate::helpers::stored_result(job(n), 1)))
+        .collect();
+    crate::helpers::store_results(&mut conn, results.iter()).await;
+
+    let mut keys: Vec<String> = items[..300].iter().map(|i| i.item_key.clone()).collect();
+    keys.push("doc-unknown@hash/L0".to_owned());
+    let found = batches::items_by_key(&mut conn, "acme", "sum", &keys)
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 300, "every known key, once");
+    for (n, item) in items[..300].iter().enumerate() {
+        let got = &found[&item.item_key];
+        assert_eq!(got.item.job_id, item.job_id);
+        let generation = got.result.as_ref().map(|r| r.generation);
+        let expected = match n {
+            0..100 => Some(0),
+            100..200 => Some(1),
+            _ => None,
+        };
+        assert_eq!(generation, expected, "item {n}");
+    }
+
+    let array = keys
+        .iter()
+        .map(|k| format!("'{k}'"))
+        .collect::<Vec<_>>()
+        .join(",");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET plan_cache_mode = force_generic_plan;
+         PREPARE by_key(text, text, text[]) AS {}",
+        batches::ITEMS_BY_KEY_SQL
+    )))
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "EXPLAIN EXECUTE by_key('acme', 'sum', ARRAY[{array}])"
+    )))
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("(item_key = k.key)")
+            && plan.contains("Index Scan Backward using results_pkey")
+            && !plan.contains("Filter: (item_key")
+            && !plan.contains("Seq Scan"),
+        "{plan}"
+    );
+    drop(conn);
+    app.cleanup().await;
+}

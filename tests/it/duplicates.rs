@@ -8,16 +8,17 @@ use chrono::Utc;
 use rust_decimal::Decimal;
 use sqlx::AssertSqlSafe;
 use switchyard::config::Prices;
-use switchyard::messages::{
-    AttemptStatus, CostEvent, CostSummary, JobResult, JobStatus, ResultHead, Timings, Usage,
-};
+use switchyard::messages::{AttemptStatus, CostEvent, JobResult, JobStatus, ResultHead, Usage};
 use switchyard::store::attempts::AttemptRow;
 use switchyard::store::group::{self, Records};
 use switchyard::store::jobs::JobRow;
 use switchyard::store::results;
 use uuid::Uuid;
 
-use crate::helpers::{FakeProvider, collect, fake_provider_config, job, spawn_app, spawn_app_with};
+use crate::helpers::{
+    FakeProvider, collect, fake_provider_config, job, spawn_app, spawn_app_with, store_results,
+    stored_result,
+};
 
 #[tokio::test]
 async fn a_job_published_twice_is_answered_from_the_store_without_a_second_provider_call() {
@@ -375,28 +376,6 @@ async fn a_group_writes_its_jobs_attempts_results_and_ledger_rows_in_one_stateme
     app.cleanup().await;
 }
 
-/// A stored result for the lookup test, `generation` given.
-fn stored_result(job_id: Uuid, generation: i32) -> JobResult {
-    JobResult {
-        schema: "switchyard.result.v1".to_owned(),
-        job_id,
-        generation,
-        tenant: Some("acme".to_owned()),
-        batch: Some("b1".to_owned()),
-        route: Some("fake".to_owned()),
-        status: JobStatus::Succeeded,
-        response: None,
-        provider: None,
-        model: None,
-        attempts: Vec::new(),
-        error: None,
-        cost: CostSummary::default(),
-        timings: Timings::instant(Utc::now()),
-        metadata: None,
-        retention: None,
-    }
-}
-
 /// The duplicate check asks for hundreds of job ids at once. It gets each one's latest result
 /// (missing ids left out), and its plan probes the primary key per id even on a young,
 /// unanalyzed table, where `job_id = ANY($1)` over 300 ids was planned as a scan of them all.
@@ -412,16 +391,8 @@ async fn the_latest_results_of_many_jobs_are_found_by_one_index_probe_each() {
         .iter()
         .map(|r| stored_result(r.job_id, 1))
         .collect();
-    let rows: Vec<(ResultHead, String)> = stored
-        .iter()
-        .chain(&replayed)
-        .map(|r| (r.head(), serde_json::to_string(r).unwrap()))
-        .collect();
-    let rows: Vec<(&ResultHead, &str)> = rows.iter().map(|(h, b)| (h, b.as_str())).collect();
     let mut conn = app.pool().acquire().await.unwrap();
-    switchyard::store::results::insert_many(&mut conn, &rows, Utc::now())
-        .await
-        .unwrap();
+    store_results(&mut conn, stored.iter().chain(&replayed)).await;
 
     // 100 never-replayed jobs, the 100 replayed ones and 100 unknown ids.
     let asked: Vec<Uuid> = stored[..100]

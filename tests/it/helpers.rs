@@ -13,7 +13,9 @@ use serde_json::Value;
 use sqlx::{Connection, PgConnection, PgPool};
 use switchyard::app::Context;
 use switchyard::config::Settings;
-use switchyard::messages::{ChatMessage, ChatRequest, Job};
+use switchyard::messages::{
+    ChatMessage, ChatRequest, CostSummary, Job, JobResult, JobStatus, ResultHead, Timings,
+};
 use switchyard::queue::publisher::{Outgoing, Publisher};
 use switchyard::queue::topology::{JOBS_ROUTING_KEY, Names};
 use switchyard::worker::{self, WorkerOptions, WorkerReport};
@@ -400,4 +402,37 @@ pub async fn wait_all(children: Vec<Child>) {
             .expect("worker exits");
         assert!(status.success(), "worker exited with {status}");
     }
+}
+
+/// A succeeded result of tenant `acme` to store, `generation` given.
+pub fn stored_result(job_id: Uuid, generation: i32) -> JobResult {
+    JobResult {
+        schema: "switchyard.result.v1".to_owned(),
+        job_id,
+        generation,
+        tenant: Some("acme".to_owned()),
+        batch: Some("b1".to_owned()),
+        route: Some("fake".to_owned()),
+        status: JobStatus::Succeeded,
+        response: None,
+        provider: None,
+        model: None,
+        attempts: Vec::new(),
+        error: None,
+        cost: CostSummary::default(),
+        timings: Timings::instant(chrono::Utc::now()),
+        metadata: None,
+        retention: None,
+    }
+}
+
+/// Stores results as finalize does (`results::insert_many`).
+pub async fn store_results(conn: &mut PgConnection, results: impl Iterator<Item = &JobResult>) {
+    let rows: Vec<(ResultHead, String)> = results
+        .map(|r| (r.head(), serde_json::to_string(r).unwrap()))
+        .collect();
+    let rows: Vec<(&ResultHead, &str)> = rows.iter().map(|(h, b)| (h, b.as_str())).collect();
+    switchyard::store::results::insert_many(conn, &rows, chrono::Utc::now())
+        .await
+        .unwrap();
 }
