@@ -1,6 +1,6 @@
 //! The `batches` and `batch_items` tables: named batches (OpenAI Batch files, resumable
 //! summarize runs) and their items, each mapped to the job that serves it. Every query is
-//! scoped by tenant.
+//! scoped by tenant, except [`mark_published`], which names items by their (unique) job ids.
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
