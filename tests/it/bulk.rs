@@ -778,6 +778,34 @@ async fn summarize_reads_html_and_jsonl_and_writes_markdown() {
     app.cleanup().await;
 }
 
+/// Creates batch `batch` of tenant `acme` with `count` items, keyed `item-<n>`, each with a
+/// job id; returns them.
+async fn batch_of(
+    conn: &mut sqlx::PgConnection,
+    kind: switchyard::store::batches::BatchKind,
+    batch: &str,
+    count: i32,
+    published: bool,
+) -> Vec<switchyard::store::batches::ItemRow> {
+    use switchyard::store::batches::{self, ItemRow};
+    batches::create_or_get(conn, "acme", batch, kind, "fake", None)
+        .await
+        .unwrap();
+    let items: Vec<ItemRow> = (0..count)
+        .map(|n| ItemRow {
+            item_key: format!("item-{n}"),
+            line: n + 1,
+            job_id: Some(uuid::Uuid::now_v7()),
+            error: None,
+            published,
+        })
+        .collect();
+    batches::insert_items(conn, "acme", batch, &items)
+        .await
+        .unwrap();
+    items
+}
+
 /// Submitting a batch marks its items published one chunk at a time. Each chunk's update
 /// probes the `job_id` index per id, so its cost does not grow with the batch: the earlier
 /// form (`tenant = $1 AND batch = $2 AND job_id = ANY($3)`) was planned as a scan of the
@@ -785,24 +813,10 @@ async fn summarize_reads_html_and_jsonl_and_writes_markdown() {
 /// The batch leaves `validating` only when its submitter says so, and keeps the first time.
 #[tokio::test]
 async fn marking_a_chunk_published_probes_the_job_id_index_and_not_the_whole_batch() {
-    use switchyard::store::batches::{self, BatchKind, ItemRow};
+    use switchyard::store::batches::{self, BatchKind};
     let app = crate::helpers::spawn_app().await;
     let mut conn = app.pool().acquire().await.unwrap();
-    batches::create_or_get(&mut conn, "acme", "big", BatchKind::OpenAi, "fake", None)
-        .await
-        .unwrap();
-    let items: Vec<ItemRow> = (0..20_000)
-        .map(|n| ItemRow {
-            item_key: format!("req-{n}"),
-            line: n + 1,
-            job_id: Some(uuid::Uuid::now_v7()),
-            error: None,
-            published: false,
-        })
-        .collect();
-    batches::insert_items(&mut conn, "acme", "big", &items)
-        .await
-        .unwrap();
+    let items = batch_of(&mut conn, BatchKind::OpenAi, "big", 20_000, false).await;
 
     let chunk: Vec<uuid::Uuid> = items[1_000..1_256]
         .iter()
@@ -824,15 +838,7 @@ async fn marking_a_chunk_published_probes_the_job_id_index_and_not_the_whole_bat
         "exactly the chunk's items are published"
     );
 
-    let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "EXPLAIN {}",
-        batches::MARK_PUBLISHED_SQL
-    )))
-    .bind(&chunk)
-    .fetch_all(&mut *conn)
-    .await
-    .unwrap();
-    let plan = plan.join("\n");
+    let plan = crate::helpers::plan_for_ids(&mut conn, batches::MARK_PUBLISHED_SQL, &chunk).await;
     assert!(
         plan.contains("batch_items_job_id_key")
             && !plan.contains("batch_items_pkey")
@@ -868,24 +874,10 @@ async fn marking_a_chunk_published_probes_the_job_id_index_and_not_the_whole_bat
 /// run: there, `item_key = ANY($3)` was a filter over the whole batch, every round.
 #[tokio::test]
 async fn summarize_rounds_find_their_items_by_one_probe_per_key() {
-    use switchyard::store::batches::{self, BatchKind, ItemRow};
+    use switchyard::store::batches::{self, BatchKind};
     let app = crate::helpers::spawn_app().await;
     let mut conn = app.pool().acquire().await.unwrap();
-    batches::create_or_get(&mut conn, "acme", "sum", BatchKind::Summarize, "fake", None)
-        .await
-        .unwrap();
-    let items: Vec<ItemRow> = (0..5_000)
-        .map(|n| ItemRow {
-            item_key: format!("doc-{n}@hash/L0"),
-            line: n + 1,
-            job_id: Some(uuid::Uuid::now_v7()),
-            error: None,
-            published: true,
-        })
-        .collect();
-    batches::insert_items(&mut conn, "acme", "sum", &items)
-        .await
-        .unwrap();
+    let items = batch_of(&mut conn, BatchKind::Summarize, "sum", 5_000, true).await;
     // Items 0..100 succeeded once; items 100..200 were replayed (generation 1 is the latest);
     // items 200..300 have no result yet.
     let job = |n: usize| items[n].job_id.unwrap();
@@ -896,7 +888,7 @@ async fn summarize_rounds_find_their_items_by_one_probe_per_key() {
     crate::helpers::store_results(&mut conn, results.iter()).await;
 
     let mut keys: Vec<String> = items[..300].iter().map(|i| i.item_key.clone()).collect();
-    keys.push("doc-unknown@hash/L0".to_owned());
+    keys.push("item-unknown".to_owned());
     let found = batches::items_by_key(&mut conn, "acme", "sum", &keys)
         .await
         .unwrap();

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use chrono::Utc;
 use rust_decimal::Decimal;
-use sqlx::AssertSqlSafe;
 use switchyard::config::Prices;
 use switchyard::messages::{AttemptStatus, CostEvent, JobResult, JobStatus, ResultHead, Usage};
 use switchyard::store::attempts::AttemptRow;
@@ -16,8 +15,8 @@ use switchyard::store::results;
 use uuid::Uuid;
 
 use crate::helpers::{
-    FakeProvider, collect, fake_provider_config, job, spawn_app, spawn_app_with, store_results,
-    stored_result,
+    FakeProvider, collect, fake_provider_config, job, plan_for_ids, spawn_app, spawn_app_with,
+    store_results, stored_result,
 };
 
 #[tokio::test]
@@ -411,15 +410,7 @@ async fn the_latest_results_of_many_jobs_are_found_by_one_index_probe_each() {
         .collect();
     assert_eq!(found, expected);
 
-    let plan: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
-        "EXPLAIN {}",
-        results::LATEST_MANY_SQL
-    )))
-    .bind(&asked)
-    .fetch_all(&mut *conn)
-    .await
-    .unwrap();
-    let plan = plan.join("\n");
+    let plan = plan_for_ids(&mut conn, results::LATEST_MANY_SQL, &asked).await;
     assert!(
         plan.contains("Index Scan Backward using results_pkey") && !plan.contains("Seq Scan"),
         "{plan}"

@@ -436,3 +436,14 @@ pub async fn store_results(conn: &mut PgConnection, results: impl Iterator<Item 
         .await
         .unwrap();
 }
+
+/// The plan Postgres makes for `sql` with `ids` as its one argument (`EXPLAIN`, the values
+/// known to the planner as in a prepared statement's first runs), one line per node.
+pub async fn plan_for_ids(conn: &mut PgConnection, sql: &str, ids: &[Uuid]) -> String {
+    let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN {sql}")))
+        .bind(ids)
+        .fetch_all(conn)
+        .await
+        .unwrap();
+    plan.join("\n")
+}
