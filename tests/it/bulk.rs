@@ -910,21 +910,13 @@ async fn summarize_rounds_find_their_items_by_one_probe_per_key() {
         .map(|k| format!("'{k}'"))
         .collect::<Vec<_>>()
         .join(",");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "SET plan_cache_mode = force_generic_plan;
-         PREPARE by_key(text, text, text[]) AS {}",
-        batches::ITEMS_BY_KEY_SQL
-    )))
-    .execute(&mut *conn)
-    .await
-    .unwrap();
-    let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "EXPLAIN EXECUTE by_key('acme', 'sum', ARRAY[{array}])"
-    )))
-    .fetch_all(&mut *conn)
-    .await
-    .unwrap();
-    let plan = plan.join("\n");
+    let plan = crate::helpers::generic_plan(
+        &mut conn,
+        batches::ITEMS_BY_KEY_SQL,
+        "text, text, text[]",
+        &format!("'acme', 'sum', ARRAY[{array}]"),
+    )
+    .await;
     assert!(
         plan.contains("(item_key = k.key)")
             && plan.contains("Index Scan Backward using results_pkey")

@@ -447,3 +447,27 @@ pub async fn plan_for_ids(conn: &mut PgConnection, sql: &str, ids: &[Uuid]) -> S
         .unwrap();
     plan.join("\n")
 }
+
+/// The generic plan of `sql` (the one Postgres may keep for a prepared statement from its
+/// sixth run on, made without the arguments' values), explained for `args`: `types` and
+/// `args` are SQL lists, e.g. `"text, uuid[]"` and `"'acme', ARRAY[…]::uuid[]"`.
+pub async fn generic_plan(conn: &mut PgConnection, sql: &str, types: &str, args: &str) -> String {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET plan_cache_mode = force_generic_plan;
+         PREPARE generic_plan_of({types}) AS {sql}"
+    )))
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "EXPLAIN EXECUTE generic_plan_of({args})"
+    )))
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::raw_sql("DEALLOCATE generic_plan_of; RESET plan_cache_mode")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    plan.join("\n")
+}
