@@ -905,16 +905,14 @@ async fn summarize_rounds_find_their_items_by_one_probe_per_key() {
         assert_eq!(generation, expected, "item {n}");
     }
 
-    let array = keys
-        .iter()
-        .map(|k| format!("'{k}'"))
-        .collect::<Vec<_>>()
-        .join(",");
     let plan = crate::helpers::generic_plan(
         &mut conn,
         batches::ITEMS_BY_KEY_SQL,
         "text, text, text[]",
-        &format!("'acme', 'sum', ARRAY[{array}]"),
+        &format!(
+            "'acme', 'sum', {}",
+            crate::helpers::sql_array(&keys, "text")
+        ),
     )
     .await;
     assert!(

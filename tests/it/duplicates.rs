@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::helpers::{
     FakeProvider, collect, fake_provider_config, generic_plan, job, plan_for_ids, spawn_app,
-    spawn_app_with, store_results, stored_result,
+    spawn_app_with, sql_array, store_results, stored_result,
 };
 
 #[tokio::test]
@@ -412,18 +412,13 @@ async fn the_latest_results_of_many_jobs_are_found_by_one_index_probe_each() {
 
     // Both plans: the one made with the ids known (a statement's first runs) and the generic
     // one Postgres may keep from a statement's sixth run, which the lookup task reaches at once.
-    let ids = asked
-        .iter()
-        .map(|id| format!("'{id}'"))
-        .collect::<Vec<_>>()
-        .join(",");
     for plan in [
         plan_for_ids(&mut conn, results::LATEST_MANY_SQL, &asked).await,
         generic_plan(
             &mut conn,
             results::LATEST_MANY_SQL,
             "uuid[]",
-            &format!("ARRAY[{ids}]::uuid[]"),
+            &sql_array(&asked, "uuid"),
         )
         .await,
     ] {

@@ -450,7 +450,8 @@ pub async fn plan_for_ids(conn: &mut PgConnection, sql: &str, ids: &[Uuid]) -> S
 
 /// The generic plan of `sql` (the one Postgres may keep for a prepared statement from its
 /// sixth run on, made without the arguments' values), explained for `args`: `types` and
-/// `args` are SQL lists, e.g. `"text, uuid[]"` and `"'acme', ARRAY[…]::uuid[]"`.
+/// `args` are SQL lists, e.g. `"text, uuid[]"` and `"'acme', ARRAY[…]::uuid[]"` (see
+/// [`sql_array`]). The arguments are written out, as `EXECUTE` takes no bound parameters.
 pub async fn generic_plan(conn: &mut PgConnection, sql: &str, types: &str, args: &str) -> String {
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "SET plan_cache_mode = force_generic_plan;
@@ -470,4 +471,14 @@ pub async fn generic_plan(conn: &mut PgConnection, sql: &str, types: &str, args:
         .await
         .unwrap();
     plan.join("\n")
+}
+
+/// `items` as an SQL array literal of `sql_type`, e.g. `ARRAY['a','b']::text[]`, for
+/// [`generic_plan`]'s arguments. The items are test data without quotes.
+pub fn sql_array(
+    items: impl IntoIterator<Item = impl std::fmt::Display>,
+    sql_type: &str,
+) -> String {
+    let items: Vec<String> = items.into_iter().map(|item| format!("'{item}'")).collect();
+    format!("ARRAY[{}]::{sql_type}[]", items.join(","))
 }
