@@ -97,7 +97,7 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
         ctx.pool.clone(),
         sharing.clone(),
     ));
-    ctx.tasks.spawn(crate::stages::relay::run(
+    let relay = ctx.tasks.spawn(crate::stages::relay::run(
         ctx.pool.clone(),
         ctx.broker.clone(),
         Duration::from_millis(ctx.settings.worker.outbox_relay_after_ms),
@@ -140,6 +140,11 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
             WorkerExit::Idle => 0,
         })
         .unwrap_or(WorkerExit::Shutdown);
+    // The relay closes its channel on its way out; the connection closes after this returns.
+    sharing.cancel();
+    if tokio::time::timeout(options.grace, relay).await.is_err() {
+        tracing::warn!("The outbox relay did not stop within the grace period.");
+    }
     let report = WorkerReport {
         exit,
         received: state.received.load(Ordering::Relaxed),
@@ -275,6 +280,7 @@ async fn session(
     let streams = Publisher::open(&ctx.broker).await?;
     let (outbox, inbox) = mpsc::channel(usize::from(prefetch) * 2);
     let abandon = CancellationToken::new();
+    let publishers = [publisher.clone(), streams.clone()];
     let finalizer = Finalizer {
         pool: ctx.pool.clone(),
         publisher,
@@ -380,6 +386,7 @@ async fn session(
                 handle.abort();
                 // Closing the channel returns its unacked deliveries to the queue now.
                 let _ = tokio::time::timeout(options.grace, channel.close(200, "finalizer stuck".into())).await;
+                close_all(&publishers, options.grace).await;
                 // Idle no longer holds once those jobs are back: consume again instead.
                 return Ok(match end {
                     SessionEnd::Exit(WorkerExit::Idle) => SessionEnd::BrokerLost,
@@ -404,12 +411,18 @@ async fn session(
             }
         }
     }
+    close_all(&publishers, options.grace).await;
     match tokio::time::timeout(options.grace, channel.close(200, "worker stopped".into())).await {
         Ok(Ok(())) => {}
         Ok(Err(error)) => tracing::debug!(error = %error, "Consumer channel was already closed."),
         Err(_) => tracing::warn!("The broker did not confirm closing the consumer channel."),
     }
     Ok(end)
+}
+
+/// Closes a session's publisher channels, once nothing publishes on them any more.
+async fn close_all(publishers: &[Publisher], within: Duration) {
+    futures::future::join_all(publishers.iter().map(|publisher| publisher.close(within))).await;
 }
 
 /// Nothing waits in the queues and no committed message waits in the outbox.

@@ -53,6 +53,24 @@ impl Publisher {
         })
     }
 
+    /// Closes the channel, waiting at most `within` for the broker's answer. Call it before the
+    /// connection closes: a channel whose last handle is dropped instead closes itself on
+    /// lapin's own task, and when that lands while the connection is closing, lapin logs the
+    /// refused close as a connection error ("invalid channel state: Closing").
+    pub async fn close(&self, within: Duration) {
+        let channel = self.channel();
+        if !channel.status().connected() {
+            return;
+        }
+        match tokio::time::timeout(within, channel.close(200, "done".into())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::debug!(error = %error, "Publisher channel was already closed.");
+            }
+            Err(_) => tracing::warn!("The broker did not confirm closing a publisher channel."),
+        }
+    }
+
     /// The current confirm channel.
     pub fn channel(&self) -> Channel {
         match self.channel.lock() {

@@ -35,9 +35,9 @@ pub async fn run(pool: PgPool, broker: Broker, after: Duration, stop: Cancellati
     let mut publisher: Option<Publisher> = None;
     let mut tick = tokio::time::interval(EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    'ticks: loop {
         tokio::select! {
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
         // Drain everything stale, a claim at a time, then wait for the next tick.
@@ -57,9 +57,12 @@ pub async fn run(pool: PgPool, broker: Broker, after: Duration, stop: Cancellati
                 }
             }
             if stop.is_cancelled() {
-                return;
+                break 'ticks;
             }
         }
+    }
+    if let Some(publisher) = publisher {
+        publisher.close(EVERY).await;
     }
 }
 

@@ -121,7 +121,13 @@ async fn sigterm_stops_a_worker_cleanly_and_nothing_unfinished_is_acked() {
         .collect();
     app.publish_jobs(&jobs).await;
 
-    let worker = start_worker(&app, &[]);
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let worker = switchyard(&app)
+        .args(["worker", "--concurrency", "16"])
+        .stdout(Stdio::null())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .expect("worker starts");
     wait_for_results(&app, 20).await;
     let pid = worker.id().to_string();
     let killed = std::process::Command::new("kill")
@@ -144,6 +150,17 @@ async fn sigterm_stops_a_worker_cleanly_and_nothing_unfinished_is_acked() {
     assert!(
         results_count(&app).await < 300,
         "the worker stopped mid-batch"
+    );
+    // A clean stop logs no error: every channel is closed before the connection, so none is
+    // left for lapin to close while the connection is closing ("invalid channel state").
+    let log = std::fs::read_to_string(log.path()).unwrap();
+    assert!(
+        log.contains("Worker stopped."),
+        "the worker logged its stop:\n{log}"
+    );
+    assert!(
+        !log.contains("ERROR"),
+        "a clean stop logged an error:\n{log}"
     );
 
     finish_with_a_fresh_worker(&app).await;
