@@ -16,7 +16,7 @@ use crate::store::PgQuery;
 /// row it wrote.
 pub const INSERT_SQL: &str =
     "INSERT INTO results (job_id, generation, tenant, batch, status, error_code, body, created_at)
-     SELECT job_id, generation, tenant, batch, status, error_code, body::jsonb, $8
+     SELECT job_id, generation, tenant, batch, status, error_code, body::json, $8
      FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
           AS t(job_id, generation, tenant, batch, status, error_code, body)
      ON CONFLICT (job_id, generation) DO UPDATE SET

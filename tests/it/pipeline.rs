@@ -96,6 +96,13 @@ async fn a_hundred_jobs_give_a_hundred_results_in_postgres_and_on_the_results_to
             + Decimal::from(usage.output_tokens) * Decimal::new(15, 1))
             / Decimal::from(1_000_000);
         assert_eq!(ledger, expected);
+        // The row keeps the message as it was published, byte for byte.
+        let stored: String = sqlx::query_scalar("SELECT body::text FROM results WHERE job_id = $1")
+            .bind(result.job_id)
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+        assert_eq!(stored.as_bytes(), &delivery.data[..]);
         assert!(seen.insert(result.job_id), "one result message per job");
     }
     assert_eq!(seen.len(), 100);
