@@ -154,8 +154,9 @@ fn without_password(url: &str) -> String {
 }
 
 /// Canonical JSON: object keys sorted by their UTF-8 bytes, no whitespace, strings and numbers
-/// as `serde_json` writes them. A `jsonb` round trip keeps the value, so the hash of a row read
-/// back from Postgres equals the hash computed before it was written.
+/// as `serde_json` writes them. The row keeps the value's text (`json`), and a `jsonb` round
+/// trip would keep the value too, so the hash of a row read back from Postgres equals the hash
+/// computed before it was written.
 pub fn canonical(value: &Value) -> String {
     let mut out = Vec::new();
     write_canonical(value, &mut out);

@@ -8,7 +8,6 @@ use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 use serde_json::Value;
 use sqlx::postgres::PgRow;
-use sqlx::types::Json;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
@@ -137,8 +136,8 @@ pub async fn append_locked(
     sqlx::query(
         "WITH appended AS (
              INSERT INTO audit_events (id, tenant, job_id, kind, at, details, seq, provenance, prev_hash, hash)
-             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::timestamptz[], $6::jsonb[],
-                                  $7::int8[], $8::jsonb[], $9::text[], $10::text[])
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::timestamptz[], $6::json[],
+                                  $7::int8[], $8::json[], $9::text[], $10::text[])
              RETURNING 1
          )
          UPDATE audit_chain_heads h SET seq = u.seq, hash = u.hash
@@ -150,9 +149,9 @@ pub async fn append_locked(
     .bind(events.iter().map(|e| e.job_id).collect::<Vec<_>>())
     .bind(events.iter().map(|e| e.kind.clone()).collect::<Vec<_>>())
     .bind(ats)
-    .bind(events.iter().map(|e| Json(&e.details)).collect::<Vec<_>>())
+    .bind(json_texts(events.iter().map(|e| &e.details))?)
     .bind(seqs)
-    .bind(events.iter().map(|e| Json(&e.provenance)).collect::<Vec<_>>())
+    .bind(json_texts(events.iter().map(|e| &e.provenance))?)
     .bind(prevs)
     .bind(hashes)
     .bind(names)
@@ -161,6 +160,16 @@ pub async fn append_locked(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Values as JSON text, bound as text: the columns are `json`, kept as written rather than
+/// parsed into `jsonb`.
+fn json_texts<'v, T: serde::Serialize + 'v>(
+    values: impl Iterator<Item = &'v T>,
+) -> Result<Vec<String>, sqlx::Error> {
+    values
+        .map(|value| serde_json::to_string(value).map_err(|e| sqlx::Error::Encode(Box::new(e))))
+        .collect()
 }
 
 /// Locks the existing heads of `tenants` (sorted) and returns their current links.

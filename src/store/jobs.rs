@@ -6,7 +6,6 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use serde_json::value::RawValue;
 use sqlx::PgConnection;
-use sqlx::types::Json;
 use uuid::Uuid;
 
 use crate::messages::JobStatus;
@@ -42,7 +41,8 @@ const TYPES: [&str; 11] = [
     "text",
     "int4",
     "text",
-    "jsonb",
+    // The request's text, bound as text and kept as it is (`json`, not parsed into `jsonb`).
+    "json",
     "bytea",
     "timestamptz",
     "timestamptz",
@@ -92,7 +92,7 @@ pub fn bind<'q>(query: PgQuery<'q>, rows: &[&JobRow]) -> PgQuery<'q> {
         .bind(rows.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
         .bind(
             rows.iter()
-                .map(|r| r.request.as_deref().map(Json))
+                .map(|r| r.request.as_deref().map(RawValue::get))
                 .collect::<Vec<_>>(),
         )
         .bind(

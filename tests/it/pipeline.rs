@@ -107,6 +107,23 @@ async fn a_hundred_jobs_give_a_hundred_results_in_postgres_and_on_the_results_to
     }
     assert_eq!(seen.len(), 100);
 
+    // The stored request and the audit row keep the text the worker wrote (`json`), not a
+    // `jsonb` rendering of it (which reorders keys and adds spaces).
+    let (request, details): (String, String) = sqlx::query_as(
+        "SELECT j.request::text, a.details::text FROM jobs j
+         JOIN audit_events a ON a.job_id = j.id AND a.kind = 'job_succeeded' WHERE j.id = $1",
+    )
+    .bind(jobs[0].id)
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        request,
+        serde_json::to_value(&jobs[0].request).unwrap().to_string()
+    );
+    let written: serde_json::Value = serde_json::from_str(&details).unwrap();
+    assert_eq!(details, written.to_string());
+
     // Events: cost and audit events for every job, each valid against its schema.
     let mut cost_jobs = HashSet::new();
     let mut audit_jobs = HashSet::new();
