@@ -57,6 +57,13 @@ async fn summarize_writes_one_line_per_document_in_input_order() {
             "{summary}"
         );
     }
+    // The run's batch left `validating` when its first jobs were published.
+    let started: Vec<bool> =
+        sqlx::query_scalar("SELECT published_at IS NOT NULL FROM batches WHERE kind = 'summarize'")
+            .fetch_all(app.pool())
+            .await
+            .unwrap();
+    assert_eq!(started, [true]);
     app.cleanup().await;
 }
 

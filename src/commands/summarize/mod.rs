@@ -360,6 +360,7 @@ async fn summarize(
         batch,
         conn: &mut conn,
         publisher: &publisher,
+        started: false,
         waiting: Waiting::new(),
         states: documents
             .iter()
@@ -406,6 +407,9 @@ struct Runner<'a> {
     batch: &'a str,
     conn: &'a mut sqlx::PgConnection,
     publisher: &'a Publisher,
+    /// Whether the batch has left `validating` (`batches::mark_started`), done once, at the
+    /// first publish.
+    started: bool,
     waiting: Waiting,
     states: Vec<DocState>,
     progress: Progress,
@@ -546,7 +550,10 @@ impl Runner<'_> {
                     .context("cannot publish the batch")?;
                 let ids: Vec<Uuid> = to_publish.iter().map(|j| j.id).collect();
                 batches::mark_published(self.conn, &ids).await?;
-                batches::mark_started(self.conn, &self.plan.tenant, self.batch).await?;
+                if !self.started {
+                    batches::mark_started(self.conn, &self.plan.tenant, self.batch).await?;
+                    self.started = true;
+                }
             }
             for (document, piece, result) in ready {
                 steps.extend(self.on_result(document, piece, &result));
