@@ -820,10 +820,11 @@ impl Finalizer {
         let rows: Vec<OutboxRow> = self
             .messages(fresh, &lost_races, &alerts)
             .into_iter()
-            .map(|message| OutboxRow {
+            .map(|(message, stored_as)| OutboxRow {
                 id: Uuid::now_v7(),
                 message,
                 created_at,
+                stored_as,
             })
             .collect();
         // A rejected message seen again (redelivered after its commit) adds no second audit.
@@ -846,7 +847,8 @@ impl Finalizer {
     }
 
     /// Every message of a committed group: one result per job, dead-letter copies of first-seen
-    /// rejections, then the cost and audit events.
+    /// rejections, then the cost and audit events; each with the `results` row that holds its
+    /// body, when one does (see [`OutboxRow::stored_as`]).
     ///
     /// A job's own result is published as its task serialized it (a redacted retention copy
     /// is only stored, never published).
@@ -855,19 +857,28 @@ impl Finalizer {
         fresh: &[SealedJob],
         lost_races: &BTreeMap<Uuid, JobResult>,
         alerts: &[AuditEvent],
-    ) -> Vec<Outgoing> {
+    ) -> Vec<(Outgoing, Option<(Uuid, i32)>)> {
         let mut outgoing = Vec::with_capacity(fresh.len() + 4);
         for job in fresh {
             // A job that lost a race publishes the winner's result.
             outgoing.push(match lost_races.get(&job.head.job_id) {
-                Some(winner) => self.result_message(winner),
-                None => self.result_message_with_body(&job.head, job.body.as_bytes().to_vec()),
+                Some(winner) => (self.result_message(winner), None),
+                None => {
+                    // The row this transaction writes holds the body byte for byte, unless
+                    // retention stores a redacted copy. A `cancelled` row may still be replaced
+                    // by the job's real outcome, so its message keeps its own body.
+                    let stored_as = (job.stored_body.is_none()
+                        && job.head.status != JobStatus::Cancelled)
+                        .then_some((job.head.job_id, job.head.generation));
+                    let body = job.body.as_bytes().to_vec();
+                    (self.result_message_with_body(&job.head, body), stored_as)
+                }
             });
             // A rejected message seen again was dead-lettered the first time.
             if let Some(body) = &job.dead_letter
                 && !lost_races.contains_key(&job.head.job_id)
             {
-                outgoing.push(self.dead_letter_message(&job.head, body));
+                outgoing.push((self.dead_letter_message(&job.head, body), None));
             }
         }
         let costs: Vec<&CostEvent> = fresh
@@ -880,18 +891,15 @@ impl Finalizer {
             .flat_map(|j| j.audits.iter())
             .chain(alerts)
             .collect();
-        self.event_messages(
-            &costs,
-            CostEvent::routing_key,
-            |e| e.event_id,
-            &mut outgoing,
-        );
+        let mut events = Vec::with_capacity(2);
+        self.event_messages(&costs, CostEvent::routing_key, |e| e.event_id, &mut events);
         self.event_messages(
             &audits,
             AuditEvent::routing_key,
             |e| e.event_id,
-            &mut outgoing,
+            &mut events,
         );
+        outgoing.extend(events.into_iter().map(|message| (message, None)));
         outgoing
     }
 

@@ -74,8 +74,15 @@ async fn relay_once(
 ) -> Result<usize, RelayError> {
     let before = Utc::now() - chrono::Duration::from_std(after).unwrap_or_default();
     let mut tx = pool.begin().await?;
-    let rows = outbox::claim_stale(&mut tx, before, CLAIM).await?;
+    let outbox::Claim {
+        rows,
+        unpublishable,
+    } = outbox::claim_stale(&mut tx, before, CLAIM).await?;
     if rows.is_empty() {
+        if !unpublishable.is_empty() {
+            outbox::delete_many(&mut tx, &unpublishable).await?;
+            tx.commit().await?;
+        }
         return Ok(0);
     }
     if !broker.is_connected() {
@@ -88,7 +95,7 @@ async fn relay_once(
     };
     let messages: Vec<Outgoing> = rows.iter().map(|row| row.message.clone()).collect();
     publisher.publish_all_once(&messages).await?;
-    let ids: Vec<uuid::Uuid> = rows.iter().map(|row| row.id).collect();
+    let ids: Vec<uuid::Uuid> = rows.iter().map(|row| row.id).chain(unpublishable).collect();
     outbox::delete_many(&mut tx, &ids).await?;
     tx.commit().await?;
     Ok(rows.len())

@@ -19,6 +19,9 @@ pub struct OutboxRow {
     pub id: Uuid,
     pub message: Outgoing,
     pub created_at: DateTime<Utc>,
+    /// The `results` row (job id, generation) whose `body` is this message's body, written in
+    /// the same transaction: the row stores no copy of it. `None` stores the body.
+    pub stored_as: Option<(Uuid, i32)>,
 }
 
 /// AMQP headers as a flat map of strings (our only header values are strings).
@@ -54,7 +57,7 @@ fn headers_from_json(map: BTreeMap<String, String>) -> Option<FieldTable> {
     Some(table)
 }
 
-const TYPES: [&str; 8] = [
+const TYPES: [&str; 10] = [
     "uuid",
     "text",
     "text",
@@ -63,6 +66,8 @@ const TYPES: [&str; 8] = [
     "jsonb",
     "bytea",
     "timestamptz",
+    "uuid",
+    "int4",
 ];
 
 /// Two data-modifying `WITH` parts: `published` deletes the rows an earlier group's broker
@@ -72,7 +77,8 @@ pub fn parts_sql(first: usize) -> String {
     format!(
         "published AS (DELETE FROM outbox WHERE id = ANY(${}) RETURNING 1),
          outbox_written AS (
-             INSERT INTO outbox (id, message_id, exchange, routing_key, kind, headers, body, created_at)
+             INSERT INTO outbox (id, message_id, exchange, routing_key, kind, headers, body, created_at,
+                                 result_job_id, result_generation)
              SELECT * FROM UNNEST({})
              RETURNING 1)",
         first + TYPES.len(),
@@ -116,10 +122,20 @@ pub fn bind<'q>(query: PgQuery<'q>, rows: &[OutboxRow], published: &[Uuid]) -> P
         )
         .bind(
             rows.iter()
-                .map(|r| r.message.body.as_slice())
+                .map(|r| r.stored_as.is_none().then_some(r.message.body.as_slice()))
                 .collect::<Vec<_>>(),
         )
         .bind(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.stored_as.map(|(job, _)| job))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| r.stored_as.map(|(_, generation)| generation))
+                .collect::<Vec<_>>(),
+        )
         .bind(published)
 }
 
@@ -142,44 +158,67 @@ type Claimed = (
     String,
     String,
     Json<BTreeMap<String, String>>,
-    Vec<u8>,
+    Option<Vec<u8>>,
     DateTime<Utc>,
 );
 
 /// Locks up to `limit` rows committed before `before`, oldest first, skipping rows another
-/// relay holds. The caller publishes them, deletes them and commits.
+/// relay holds; a row pointing at its result gets the result's body. The caller publishes
+/// them, deletes them and commits.
+///
+/// A row whose result cannot be found (none is ever deleted, so only a hand-edited database
+/// has one) has nothing to publish: it is logged and returned in `unpublishable`, for the
+/// caller to delete with the rest.
 pub async fn claim_stale(
     conn: &mut PgConnection,
     before: DateTime<Utc>,
     limit: i64,
-) -> Result<Vec<OutboxRow>, sqlx::Error> {
+) -> Result<Claim, sqlx::Error> {
     let rows: Vec<Claimed> = sqlx::query_as(
-        "SELECT id, message_id, exchange, routing_key, kind, headers, body, created_at
-         FROM outbox WHERE created_at < $1
-         ORDER BY created_at LIMIT $2
+        "SELECT o.id, o.message_id, o.exchange, o.routing_key, o.kind, o.headers,
+                COALESCE(o.body, (SELECT convert_to(r.body::text, 'UTF8') FROM results r
+                                  WHERE r.job_id = o.result_job_id
+                                    AND r.generation = o.result_generation)),
+                o.created_at
+         FROM outbox o WHERE o.created_at < $1
+         ORDER BY o.created_at LIMIT $2
          FOR UPDATE SKIP LOCKED",
     )
     .bind(before)
     .bind(limit)
     .fetch_all(conn)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(id, message_id, exchange, routing_key, kind, headers, body, created_at)| OutboxRow {
-                id,
-                message: Outgoing {
-                    exchange,
-                    routing_key,
-                    body,
-                    message_id,
-                    kind,
-                    headers: headers_from_json(headers.0),
-                },
-                created_at,
+    let mut claim = Claim::default();
+    for (id, message_id, exchange, routing_key, kind, headers, body, created_at) in rows {
+        let Some(body) = body else {
+            tracing::error!(outbox.id = %id, message_id = %message_id, "An outbox row points at a result that does not exist; it cannot be published and is dropped.");
+            claim.unpublishable.push(id);
+            continue;
+        };
+        claim.rows.push(OutboxRow {
+            id,
+            message: Outgoing {
+                exchange,
+                routing_key,
+                body,
+                message_id,
+                kind,
+                headers: headers_from_json(headers.0),
             },
-        )
-        .collect())
+            created_at,
+            stored_as: None,
+        });
+    }
+    Ok(claim)
+}
+
+/// What [`claim_stale`] locked.
+#[derive(Debug, Default)]
+pub struct Claim {
+    /// Rows to publish, each with its body.
+    pub rows: Vec<OutboxRow>,
+    /// Ids of rows with nothing to publish.
+    pub unpublishable: Vec<Uuid>,
 }
 
 /// Rows not yet published.

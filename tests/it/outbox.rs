@@ -47,6 +47,15 @@ async fn a_worker_dying_between_commit_and_publish_has_its_messages_relayed_exac
         stranded as usize > committed.len(),
         "its result and event messages wait in the outbox ({stranded} rows)"
     );
+    // Each result's row points at its `results` row instead of copying the body.
+    let pointing: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT result_job_id FROM outbox WHERE body IS NULL ORDER BY 1")
+            .fetch_all(app.pool())
+            .await
+            .unwrap();
+    let mut expected = committed.clone();
+    expected.sort();
+    assert_eq!(pointing, expected);
 
     // Another worker finishes the batch; its relay publishes what the dead one left.
     let survivor = Worker::start(&app, 16, &[], "survivor");
@@ -114,6 +123,7 @@ fn result_row(
             headers: None,
         },
         created_at,
+        stored_as: None,
     }
 }
 
@@ -152,11 +162,11 @@ async fn relays_claim_only_stale_rows_and_never_the_same_row_twice() {
     let a = outbox::claim_stale(&mut first, cutoff, 6).await.unwrap();
     let b = outbox::claim_stale(&mut second, cutoff, 6).await.unwrap();
     assert_eq!(
-        (a.len(), b.len()),
+        (a.rows.len(), b.rows.len()),
         (6, 4),
         "the second relay skips the first's rows"
     );
-    let claimed: BTreeSet<uuid::Uuid> = a.iter().chain(&b).map(|r| r.id).collect();
+    let claimed: BTreeSet<uuid::Uuid> = a.rows.iter().chain(&b.rows).map(|r| r.id).collect();
     let expected: BTreeSet<uuid::Uuid> = stale.iter().map(|r| r.id).collect();
     assert_eq!(
         claimed, expected,
@@ -164,6 +174,55 @@ async fn relays_claim_only_stale_rows_and_never_the_same_row_twice() {
     );
     first.rollback().await.unwrap();
     second.rollback().await.unwrap();
+    app.cleanup().await;
+}
+
+/// A result message's row stores no copy of its body: it points at the `results` row written
+/// in the same transaction, and the relay publishes that row's body, byte for byte. A row
+/// pointing at a result that does not exist has nothing to publish and is handed back to be
+/// deleted.
+#[tokio::test]
+async fn a_result_row_points_at_its_result_and_the_relay_publishes_the_stored_body() {
+    use chrono::Utc;
+    use switchyard::store::outbox;
+
+    let app = crate::helpers::spawn_app().await;
+    let result = crate::helpers::stored_result(uuid::Uuid::now_v7(), 2);
+    let mut conn = app.pool().acquire().await.unwrap();
+    crate::helpers::store_results(&mut conn, std::iter::once(&result)).await;
+    let old = Utc::now() - chrono::Duration::seconds(60);
+    let mut pointing = result_row(&app, old);
+    pointing.stored_as = Some((result.job_id, 2));
+    let mut dangling = result_row(&app, old);
+    dangling.stored_as = Some((uuid::Uuid::now_v7(), 1));
+    write_outbox(&mut conn, &[pointing.clone(), dangling.clone()], &[]).await;
+
+    let (copied, points_at): (Option<i32>, Option<uuid::Uuid>) =
+        sqlx::query_as("SELECT octet_length(body), result_job_id FROM outbox WHERE id = $1")
+            .bind(pointing.id)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    assert_eq!((copied, points_at), (None, Some(result.job_id)));
+    let stored: String =
+        sqlx::query_scalar("SELECT body::text FROM results WHERE job_id = $1 AND generation = 2")
+            .bind(result.job_id)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    drop(conn);
+
+    let mut tx = app.pool().begin().await.unwrap();
+    let claim = outbox::claim_stale(&mut tx, Utc::now(), 10).await.unwrap();
+    assert_eq!(claim.rows.len(), 1);
+    assert_eq!(claim.rows[0].id, pointing.id);
+    assert_eq!(claim.rows[0].message.body, stored.as_bytes());
+    assert_eq!(
+        claim.rows[0].message.message_id,
+        pointing.message.message_id
+    );
+    assert_eq!(claim.unpublishable, [dangling.id]);
+    tx.rollback().await.unwrap();
     app.cleanup().await;
 }
 
