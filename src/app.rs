@@ -19,8 +19,8 @@ use crate::stages::lookup::Lookups;
 use crate::stages::recorder::Recorder;
 use crate::{queue, store};
 
-/// How long each step of [`Context::close`] may take.
-const CLOSE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long each step of [`Context::close`] may take, and a publisher's channel close before it.
+pub const CLOSE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Handles every command and task shares.
 #[derive(Clone)]

@@ -246,7 +246,7 @@ pub async fn run(settings: Settings, command: DeadLetterCommand) -> anyhow::Resu
                 })
                 .collect();
             publisher.publish_all(&messages).await?;
-            publisher.close(std::time::Duration::from_secs(5)).await;
+            publisher.close(crate::app::CLOSE_WITHIN).await;
             for message in &chosen {
                 channel
                     .basic_ack(message.tag, BasicAckOptions { multiple: false })

@@ -62,7 +62,7 @@ pub async fn run(pool: PgPool, broker: Broker, after: Duration, stop: Cancellati
         }
     }
     if let Some(publisher) = publisher {
-        publisher.close(EVERY).await;
+        publisher.close(crate::app::CLOSE_WITHIN).await;
     }
 }
 
