@@ -15,12 +15,12 @@ async fn results_count(app: &TestApp) -> i64 {
         .unwrap()
 }
 
-fn start_worker(app: &TestApp, extra: &[&str]) -> Child {
+fn start_worker(app: &TestApp, extra: &[&str], stderr: Stdio) -> Child {
     switchyard(app)
         .args(["worker", "--concurrency", "16"])
         .args(extra)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("worker starts")
 }
@@ -37,7 +37,7 @@ async fn wait_for_results(app: &TestApp, at_least: i64) {
 }
 
 async fn finish_with_a_fresh_worker(app: &TestApp) {
-    let mut worker = start_worker(app, &["--exit-when-idle"]);
+    let mut worker = start_worker(app, &["--exit-when-idle"], Stdio::null());
     let status = tokio::task::spawn_blocking(move || worker.wait())
         .await
         .unwrap()
@@ -78,7 +78,7 @@ async fn a_worker_killed_with_sigkill_mid_batch_loses_nothing_and_duplicates_not
     app.publish_jobs(&jobs).await;
 
     for kill_at in [100, 250, 400] {
-        let mut worker = start_worker(&app, &[]);
+        let mut worker = start_worker(&app, &[], Stdio::null());
         wait_for_results(&app, kill_at).await;
         worker.kill().expect("SIGKILL the worker");
         worker.wait().unwrap();
@@ -122,12 +122,7 @@ async fn sigterm_stops_a_worker_cleanly_and_nothing_unfinished_is_acked() {
     app.publish_jobs(&jobs).await;
 
     let log = tempfile::NamedTempFile::new().unwrap();
-    let worker = switchyard(&app)
-        .args(["worker", "--concurrency", "16"])
-        .stdout(Stdio::null())
-        .stderr(log.reopen().unwrap())
-        .spawn()
-        .expect("worker starts");
+    let worker = start_worker(&app, &[], log.reopen().unwrap().into());
     wait_for_results(&app, 20).await;
     let pid = worker.id().to_string();
     let killed = std::process::Command::new("kill")

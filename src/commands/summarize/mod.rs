@@ -394,9 +394,7 @@ async fn summarize(
     if let Err(error) = channel.close(200, "done".into()).await {
         tracing::debug!(error = %error, "Results channel was already closed.");
     }
-    if let Err(error) = publisher.channel().close(200, "done".into()).await {
-        tracing::debug!(error = %error, "Publisher channel was already closed.");
-    }
+    publisher.close(crate::app::CLOSE_WITHIN).await;
     outcome.map(|()| outcomes)
 }
 
