@@ -35,15 +35,16 @@ use crate::queue::publisher::{Outgoing, Publisher};
 use crate::queue::topology::{JOBS_ROUTING_KEY, Names};
 use crate::store::attempts::AttemptRow;
 use crate::store::jobs::JobRow;
-use crate::store::outbox::OutboxRow;
+use crate::store::outbox::{OutboxMessage, OutboxRow};
 use crate::store::{audit, group, outbox, results};
 
 /// How long confirmed outbox rows wait for the next group's transaction before they are
 /// deleted on their own (well below `outbox_relay_after_ms`, so the relay never sees them).
 const FLUSH_CONFIRMED_AFTER: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Confirmed outbox rows a finalizer lets wait for the next group's transaction, at most.
-const CONFIRMED_BACKLOG: usize = 8192;
+/// Confirmed outbox rows (one per group) a finalizer lets wait for the next group's
+/// transaction, at most.
+const CONFIRMED_BACKLOG: usize = 64;
 
 /// Header carrying the reason on a dead-lettered message.
 pub const ERROR_HEADER: &str = "x-switchyard-error";
@@ -685,8 +686,12 @@ impl Finalizer {
             }
         };
         crate::failpoint::hit(crate::failpoint::AFTER_COMMIT);
-        let published: Vec<Uuid> = committed.iter().map(|row| row.id).collect();
-        let mut outgoing: Vec<Outgoing> = committed.into_iter().map(|row| row.message).collect();
+        let published = committed.as_ref().map(|row| row.id);
+        let mut outgoing: Vec<Outgoing> = committed
+            .into_iter()
+            .flat_map(|row| row.messages)
+            .map(|m| m.message)
+            .collect();
         outgoing.extend(republish.iter().map(|r| self.result_message(r)));
         outgoing.extend(
             parked
@@ -745,9 +750,9 @@ impl Finalizer {
         confirmed.clear();
     }
 
-    /// Writes the group in one transaction, together with every message it will publish (the
-    /// outbox rows, returned in publishing order). A job that lost a race with a concurrent
-    /// duplicate publishes the winner's stored result.
+    /// Writes the group in one transaction, together with every message it will publish (its
+    /// outbox row, returned; `None` for a group without fresh jobs). A job that lost a race
+    /// with a concurrent duplicate publishes the winner's stored result.
     ///
     /// The transaction also deletes `confirmed`, earlier groups' outbox rows the broker has
     /// confirmed, and empties it once committed.
@@ -755,9 +760,9 @@ impl Finalizer {
         &self,
         fresh: &[SealedJob],
         confirmed: &mut Vec<Uuid>,
-    ) -> Result<Vec<OutboxRow>, FinalizeError> {
+    ) -> Result<Option<OutboxRow>, FinalizeError> {
         if fresh.is_empty() {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let store_error = |source| FinalizeError::Store {
             jobs: fresh.len(),
@@ -816,17 +821,11 @@ impl Finalizer {
         for alert in &mut alerts {
             alert.provenance = self.provenance.clone();
         }
-        let created_at = Utc::now();
-        let rows: Vec<OutboxRow> = self
-            .messages(fresh, &lost_races, &alerts)
-            .into_iter()
-            .map(|(message, stored_as)| OutboxRow {
-                id: Uuid::now_v7(),
-                message,
-                created_at,
-                stored_as,
-            })
-            .collect();
+        let row = OutboxRow {
+            id: Uuid::now_v7(),
+            created_at: Utc::now(),
+            messages: self.messages(fresh, &lost_races, &alerts),
+        };
         // A rejected message seen again (redelivered after its commit) adds no second audit.
         let audits: Vec<&AuditEvent> = fresh
             .iter()
@@ -835,7 +834,7 @@ impl Finalizer {
             .chain(&alerts)
             .collect();
         let tenants = audit::tenants(&audits);
-        let heads = group::write_outbox_then_lock_heads(&mut tx, &rows, confirmed, &tenants)
+        let heads = group::write_outbox_then_lock_heads(&mut tx, &row, confirmed, &tenants)
             .await
             .map_err(store_error)?;
         audit::append_locked(&mut tx, &audits, &tenants, heads)
@@ -843,12 +842,12 @@ impl Finalizer {
             .map_err(store_error)?;
         tx.commit().await.map_err(store_error)?;
         confirmed.clear();
-        Ok(rows)
+        Ok(Some(row))
     }
 
     /// Every message of a committed group: one result per job, dead-letter copies of first-seen
     /// rejections, then the cost and audit events; each with the `results` row that holds its
-    /// body, when one does (see [`OutboxRow::stored_as`]).
+    /// body, when one does (see [`OutboxMessage::stored_as`]).
     ///
     /// A job's own result is published as its task serialized it (a redacted retention copy
     /// is only stored, never published).
@@ -857,12 +856,12 @@ impl Finalizer {
         fresh: &[SealedJob],
         lost_races: &BTreeMap<Uuid, JobResult>,
         alerts: &[AuditEvent],
-    ) -> Vec<(Outgoing, Option<(Uuid, i32)>)> {
+    ) -> Vec<OutboxMessage> {
         let mut outgoing = Vec::with_capacity(fresh.len() + 4);
         for job in fresh {
             // A job that lost a race publishes the winner's result.
             outgoing.push(match lost_races.get(&job.head.job_id) {
-                Some(winner) => (self.result_message(winner), None),
+                Some(winner) => self.result_message(winner).into(),
                 None => {
                     // The row this transaction writes holds the body byte for byte, unless
                     // retention stores a redacted copy. A `cancelled` row may still be replaced
@@ -871,14 +870,17 @@ impl Finalizer {
                         && job.head.status != JobStatus::Cancelled)
                         .then_some((job.head.job_id, job.head.generation));
                     let body = job.body.as_bytes().to_vec();
-                    (self.result_message_with_body(&job.head, body), stored_as)
+                    OutboxMessage {
+                        message: self.result_message_with_body(&job.head, body),
+                        stored_as,
+                    }
                 }
             });
             // A rejected message seen again was dead-lettered the first time.
             if let Some(body) = &job.dead_letter
                 && !lost_races.contains_key(&job.head.job_id)
             {
-                outgoing.push((self.dead_letter_message(&job.head, body), None));
+                outgoing.push(self.dead_letter_message(&job.head, body).into());
             }
         }
         let costs: Vec<&CostEvent> = fresh
@@ -899,7 +901,7 @@ impl Finalizer {
             |e| e.event_id,
             &mut events,
         );
-        outgoing.extend(events.into_iter().map(|message| (message, None)));
+        outgoing.extend(events.into_iter().map(OutboxMessage::from));
         outgoing
     }
 

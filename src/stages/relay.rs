@@ -16,8 +16,9 @@ use crate::queue::publisher::{Outgoing, Publisher};
 use crate::queue::{Broker, BrokerError};
 use crate::store::outbox;
 
-/// Rows claimed per transaction.
-const CLAIM: i64 = 512;
+/// Rows claimed per transaction: each is a finalize group's messages (up to
+/// `finalize_batch_size` results and the group's event messages).
+const CLAIM: i64 = 8;
 /// How often the relay looks for stale rows.
 const EVERY: Duration = Duration::from_secs(1);
 
@@ -74,17 +75,24 @@ async fn relay_once(
 ) -> Result<usize, RelayError> {
     let before = Utc::now() - chrono::Duration::from_std(after).unwrap_or_default();
     let mut tx = pool.begin().await?;
-    let outbox::Claim {
-        rows,
-        unpublishable,
-    } = outbox::claim_stale(&mut tx, before, CLAIM).await?;
-    if rows.is_empty() {
-        if !unpublishable.is_empty() {
-            outbox::delete_many(&mut tx, &unpublishable).await?;
-            tx.commit().await?;
-        }
+    let outbox::Claim { ids, messages } = outbox::claim_stale(&mut tx, before, CLAIM).await?;
+    if ids.is_empty() {
         return Ok(0);
     }
+    if !messages.is_empty() {
+        publish(broker, publisher, &messages).await?;
+    }
+    outbox::delete_many(&mut tx, &ids).await?;
+    tx.commit().await?;
+    Ok(messages.len())
+}
+
+/// Publishes `messages` with confirms, opening the relay's channel on first use.
+async fn publish(
+    broker: &Broker,
+    publisher: &mut Option<Publisher>,
+    messages: &[Outgoing],
+) -> Result<(), RelayError> {
     if !broker.is_connected() {
         // The worker's own session reconnects; publishing now would only fail.
         return Err(RelayError::Publish(BrokerError::Disconnected));
@@ -93,10 +101,6 @@ async fn relay_once(
         Some(publisher) => publisher,
         None => publisher.insert(Publisher::open(broker).await?),
     };
-    let messages: Vec<Outgoing> = rows.iter().map(|row| row.message.clone()).collect();
-    publisher.publish_all_once(&messages).await?;
-    let ids: Vec<uuid::Uuid> = rows.iter().map(|row| row.id).chain(unpublishable).collect();
-    outbox::delete_many(&mut tx, &ids).await?;
-    tx.commit().await?;
-    Ok(rows.len())
+    publisher.publish_all_once(messages).await?;
+    Ok(())
 }

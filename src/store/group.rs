@@ -1,6 +1,6 @@
 //! A finalize group's writes in fewer statements. [`insert`] writes its jobs, attempts, results
 //! and ledger rows (one round trip instead of four); [`write_outbox_then_lock_heads`] writes
-//! its outbox rows and then locks its tenants' audit chain heads (one instead of two). Each
+//! its outbox row and then locks its tenants' audit chain heads (one instead of two). Each
 //! table's SQL is its own module's, its arguments numbered after the ones before it;
 //! data-modifying `WITH` parts all run, whether or not the statement's final part reads them.
 
@@ -62,16 +62,16 @@ pub async fn insert(
 static LOCK_SQL: LazyLock<String> =
     LazyLock::new(|| audit::lock_sql(&outbox::parts_sql(2), outbox::PARTS_DONE));
 
-/// Inserts the group's outbox rows (deleting `published`, rows of earlier groups the broker has
+/// Inserts the group's outbox row (deleting `published`, rows of earlier groups the broker has
 /// confirmed), then locks the audit chain heads of `tenants` (see [`audit::tenants`]), in one
 /// statement; returns the heads for [`audit::append_locked`]. The heads, which every lane
-/// shares, are locked only after the outbox rows are written.
+/// shares, are locked only after the outbox row is written.
 pub async fn write_outbox_then_lock_heads(
     conn: &mut PgConnection,
-    rows: &[OutboxRow],
+    row: &OutboxRow,
     published: &[Uuid],
     tenants: &[&str],
 ) -> Result<audit::Heads, sqlx::Error> {
     let query = sqlx::query(LOCK_SQL.as_str()).bind(tenants);
-    audit::fetch_heads(outbox::bind(query, rows, published), conn).await
+    audit::fetch_heads(outbox::bind(query, row, published), conn).await
 }

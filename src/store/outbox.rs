@@ -1,6 +1,7 @@
 //! The `outbox` table: messages of committed jobs, written in the finalize transaction, deleted
-//! once the broker confirmed them. Rows left behind by a worker that died between commit and
-//! publish are claimed by the relay with `FOR UPDATE SKIP LOCKED` and republished.
+//! once the broker confirmed them. A finalize group's messages are one row, each message an
+//! element of its arrays. Rows left behind by a worker that died between commit and publish are
+//! claimed by the relay with `FOR UPDATE SKIP LOCKED` and republished.
 
 use std::collections::BTreeMap;
 
@@ -13,18 +14,36 @@ use uuid::Uuid;
 use crate::queue::publisher::Outgoing;
 use crate::store::PgQuery;
 
-/// One message waiting to be published.
+/// A finalize group's messages, written as one row in the group's transaction.
 #[derive(Debug, Clone)]
 pub struct OutboxRow {
     pub id: Uuid,
-    pub message: Outgoing,
     pub created_at: DateTime<Utc>,
+    /// In publishing order.
+    pub messages: Vec<OutboxMessage>,
+}
+
+/// One message waiting to be published.
+#[derive(Debug, Clone)]
+pub struct OutboxMessage {
+    pub message: Outgoing,
     /// The `results` row (job id, generation) whose `body` is this message's body, written in
     /// the same transaction: the row stores no copy of it. `None` stores the body.
     pub stored_as: Option<(Uuid, i32)>,
 }
 
-/// AMQP headers as a flat map of strings (our only header values are strings).
+/// A message whose row stores its body.
+impl From<Outgoing> for OutboxMessage {
+    fn from(message: Outgoing) -> Self {
+        Self {
+            message,
+            stored_as: None,
+        }
+    }
+}
+
+/// AMQP headers as a flat map of strings (our only header values are strings); stored as a NULL
+/// element when there are none.
 fn headers_to_json(headers: Option<&FieldTable>) -> BTreeMap<String, String> {
     headers
         .map(|table| {
@@ -57,32 +76,38 @@ fn headers_from_json(map: BTreeMap<String, String>) -> Option<FieldTable> {
     Some(table)
 }
 
-const TYPES: [&str; 10] = [
-    "uuid",
-    "text",
-    "text",
-    "text",
-    "text",
-    "jsonb",
-    "bytea",
-    "timestamptz",
-    "uuid",
-    "int4",
+/// The row's columns, as [`bind`] adds them.
+const COLUMNS: [(&str, &str); 10] = [
+    ("id", "uuid"),
+    ("created_at", "timestamptz"),
+    ("message_ids", "text[]"),
+    ("exchanges", "text[]"),
+    ("routing_keys", "text[]"),
+    ("kinds", "text[]"),
+    ("headers", "jsonb[]"),
+    ("bodies", "bytea[]"),
+    ("result_job_ids", "uuid[]"),
+    ("result_generations", "int4[]"),
 ];
 
 /// Two data-modifying `WITH` parts: `published` deletes the rows an earlier group's broker
-/// confirmed, `outbox_written` inserts the new rows; their arguments are numbered from
+/// confirmed, `outbox_written` inserts the group's row; their arguments are numbered from
 /// `$first` (as [`bind`] adds them). [`PARTS_DONE`] is true once both have run.
 pub fn parts_sql(first: usize) -> String {
+    let names: Vec<&str> = COLUMNS.iter().map(|(name, _)| *name).collect();
+    let values: Vec<String> = COLUMNS
+        .iter()
+        .enumerate()
+        .map(|(i, (_, ty))| format!("${}::{ty}", first + i))
+        .collect();
     format!(
         "published AS (DELETE FROM outbox WHERE id = ANY(${}) RETURNING 1),
          outbox_written AS (
-             INSERT INTO outbox (id, message_id, exchange, routing_key, kind, headers, body, created_at,
-                                 result_job_id, result_generation)
-             SELECT * FROM UNNEST({})
+             INSERT INTO outbox ({}) VALUES ({})
              RETURNING 1)",
-        first + TYPES.len(),
-        crate::store::unnest_arguments(first, &TYPES)
+        first + COLUMNS.len(),
+        names.join(", "),
+        values.join(", "),
     )
 }
 
@@ -91,49 +116,45 @@ pub fn parts_sql(first: usize) -> String {
 pub const PARTS_DONE: &str =
     "(SELECT count(*) FROM published) + (SELECT count(*) FROM outbox_written) >= 0";
 
-/// Adds the rows' columns, one array each, then the `published` ids, in [`parts_sql`]'s order.
-pub fn bind<'q>(query: PgQuery<'q>, rows: &[OutboxRow], published: &[Uuid]) -> PgQuery<'q> {
+/// Adds the row's columns, one array per message field, then the `published` ids, in
+/// [`parts_sql`]'s order.
+pub fn bind<'q>(query: PgQuery<'q>, row: &OutboxRow, published: &[Uuid]) -> PgQuery<'q> {
+    let messages = &row.messages;
+    let each = |field: fn(&Outgoing) -> &str| -> Vec<&str> {
+        messages.iter().map(|m| field(&m.message)).collect()
+    };
     query
-        .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
+        .bind(row.id)
+        .bind(row.created_at)
+        .bind(each(|m| &m.message_id))
+        .bind(each(|m| &m.exchange))
+        .bind(each(|m| &m.routing_key))
+        .bind(each(|m| &m.kind))
         .bind(
-            rows.iter()
-                .map(|r| r.message.message_id.as_str())
+            messages
+                .iter()
+                .map(|m| {
+                    let headers = headers_to_json(m.message.headers.as_ref());
+                    (!headers.is_empty()).then_some(Json(headers))
+                })
                 .collect::<Vec<_>>(),
         )
         .bind(
-            rows.iter()
-                .map(|r| r.message.exchange.as_str())
+            messages
+                .iter()
+                .map(|m| m.stored_as.is_none().then_some(m.message.body.as_slice()))
                 .collect::<Vec<_>>(),
         )
         .bind(
-            rows.iter()
-                .map(|r| r.message.routing_key.as_str())
+            messages
+                .iter()
+                .map(|m| m.stored_as.map(|(job, _)| job))
                 .collect::<Vec<_>>(),
         )
         .bind(
-            rows.iter()
-                .map(|r| r.message.kind.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            rows.iter()
-                .map(|r| Json(headers_to_json(r.message.headers.as_ref())))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            rows.iter()
-                .map(|r| r.stored_as.is_none().then_some(r.message.body.as_slice()))
-                .collect::<Vec<_>>(),
-        )
-        .bind(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
-        .bind(
-            rows.iter()
-                .map(|r| r.stored_as.map(|(job, _)| job))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            rows.iter()
-                .map(|r| r.stored_as.map(|(_, generation)| generation))
+            messages
+                .iter()
+                .map(|m| m.stored_as.map(|(_, generation)| generation))
                 .collect::<Vec<_>>(),
         )
         .bind(published)
@@ -157,56 +178,58 @@ type Claimed = (
     String,
     String,
     String,
-    Json<BTreeMap<String, String>>,
+    Option<Json<BTreeMap<String, String>>>,
     Option<Vec<u8>>,
-    DateTime<Utc>,
 );
 
 /// Locks up to `limit` rows committed before `before`, oldest first, skipping rows another
-/// relay holds; a row pointing at its result gets the result's body. The caller publishes
-/// them, deletes them and commits.
+/// relay holds, and returns their messages in order, each with its body (a message pointing at
+/// its result gets the result's body). The caller publishes them, deletes the rows and commits.
 ///
-/// A row whose result cannot be found (none is ever deleted, so only a hand-edited database
-/// has one) has nothing to publish: it is logged and returned in `unpublishable`, for the
-/// caller to delete with the rest.
+/// A message whose result cannot be found (none is ever deleted, so only a hand-edited
+/// database has one) has nothing to publish: it is logged and left out, and its row is deleted
+/// with the rest.
 pub async fn claim_stale(
     conn: &mut PgConnection,
     before: DateTime<Utc>,
     limit: i64,
 ) -> Result<Claim, sqlx::Error> {
     let rows: Vec<Claimed> = sqlx::query_as(
-        "SELECT o.id, o.message_id, o.exchange, o.routing_key, o.kind, o.headers,
-                COALESCE(o.body, (SELECT convert_to(r.body::text, 'UTF8') FROM results r
-                                  WHERE r.job_id = o.result_job_id
-                                    AND r.generation = o.result_generation)),
-                o.created_at
-         FROM outbox o WHERE o.created_at < $1
-         ORDER BY o.created_at LIMIT $2
-         FOR UPDATE SKIP LOCKED",
+        "WITH claimed AS (
+             SELECT * FROM outbox WHERE created_at < $1
+             ORDER BY created_at LIMIT $2
+             FOR UPDATE SKIP LOCKED)
+         SELECT c.id, m.message_id, m.exchange, m.routing_key, m.kind, m.headers,
+                COALESCE(m.body, (SELECT convert_to(r.body::text, 'UTF8') FROM results r
+                                  WHERE r.job_id = m.result_job_id
+                                    AND r.generation = m.result_generation))
+         FROM claimed c
+         CROSS JOIN LATERAL unnest(c.message_ids, c.exchanges, c.routing_keys, c.kinds,
+                                   c.headers, c.bodies, c.result_job_ids, c.result_generations)
+             WITH ORDINALITY AS m(message_id, exchange, routing_key, kind, headers, body,
+                                  result_job_id, result_generation, n)
+         ORDER BY c.created_at, c.id, m.n",
     )
     .bind(before)
     .bind(limit)
     .fetch_all(conn)
     .await?;
     let mut claim = Claim::default();
-    for (id, message_id, exchange, routing_key, kind, headers, body, created_at) in rows {
+    for (id, message_id, exchange, routing_key, kind, headers, body) in rows {
+        if claim.ids.last() != Some(&id) {
+            claim.ids.push(id);
+        }
         let Some(body) = body else {
-            tracing::error!(outbox.id = %id, message_id = %message_id, "An outbox row points at a result that does not exist; it cannot be published and is dropped.");
-            claim.unpublishable.push(id);
+            tracing::error!(outbox.id = %id, message_id = %message_id, "An outbox message points at a result that does not exist; it cannot be published and is dropped.");
             continue;
         };
-        claim.rows.push(OutboxRow {
-            id,
-            message: Outgoing {
-                exchange,
-                routing_key,
-                body,
-                message_id,
-                kind,
-                headers: headers_from_json(headers.0),
-            },
-            created_at,
-            stored_as: None,
+        claim.messages.push(Outgoing {
+            exchange,
+            routing_key,
+            body,
+            message_id,
+            kind,
+            headers: headers.and_then(|headers| headers_from_json(headers.0)),
         });
     }
     Ok(claim)
@@ -215,13 +238,13 @@ pub async fn claim_stale(
 /// What [`claim_stale`] locked.
 #[derive(Debug, Default)]
 pub struct Claim {
-    /// Rows to publish, each with its body.
-    pub rows: Vec<OutboxRow>,
-    /// Ids of rows with nothing to publish.
-    pub unpublishable: Vec<Uuid>,
+    /// The rows' ids, to delete once their messages are confirmed.
+    pub ids: Vec<Uuid>,
+    /// Their messages in publishing order, each with its body.
+    pub messages: Vec<Outgoing>,
 }
 
-/// Rows not yet published.
+/// Rows (groups of messages) not yet published.
 pub async fn pending(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("SELECT count(*) FROM outbox")
         .fetch_one(conn)

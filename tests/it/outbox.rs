@@ -38,21 +38,29 @@ async fn a_worker_dying_between_commit_and_publish_has_its_messages_relayed_exac
         .fetch_all(app.pool())
         .await
         .unwrap();
-    let stranded: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
-        .fetch_one(app.pool())
-        .await
-        .unwrap();
+    let (rows, stranded): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), COALESCE(sum(cardinality(message_ids)), 0)::int8 FROM outbox",
+    )
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
     assert!(!committed.is_empty(), "the group committed");
     assert!(
         stranded as usize > committed.len(),
-        "its result and event messages wait in the outbox ({stranded} rows)"
+        "its result and event messages wait in the outbox ({stranded} messages)"
     );
-    // Each result's row points at its `results` row instead of copying the body.
-    let pointing: Vec<uuid::Uuid> =
-        sqlx::query_scalar("SELECT result_job_id FROM outbox WHERE body IS NULL ORDER BY 1")
-            .fetch_all(app.pool())
-            .await
-            .unwrap();
+    assert!(
+        rows >= 1 && rows < stranded,
+        "a group's messages share one row ({rows} rows, {stranded} messages)"
+    );
+    // Each result points at its `results` row instead of copying the body.
+    let pointing: Vec<uuid::Uuid> = sqlx::query_scalar(
+        "SELECT m.job FROM outbox, unnest(bodies, result_job_ids) AS m(body, job)
+         WHERE m.body IS NULL ORDER BY 1",
+    )
+    .fetch_all(app.pool())
+    .await
+    .unwrap();
     let mut expected = committed.clone();
     expected.sort();
     assert_eq!(pointing, expected);
@@ -107,34 +115,40 @@ async fn a_worker_dying_between_commit_and_publish_has_its_messages_relayed_exac
     app.cleanup().await;
 }
 
-/// An outbox row holding a result message, created at `created_at`.
-fn result_row(
+/// A result message whose row stores its body.
+fn result_message(app: &crate::helpers::TestApp) -> switchyard::store::outbox::OutboxMessage {
+    switchyard::queue::publisher::Outgoing {
+        exchange: app.names.results_exchange(),
+        routing_key: "acme._.succeeded".to_owned(),
+        body: b"{}".to_vec(),
+        message_id: uuid::Uuid::now_v7().to_string(),
+        kind: "switchyard.result.v1".to_owned(),
+        headers: None,
+    }
+    .into()
+}
+
+/// An outbox row holding `messages` result messages, created at `created_at`.
+fn group_row(
     app: &crate::helpers::TestApp,
     created_at: chrono::DateTime<chrono::Utc>,
+    messages: usize,
 ) -> switchyard::store::outbox::OutboxRow {
     switchyard::store::outbox::OutboxRow {
         id: uuid::Uuid::now_v7(),
-        message: switchyard::queue::publisher::Outgoing {
-            exchange: app.names.results_exchange(),
-            routing_key: "acme._.succeeded".to_owned(),
-            body: b"{}".to_vec(),
-            message_id: uuid::Uuid::now_v7().to_string(),
-            kind: "switchyard.result.v1".to_owned(),
-            headers: None,
-        },
         created_at,
-        stored_as: None,
+        messages: (0..messages).map(|_| result_message(app)).collect(),
     }
 }
 
-/// Writes outbox rows (and deletes `published`) with the statement finalize uses, locking no
+/// Writes an outbox row (and deletes `published`) with the statement finalize uses, locking no
 /// chain head.
 async fn write_outbox(
     conn: &mut sqlx::PgConnection,
-    rows: &[switchyard::store::outbox::OutboxRow],
+    row: &switchyard::store::outbox::OutboxRow,
     published: &[uuid::Uuid],
 ) {
-    switchyard::store::group::write_outbox_then_lock_heads(conn, rows, published, &[])
+    switchyard::store::group::write_outbox_then_lock_heads(conn, row, published, &[])
         .await
         .unwrap();
 }
@@ -145,15 +159,17 @@ async fn relays_claim_only_stale_rows_and_never_the_same_row_twice() {
     use switchyard::store::outbox::{self, OutboxRow};
 
     let app = crate::helpers::spawn_app().await;
-    let row = |age_secs: i64| result_row(&app, Utc::now() - chrono::Duration::seconds(age_secs));
+    let row = |age_secs: i64| group_row(&app, Utc::now() - chrono::Duration::seconds(age_secs), 2);
     let stale: Vec<OutboxRow> = (0..10).map(|_| row(60)).collect();
     let fresh = row(0);
     let published = row(60);
     let mut conn = app.pool().acquire().await.unwrap();
-    write_outbox(&mut conn, &stale, &[]).await;
-    write_outbox(&mut conn, std::slice::from_ref(&published), &[]).await;
+    for stale in &stale {
+        write_outbox(&mut conn, stale, &[]).await;
+    }
+    write_outbox(&mut conn, &published, &[]).await;
     // A group's insert also deletes the rows confirmed since the last one.
-    write_outbox(&mut conn, std::slice::from_ref(&fresh), &[published.id]).await;
+    write_outbox(&mut conn, &fresh, &[published.id]).await;
     drop(conn);
 
     let cutoff = Utc::now() - chrono::Duration::seconds(5);
@@ -162,27 +178,40 @@ async fn relays_claim_only_stale_rows_and_never_the_same_row_twice() {
     let a = outbox::claim_stale(&mut first, cutoff, 6).await.unwrap();
     let b = outbox::claim_stale(&mut second, cutoff, 6).await.unwrap();
     assert_eq!(
-        (a.rows.len(), b.rows.len()),
+        (a.ids.len(), b.ids.len()),
         (6, 4),
         "the second relay skips the first's rows"
     );
-    let claimed: BTreeSet<uuid::Uuid> = a.rows.iter().chain(&b.rows).map(|r| r.id).collect();
+    let claimed: BTreeSet<uuid::Uuid> = a.ids.iter().chain(&b.ids).copied().collect();
     let expected: BTreeSet<uuid::Uuid> = stale.iter().map(|r| r.id).collect();
     assert_eq!(
         claimed, expected,
         "every stale row once, the fresh and the published ones not at all"
     );
+    // Each row's messages, in the order they were written.
+    let ids = |messages: &[switchyard::queue::publisher::Outgoing]| -> Vec<String> {
+        messages.iter().map(|m| m.message_id.clone()).collect()
+    };
+    let written = |rows: &[uuid::Uuid]| -> Vec<String> {
+        rows.iter()
+            .flat_map(|id| &stale.iter().find(|r| r.id == *id).unwrap().messages)
+            .map(|m| m.message.message_id.clone())
+            .collect()
+    };
+    assert_eq!(ids(&a.messages), written(&a.ids));
+    assert_eq!(ids(&b.messages), written(&b.ids));
+    assert_eq!(a.messages.len() + b.messages.len(), 20);
     first.rollback().await.unwrap();
     second.rollback().await.unwrap();
     app.cleanup().await;
 }
 
-/// A result message's row stores no copy of its body: it points at the `results` row written
-/// in the same transaction, and the relay publishes that row's body, byte for byte. A row
-/// pointing at a result that does not exist has nothing to publish and is handed back to be
-/// deleted.
+/// A result message stores no copy of its body: it points at the `results` row written in the
+/// same transaction, and the relay publishes that row's body, byte for byte. A message pointing
+/// at a result that does not exist has nothing to publish and is left out; the rest of its row
+/// is published and the row deleted.
 #[tokio::test]
-async fn a_result_row_points_at_its_result_and_the_relay_publishes_the_stored_body() {
+async fn a_result_message_points_at_its_result_and_the_relay_publishes_the_stored_body() {
     use chrono::Utc;
     use switchyard::store::outbox;
 
@@ -190,20 +219,24 @@ async fn a_result_row_points_at_its_result_and_the_relay_publishes_the_stored_bo
     let result = crate::helpers::stored_result(uuid::Uuid::now_v7(), 2);
     let mut conn = app.pool().acquire().await.unwrap();
     crate::helpers::store_results(&mut conn, std::iter::once(&result)).await;
-    let old = Utc::now() - chrono::Duration::seconds(60);
-    let mut pointing = result_row(&app, old);
-    pointing.stored_as = Some((result.job_id, 2));
-    let mut dangling = result_row(&app, old);
-    dangling.stored_as = Some((uuid::Uuid::now_v7(), 1));
-    write_outbox(&mut conn, &[pointing.clone(), dangling.clone()], &[]).await;
+    let mut row = group_row(&app, Utc::now() - chrono::Duration::seconds(60), 3);
+    row.messages[0].stored_as = Some((result.job_id, 2));
+    row.messages[1].stored_as = Some((uuid::Uuid::now_v7(), 1));
+    row.messages[2].message.body = b"{\"kept\":true}".to_vec();
+    write_outbox(&mut conn, &row, &[]).await;
 
-    let (copied, points_at): (Option<i32>, Option<uuid::Uuid>) =
-        sqlx::query_as("SELECT octet_length(body), result_job_id FROM outbox WHERE id = $1")
-            .bind(pointing.id)
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap();
-    assert_eq!((copied, points_at), (None, Some(result.job_id)));
+    let (copied, points_at, kept): (Option<i32>, Option<uuid::Uuid>, Option<Vec<u8>>) =
+        sqlx::query_as(
+            "SELECT octet_length(bodies[1]), result_job_ids[1], bodies[3] FROM outbox WHERE id = $1",
+        )
+        .bind(row.id)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        (copied, points_at, kept.as_deref()),
+        (None, Some(result.job_id), Some(&b"{\"kept\":true}"[..]))
+    );
     let stored: String =
         sqlx::query_scalar("SELECT body::text FROM results WHERE job_id = $1 AND generation = 2")
             .bind(result.job_id)
@@ -214,20 +247,32 @@ async fn a_result_row_points_at_its_result_and_the_relay_publishes_the_stored_bo
 
     let mut tx = app.pool().begin().await.unwrap();
     let claim = outbox::claim_stale(&mut tx, Utc::now(), 10).await.unwrap();
-    assert_eq!(claim.rows.len(), 1);
-    assert_eq!(claim.rows[0].id, pointing.id);
-    assert_eq!(claim.rows[0].message.body, stored.as_bytes());
+    assert_eq!(claim.ids, [row.id]);
+    let published: Vec<(&str, &[u8])> = claim
+        .messages
+        .iter()
+        .map(|m| (m.message_id.as_str(), m.body.as_slice()))
+        .collect();
     assert_eq!(
-        claim.rows[0].message.message_id,
-        pointing.message.message_id
+        published,
+        [
+            (
+                row.messages[0].message.message_id.as_str(),
+                stored.as_bytes()
+            ),
+            (
+                row.messages[2].message.message_id.as_str(),
+                &b"{\"kept\":true}"[..]
+            ),
+        ],
+        "the stored result's body, the dangling message left out, the last one as written"
     );
-    assert_eq!(claim.unpublishable, [dangling.id]);
     tx.rollback().await.unwrap();
     app.cleanup().await;
 }
 
-/// A finalize group writes its outbox rows (deleting rows the broker confirmed for an earlier
-/// group) and then locks its tenants' audit chain heads, in one statement: the rows are
+/// A finalize group writes its outbox row (deleting rows the broker confirmed for an earlier
+/// group) and then locks its tenants' audit chain heads, in one statement: the row is
 /// written, the confirmed one is gone, the heads come back with their links, and another
 /// transaction cannot take a head until this one ends.
 #[tokio::test]
@@ -236,10 +281,10 @@ async fn a_group_writes_its_outbox_rows_and_then_locks_its_chain_heads_in_one_st
     use switchyard::store::group;
 
     let app = crate::helpers::spawn_app().await;
-    let row = || result_row(&app, Utc::now());
+    let row = || group_row(&app, Utc::now(), 2);
     let confirmed = row();
     let mut conn = app.pool().acquire().await.unwrap();
-    write_outbox(&mut conn, std::slice::from_ref(&confirmed), &[]).await;
+    write_outbox(&mut conn, &confirmed, &[]).await;
     sqlx::query(
         "INSERT INTO audit_chain_heads (tenant, seq, hash) VALUES ('acme', 7, 'h7'), ('beta', 2, 'h2')",
     )
@@ -248,11 +293,11 @@ async fn a_group_writes_its_outbox_rows_and_then_locks_its_chain_heads_in_one_st
     .unwrap();
     drop(conn);
 
-    let rows = [row(), row()];
+    let written = row();
     let mut tx = app.pool().begin().await.unwrap();
     let heads = group::write_outbox_then_lock_heads(
         &mut tx,
-        &rows,
+        &written,
         &[confirmed.id],
         &["acme", "beta", "new"],
     )
@@ -266,14 +311,18 @@ async fn a_group_writes_its_outbox_rows_and_then_locks_its_chain_heads_in_one_st
         ],
         "the existing heads, each with its link; a tenant without one has none yet"
     );
-    let mut ids: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM outbox")
+    let ids: Vec<(uuid::Uuid, Vec<String>)> = sqlx::query_as("SELECT id, message_ids FROM outbox")
         .fetch_all(&mut *tx)
         .await
         .unwrap();
-    ids.sort();
+    let message_ids: Vec<String> = written
+        .messages
+        .iter()
+        .map(|m| m.message.message_id.clone())
+        .collect();
     assert_eq!(
         ids,
-        vec![rows[0].id, rows[1].id],
+        vec![(written.id, message_ids)],
         "written, and the confirmed row deleted"
     );
 
@@ -294,28 +343,30 @@ async fn a_group_writes_its_outbox_rows_and_then_locks_its_chain_heads_in_one_st
     app.cleanup().await;
 }
 
-/// An outbox row is deleted once the broker confirms it, so its body is not compressed with
-/// pglz: a group's event array of tens of KB is compressed with lz4 (a fifth of pglz's CPU),
-/// or not at all on a server built without lz4.
+/// An outbox row is deleted once the broker confirms it, so it is not compressed with pglz: a
+/// group's event array of tens of KB, and the message ids, routing keys, exchanges and kinds of
+/// a large group's results, are compressed with lz4 (a fifth of pglz's CPU), or not at all on
+/// a server built without lz4.
 #[tokio::test]
-async fn outbox_bodies_are_compressed_with_lz4_or_not_at_all() {
+async fn outbox_rows_are_compressed_with_lz4_or_not_at_all() {
     let app = crate::helpers::spawn_app().await;
-    let mut row = result_row(&app, chrono::Utc::now());
+    let mut row = group_row(&app, chrono::Utc::now(), 1);
     let events: Vec<String> = (0..400)
         .map(|n| format!(r#"{{"kind":"job_succeeded","tenant":"acme","n":{n}}}"#))
         .collect();
-    row.message.body = format!("[{}]", events.join(",")).into_bytes();
-    row.message.kind = "switchyard.audit_event.v1[]".to_owned();
+    let message = &mut row.messages[0].message;
+    message.body = format!("[{}]", events.join(",")).into_bytes();
+    message.kind = "switchyard.audit_event.v1[]".to_owned();
     let mut conn = app.pool().acquire().await.unwrap();
-    write_outbox(&mut conn, std::slice::from_ref(&row), &[]).await;
+    write_outbox(&mut conn, &row, &[]).await;
     let (length, compression): (i32, Option<String>) = sqlx::query_as(
-        "SELECT octet_length(body), pg_column_compression(body)::text FROM outbox WHERE id = $1",
+        "SELECT octet_length(bodies[1]), pg_column_compression(bodies)::text FROM outbox WHERE id = $1",
     )
     .bind(row.id)
     .fetch_one(&mut *conn)
     .await
     .unwrap();
-    assert_eq!(length as usize, row.message.body.len());
+    assert_eq!(length as usize, row.messages[0].message.body.len());
     assert!(length > 16_000, "{length}");
     // lz4 where the server has it, else none: never pglz.
     let expected = if lz4_supported(&mut conn).await {
@@ -324,6 +375,22 @@ async fn outbox_bodies_are_compressed_with_lz4_or_not_at_all() {
         None
     };
     assert_eq!(compression.as_deref(), expected);
+
+    let results = group_row(&app, chrono::Utc::now(), 300);
+    write_outbox(&mut conn, &results, &[]).await;
+    let compressions: Vec<Option<String>> = sqlx::query_as::<_, (Option<String>, Option<String>)>(
+        "SELECT pg_column_compression(exchanges)::text, pg_column_compression(kinds)::text
+         FROM outbox WHERE id = $1",
+    )
+    .bind(results.id)
+    .fetch_one(&mut *conn)
+    .await
+    .map(|(exchanges, kinds)| vec![exchanges, kinds])
+    .unwrap();
+    assert_eq!(
+        compressions,
+        [expected.map(str::to_owned), expected.map(str::to_owned)]
+    );
     drop(conn);
     app.cleanup().await;
 }
