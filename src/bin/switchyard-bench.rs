@@ -318,6 +318,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .map(|(rate, _, _)| rate);
         report.raw = Some(raw_relay(&env, plan.jobs, plan.paced_secs, pipeline_rate).await?);
     }
+    // The ratio swings with the machine's drift between two runs minutes apart (the first
+    // pipeline run follows the build): more back-to-back pairs, each pair's order alternating,
+    // unpaced, and the median of their ratios is reported, as for the limits below.
+    if let (Some(healthy_run), Some(raw)) = (&report.healthy, &report.raw) {
+        report
+            .ratio_pairs
+            .push((healthy_run.jobs_per_sec, raw.jobs_per_sec));
+        let unpaced = Scenario {
+            paced: false,
+            ..healthy.clone()
+        };
+        for _ in 1..plan.scaling_repeats {
+            eprintln!("== raw relay: {} jobs (ratio pair)", plan.jobs);
+            let raw = raw_relay(&env, plan.jobs, 0.0, None).await?.jobs_per_sec;
+            let pipeline = pipeline(&env, &unpaced, 0.0).await?.jobs_per_sec;
+            report.ratio_pairs.push((pipeline, raw));
+        }
+    }
     // 10,000 in flight over HTTP/1.1 (a connection per call), then over h2c.
     for (name, http2) in [("inflight", false), ("inflight-h2", true)] {
         if !wants(name) {
@@ -1486,6 +1504,9 @@ struct Report {
     fallback: Option<Figures>,
     scaling: Vec<(usize, Median)>,
     limits: Option<Pairs>,
+    /// Pipeline and raw relay jobs/s measured back to back, the first pair being `healthy`'s
+    /// and `raw`'s runs.
+    ratio_pairs: Vec<(f64, f64)>,
 }
 
 /// A table row: figure, measured, target, and whether it is met (`None`: no target).
@@ -1503,6 +1524,7 @@ impl Report {
                 .map(|(_, m)| m.all_cpu.len())
                 .sum::<usize>()
             + self.limits.as_ref().map_or(0, |pairs| pairs.0.len() * 2)
+            + self.ratio_pairs.len().saturating_sub(1)
     }
 
     fn rows(&self, plan: &Plan) -> Vec<Row> {
@@ -1539,10 +1561,30 @@ impl Report {
             if let Some(raw) = &self.raw {
                 let ratio = h.jobs_per_sec / raw.jobs_per_sec;
                 rows.push(row(
-                    "pipeline ÷ raw relay".to_owned(),
+                    "pipeline ÷ raw relay (the two runs above)".to_owned(),
                     format!("{ratio:.2}"),
                     "≥ 0.5",
-                    Some(ratio >= 0.5),
+                    (self.ratio_pairs.len() < 2).then_some(ratio >= 0.5),
+                ));
+            }
+            if self.ratio_pairs.len() > 1 {
+                let mut ratios: Vec<f64> = self.ratio_pairs.iter().map(|(p, r)| p / r).collect();
+                let pairs: Vec<String> = self
+                    .ratio_pairs
+                    .iter()
+                    .map(|(p, r)| format!("{p:.0} ÷ {r:.0}"))
+                    .collect();
+                ratios.sort_by(f64::total_cmp);
+                let median = ratios[ratios.len() / 2];
+                rows.push(row(
+                    format!(
+                        "pipeline ÷ raw relay, median of {} back-to-back pairs ({})",
+                        pairs.len(),
+                        pairs.join(", ")
+                    ),
+                    format!("{median:.2}"),
+                    "≥ 0.5",
+                    Some(median >= 0.5),
                 ));
             }
             rows.push(row(
