@@ -31,6 +31,7 @@ use crate::routing::RouteError;
 use crate::stages::dispatch::{Dispatched, StreamItem, StreamSink, dispatch};
 use crate::stages::finalize::{FinalizeStats, Finalizer, Finished, FinishedJob};
 use crate::stages::ingest::{Rejection, ingest};
+use crate::stages::relay::Lease;
 use crate::stages::route::route;
 
 /// How a worker runs.
@@ -181,8 +182,22 @@ async fn run_lane(
     state: &WorkerState,
 ) -> anyhow::Result<(WorkerExit, FinalizeStats)> {
     let mut finalized = FinalizeStats::default();
+    let lease_ttl = Duration::from_millis(ctx.settings.worker.outbox_relay_after_ms);
     let exit = loop {
-        let end = match session(ctx, options, lane, prefetch, state, &mut finalized).await {
+        // The session's outbox rows are its own while the lease lives: the relay leaves them.
+        let lease = Lease::start(&ctx.pool, &ctx.tasks, lease_ttl).await;
+        let outcome = session(
+            ctx,
+            options,
+            lane,
+            prefetch,
+            state,
+            &mut finalized,
+            lease.id(),
+        )
+        .await;
+        lease.end().await;
+        let end = match outcome {
             Ok(end) => end,
             // Setting up a session on a connection that just died.
             Err(error) if !ctx.broker.is_connected() => {
@@ -257,6 +272,7 @@ async fn session(
     prefetch: u16,
     state: &WorkerState,
     finalized: &mut FinalizeStats,
+    lease: uuid::Uuid,
 ) -> anyhow::Result<SessionEnd> {
     let channel = ctx.broker.create_channel().await?;
     channel
@@ -293,6 +309,7 @@ async fn session(
         budgets: ctx.budgets.clone(),
         provenance: ctx.identity.provenance(),
         stop: abandon.clone(),
+        session: lease,
     };
     let mut finalizing = Some(ctx.tasks.spawn(finalizer.run(inbox)));
     let processing = TaskTracker::new();

@@ -545,6 +545,8 @@ pub struct Finalizer {
     pub stop: tokio_util::sync::CancellationToken,
     /// This worker's provenance, for events about no particular message (budget alerts).
     pub provenance: crate::messages::Provenance,
+    /// The session's lease id (`stages::relay::Lease`), written on its outbox rows.
+    pub session: Uuid,
 }
 
 impl Finalizer {
@@ -824,6 +826,7 @@ impl Finalizer {
         let row = OutboxRow {
             id: Uuid::now_v7(),
             created_at: Utc::now(),
+            session: Some(self.session),
             messages: self.messages(fresh, &lost_races, &alerts),
         };
         // A rejected message seen again (redelivered after its commit) adds no second audit.

@@ -5,12 +5,18 @@
 //! their stored `message_id`, deletes them and commits. A relay that dies before its commit
 //! leaves the rows for the next one: delivery is at least once, and subscribers dedupe on
 //! `message_id`.
+//!
+//! Rows of a session that still holds its [`Lease`] are not the relay's: a live session
+//! publishes and deletes its own rows, however long its commit or the broker's confirms take,
+//! so a slow lane's messages are not published twice.
 
 use std::time::Duration;
 
 use chrono::Utc;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
 
 use crate::queue::publisher::{Outgoing, Publisher};
 use crate::queue::{Broker, BrokerError};
@@ -103,4 +109,77 @@ async fn publish(
     };
     publisher.publish_all_once(messages).await?;
     Ok(())
+}
+
+/// A finalize session's lease on its outbox rows (`outbox_sessions`): taken when the session
+/// starts, renewed every quarter of `ttl` while it lives, deleted by [`Lease::end`] (or, when
+/// dropped, by its renewing task). A worker that dies stops renewing, and its rows are the
+/// relay's once the lease expires. A failed renewal is only logged: the lease then expires and
+/// the rows go back to being relayed by age, at least once as before.
+pub struct Lease {
+    id: Uuid,
+    stop: CancellationToken,
+    holder: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Lease {
+    /// Takes a new session's lease for `ttl` (on `tasks`, which renews it).
+    pub async fn start(pool: &PgPool, tasks: &TaskTracker, ttl: Duration) -> Self {
+        let id = Uuid::now_v7();
+        hold(pool, id, ttl).await;
+        let stop = CancellationToken::new();
+        let holder = tasks.spawn(renew(pool.clone(), id, ttl, stop.clone()));
+        Self {
+            id,
+            stop,
+            holder: Some(holder),
+        }
+    }
+
+    /// The session id its outbox rows carry.
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+
+    /// Ends the lease and waits until it is deleted.
+    pub async fn end(mut self) {
+        self.stop.cancel();
+        if let Some(holder) = self.holder.take() {
+            let _ = holder.await;
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Renews the lease until `stop`, then deletes it.
+async fn renew(pool: PgPool, id: Uuid, ttl: Duration, stop: CancellationToken) {
+    let every = (ttl / 4).max(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(every) => hold(&pool, id, ttl).await,
+        }
+    }
+    let ended = async {
+        let mut conn = pool.acquire().await?;
+        outbox::end_session(&mut conn, id).await
+    };
+    if let Err(error) = ended.await {
+        tracing::warn!(session = %id, error.message = %error, "Could not end an outbox session's lease; it expires on its own.");
+    }
+}
+
+async fn hold(pool: &PgPool, id: Uuid, ttl: Duration) {
+    let held = async {
+        let mut conn = pool.acquire().await?;
+        outbox::hold_session(&mut conn, id, ttl).await
+    };
+    if let Err(error) = held.await {
+        tracing::warn!(session = %id, error.message = %error, "Could not take or renew an outbox session's lease; once it expires, the relay may publish this session's messages again.");
+    }
 }

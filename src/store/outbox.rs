@@ -19,6 +19,9 @@ use crate::store::PgQuery;
 pub struct OutboxRow {
     pub id: Uuid,
     pub created_at: DateTime<Utc>,
+    /// The session whose lease (`outbox_sessions`) keeps the relay away from the row while the
+    /// session lives; `None` leaves the row to the relay by age alone.
+    pub session: Option<Uuid>,
     /// In publishing order.
     pub messages: Vec<OutboxMessage>,
 }
@@ -77,9 +80,10 @@ fn headers_from_json(map: BTreeMap<String, String>) -> Option<FieldTable> {
 }
 
 /// The row's columns, as [`bind`] adds them.
-const COLUMNS: [(&str, &str); 10] = [
+const COLUMNS: [(&str, &str); 11] = [
     ("id", "uuid"),
     ("created_at", "timestamptz"),
+    ("session_id", "uuid"),
     ("message_ids", "text[]"),
     ("exchanges", "text[]"),
     ("routing_keys", "text[]"),
@@ -126,6 +130,7 @@ pub fn bind<'q>(query: PgQuery<'q>, row: &OutboxRow, published: &[Uuid]) -> PgQu
     query
         .bind(row.id)
         .bind(row.created_at)
+        .bind(row.session)
         .bind(each(|m| &m.message_id))
         .bind(each(|m| &m.exchange))
         .bind(each(|m| &m.routing_key))
@@ -183,7 +188,7 @@ type Claimed = (
 );
 
 /// Locks up to `limit` rows committed before `before`, oldest first, skipping rows another
-/// relay holds, and returns their messages in order, each with its body (a message pointing at
+/// relay holds and rows of a session whose lease has not expired, and returns their messages in order, each with its body (a message pointing at
 /// its result gets the result's body). The caller publishes them, deletes the rows and commits.
 ///
 /// A message whose result cannot be found (none is ever deleted, so only a hand-edited
@@ -196,8 +201,11 @@ pub async fn claim_stale(
 ) -> Result<Claim, sqlx::Error> {
     let rows: Vec<Claimed> = sqlx::query_as(
         "WITH claimed AS (
-             SELECT * FROM outbox WHERE created_at < $1
-             ORDER BY created_at LIMIT $2
+             SELECT * FROM outbox o
+             WHERE o.created_at < $1
+               AND NOT EXISTS (SELECT 1 FROM outbox_sessions s
+                               WHERE s.id = o.session_id AND s.alive_until > now())
+             ORDER BY o.created_at LIMIT $2
              FOR UPDATE SKIP LOCKED)
          SELECT c.id, m.message_id, m.exchange, m.routing_key, m.kind, m.headers,
                 COALESCE(m.body, (SELECT convert_to(r.body::text, 'UTF8') FROM results r
@@ -242,6 +250,34 @@ pub struct Claim {
     pub ids: Vec<Uuid>,
     /// Their messages in publishing order, each with its body.
     pub messages: Vec<Outgoing>,
+}
+
+/// Takes (or renews) session `id`'s lease until `ttl` from now, by Postgres' clock.
+pub async fn hold_session(
+    conn: &mut PgConnection,
+    id: Uuid,
+    ttl: std::time::Duration,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO outbox_sessions (id, alive_until)
+         VALUES ($1, now() + $2 * interval '1 millisecond')
+         ON CONFLICT (id) DO UPDATE SET alive_until = EXCLUDED.alive_until",
+    )
+    .bind(id)
+    .bind(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Ends session `id`'s lease (its rows are the relay's once they are old enough), and drops
+/// leases that expired (a worker that died leaves its own behind).
+pub async fn end_session(conn: &mut PgConnection, id: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM outbox_sessions WHERE id = $1 OR alive_until < now()")
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// Rows (groups of messages) not yet published.

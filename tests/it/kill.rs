@@ -124,6 +124,16 @@ async fn sigterm_stops_a_worker_cleanly_and_nothing_unfinished_is_acked() {
     let log = tempfile::NamedTempFile::new().unwrap();
     let worker = start_worker(&app, &[], log.reopen().unwrap().into());
     wait_for_results(&app, 20).await;
+    // Each consuming session holds a lease that keeps the relay off its outbox rows.
+    let leases = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM outbox_sessions WHERE alive_until > now()",
+        )
+        .fetch_one(app.pool())
+        .await
+        .unwrap()
+    };
+    assert!(leases().await >= 1, "a running worker holds its leases");
     let pid = worker.id().to_string();
     let killed = std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -157,6 +167,7 @@ async fn sigterm_stops_a_worker_cleanly_and_nothing_unfinished_is_acked() {
         !log.contains("ERROR"),
         "a clean stop logged an error:\n{log}"
     );
+    assert_eq!(leases().await, 0, "a clean stop ends its sessions' leases");
 
     finish_with_a_fresh_worker(&app).await;
     assert_exactly_one_result_per_job(&app, 300).await;

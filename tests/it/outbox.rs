@@ -137,6 +137,7 @@ fn group_row(
     switchyard::store::outbox::OutboxRow {
         id: uuid::Uuid::now_v7(),
         created_at,
+        session: None,
         messages: (0..messages).map(|_| result_message(app)).collect(),
     }
 }
@@ -203,6 +204,67 @@ async fn relays_claim_only_stale_rows_and_never_the_same_row_twice() {
     assert_eq!(a.messages.len() + b.messages.len(), 20);
     first.rollback().await.unwrap();
     second.rollback().await.unwrap();
+    app.cleanup().await;
+}
+
+/// The relay leaves the rows of a session that holds its lease to that session, however old
+/// they are (a slow lane's messages are not published twice); the rows of a session whose
+/// lease ended or expired, or that never took one, are the relay's.
+#[tokio::test]
+async fn the_relay_leaves_a_live_sessions_rows_to_it() {
+    use chrono::Utc;
+    use std::time::Duration;
+    use switchyard::stages::relay::Lease;
+    use switchyard::store::outbox;
+
+    let app = crate::helpers::spawn_app().await;
+    let tasks = tokio_util::task::TaskTracker::new();
+    let live = Lease::start(app.pool(), &tasks, Duration::from_secs(60)).await;
+    let expired = uuid::Uuid::now_v7();
+    let mut conn = app.pool().acquire().await.unwrap();
+    outbox::hold_session(&mut conn, expired, Duration::ZERO)
+        .await
+        .unwrap();
+    let old = Utc::now() - chrono::Duration::seconds(60);
+    let row = |session| switchyard::store::outbox::OutboxRow {
+        session,
+        ..group_row(&app, old, 1)
+    };
+    let (of_live, of_expired, of_unknown) = (
+        row(Some(live.id())),
+        row(Some(expired)),
+        row(Some(uuid::Uuid::now_v7())),
+    );
+    for row in [&of_live, &of_expired, &of_unknown] {
+        write_outbox(&mut conn, row, &[]).await;
+    }
+    drop(conn);
+    let claimed = || async {
+        let mut tx = app.pool().begin().await.unwrap();
+        let claim = outbox::claim_stale(&mut tx, Utc::now(), 10).await.unwrap();
+        tx.rollback().await.unwrap();
+        claim.ids.into_iter().collect::<BTreeSet<_>>()
+    };
+    assert_eq!(
+        claimed().await,
+        BTreeSet::from([of_expired.id, of_unknown.id]),
+        "the live session's row is left to it"
+    );
+
+    live.end().await;
+    assert_eq!(
+        claimed().await,
+        BTreeSet::from([of_live.id, of_expired.id, of_unknown.id]),
+        "an ended session's row is the relay's"
+    );
+    let leases: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_sessions")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        leases, 0,
+        "ending a lease deletes it, and the expired one with it"
+    );
     app.cleanup().await;
 }
 
