@@ -111,6 +111,10 @@ async fn publish(
     Ok(())
 }
 
+/// How long a session's start or end waits for its lease's statement: a session does not wait
+/// for a Postgres that is down (the lease is renewed later, or expires on its own).
+const LEASE_WAIT: Duration = Duration::from_secs(1);
+
 /// A finalize session's lease on its outbox rows (`outbox_sessions`): taken when the session
 /// starts, renewed every quarter of `ttl` while it lives, deleted by [`Lease::end`] (or, when
 /// dropped, by its renewing task). A worker that dies stops renewing, and its rows are the
@@ -126,7 +130,12 @@ impl Lease {
     /// Takes a new session's lease for `ttl` (on `tasks`, which renews it).
     pub async fn start(pool: &PgPool, tasks: &TaskTracker, ttl: Duration) -> Self {
         let id = Uuid::now_v7();
-        hold(pool, id, ttl).await;
+        if tokio::time::timeout(LEASE_WAIT, hold(pool, id, ttl))
+            .await
+            .is_err()
+        {
+            tracing::warn!(session = %id, "Postgres did not answer within {LEASE_WAIT:?}; the session starts without its outbox lease for now.");
+        }
         let stop = CancellationToken::new();
         let holder = tasks.spawn(renew(pool.clone(), id, ttl, stop.clone()));
         Self {
@@ -162,15 +171,24 @@ async fn renew(pool: PgPool, id: Uuid, ttl: Duration, stop: CancellationToken) {
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
-            () = tokio::time::sleep(every) => hold(&pool, id, ttl).await,
+            () = async {
+                tokio::time::sleep(every).await;
+                hold(&pool, id, ttl).await;
+            } => {}
         }
     }
     let ended = async {
         let mut conn = pool.acquire().await?;
         outbox::end_session(&mut conn, id).await
     };
-    if let Err(error) = ended.await {
-        tracing::warn!(session = %id, error.message = %error, "Could not end an outbox session's lease; it expires on its own.");
+    match tokio::time::timeout(LEASE_WAIT, ended).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(session = %id, error.message = %error, "Could not end an outbox session's lease; it expires on its own.");
+        }
+        Err(_) => {
+            tracing::warn!(session = %id, "Postgres did not answer within {LEASE_WAIT:?}; the outbox session's lease expires on its own.");
+        }
     }
 }
 
