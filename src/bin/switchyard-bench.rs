@@ -1757,25 +1757,26 @@ impl Report {
             };
             let _ = writeln!(out, "| {figure} | {measured} | {target} | {met} |");
         }
-        let statuses: Vec<String> =
-            [
-                ("healthy", self.healthy.as_ref()),
-                ("inflight", self.inflight.as_ref().map(|(_, f)| f)),
-                ("inflight-h2", self.inflight_h2.as_ref().map(|(_, f)| f)),
-                ("fallback", self.fallback.as_ref()),
-            ]
-            .into_iter()
-            .chain(self.limits.iter().flat_map(|pairs| {
-                pairs
-                    .0
-                    .iter()
-                    .flat_map(|(off, on)| [("limits-off", Some(off)), ("limits", Some(on))])
-            }))
-            .filter_map(|(name, f)| f.map(|f| format!("{name} {:?}", f.statuses)))
-            .chain(self.scaling.iter().map(|(jobs, m)| {
-                format!("scaling-{jobs} ({} runs) {:?}", m.all_cpu.len(), m.statuses)
-            }))
-            .collect();
+        let statuses: Vec<String> = [
+            ("healthy", self.healthy.as_ref()),
+            ("inflight", self.inflight.as_ref().map(|(_, f)| f)),
+            ("inflight-h2", self.inflight_h2.as_ref().map(|(_, f)| f)),
+            ("fallback", self.fallback.as_ref()),
+        ]
+        .into_iter()
+        .chain(self.limits.iter().flat_map(|pairs| {
+            pairs
+                .0
+                .iter()
+                .flat_map(|(off, on)| [("limits-off", Some(off)), ("limits", Some(on))])
+        }))
+        .filter_map(|(name, f)| f.map(|f| format!("{name} {:?}", f.statuses)))
+        .chain(self.scaling.iter().map(|(jobs, m)| {
+            let runs = m.all_cpu.len();
+            let plural = if runs == 1 { "" } else { "s" };
+            format!("scaling-{jobs} ({runs} run{plural}) {:?}", m.statuses)
+        }))
+        .collect();
         if !statuses.is_empty() {
             let _ = writeln!(out, "\nresult statuses: {}", statuses.join("; "));
         }
