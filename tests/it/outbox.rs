@@ -464,3 +464,112 @@ async fn lz4_supported(conn: &mut sqlx::PgConnection) -> bool {
         .await
         .is_ok()
 }
+
+/// Messages left unsent when a worker is upgraded are not lost: migration 20261206000003 turns
+/// each old outbox row (a message, its body or its result reference, its headers) into a
+/// one-message row that the relay publishes as it was.
+#[tokio::test]
+async fn rows_left_unsent_before_the_group_rows_migration_are_relayed_after_it() {
+    use sqlx::Connection as _;
+    use switchyard::store::outbox;
+
+    let app = crate::helpers::spawn_app().await;
+    let database = format!("{}_upgrade", app.database);
+    let server = crate::helpers::database_server();
+    let mut admin = sqlx::PgConnection::connect(&format!("{server}/postgres"))
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE DATABASE \"{database}\""
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    let pool = sqlx::PgPool::connect(&format!("{server}/{database}"))
+        .await
+        .unwrap();
+    // The schema as it was before the migration: the migrations up to 20261206000002.
+    let before = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        if name.as_str() <= "20261206000002_outbox_result_reference.sql" {
+            std::fs::copy(&path, before.path().join(name)).unwrap();
+        }
+    }
+    sqlx::migrate::Migrator::new(before.path())
+        .await
+        .unwrap()
+        .run(&pool)
+        .await
+        .unwrap();
+
+    let result = crate::helpers::stored_result(uuid::Uuid::now_v7(), 1);
+    let mut conn = pool.acquire().await.unwrap();
+    crate::helpers::store_results(&mut conn, std::iter::once(&result)).await;
+    sqlx::query(
+        "INSERT INTO outbox (id, message_id, exchange, routing_key, kind, headers, body, created_at,
+                             result_job_id, result_generation)
+         VALUES (gen_random_uuid(), 'pointing', 'x.results', 'acme._.succeeded', 'switchyard.result.v1',
+                 '{}', NULL, now() - interval '2 minutes', $1, 1),
+                (gen_random_uuid(), 'carrying', 'x.dead', 'acme', 'switchyard.job.v1',
+                 '{\"x-switchyard-error\": \"too_large\"}', '\\x7b7d', now() - interval '1 minute',
+                 NULL, NULL)",
+    )
+    .bind(result.job_id)
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    drop(conn);
+
+    switchyard::store::MIGRATOR.run(&pool).await.unwrap();
+    let stored: String = sqlx::query_scalar("SELECT body::text FROM results")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let claim = outbox::claim_stale(&mut tx, chrono::Utc::now(), 10)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(claim.ids.len(), 2, "two one-message rows");
+    let relayed: Vec<(&str, &str, &[u8], Option<String>)> = claim
+        .messages
+        .iter()
+        .map(|m| {
+            let header = m
+                .headers
+                .as_ref()
+                .map(|headers| format!("{:?}", headers.inner().get("x-switchyard-error").unwrap()));
+            (
+                m.message_id.as_str(),
+                m.exchange.as_str(),
+                m.body.as_slice(),
+                header,
+            )
+        })
+        .collect();
+    assert_eq!(
+        relayed,
+        [
+            ("pointing", "x.results", stored.as_bytes(), None),
+            (
+                "carrying",
+                "x.dead",
+                &b"{}"[..],
+                Some(format!(
+                    "{:?}",
+                    lapin::types::AMQPValue::LongString("too_large".into())
+                ))
+            ),
+        ]
+    );
+    pool.close().await;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    app.cleanup().await;
+}
