@@ -31,7 +31,7 @@ use crate::routing::RouteError;
 use crate::stages::dispatch::{Dispatched, StreamItem, StreamSink, dispatch};
 use crate::stages::finalize::{FinalizeStats, Finalizer, Finished, FinishedJob};
 use crate::stages::ingest::{Rejection, ingest};
-use crate::stages::relay::Lease;
+use crate::stages::relay::{Lease, Running};
 use crate::stages::route::route;
 
 /// How a worker runs.
@@ -98,13 +98,16 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
         ctx.pool.clone(),
         sharing.clone(),
     ));
+    let running = Running::default();
     let relay = ctx.tasks.spawn(crate::stages::relay::run(
         ctx.pool.clone(),
         ctx.broker.clone(),
         Duration::from_millis(ctx.settings.worker.outbox_relay_after_ms),
+        running.clone(),
         sharing.clone(),
     ));
     let state = WorkerState {
+        running,
         received: AtomicU64::new(0),
         in_flight: Arc::new(AtomicUsize::new(0)),
         stop: ctx.shutdown.child_token(),
@@ -185,7 +188,7 @@ async fn run_lane(
     let lease_ttl = Duration::from_millis(ctx.settings.worker.outbox_relay_after_ms);
     let exit = loop {
         // The session's outbox rows are its own while the lease lives: the relay leaves them.
-        let lease = Lease::start(&ctx.pool, &ctx.tasks, lease_ttl).await;
+        let lease = Lease::start(&ctx.pool, &ctx.tasks, lease_ttl, &state.running).await;
         let outcome = session(
             ctx,
             options,
@@ -225,6 +228,8 @@ async fn run_lane(
 
 /// What the lanes of one worker share.
 struct WorkerState {
+    /// The lanes' running sessions, whose outbox rows this worker's relay leaves alone.
+    running: Running,
     /// Deliveries received by every lane.
     received: AtomicU64,
     /// Jobs being processed by every lane: a lane is idle only when no lane has one, since a

@@ -8,8 +8,12 @@
 //!
 //! Rows of a session that still holds its [`Lease`] are not the relay's: a live session
 //! publishes and deletes its own rows, however long its commit or the broker's confirms take,
-//! so a slow lane's messages are not published twice.
+//! so a slow lane's messages are not published twice. Nor are the rows of its own worker's
+//! running sessions ([`Running`]), even when their leases expired while the whole process
+//! was paused.
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -37,8 +41,14 @@ enum RelayError {
     Publish(#[from] BrokerError),
 }
 
-/// Runs until `stop`.
-pub async fn run(pool: PgPool, broker: Broker, after: Duration, stop: CancellationToken) {
+/// Runs until `stop`, leaving the rows of `running` sessions alone.
+pub async fn run(
+    pool: PgPool,
+    broker: Broker,
+    after: Duration,
+    running: Running,
+    stop: CancellationToken,
+) {
     let mut publisher: Option<Publisher> = None;
     let mut tick = tokio::time::interval(EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -49,7 +59,7 @@ pub async fn run(pool: PgPool, broker: Broker, after: Duration, stop: Cancellati
         }
         // Drain everything stale, a claim at a time, then wait for the next tick.
         loop {
-            match relay_once(&pool, &broker, &mut publisher, after).await {
+            match relay_once(&pool, &broker, &mut publisher, after, &running.ids()).await {
                 Ok(0) => break,
                 Ok(n) => {
                     metrics::counter!("switchyard_outbox_relayed_total").increment(n as u64);
@@ -78,10 +88,12 @@ async fn relay_once(
     broker: &Broker,
     publisher: &mut Option<Publisher>,
     after: Duration,
+    running: &[Uuid],
 ) -> Result<usize, RelayError> {
     let before = Utc::now() - chrono::Duration::from_std(after).unwrap_or_default();
     let mut tx = pool.begin().await?;
-    let outbox::Claim { ids, messages } = outbox::claim_stale(&mut tx, before, CLAIM).await?;
+    let outbox::Claim { ids, messages } =
+        outbox::claim_stale(&mut tx, before, CLAIM, running).await?;
     if ids.is_empty() {
         return Ok(0);
     }
@@ -124,12 +136,41 @@ pub struct Lease {
     id: Uuid,
     stop: CancellationToken,
     holder: Option<tokio::task::JoinHandle<()>>,
+    running: Running,
+}
+
+/// The sessions of this worker that are running: its relay never takes their rows. A lease in
+/// Postgres can expire while the whole process is paused (the benchmark stops its worker with
+/// `SIGSTOP` while it publishes; a VM can be suspended); on waking, the worker's own relay
+/// would otherwise race its lanes for rows they have already published.
+#[derive(Clone, Debug, Default)]
+pub struct Running(Arc<Mutex<BTreeSet<Uuid>>>);
+
+impl Running {
+    /// The running sessions' ids.
+    pub fn ids(&self) -> Vec<Uuid> {
+        self.lock().iter().copied().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<Uuid>> {
+        // A panic while holding the lock leaves a set that is still whole.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl Lease {
-    /// Takes a new session's lease for `ttl` (on `tasks`, which renews it).
-    pub async fn start(pool: &PgPool, tasks: &TaskTracker, ttl: Duration) -> Self {
+    /// Takes a new session's lease for `ttl` (on `tasks`, which renews it), and counts the
+    /// session among `running` until the lease ends.
+    pub async fn start(
+        pool: &PgPool,
+        tasks: &TaskTracker,
+        ttl: Duration,
+        running: &Running,
+    ) -> Self {
         let id = Uuid::now_v7();
+        running.lock().insert(id);
         if tokio::time::timeout(LEASE_WAIT, hold(pool, id, ttl))
             .await
             .is_err()
@@ -142,6 +183,7 @@ impl Lease {
             id,
             stop,
             holder: Some(holder),
+            running: running.clone(),
         }
     }
 
@@ -152,6 +194,7 @@ impl Lease {
 
     /// Ends the lease and waits until it is deleted.
     pub async fn end(mut self) {
+        self.running.lock().remove(&self.id);
         self.stop.cancel();
         if let Some(holder) = self.holder.take() {
             let _ = holder.await;
@@ -161,6 +204,7 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        self.running.lock().remove(&self.id);
         self.stop.cancel();
     }
 }

@@ -188,7 +188,8 @@ type Claimed = (
 );
 
 /// Locks up to `limit` rows committed before `before`, oldest first, skipping rows another
-/// relay holds and rows of a session whose lease has not expired, and returns their messages in order, each with its body (a message pointing at
+/// relay holds, rows of a session whose lease has not expired and rows of the sessions in
+/// `running` (the caller's own, alive whatever their lease says), and returns their messages in order, each with its body (a message pointing at
 /// its result gets the result's body). The caller publishes them, deletes the rows and commits.
 ///
 /// A message whose result cannot be found (none is ever deleted, so only a hand-edited
@@ -198,6 +199,7 @@ pub async fn claim_stale(
     conn: &mut PgConnection,
     before: DateTime<Utc>,
     limit: i64,
+    running: &[Uuid],
 ) -> Result<Claim, sqlx::Error> {
     let rows: Vec<Claimed> = sqlx::query_as(
         "WITH claimed AS (
@@ -205,6 +207,7 @@ pub async fn claim_stale(
              WHERE o.created_at < $1
                AND NOT EXISTS (SELECT 1 FROM outbox_sessions s
                                WHERE s.id = o.session_id AND s.alive_until > now())
+               AND (o.session_id IS NULL OR o.session_id <> ALL($3))
              ORDER BY o.created_at LIMIT $2
              FOR UPDATE SKIP LOCKED)
          SELECT c.id, m.message_id, m.exchange, m.routing_key, m.kind, m.headers,
@@ -220,6 +223,7 @@ pub async fn claim_stale(
     )
     .bind(before)
     .bind(limit)
+    .bind(running)
     .fetch_all(conn)
     .await?;
     let mut claim = Claim::default();

@@ -176,8 +176,12 @@ async fn relays_claim_only_stale_rows_and_never_the_same_row_twice() {
     let cutoff = Utc::now() - chrono::Duration::seconds(5);
     let mut first = app.pool().begin().await.unwrap();
     let mut second = app.pool().begin().await.unwrap();
-    let a = outbox::claim_stale(&mut first, cutoff, 6).await.unwrap();
-    let b = outbox::claim_stale(&mut second, cutoff, 6).await.unwrap();
+    let a = outbox::claim_stale(&mut first, cutoff, 6, &[])
+        .await
+        .unwrap();
+    let b = outbox::claim_stale(&mut second, cutoff, 6, &[])
+        .await
+        .unwrap();
     assert_eq!(
         (a.ids.len(), b.ids.len()),
         (6, 4),
@@ -209,17 +213,22 @@ async fn relays_claim_only_stale_rows_and_never_the_same_row_twice() {
 
 /// The relay leaves the rows of a session that holds its lease to that session, however old
 /// they are (a slow lane's messages are not published twice); the rows of a session whose
-/// lease ended or expired, or that never took one, are the relay's.
+/// lease ended or expired, or that never took one, are the relay's. A worker's own relay also
+/// leaves the rows of its running sessions whose lease expired (the whole process was paused),
+/// which another worker's relay takes.
 #[tokio::test]
 async fn the_relay_leaves_a_live_sessions_rows_to_it() {
     use chrono::Utc;
     use std::time::Duration;
-    use switchyard::stages::relay::Lease;
+    use switchyard::stages::relay::{Lease, Running};
     use switchyard::store::outbox;
 
     let app = crate::helpers::spawn_app().await;
     let tasks = tokio_util::task::TaskTracker::new();
-    let live = Lease::start(app.pool(), &tasks, Duration::from_secs(60)).await;
+    let running = Running::default();
+    let live = Lease::start(app.pool(), &tasks, Duration::from_secs(60), &running).await;
+    // Running, but its lease lapses at once, as it would while the process is paused.
+    let paused = Lease::start(app.pool(), &tasks, Duration::ZERO, &running).await;
     let expired = uuid::Uuid::now_v7();
     let mut conn = app.pool().acquire().await.unwrap();
     outbox::hold_session(&mut conn, expired, Duration::ZERO)
@@ -230,31 +239,46 @@ async fn the_relay_leaves_a_live_sessions_rows_to_it() {
         session,
         ..group_row(&app, old, 1)
     };
-    let (of_live, of_expired, of_unknown) = (
+    let (of_live, of_paused, of_expired, of_unknown) = (
         row(Some(live.id())),
+        row(Some(paused.id())),
         row(Some(expired)),
         row(Some(uuid::Uuid::now_v7())),
     );
-    for row in [&of_live, &of_expired, &of_unknown] {
+    for row in [&of_live, &of_paused, &of_expired, &of_unknown] {
         write_outbox(&mut conn, row, &[]).await;
     }
     drop(conn);
-    let claimed = || async {
-        let mut tx = app.pool().begin().await.unwrap();
-        let claim = outbox::claim_stale(&mut tx, Utc::now(), 10).await.unwrap();
+    let pool = app.pool();
+    let claimed = |running: Vec<uuid::Uuid>| async move {
+        let mut tx = pool.begin().await.unwrap();
+        let claim = outbox::claim_stale(&mut tx, Utc::now(), 10, &running)
+            .await
+            .unwrap();
         tx.rollback().await.unwrap();
         claim.ids.into_iter().collect::<BTreeSet<_>>()
     };
     assert_eq!(
-        claimed().await,
+        BTreeSet::from_iter(running.ids()),
+        BTreeSet::from([live.id(), paused.id()])
+    );
+    assert_eq!(
+        claimed(running.ids()).await,
         BTreeSet::from([of_expired.id, of_unknown.id]),
-        "the live session's row is left to it"
+        "the worker's own relay leaves both of its running sessions' rows alone"
+    );
+    assert_eq!(
+        claimed(Vec::new()).await,
+        BTreeSet::from([of_paused.id, of_expired.id, of_unknown.id]),
+        "another worker's relay leaves only the live lease's row alone"
     );
 
     live.end().await;
+    paused.end().await;
+    assert!(running.ids().is_empty(), "ended sessions are not running");
     assert_eq!(
-        claimed().await,
-        BTreeSet::from([of_live.id, of_expired.id, of_unknown.id]),
+        claimed(running.ids()).await,
+        BTreeSet::from([of_live.id, of_paused.id, of_expired.id, of_unknown.id]),
         "an ended session's row is the relay's"
     );
     let leases: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_sessions")
@@ -308,7 +332,9 @@ async fn a_result_message_points_at_its_result_and_the_relay_publishes_the_store
     drop(conn);
 
     let mut tx = app.pool().begin().await.unwrap();
-    let claim = outbox::claim_stale(&mut tx, Utc::now(), 10).await.unwrap();
+    let claim = outbox::claim_stale(&mut tx, Utc::now(), 10, &[])
+        .await
+        .unwrap();
     assert_eq!(claim.ids, [row.id]);
     let published: Vec<(&str, &[u8])> = claim
         .messages
@@ -528,7 +554,7 @@ async fn rows_left_unsent_before_the_group_rows_migration_are_relayed_after_it()
         .await
         .unwrap();
     let mut tx = pool.begin().await.unwrap();
-    let claim = outbox::claim_stale(&mut tx, chrono::Utc::now(), 10)
+    let claim = outbox::claim_stale(&mut tx, chrono::Utc::now(), 10, &[])
         .await
         .unwrap();
     tx.rollback().await.unwrap();
