@@ -1132,7 +1132,7 @@ fn peak_rss_mb(pid: u32) -> anyhow::Result<f64> {
         .and_then(|rest| rest.split_whitespace().next())
         .context("no VmHWM")?
         .parse()?;
-    Ok(kb * 1024.0 / MIB)
+    Ok(kb / 1024.0)
 }
 
 fn clock_ticks() -> f64 {
@@ -1155,11 +1155,11 @@ fn tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
-/// One run of the full pipeline; see the module docs for what is measured how.
 /// The status under which a run counts result messages that arrived twice (subscribers dedupe
 /// on `message_id`; the worker publishes at least once).
 const DUPLICATES: &str = "(duplicate messages)";
 
+/// One run of the full pipeline; see the module docs for what is measured how.
 async fn pipeline(env: &Env, scenario: &Scenario, paced_secs: f64) -> anyhow::Result<Figures> {
     eprintln!(
         "== {}: {} jobs, concurrency {}, latency {} ms, 429 rate {}, fallback {}, budget+limit {}",
@@ -1489,10 +1489,14 @@ struct Pairs(Vec<(Figures, Figures)>);
 impl Pairs {
     /// The median of one side's figure over the pairs.
     fn median(&self, side: impl Fn(&(Figures, Figures)) -> f64) -> f64 {
-        let mut values: Vec<f64> = self.0.iter().map(side).collect();
-        values.sort_by(f64::total_cmp);
-        values[values.len() / 2]
+        median(self.0.iter().map(side).collect())
     }
+}
+
+/// The middle value (the upper one of an even count); `values` is not empty.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }
 
 #[derive(Debug, Default)]
@@ -1568,14 +1572,12 @@ impl Report {
                 ));
             }
             if self.ratio_pairs.len() > 1 {
-                let mut ratios: Vec<f64> = self.ratio_pairs.iter().map(|(p, r)| p / r).collect();
+                let median = median(self.ratio_pairs.iter().map(|(p, r)| p / r).collect());
                 let pairs: Vec<String> = self
                     .ratio_pairs
                     .iter()
                     .map(|(p, r)| format!("{p:.0} ÷ {r:.0}"))
                     .collect();
-                ratios.sort_by(f64::total_cmp);
-                let median = ratios[ratios.len() / 2];
                 rows.push(row(
                     format!(
                         "pipeline ÷ raw relay, median of {} back-to-back pairs ({})",
