@@ -329,14 +329,17 @@ impl TestApp {
                 .await;
         }
         self.ctx.close().await;
-        if let Ok(mut admin) =
-            PgConnection::connect(&format!("{}/postgres", self.database_server)).await
-        {
-            let statement = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database);
-            let _ = sqlx::query(sqlx::AssertSqlSafe(statement))
-                .execute(&mut admin)
-                .await;
-        }
+        drop_database(&self.database_server, &self.database).await;
+    }
+}
+
+/// Drops `database` on `server`, if both are there, whoever is still connected.
+pub async fn drop_database(server: &str, database: &str) {
+    if let Ok(mut admin) = PgConnection::connect(&format!("{server}/postgres")).await {
+        let statement = format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)");
+        let _ = sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(&mut admin)
+            .await;
     }
 }
 

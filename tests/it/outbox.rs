@@ -496,24 +496,14 @@ async fn lz4_supported(conn: &mut sqlx::PgConnection) -> bool {
 /// one-message row that the relay publishes as it was.
 #[tokio::test]
 async fn rows_left_unsent_before_the_group_rows_migration_are_relayed_after_it() {
-    use sqlx::Connection as _;
-    use switchyard::store::outbox;
+    use switchyard::store::{self, outbox};
 
     let app = crate::helpers::spawn_app().await;
     let database = format!("{}_upgrade", app.database);
     let server = crate::helpers::database_server();
-    let mut admin = sqlx::PgConnection::connect(&format!("{server}/postgres"))
-        .await
-        .unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "CREATE DATABASE \"{database}\""
-    )))
-    .execute(&mut admin)
-    .await
-    .unwrap();
-    let pool = sqlx::PgPool::connect(&format!("{server}/{database}"))
-        .await
-        .unwrap();
+    let options = store::connect_options(&format!("{server}/{database}")).unwrap();
+    store::create_database_if_missing(&options).await.unwrap();
+    let pool = sqlx::PgPool::connect_with(options).await.unwrap();
     // The schema as it was before the migration: the migrations up to 20261206000002.
     let before = tempfile::tempdir().unwrap();
     for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations")).unwrap() {
@@ -591,11 +581,6 @@ async fn rows_left_unsent_before_the_group_rows_migration_are_relayed_after_it()
         ]
     );
     pool.close().await;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await
-    .unwrap();
+    crate::helpers::drop_database(&server, &database).await;
     app.cleanup().await;
 }
