@@ -118,8 +118,9 @@ struct Plan {
     concurrency: u16,
     in_flight: u16,
     scaling: Vec<usize>,
-    /// Runs of each scaling size under 100,000 jobs, and pairs of runs without and with the
-    /// budget and rate limit (medians are reported).
+    /// Rounds of the scaling runs (each size once per round), back-to-back pairs for the
+    /// pipeline ÷ raw relay ratio, and pairs of runs without and with the budget and rate
+    /// limit (medians are reported).
     scaling_repeats: usize,
     /// How long the paced (latency) phase publishes.
     paced_secs: f64,
@@ -368,26 +369,32 @@ async fn run(args: Args) -> anyhow::Result<()> {
         report.fallback = Some(pipeline(&env, &scenario, 0.0).await?);
     }
     if wants("scaling") {
-        for jobs in &plan.scaling {
-            let scenario = Scenario {
-                name: format!("scaling-{jobs}"),
-                jobs: *jobs,
-                paced: false,
-                ..healthy.clone()
-            };
-            // A short run's CPU per job swings with the machine's noise (group sizes follow
-            // Postgres' pace): runs under 100,000 jobs are repeated and the median is kept.
-            let repeats = if *jobs < 100_000 {
-                plan.scaling_repeats
-            } else {
-                1
-            };
-            let mut runs = Vec::with_capacity(repeats);
-            for _ in 0..repeats {
+        // A run's CPU per job swings with the machine's noise and drifts over minutes (group
+        // sizes follow Postgres' pace). Every size runs once per round, in rounds, and each
+        // size's median run is kept: the drift then falls on every size alike instead of on
+        // whichever size ran last.
+        let mut runs: Vec<Vec<Figures>> = plan
+            .scaling
+            .iter()
+            .map(|_| Vec::with_capacity(plan.scaling_repeats))
+            .collect();
+        for _ in 0..plan.scaling_repeats {
+            for (jobs, runs) in plan.scaling.iter().zip(&mut runs) {
+                let scenario = Scenario {
+                    name: format!("scaling-{jobs}"),
+                    jobs: *jobs,
+                    paced: false,
+                    ..healthy.clone()
+                };
                 runs.push(pipeline(&env, &scenario, 0.0).await?);
             }
-            report.scaling.push((*jobs, Median::of(runs)));
         }
+        report.scaling = plan
+            .scaling
+            .iter()
+            .copied()
+            .zip(runs.into_iter().map(Median::of))
+            .collect();
     }
     if wants("limits") {
         // Each run with the budget and the rate limit is paired with a run without, right
