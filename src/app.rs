@@ -133,16 +133,12 @@ impl Context {
     /// that does not answer) must not keep a finished process alive; whatever it still held is
     /// released when the process exits.
     pub async fn close(&self) {
-        match tokio::time::timeout(CLOSE_WITHIN, self.broker.close(200, "bye")).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                tracing::debug!(error = %error, "Broker connection was already closed.");
-            }
-            Err(_) => tracing::warn!(
-                within = ?CLOSE_WITHIN,
-                "The broker did not confirm closing the connection; exiting anyway."
-            ),
-        }
+        crate::queue::close_within(
+            "broker connection",
+            CLOSE_WITHIN,
+            self.broker.close(200, "bye"),
+        )
+        .await;
         if tokio::time::timeout(CLOSE_WITHIN, self.pool.close())
             .await
             .is_err()

@@ -434,11 +434,12 @@ async fn session(
         }
     }
     close_all(&publishers, options.grace).await;
-    match tokio::time::timeout(options.grace, channel.close(200, "worker stopped".into())).await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => tracing::debug!(error = %error, "Consumer channel was already closed."),
-        Err(_) => tracing::warn!("The broker did not confirm closing the consumer channel."),
-    }
+    crate::queue::close_within(
+        "consumer channel",
+        options.grace,
+        channel.close(200, "worker stopped".into()),
+    )
+    .await;
     Ok(end)
 }
 

@@ -190,6 +190,24 @@ impl Broker {
 /// frame is split into body frames, as it always was.
 const FRAME_MAX: u32 = 32 * 1024;
 
+/// Awaits closing a channel or connection (`what`, for the logs) for at most `within`. One
+/// already closed is only noted at debug level; one the broker does not confirm in time is
+/// warned about and left behind, so a close never keeps a session or a process waiting.
+pub async fn close_within(
+    what: &str,
+    within: Duration,
+    close: impl std::future::Future<Output = Result<(), lapin::Error>>,
+) {
+    match tokio::time::timeout(within, close).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::debug!(error = %error, "{what} was already closed."),
+        Err(_) => tracing::warn!(
+            ?within,
+            "The broker did not confirm closing the {what}; going on without it."
+        ),
+    }
+}
+
 /// Opens a connection, turning failures into a one-line error that names the address.
 pub async fn connect(url: &str) -> Result<Connection, BrokerError> {
     // The AMQP parser starts with `url::Url::parse`, whose error text it passes on.

@@ -62,13 +62,12 @@ impl Publisher {
         if !channel.status().connected() {
             return;
         }
-        match tokio::time::timeout(within, channel.close(200, "done".into())).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                tracing::debug!(error = %error, "Publisher channel was already closed.");
-            }
-            Err(_) => tracing::warn!("The broker did not confirm closing a publisher channel."),
-        }
+        super::close_within(
+            "publisher channel",
+            within,
+            channel.close(200, "done".into()),
+        )
+        .await;
     }
 
     /// The current confirm channel.

@@ -391,9 +391,12 @@ async fn summarize(
         handle.await.context("the in-process worker panicked")??;
     }
     drop(results);
-    if let Err(error) = channel.close(200, "done".into()).await {
-        tracing::debug!(error = %error, "Results channel was already closed.");
-    }
+    crate::queue::close_within(
+        "results channel",
+        crate::app::CLOSE_WITHIN,
+        channel.close(200, "done".into()),
+    )
+    .await;
     publisher.close(crate::app::CLOSE_WITHIN).await;
     outcome.map(|()| outcomes)
 }
