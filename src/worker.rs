@@ -407,7 +407,7 @@ async fn session(
                 tracing::warn!(grace = ?options.grace, "The finalizer did not finish within the grace period; its unacked jobs will be redelivered.");
                 handle.abort();
                 // Closing the channel returns its unacked deliveries to the queue now.
-                let _ = tokio::time::timeout(options.grace, channel.close(200, "finalizer stuck".into())).await;
+                crate::queue::close_within("consumer channel", options.grace, channel.close(200, "finalizer stuck".into())).await;
                 close_all(&publishers, options.grace).await;
                 // Idle no longer holds once those jobs are back: consume again instead.
                 return Ok(match end {

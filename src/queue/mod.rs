@@ -220,3 +220,22 @@ pub async fn connect(url: &str) -> Result<Connection, BrokerError> {
             source,
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_close_the_broker_never_confirms_is_given_up_after_its_time() {
+        let began = std::time::Instant::now();
+        close_within(
+            "test channel",
+            Duration::from_millis(50),
+            std::future::pending(),
+        )
+        .await;
+        let waited = began.elapsed();
+        assert!(waited >= Duration::from_millis(50), "{waited:?}");
+        assert!(waited < Duration::from_secs(5), "{waited:?}");
+    }
+}
