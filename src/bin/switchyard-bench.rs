@@ -1448,13 +1448,9 @@ async fn delete_topology(connection: &Connection, names: &Names) {
 }
 
 async fn drop_database(env: &Env, database: &str) {
-    if let Ok(mut admin) = PgConnection::connect(&format!("{}/postgres", env.database_server)).await
-    {
-        // The name is ours (`sy_bench_` and hex digits), never outside input.
-        let statement = format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)");
-        let _ = sqlx::query(sqlx::AssertSqlSafe(statement))
-            .execute(&mut admin)
-            .await;
+    let url = format!("{}/{database}", env.database_server);
+    if let Ok(options) = switchyard::store::connect_options(&url) {
+        let _ = switchyard::store::drop_database_if_exists(&options).await;
     }
 }
 

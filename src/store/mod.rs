@@ -137,13 +137,16 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<PgPool, StoreError> 
     Ok(pool)
 }
 
-/// Creates the database named in `options` unless it exists, via the `postgres` database.
-pub async fn create_database_if_missing(options: &PgConnectOptions) -> Result<(), StoreError> {
+/// The database named in `options`, checked to be `[A-Za-z0-9_]+` (identifiers cannot be
+/// bound), and a connection to the server's `postgres` database to create or drop it from.
+async fn admin_connection(
+    options: &PgConnectOptions,
+) -> Result<(String, PgConnection), StoreError> {
     let name = options.get_database().unwrap_or("postgres").to_owned();
     if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
         return Err(StoreError::BadName(name));
     }
-    let mut admin = options
+    let admin = options
         .clone()
         .database("postgres")
         .connect()
@@ -152,12 +155,18 @@ pub async fn create_database_if_missing(options: &PgConnectOptions) -> Result<()
             address: address(options),
             source,
         })?;
+    Ok((name, admin))
+}
+
+/// Creates the database named in `options` unless it exists, via the `postgres` database.
+pub async fn create_database_if_missing(options: &PgConnectOptions) -> Result<(), StoreError> {
+    let (name, mut admin) = admin_connection(options).await?;
     let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
         .bind(&name)
         .fetch_optional(&mut admin)
         .await?;
     if exists.is_none() {
-        // Identifiers cannot be bound; the name was checked above to be [A-Za-z0-9_]+.
+        // Identifiers cannot be bound; `admin_connection` checked the name is [A-Za-z0-9_]+.
         let statement = format!("CREATE DATABASE \"{name}\"");
         match sqlx::query(sqlx::AssertSqlSafe(statement))
             .execute(&mut admin)
@@ -169,6 +178,18 @@ pub async fn create_database_if_missing(options: &PgConnectOptions) -> Result<()
             Err(source) => return Err(StoreError::Create { name, source }),
         }
     }
+    admin.close().await?;
+    Ok(())
+}
+
+/// Drops the database named in `options` if it exists, with whatever sessions are still
+/// connected to it (`WITH (FORCE)`): the tests' and the benchmark's throwaway databases.
+pub async fn drop_database_if_exists(options: &PgConnectOptions) -> Result<(), StoreError> {
+    let (name, mut admin) = admin_connection(options).await?;
+    let statement = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+    sqlx::query(sqlx::AssertSqlSafe(statement))
+        .execute(&mut admin)
+        .await?;
     admin.close().await?;
     Ok(())
 }

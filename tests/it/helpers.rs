@@ -10,7 +10,7 @@ use futures::StreamExt;
 use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{BasicProperties, Consumer};
 use serde_json::Value;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool};
 use switchyard::app::Context;
 use switchyard::config::Settings;
 use switchyard::messages::{
@@ -335,11 +335,8 @@ impl TestApp {
 
 /// Drops `database` on `server`, if both are there, whoever is still connected.
 pub async fn drop_database(server: &str, database: &str) {
-    if let Ok(mut admin) = PgConnection::connect(&format!("{server}/postgres")).await {
-        let statement = format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)");
-        let _ = sqlx::query(sqlx::AssertSqlSafe(statement))
-            .execute(&mut admin)
-            .await;
+    if let Ok(options) = switchyard::store::connect_options(&format!("{server}/{database}")) {
+        let _ = switchyard::store::drop_database_if_exists(&options).await;
     }
 }
 

@@ -582,5 +582,11 @@ async fn rows_left_unsent_before_the_group_rows_migration_are_relayed_after_it()
     );
     pool.close().await;
     crate::helpers::drop_database(&server, &database).await;
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
+        .bind(&database)
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the upgrade test's database is dropped");
     app.cleanup().await;
 }
