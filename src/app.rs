@@ -63,7 +63,7 @@ impl Context {
                 .context("cannot declare the RabbitMQ topology")?;
             channel.close(200, "declared".into()).await?;
         }
-        let http = reqwest::Client::builder()
+        let http = crate::providers::transport::client_builder()
             .pool_max_idle_per_host(usize::from(settings.worker.concurrency))
             .build()
             .context("cannot build the HTTP client")?;

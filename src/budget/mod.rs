@@ -1,8 +1,8 @@
 //! Money: prices, the exact-decimal cost of an attempt, and budgets that are never overshot.
 //!
 //! Before each provider call the dispatch stage reserves the call's maximum cost (every byte
-//! of the prompt as a token — no tokenizer counts more — plus the output cap, at the target's
-//! prices) on every hard budget that applies, atomically in Postgres. The finalize transaction
+//! of the prompt as a token — no tokenizer counts more — plus the output cap of every choice,
+//! at the target's prices; [`max_cost`]) on every hard budget that applies, atomically in Postgres. The finalize transaction
 //! settles each reservation to the actual cost. Reservations of a worker that died expire and
 //! are released. A hard budget's `spent + reserved` can therefore never pass its cap.
 
@@ -62,24 +62,57 @@ pub const DEFAULT_OUTPUT_RESERVATION: u32 = 4096;
 /// does not fully tell, so this is an allowance rather than a bound.
 pub const IMAGE_TOKEN_ALLOWANCE: u64 = 2_000;
 
+/// Tokens reserved when a request offers tools: providers add a system prompt of their own
+/// for tool use (Anthropic documents 313–346 tokens), which no byte of the request shows.
+pub const TOOLS_TOKEN_ALLOWANCE: u64 = 1_000;
+
 /// The most a call of `job` can cost at `prices`: every prompt byte as a token (no tokenizer
-/// yields more tokens than bytes), [`IMAGE_TOKEN_ALLOWANCE`] per image, plus the output cap, or
-/// `default_output` without one (dispatch then gives the provider that cap).
+/// yields more tokens than bytes), counting the text of the messages and, as JSON, everything
+/// else the request carries (tool definitions, a response schema, earlier tool calls),
+/// [`IMAGE_TOKEN_ALLOWANCE`] per image and [`TOOLS_TOKEN_ALLOWANCE`] with tools; plus the
+/// output cap, or `default_output` without one (dispatch then gives the provider that cap),
+/// once per choice asked for (`n`).
 pub fn max_cost(job: &Job, prices: &Prices, default_output: u32) -> Decimal {
-    let messages = job.request.messages.len() as u64;
-    let images = job
-        .request
+    let request = &job.request;
+    let messages = request.messages.len() as u64;
+    let images = request
         .messages
         .iter()
         .filter_map(|m| m.content.as_array())
         .flatten()
         .filter(|part| part.get("type").and_then(|t| t.as_str()) == Some("image_url"))
         .count() as u64;
-    let prompt: u64 = job.request.all_text().map(|t| t.len() as u64).sum::<u64>()
+    let beside_text: u64 = request
+        .messages
+        .iter()
+        .filter(|m| !m.extra.is_empty())
+        .map(|m| json_len(&m.extra))
+        .sum::<u64>()
+        + if request.extra.is_empty() {
+            0
+        } else {
+            json_len(&request.extra)
+        };
+    let tools = ["tools", "functions"].iter().any(|field| {
+        request
+            .extra
+            .get(*field)
+            .and_then(serde_json::Value::as_array)
+            .is_some_and(|tools| !tools.is_empty())
+    });
+    let prompt: u64 = request.all_text().map(|t| t.len() as u64).sum::<u64>()
+        + beside_text
         + 4 * messages
         + 3
-        + images * IMAGE_TOKEN_ALLOWANCE;
-    let output = u64::from(job.request.output_cap().unwrap_or(default_output));
+        + images * IMAGE_TOKEN_ALLOWANCE
+        + if tools { TOOLS_TOKEN_ALLOWANCE } else { 0 };
+    let choices = request
+        .extra
+        .get("n")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(1)
+        .max(1);
+    let output = u64::from(request.output_cap().unwrap_or(default_output)).saturating_mul(choices);
     pricing::cost(
         &Usage {
             input_tokens: prompt,
@@ -88,6 +121,24 @@ pub fn max_cost(job: &Job, prices: &Prices, default_output: u32) -> Decimal {
         },
         prices,
     )
+}
+
+/// The length of `value` as JSON, counted without building the text.
+fn json_len(value: &serde_json::Map<String, serde_json::Value>) -> u64 {
+    struct Count(u64);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len() as u64;
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing a map of values to a counter cannot fail.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
 }
 
 /// The start of the period containing `now`.
@@ -328,6 +379,60 @@ mod tests {
         assert_eq!(
             period_start(BudgetPeriod::Total, now),
             period_start(BudgetPeriod::Total, Utc::now())
+        );
+    }
+
+    /// Input at $1 and output at $1,000,000 per million tokens, so a cost in micro-dollars
+    /// reads as input tokens, and in dollars as output tokens.
+    fn max_cost_of(request: serde_json::Value) -> (u64, u64) {
+        use rust_decimal::prelude::ToPrimitive;
+        let job = Job::new("t", None, "r", serde_json::from_value(request).unwrap());
+        let input = Prices {
+            input: Decimal::ONE,
+            ..Prices::default()
+        };
+        let output = Prices {
+            output: Decimal::from(1_000_000),
+            ..Prices::default()
+        };
+        (
+            (max_cost(&job, &input, 100) * Decimal::from(1_000_000))
+                .to_u64()
+                .unwrap(),
+            max_cost(&job, &output, 100).to_u64().unwrap(),
+        )
+    }
+
+    /// What a request carries besides its messages' text is billed as input too, and each of
+    /// `n` choices is billed for the output cap: the reservation counts both, so a budget
+    /// cannot be overshot by tools, a response schema, earlier tool calls or `n`.
+    #[test]
+    fn the_most_a_call_can_cost_counts_tools_tool_calls_and_every_choice() {
+        let hello = serde_json::json!({"role": "user", "content": "hello"});
+        // 5 bytes of text, 4 per message and 3.
+        assert_eq!(
+            max_cost_of(serde_json::json!({"messages": [hello]})),
+            (12, 100)
+        );
+        assert_eq!(
+            max_cost_of(serde_json::json!({"messages": [hello], "max_tokens": 7, "n": 3})),
+            (12 + r#"{"n":3}"#.len() as u64, 21)
+        );
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "f"}}]);
+        let extra = serde_json::json!({"tools": tools}).to_string().len() as u64;
+        assert_eq!(
+            max_cost_of(serde_json::json!({"messages": [hello], "tools": tools})),
+            (12 + extra + TOOLS_TOKEN_ALLOWANCE, 100)
+        );
+        let call = serde_json::json!({"role": "assistant", "content": null,
+            "tool_calls": [{"id": "c", "type": "function",
+                            "function": {"name": "f", "arguments": "{\"x\":1}"}}]});
+        let calls = serde_json::json!({"tool_calls": call["tool_calls"]})
+            .to_string()
+            .len() as u64;
+        assert_eq!(
+            max_cost_of(serde_json::json!({"messages": [hello, call]})),
+            (12 + 4 + calls, 100)
         );
     }
 

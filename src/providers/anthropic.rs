@@ -1839,6 +1839,54 @@ mod tests {
         assert_eq!(err.class, ErrorClass::Auth);
     }
 
+    /// The key travels in `x-api-key`, which reqwest's default policy would carry on to any
+    /// host a redirect names: the workers' clients follow no redirect, and the error says where
+    /// it pointed, without its query.
+    #[tokio::test]
+    async fn a_redirect_is_not_followed_so_the_key_never_reaches_another_host() {
+        let elsewhere = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200).set_body_string(MESSAGE))
+            .mount(&elsewhere)
+            .await;
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(307).insert_header(
+                "location",
+                format!("{}/v1/messages?signature=s3cr3t", elsewhere.uri()).as_str(),
+            ))
+            .mount(&server)
+            .await;
+        let key = key();
+        let call = Call {
+            key: Some(&key),
+            timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(2),
+            on_delta: None,
+        };
+        let client = crate::providers::transport::client_builder()
+            .build()
+            .unwrap();
+        let err = AnthropicProvider::new(client, server.uri())
+            .complete(&hello(), "claude-x", &call)
+            .await
+            .unwrap_err();
+        assert!(
+            elsewhere.received_requests().await.unwrap().is_empty(),
+            "nothing, and no key, was sent to the redirect's host"
+        );
+        assert_eq!(err.status, Some(307));
+        assert!(
+            err.message.contains(&format!(
+                "redirected the call to {}/v1/messages;",
+                elsewhere.uri()
+            )),
+            "{}",
+            err.message
+        );
+        assert!(!err.message.contains("s3cr3t"), "{}", err.message);
+    }
+
     // --- errors --------------------------------------------------------------------------------
 
     fn anthropic_error(kind: &str, message: &str) -> String {

@@ -779,8 +779,35 @@ impl GeminiProvider {
         key_header.set_sensitive(true);
         let url = self.endpoint(model, call.streaming()).map_err(invalid)?;
         // Boxed: building the body may fetch images, a large future a call waiting for its
-        // answer need not hold.
-        let body = Box::pin(self.request_body(request, call.timeout)).await?;
+        // answer need not hold. The images and the call share the call's timeout, so the whole
+        // call ends within it (its leases and budget reservations are held that long).
+        let started = std::time::Instant::now();
+        let out_of_time = || {
+            ProviderError::new(
+                PROVIDER_TYPE,
+                ErrorClass::Timeout,
+                format!(
+                    "fetching the request's images took the call's whole timeout ({:?})",
+                    call.timeout
+                ),
+            )
+        };
+        let body = tokio::time::timeout(
+            call.timeout,
+            Box::pin(self.request_body(request, call.timeout)),
+        )
+        .await
+        .map_err(|_| out_of_time())??;
+        let left = call.timeout.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return Err(out_of_time());
+        }
+        let call = &Call {
+            key: call.key,
+            timeout: left,
+            idle_timeout: call.idle_timeout,
+            on_delta: call.on_delta,
+        };
         // The key travels in a header, never in the URL (`?key=` would leak into logs).
         let http = self.http.lease();
         let builder = http
@@ -1656,6 +1683,52 @@ mod tests {
                 "data": base64::engine::general_purpose::STANDARD.encode(png)
             })
         );
+    }
+
+    /// Fetching the images takes part of the call's timeout: an image that took 0.7 s of a 1 s
+    /// timeout leaves the call 0.3 s, and a provider answering in 0.7 s is then too late. The
+    /// whole call ends within its timeout, which its reservations are held for.
+    #[tokio::test]
+    async fn the_images_and_the_call_share_the_calls_timeout() {
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .and(path("/cat.png"))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .insert_header("content-type", "image/png")
+                    .set_body_bytes(&b"png"[..])
+                    .set_delay(Duration::from_millis(700)),
+            )
+            .mount(&server)
+            .await;
+        Mock::given(method("POST"))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_string(COMPLETION)
+                    .set_delay(Duration::from_millis(700)),
+            )
+            .mount(&server)
+            .await;
+        let request = chat(json!({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": format!("{}/cat.png", server.uri())}}
+        ]}]}));
+        let key = key();
+        let call = |timeout| Call {
+            key: Some(&key),
+            timeout,
+            idle_timeout: Duration::from_secs(2),
+            on_delta: None,
+        };
+        let err = provider(&server.uri())
+            .complete(&request, MODEL, &call(Duration::from_secs(1)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.class, ErrorClass::Timeout, "{}", err.message);
+        // Given the time for both, the same call succeeds.
+        provider(&server.uri())
+            .complete(&request, MODEL, &call(Duration::from_secs(5)))
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

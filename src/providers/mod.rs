@@ -417,7 +417,7 @@ pub async fn send(
             .ok()
             .and_then(Result::ok)
             .unwrap_or_default();
-        return Err(classify(status, &headers, &redact_key(&text, call.key)));
+        return Err(refused(status, &headers, &text, call.key, &classify));
     }
     let response = builder
         .timeout(call.timeout)
@@ -434,9 +434,34 @@ pub async fn send(
     if (200..300).contains(&status) {
         Ok(Answer::Body(text))
     } else {
-        // Before any excerpt is cut, so no prefix of a key survives a cut either.
-        Err(classify(status, &headers, &redact_key(&text, call.key)))
+        Err(refused(status, &headers, &text, call.key, &classify))
     }
+}
+
+/// The error of a call answered with `status` (not 2xx). Its body is redacted before
+/// `classify` cuts any excerpt, so no prefix of a key survives a cut either. A redirect says
+/// where it pointed (without the query, which may carry a signature): calls follow none
+/// (`transport::client_builder`).
+fn refused(
+    status: u16,
+    headers: &HeaderMap,
+    body: &str,
+    key: Option<&ApiKey>,
+    classify: impl Fn(u16, &HeaderMap, &str) -> ProviderError,
+) -> ProviderError {
+    let mut error = classify(status, headers, &redact_key(body, key));
+    if (300..400).contains(&status) {
+        let to = headers
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(|location| location.split(['?', '#']).next().unwrap_or_default())
+            .unwrap_or("nowhere");
+        error.message = format!(
+            "HTTP {status}: the provider redirected the call to {to}; calls follow no redirect \
+             (set the provider's base_url to the address that answers)"
+        );
+    }
+    error
 }
 
 /// What a key echoed back by a provider is replaced with.

@@ -30,6 +30,15 @@ use crate::config::ProviderSettings;
 /// pool closes an idle connection after 90 s, so by then the client holds none.
 pub const KEEP_IDLE: Duration = Duration::from_secs(90);
 
+/// The builder every client that calls providers starts from. It follows no redirect: a key
+/// travels in a header (`x-api-key`, `x-goog-api-key`) that reqwest would carry on to
+/// whatever host a redirect names (it strips only `Authorization` and cookies), and no
+/// provider's API redirects a call. A `3xx` answer is an error that names where it pointed
+/// (`providers::send`).
+pub fn client_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none())
+}
+
 /// Where a provider's calls get their HTTP client.
 #[derive(Debug, Clone)]
 pub struct Transport {
@@ -224,7 +233,7 @@ fn least_busy(slots: &[Slot]) -> usize {
 
 impl Spread {
     fn build(&self) -> Option<reqwest::Client> {
-        let mut builder = reqwest::Client::builder().pool_max_idle_per_host(self.per_connection);
+        let mut builder = client_builder().pool_max_idle_per_host(self.per_connection);
         if let Some(tls) = &self.tls {
             builder = builder.tls_backend_preconfigured(rustls::ClientConfig::clone(tls));
         }

@@ -261,13 +261,20 @@ pub async fn dispatch(
     stream: Option<&StreamSink>,
     shared: Shared<'_>,
 ) -> Dispatched {
-    // With budgets, the output cap that was reserved is also the cap the provider is given, so
-    // a call can never cost more output than was reserved.
+    // With budgets, or a job's own `max_cost_usd`, the output cap that was reserved (or
+    // counted against the job's cap) is also the cap the provider is given, so a call can never
+    // cost more output than was allowed for.
+    let default_output = match shared.budgets {
+        Some(budgets) => Some(budgets.default_output()),
+        None => job
+            .max_cost_usd
+            .map(|_| crate::budget::DEFAULT_OUTPUT_RESERVATION),
+    };
     let capped;
-    let request = match shared.budgets {
-        Some(budgets) if job.request.output_cap().is_none() => {
+    let request = match default_output {
+        Some(cap) if job.request.output_cap().is_none() => {
             capped = ChatRequest {
-                max_tokens: Some(budgets.default_output()),
+                max_tokens: Some(cap),
                 ..job.request.clone()
             };
             &capped
@@ -964,5 +971,38 @@ targets = [{{ provider = "small", model = "s" }}, {{ provider = "large", model =
             ErrorClass::Overloaded
         );
         assert!(dispatched.outcome.is_ok());
+    }
+
+    /// A job's own `max_cost_usd` was checked against a call of at most the default output, so
+    /// without budgets too the provider is given that cap when the job sets none; a job with
+    /// neither is sent as it came.
+    #[tokio::test]
+    async fn a_job_with_its_own_cost_cap_gives_the_provider_the_output_cap_it_was_checked_with() {
+        let first = server(200, OK).await;
+        let second = server(200, OK).await;
+        let plan = plan(&first, &second, "");
+        let mut capped = request();
+        capped.max_cost_usd = Some(rust_decimal::Decimal::ONE);
+        for job in [&capped, &request()] {
+            assert!(
+                dispatch(job, &plan, None, Shared::default())
+                    .await
+                    .outcome
+                    .is_ok()
+            );
+        }
+        let sent: Vec<Value> = first
+            .received_requests()
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| serde_json::from_slice(&r.body).unwrap())
+            .collect();
+        assert_eq!(sent.len(), 2);
+        assert_eq!(
+            sent[0]["max_tokens"],
+            crate::budget::DEFAULT_OUTPUT_RESERVATION
+        );
+        assert_eq!(sent[1].get("max_tokens"), None);
     }
 }
