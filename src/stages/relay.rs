@@ -34,7 +34,7 @@ const EVERY: Duration = Duration::from_secs(1);
 
 /// Why one relay pass failed; the next tick tries again.
 #[derive(Debug, thiserror::Error)]
-enum RelayError {
+pub enum RelayError {
     #[error("outbox query failed: {0}")]
     Store(#[from] sqlx::Error),
     #[error("cannot publish outbox rows: {0}")]
@@ -52,35 +52,56 @@ pub async fn run(
     let mut publisher: Option<Publisher> = None;
     let mut tick = tokio::time::interval(EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    'ticks: loop {
+    loop {
         tokio::select! {
             () = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
-        // Drain everything stale, a claim at a time, then wait for the next tick.
-        loop {
-            match relay_once(&pool, &broker, &mut publisher, after, &running.ids()).await {
-                Ok(0) => break,
-                Ok(n) => {
-                    metrics::counter!("switchyard_outbox_relayed_total").increment(n as u64);
-                    tracing::info!(
-                        messages = n,
-                        "Relayed outbox messages a worker left unsent."
-                    );
-                }
-                Err(error) => {
-                    tracing::warn!(error.message = %error, "Outbox relay pass failed; retrying on the next tick.");
-                    break;
-                }
-            }
-            if stop.is_cancelled() {
-                break 'ticks;
-            }
+        let drained = drain(&pool, &broker, &mut publisher, after, &running, &stop).await;
+        if let Err(error) = drained {
+            tracing::warn!(error.message = %error, "Outbox relay pass failed; retrying on the next tick.");
         }
     }
     if let Some(publisher) = publisher {
         publisher.close(crate::app::CLOSE_WITHIN).await;
     }
+}
+
+/// Relays everything stale, a claim at a time, until a claim finds no row (or `stop`);
+/// returns how many messages it published. A claim whose rows held only messages that cannot
+/// be published (a result row gone) still deletes them, and the drain goes on.
+pub async fn drain(
+    pool: &PgPool,
+    broker: &Broker,
+    publisher: &mut Option<Publisher>,
+    after: Duration,
+    running: &Running,
+    stop: &CancellationToken,
+) -> Result<usize, RelayError> {
+    let mut published = 0;
+    loop {
+        let pass = relay_once(pool, broker, publisher, after, &running.ids()).await?;
+        if pass.rows == 0 {
+            return Ok(published);
+        }
+        if pass.messages > 0 {
+            published += pass.messages;
+            metrics::counter!("switchyard_outbox_relayed_total").increment(pass.messages as u64);
+            tracing::info!(
+                messages = pass.messages,
+                "Relayed outbox messages a worker left unsent."
+            );
+        }
+        if stop.is_cancelled() {
+            return Ok(published);
+        }
+    }
+}
+
+/// What one claim took: its rows (deleted) and the messages it published.
+struct Pass {
+    rows: usize,
+    messages: usize,
 }
 
 async fn relay_once(
@@ -89,20 +110,26 @@ async fn relay_once(
     publisher: &mut Option<Publisher>,
     after: Duration,
     running: &[Uuid],
-) -> Result<usize, RelayError> {
+) -> Result<Pass, RelayError> {
     let before = Utc::now() - chrono::Duration::from_std(after).unwrap_or_default();
     let mut tx = pool.begin().await?;
     let outbox::Claim { ids, messages } =
         outbox::claim_stale(&mut tx, before, CLAIM, running).await?;
     if ids.is_empty() {
-        return Ok(0);
+        return Ok(Pass {
+            rows: 0,
+            messages: 0,
+        });
     }
     if !messages.is_empty() {
         publish(broker, publisher, &messages).await?;
     }
     outbox::delete_many(&mut tx, &ids).await?;
     tx.commit().await?;
-    Ok(messages.len())
+    Ok(Pass {
+        rows: ids.len(),
+        messages: messages.len(),
+    })
 }
 
 /// Publishes `messages` with confirms, opening the relay's channel on first use.

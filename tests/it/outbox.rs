@@ -359,6 +359,59 @@ async fn a_result_message_points_at_its_result_and_the_relay_publishes_the_store
     app.cleanup().await;
 }
 
+/// A claim whose rows hold only messages that cannot be published (their result rows are
+/// gone) deletes them and the drain goes on: the row behind them is relayed in the same pass,
+/// not a tick later.
+#[tokio::test]
+async fn a_claim_of_unpublishable_rows_does_not_end_the_relays_drain() {
+    use chrono::Utc;
+    use switchyard::stages::relay::{self, Running};
+
+    let app = crate::helpers::spawn_app().await;
+    let capture = Capture::declare(&app).await;
+    let old = Utc::now() - chrono::Duration::seconds(60);
+    let mut conn = app.pool().acquire().await.unwrap();
+    // More rows than one claim takes (8), each pointing at a result that does not exist.
+    for _ in 0..9 {
+        let mut dangling = group_row(&app, old, 1);
+        dangling.messages[0].stored_as = Some((uuid::Uuid::now_v7(), 0));
+        write_outbox(&mut conn, &dangling, &[]).await;
+    }
+    let kept = group_row(&app, old + chrono::Duration::seconds(1), 1);
+    write_outbox(&mut conn, &kept, &[]).await;
+    drop(conn);
+
+    let mut publisher = None;
+    let published = relay::drain(
+        app.pool(),
+        &app.ctx.broker,
+        &mut publisher,
+        Duration::ZERO,
+        &Running::default(),
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    if let Some(publisher) = publisher {
+        publisher.close(Duration::from_secs(5)).await;
+    }
+    assert_eq!(published, 1, "the one message that can be published");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "every row claimed and deleted in one drain");
+    let results: Vec<String> = capture
+        .results(&app)
+        .await
+        .into_iter()
+        .map(|m| m.message_id)
+        .collect();
+    assert_eq!(results, [kept.messages[0].message.message_id.clone()]);
+    capture.delete(&app).await;
+    app.cleanup().await;
+}
+
 /// A finalize group writes its outbox row (deleting rows the broker confirmed for an earlier
 /// group) and then locks its tenants' audit chain heads, in one statement: the row is
 /// written, the confirmed one is gone, the heads come back with their links, and another
