@@ -202,6 +202,11 @@ pub struct ProviderSettings {
     /// A stream that sends nothing for this long is interrupted.
     #[serde(default = "default_stream_idle_secs")]
     pub stream_idle_secs: u64,
+    /// A stream still running after this long is ended, however often its provider sends
+    /// (keep-alive comments reset the idle timer); its leases and budget reservations are held
+    /// this long, so it never outlives them.
+    #[serde(default = "default_stream_max_secs")]
+    pub stream_max_secs: u64,
     /// Retries of a retryable failure on this provider (with backoff, honouring the
     /// server's delay) before the job moves on to the next target.
     #[serde(default = "default_max_retries")]
@@ -489,6 +494,10 @@ fn default_stream_idle_secs() -> u64 {
     30
 }
 
+fn default_stream_max_secs() -> u64 {
+    3600
+}
+
 fn default_max_streams_per_connection() -> u32 {
     100
 }
@@ -663,6 +672,7 @@ impl Settings {
                 region: None,
                 timeout_secs: default_timeout_secs(),
                 stream_idle_secs: default_stream_idle_secs(),
+                stream_max_secs: default_stream_max_secs(),
                 max_retries: 0,
                 max_tokens_field: None,
                 strict_fields: false,

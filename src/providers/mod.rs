@@ -264,6 +264,8 @@ pub struct ProviderEntry {
     pub keys: KeyPool,
     pub timeout: Duration,
     pub idle_timeout: Duration,
+    /// A stream is ended after this long (`stream_max_secs`).
+    pub stream_max: Duration,
     pub max_retries: u32,
     pub models: HashMap<String, ModelSettings>,
     /// Limits shared across workers, if any are configured.
@@ -371,6 +373,7 @@ fn build_entry(settings: &ProviderSettings, http: &reqwest::Client) -> ProviderE
         keys: KeyPool::new(read_keys(settings)),
         timeout: Duration::from_secs(settings.timeout_secs),
         idle_timeout: Duration::from_secs(settings.stream_idle_secs),
+        stream_max: Duration::from_secs(settings.stream_max_secs),
         max_retries: settings.max_retries,
         scopes: crate::routing::limits::ProviderScopes::from_settings(settings),
         models: settings

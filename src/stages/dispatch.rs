@@ -29,8 +29,6 @@ use crate::routing::{Plan, Target};
 const MAX_HONOURED_DELAY: Duration = Duration::from_secs(10);
 /// Longest wait for a resting key of a target before moving on to the next target.
 const MAX_KEY_WAIT: Duration = Duration::from_secs(10);
-/// How long a streamed call's leases and budget reservations are held at least.
-const STREAM_HOLD: Duration = Duration::from_secs(3600);
 /// Rest given to a rate-limited key whose response named no delay.
 const DEFAULT_KEY_REST: Duration = Duration::from_secs(1);
 
@@ -281,14 +279,7 @@ pub async fn dispatch(
         }
         _ => &job.request,
     };
-    // Leases and reservations must outlive the call; a stream may run long past its first byte.
-    let hold_for = |target: &Target| {
-        if stream.is_some() {
-            target.timeout.max(STREAM_HOLD)
-        } else {
-            target.timeout
-        }
-    };
+    let hold_for = |target: &Target| held_for(target, stream.is_some());
     let limiter = shared.limiter;
     let mut attempts: Vec<Attempt> = Vec::with_capacity(1);
     // Targets passed over because a provider or key budget could not cover the call.
@@ -580,6 +571,17 @@ pub async fn dispatch(
 }
 
 /// One call of one target with one key, its key bookkeeping, and its stream handling.
+/// How long a call may run, and so how long its leases and reservations are held: its
+/// timeout, or for a stream, which may run long past its first byte, `stream_max_secs`
+/// (`call_once` ends a stream then).
+fn held_for(target: &Target, streamed: bool) -> Duration {
+    if streamed {
+        target.timeout.max(target.provider.stream_max)
+    } else {
+        target.timeout
+    }
+}
+
 async fn call_once(
     request: &ChatRequest,
     target: &Target,
@@ -610,7 +612,27 @@ async fn call_once(
     let clock = Instant::now();
     let result = {
         let _in_flight = target.health.start_call();
-        entry.client.complete(request, &target.model, &call).await
+        let completion = entry.client.complete(request, &target.model, &call);
+        if stream.is_some() {
+            // However often the provider sends (a keep-alive comment resets the idle timer), a
+            // stream does not outlive its leases and reservations. Boxed with its timer, so a
+            // call that is not streamed does not reserve room for them.
+            let limit = held_for(target, true);
+            Box::pin(tokio::time::timeout(limit, completion))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ProviderError::new(
+                        entry.client.provider_type(),
+                        ErrorClass::Timeout,
+                        format!(
+                            "the stream was still running after {limit:?} (stream_max_secs), \
+                             as long as its reservations are held"
+                        ),
+                    ))
+                })
+        } else {
+            completion.await
+        }
     };
     let elapsed = clock.elapsed();
     let latency_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
@@ -971,6 +993,75 @@ targets = [{{ provider = "small", model = "s" }}, {{ provider = "large", model =
             ErrorClass::Overloaded
         );
         assert!(dispatched.outcome.is_ok());
+    }
+
+    /// A provider that keeps a stream alive with comments forever never trips the idle timer;
+    /// the stream is ended after `stream_max_secs`, which its reservations are held for.
+    #[tokio::test]
+    async fn a_stream_kept_alive_forever_ends_after_stream_max_secs() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let tasks = tokio_util::task::TaskTracker::new();
+        tasks.spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = socket.read(&mut request).await;
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n";
+            if socket.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            while socket.write_all(b": keep-alive\n\n").await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        let settings = Settings::from_toml(&format!(
+            r#"
+[[providers]]
+name = "chatty"
+kind = "openai"
+base_url = "http://{address}/v1"
+keys = [{{ id = "k", env = "PATH" }}]
+models = [{{ name = "m" }}]
+timeout_secs = 1
+stream_idle_secs = 1
+stream_max_secs = 1
+max_retries = 0
+
+[[routes]]
+alias = "r"
+targets = [{{ provider = "chatty", model = "m" }}]
+"#
+        ))
+        .unwrap();
+        let router = Router::from_settings(
+            &settings,
+            &Registry::from_settings(&settings, &reqwest::Client::new()),
+        );
+        let mut job = request();
+        job.request
+            .extra
+            .insert("stream".to_owned(), Value::Bool(true));
+        let plan = match router.plan(&job, &|_| None) {
+            Ok(plan) => plan,
+            Err(RouteError::UnknownRoute(e) | RouteError::NoEligibleTarget(e)) => panic!("{e:?}"),
+        };
+        let (sink, _items) = StreamSink::new();
+        let dispatched = tokio::time::timeout(
+            Duration::from_secs(20),
+            dispatch(&job, &plan, Some(&sink), Shared::default()),
+        )
+        .await
+        .expect("the stream is ended");
+        assert_eq!(dispatched.attempts.len(), 1);
+        let error = dispatched.attempts[0].outcome.as_ref().unwrap_err();
+        assert_eq!(error.class, ErrorClass::Timeout);
+        assert!(
+            error.message.contains("stream_max_secs"),
+            "{}",
+            error.message
+        );
+        assert!(dispatched.outcome.is_err());
     }
 
     /// A job's own `max_cost_usd` was checked against a call of at most the default output, so
