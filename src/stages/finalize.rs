@@ -528,6 +528,15 @@ impl FinalizeStats {
     }
 }
 
+/// A group sorted for its commit: the deliveries to ack, the jobs to commit, the stored results
+/// to republish and the jobs to park.
+struct Sorted {
+    tags: Vec<u64>,
+    fresh: Vec<SealedJob>,
+    republish: Vec<JobResult>,
+    parked: Vec<(Vec<u8>, std::time::Duration)>,
+}
+
 /// Owns the commit → publish → ack sequence for one consuming channel.
 pub struct Finalizer {
     pub pool: PgPool,
@@ -576,24 +585,41 @@ impl Finalizer {
             if received == 0 {
                 break;
             }
-            match self
-                .finalize_group(std::mem::take(&mut group), &mut confirmed)
-                .await
-            {
+            let sorted = match self.sort(std::mem::take(&mut group)).await {
+                Ok(sorted) => sorted,
+                Err(error) => {
+                    self.mark_published(&mut confirmed).await;
+                    return Err(error);
+                }
+            };
+            let mut finished = self.finish(&sorted, &mut confirmed).await;
+            if let Err(error @ FinalizeError::Store { .. }) = &finished {
+                // The group's calls were made (and billed): it is kept, its deliveries held,
+                // and committed once Postgres answers, rather than run again from the queue.
+                tracing::error!(error.cause_chain = ?error, error.message = %error, "Cannot commit a group; holding it, and taking no new job, until Postgres answers.");
+                metrics::gauge!("switchyard_database_up").set(0.0);
+                if !self.wait_for_database().await {
+                    // Stopped: the group goes back to the queue, the confirmed rows to the relay.
+                    self.return_to_queue(&sorted.tags).await?;
+                    return Ok(self.stats);
+                }
+                metrics::gauge!("switchyard_database_up").set(1.0);
+                tracing::info!(
+                    "Postgres answers again; committing the group it held and resuming."
+                );
+                finished = self.finish(&sorted, &mut confirmed).await;
+                if let Err(error @ FinalizeError::Store { .. }) = &finished {
+                    // A group Postgres answers for and still refuses goes back to the queue.
+                    tracing::error!(error.cause_chain = ?error, error.message = %error, "Cannot commit a group a second time; its deliveries went back to the queue.");
+                    self.return_to_queue(&sorted.tags).await?;
+                    continue;
+                }
+            }
+            match finished {
                 Ok(()) => {
                     if confirmed.len() >= CONFIRMED_BACKLOG {
                         self.mark_published(&mut confirmed).await;
                     }
-                }
-                Err(error @ FinalizeError::Store { .. }) => {
-                    tracing::error!(error.cause_chain = ?error, error.message = %error, "Cannot commit a group; its deliveries went back to the queue. Taking no new job until Postgres answers.");
-                    metrics::gauge!("switchyard_database_up").set(0.0);
-                    if !self.wait_for_database().await {
-                        // Stopped: the confirmed rows are left to the relay.
-                        return Ok(self.stats);
-                    }
-                    metrics::gauge!("switchyard_database_up").set(1.0);
-                    tracing::info!("Postgres answers again; finalizing resumes.");
                 }
                 Err(error) => {
                     self.mark_published(&mut confirmed).await;
@@ -644,11 +670,8 @@ impl Finalizer {
         Ok(())
     }
 
-    async fn finalize_group(
-        &mut self,
-        group: Vec<Finished>,
-        confirmed: &mut Vec<Uuid>,
-    ) -> Result<(), FinalizeError> {
+    /// Sorts a group for its commit; a job to requeue goes back to the queue at once.
+    async fn sort(&mut self, group: Vec<Finished>) -> Result<Sorted, FinalizeError> {
         let mut tags = Vec::with_capacity(group.len());
         let mut fresh = Vec::new();
         let mut republish = Vec::new();
@@ -679,14 +702,29 @@ impl Finalizer {
                 Finished::Requeue { .. } => {}
             }
         }
+        Ok(Sorted {
+            tags,
+            fresh,
+            republish,
+            parked,
+        })
+    }
+
+    /// Commits a sorted group, publishes its messages and acks its deliveries. When the commit
+    /// fails nothing is published or acked, and the group can be finished again.
+    async fn finish(
+        &mut self,
+        group: &Sorted,
+        confirmed: &mut Vec<Uuid>,
+    ) -> Result<(), FinalizeError> {
+        let Sorted {
+            tags,
+            fresh,
+            republish,
+            parked,
+        } = group;
         let began = std::time::Instant::now();
-        let committed = match self.commit(&fresh, confirmed).await {
-            Ok(rows) => rows,
-            Err(error) => {
-                self.return_to_queue(&tags).await?;
-                return Err(error);
-            }
-        };
+        let committed = self.commit(fresh, confirmed).await?;
         crate::failpoint::hit(crate::failpoint::AFTER_COMMIT);
         let published = committed.as_ref().map(|row| row.id);
         let mut outgoing: Vec<Outgoing> = committed
@@ -697,8 +735,8 @@ impl Finalizer {
         outgoing.extend(republish.iter().map(|r| self.result_message(r)));
         outgoing.extend(
             parked
-                .into_iter()
-                .map(|(body, wait)| self.park_message(body, wait)),
+                .iter()
+                .map(|(body, wait)| self.park_message(body.clone(), *wait)),
         );
         // One try: if the broker is gone, the committed messages stay in the outbox for the
         // relay, and the unacked deliveries come back after the reconnect.
@@ -707,7 +745,7 @@ impl Finalizer {
         confirmed.extend(published);
         let publish_took = began.elapsed() - commit_took;
 
-        let plan = self.acks.finish(tags);
+        let plan = self.acks.finish(tags.iter().copied());
         if let Some(tag) = plan.multiple {
             self.consume_channel
                 .basic_ack(tag, BasicAckOptions { multiple: true })
@@ -720,7 +758,7 @@ impl Finalizer {
                 .await
                 .map_err(FinalizeError::Ack)?;
         }
-        for job in &fresh {
+        for job in fresh {
             metrics::counter!("switchyard_jobs_total", "status" => job.head.status.as_str())
                 .increment(1);
             let failovers = job.audits.iter().filter(|a| a.kind == "failover").count();

@@ -597,6 +597,18 @@ async fn chaos_private_restart_postgres_mid_batch() {
 
     let results = capture.results(&app).await;
     assert_nothing_lost_nothing_doubled(&app, &jobs, &results).await;
+    // Calls that returned while Postgres was down kept their ledger rows (and their results)
+    // until it came back: no call was made twice, and none went unbilled.
+    let calls = fake.stats().await["requests_total"].as_i64().unwrap();
+    let billed: i64 = sqlx::query_scalar("SELECT count(*) FROM cost_ledger")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        (calls, billed),
+        (JOBS as i64, JOBS as i64),
+        "provider calls and ledger rows"
+    );
     eprintln!(
         "postgres restart chaos: {JOBS} jobs, Postgres down {:.1} s ({early} → {late} jobs ready meanwhile), {} results republished, {:.1} s in all",
         down_for.as_secs_f64(),
