@@ -189,6 +189,8 @@ async fn wait_for_requests(fake: &FakeProvider, at_least: u64) {
     }
 }
 
+/// One document is also named a second time: its two copies share their job, in the first run
+/// and when the resumed run waits for a job the first one published.
 #[tokio::test]
 async fn an_interrupted_summarize_resumes_without_sending_any_document_twice() {
     let primary = FakeProvider::start(&["--latency-ms", "300"]);
@@ -199,11 +201,14 @@ async fn an_interrupted_summarize_resumes_without_sending_any_document_twice() {
         std::fs::write(dir.path().join(format!("d{n:02}.txt")), short_document(n)).unwrap();
     }
     let out = dir.path().join("out.jsonl");
+    let again = dir.path().join("d00.txt");
     let run = || {
         let mut command = switchyard(&app);
         command
             .env("SWITCHYARD_WORKER__CONCURRENCY", "4")
-            .args(["summarize", dir.path().to_str().unwrap(), "--route", "docs"])
+            .args(["summarize", dir.path().to_str().unwrap()])
+            .arg(&again)
+            .args(["--route", "docs"])
             .args(["--batch", "resumable", "--out"])
             .arg(&out)
             .stdout(Stdio::null())
@@ -231,12 +236,12 @@ async fn an_interrupted_summarize_resumes_without_sending_any_document_twice() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     let lines = read_lines(&out);
-    assert_eq!(lines.len(), 40);
+    assert_eq!(lines.len(), 41, "a line for each document named");
     assert!(
         lines.iter().all(|l| l["status"] == "succeeded"),
         "{lines:?}"
     );
-    // Every document reached a provider exactly once over both runs.
+    // Every distinct document reached a provider exactly once over both runs.
     assert_eq!(primary.requests().await, 40);
     assert_eq!(backup.requests().await, 0);
     let billed: i64 = sqlx::query_scalar("SELECT count(*) FROM cost_ledger")

@@ -96,6 +96,41 @@ async fn summarize_exits_non_zero_and_lists_failures_when_documents_fail() {
     app.cleanup().await;
 }
 
+/// A document too long to send whole that holds only blank paragraphs has nothing to split
+/// into pieces: it fails with a reason at once, and the run ends (it waited forever before).
+#[tokio::test]
+async fn a_long_blank_document_fails_with_its_reason_and_the_run_ends() {
+    let app = spawn_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a-harbor.md"), DOC_A).unwrap();
+    std::fs::write(dir.path().join("b-blank.txt"), " \n\n".repeat(2000)).unwrap();
+    let out = dir.path().join("out.jsonl");
+    let mut command = tokio::process::Command::from(switchyard(&app));
+    command.args([
+        "summarize",
+        dir.path().to_str().unwrap(),
+        "--chunk-tokens",
+        "200",
+    ]);
+    command.arg("--out").arg(&out).kill_on_drop(true);
+    let output = tokio::time::timeout(std::time::Duration::from_secs(120), command.output())
+        .await
+        .expect("the run ends")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["status"], "succeeded", "{lines:?}");
+    assert_eq!(lines[1]["status"], "failed", "{lines:?}");
+    assert!(lines[1].to_string().contains("all whitespace"), "{lines:?}");
+    app.cleanup().await;
+}
+
 #[test]
 fn summarize_with_no_documents_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();

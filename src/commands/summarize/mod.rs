@@ -215,6 +215,11 @@ impl DocState {
             }];
         }
         let pieces = chunks::split(&text, plan.chunk_tokens.unwrap_or(usize::MAX));
+        if pieces.is_empty() {
+            // Too long to send whole, yet only blank paragraphs: nothing to summarize.
+            return self
+                .fail("the text is all whitespace; there is nothing to summarize".to_owned());
+        }
         self.pieces = vec![None; pieces.len()];
         if self.level == 0 {
             self.outcome.chunks = pieces.len();
@@ -300,8 +305,10 @@ impl DocState {
     }
 }
 
-/// The jobs this run waits for: job id → (document, piece).
-type Waiting = HashMap<Uuid, (usize, usize)>;
+/// The jobs this run waits for: job id → every (document, piece) its result answers. A
+/// document given twice (the same file named twice, two equal JSONL lines) has the same keys,
+/// so its steps share one job.
+type Waiting = HashMap<Uuid, Vec<(usize, usize)>>;
 
 async fn summarize(
     ctx: &Context,
@@ -383,6 +390,10 @@ async fn summarize(
             runner.states[i].steps(i, plan, text)
         })
         .collect();
+    // A document done before its first job failed at once (nothing to summarize).
+    for state in runner.states.iter().filter(|s| s.done) {
+        runner.progress.advance(state.outcome.error.is_some());
+    }
     let outcome = runner.drive(first, &mut results).await;
     runner.progress.finish();
     let outcomes: Vec<Outcome> = runner.states.into_iter().map(|s| s.outcome).collect();
@@ -456,10 +467,13 @@ impl Runner<'_> {
         let Ok(result) = serde_json::from_slice::<JobResult>(data) else {
             return Vec::new();
         };
-        let Some((document, piece)) = self.waiting.remove(&result.job_id) else {
+        let Some(waiters) = self.waiting.remove(&result.job_id) else {
             return Vec::new();
         };
-        self.on_result(document, piece, &result)
+        waiters
+            .into_iter()
+            .flat_map(|(document, piece)| self.on_result(document, piece, &result))
+            .collect()
     }
 
     fn on_result(&mut self, document: usize, piece: usize, result: &JobResult) -> Vec<Step> {
@@ -476,6 +490,11 @@ impl Runner<'_> {
         steps
     }
 
+    /// Waits for `job`'s result to answer piece `piece` of document `document`.
+    fn wait_for(&mut self, job: Uuid, (document, piece): (usize, usize)) {
+        self.waiting.entry(job).or_default().push((document, piece));
+    }
+
     /// Starts `steps`: a step whose batch item already has a successful result is answered
     /// from it; one whose job was published and has no result yet is waited for; one whose
     /// job failed before gets a new job; everything else is published.
@@ -488,7 +507,13 @@ impl Runner<'_> {
                 batches::items_by_key(self.conn, &self.plan.tenant, self.batch, &keys).await?;
             let mut new_items = Vec::new();
             let mut to_publish: Vec<Job> = Vec::new();
+            // This round's new jobs by key: a step with the key of one waits for it.
+            let mut issued: HashMap<String, Uuid> = HashMap::new();
             for step in round {
+                if let Some(id) = issued.get(&step.key) {
+                    self.wait_for(*id, (step.document, step.piece));
+                    continue;
+                }
                 let job_id = match known.get(&step.key) {
                     Some(existing) => match &existing.result {
                         Some(result) if result.status == JobStatus::Succeeded => {
@@ -510,7 +535,7 @@ impl Runner<'_> {
                         }
                         None if existing.item.published => {
                             if let Some(id) = existing.item.job_id {
-                                self.waiting.insert(id, (step.document, step.piece));
+                                self.wait_for(id, (step.document, step.piece));
                             }
                             continue;
                         }
@@ -536,7 +561,8 @@ impl Runner<'_> {
                     });
                 }
                 job.metadata = Some(json!({ "document": step.key }));
-                self.waiting.insert(job.id, (step.document, step.piece));
+                self.wait_for(job.id, (step.document, step.piece));
+                issued.insert(step.key, job.id);
                 to_publish.push(job);
             }
             batches::insert_items(self.conn, &self.plan.tenant, self.batch, &new_items).await?;
