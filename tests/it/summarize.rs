@@ -96,8 +96,8 @@ async fn summarize_exits_non_zero_and_lists_failures_when_documents_fail() {
     app.cleanup().await;
 }
 
-/// A document too long to send whole that holds only blank paragraphs has nothing to split
-/// into pieces: it fails with a reason at once, and the run ends (it waited forever before).
+/// A document of only whitespace is not sent: it fails with its reason at once. One too long
+/// to send whole has no piece to split into, and the run used to wait for it forever.
 #[tokio::test]
 async fn a_long_blank_document_fails_with_its_reason_and_the_run_ends() {
     let app = spawn_app().await;

@@ -202,6 +202,11 @@ struct DocState {
 impl DocState {
     /// The jobs of the next level for `text`: one job when it fits, else one per piece.
     fn steps(&mut self, index: usize, plan: &Plan, text: String) -> Vec<Step> {
+        if text.trim().is_empty() {
+            // Nothing to send a model (and, too long to send whole, no piece to split it into).
+            return self
+                .fail("the text is all whitespace; there is nothing to summarize".to_owned());
+        }
         self.input_tokens = tokens::count(&text);
         let base = format!("{}/L{}", self.key, self.level);
         let note = (self.level > 0).then(|| COMBINE_NOTE.to_owned());
@@ -215,11 +220,6 @@ impl DocState {
             }];
         }
         let pieces = chunks::split(&text, plan.chunk_tokens.unwrap_or(usize::MAX));
-        if pieces.is_empty() {
-            // Too long to send whole, yet only blank paragraphs: nothing to summarize.
-            return self
-                .fail("the text is all whitespace; there is nothing to summarize".to_owned());
-        }
         self.pieces = vec![None; pieces.len()];
         if self.level == 0 {
             self.outcome.chunks = pieces.len();
