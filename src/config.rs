@@ -710,11 +710,39 @@ impl Settings {
         if self.worker.finalize_batch_size == 0 {
             return invalid("worker.finalize_batch_size must be at least 1".to_owned());
         }
+        if self.worker.outbox_relay_after_ms < 1000 {
+            // It is also a finalize session's lease, renewed every quarter of it: shorter, and
+            // a renewal late by a few hundred milliseconds lets another worker's relay publish
+            // a live group's messages again.
+            return invalid(format!(
+                "worker.outbox_relay_after_ms must be at least 1000, got {}",
+                self.worker.outbox_relay_after_ms
+            ));
+        }
+        if self.database.max_connections < 2 {
+            // `summarize` holds one for its whole run, beside its in-process worker's.
+            return invalid(format!(
+                "database.max_connections must be at least 2, got {}",
+                self.database.max_connections
+            ));
+        }
         let providers = self.all_providers();
         let mut names = HashSet::new();
         for provider in &providers {
             if !names.insert(provider.name.as_str()) {
                 return invalid(format!("provider {:?} is defined twice", provider.name));
+            }
+            for (setting, secs) in [
+                ("timeout_secs", provider.timeout_secs),
+                ("stream_idle_secs", provider.stream_idle_secs),
+                ("stream_max_secs", provider.stream_max_secs),
+            ] {
+                if secs == 0 {
+                    return invalid(format!(
+                        "provider {:?}: {setting} must be at least 1",
+                        provider.name
+                    ));
+                }
             }
             if provider.max_streams_per_connection == 0 {
                 return invalid(format!(
@@ -771,6 +799,12 @@ impl Settings {
                 return invalid(format!("route {:?}: every weight is 0", route.alias));
             }
             for target in route.targets.iter().chain(&route.fallback) {
+                if target.timeout_secs == Some(0) {
+                    return invalid(format!(
+                        "route {:?}: the timeout_secs of its target {:?} must be at least 1",
+                        route.alias, target.provider
+                    ));
+                }
                 let Some(provider) = providers.iter().find(|p| p.name == target.provider) else {
                     return invalid(format!(
                         "route {:?} names unknown provider {:?}",
@@ -888,6 +922,42 @@ mod tests {
                 .contains("max_streams_per_connection must be at least 1"),
             "{err}"
         );
+    }
+
+    /// Zero (or too small) values that would pass the types but break the worker later: every
+    /// call timing out at once, leases lapsing between renewals, a pool `summarize` starves.
+    #[test]
+    fn zero_timeouts_a_short_relay_delay_and_a_one_connection_pool_are_rejected() {
+        let provider = "[[providers]]\nname = \"p\"\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\n\
+             keys = [{ id = \"k\", env = \"K\" }]\nmodels = [{ name = \"m\" }]\n";
+        let route = "[[routes]]\nalias = \"r\"\ntargets = [{ provider = \"p\", model = \"m\"";
+        let cases = [
+            (
+                format!("{provider}timeout_secs = 0\n"),
+                "provider \"p\": timeout_secs must be at least 1",
+            ),
+            (
+                format!("{provider}stream_max_secs = 0\n"),
+                "provider \"p\": stream_max_secs must be at least 1",
+            ),
+            (
+                format!("{provider}{route}, timeout_secs = 0 }}]\n"),
+                "the timeout_secs of its target \"p\" must be at least 1",
+            ),
+            (
+                "[worker]\noutbox_relay_after_ms = 100\n".to_owned(),
+                "worker.outbox_relay_after_ms must be at least 1000, got 100",
+            ),
+            (
+                "[database]\nmax_connections = 1\n".to_owned(),
+                "database.max_connections must be at least 2, got 1",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = Settings::from_toml(&text).unwrap_err().to_string();
+            assert!(err.contains(expected), "{text}: {err}");
+        }
+        Settings::from_toml(&format!("{provider}{route} }}]\n")).unwrap();
     }
 
     #[test]
