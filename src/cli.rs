@@ -303,10 +303,10 @@ pub struct SummarizeArgs {
     #[arg(long, default_value = "default")]
     pub route: String,
     /// Target summary length, in words.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u32).range(1..))]
     pub words: u32,
-    /// Longest summary, in tokens.
-    #[arg(long, default_value_t = 200)]
+    /// Longest summary, in tokens (what a job's `max_tokens` may be: 1 to 1,000,000).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_tokens: u32,
     /// Instruction sent with every document; `{words}` is replaced by `--words`.
     #[arg(long)]
@@ -314,7 +314,7 @@ pub struct SummarizeArgs {
     /// Largest piece of a document sent at once, in tokens (default: what fits the
     /// route's smallest context window next to the prompt and the summary; no splitting
     /// when no target declares a context window).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub chunk_tokens: Option<u32>,
 }
 

@@ -220,6 +220,7 @@ async fn submit(settings: Settings, args: BatchSubmitArgs) -> anyhow::Result<Exi
             .into());
         }
     }
+    super::configured_route(&settings, &args.route)?;
     let batch = format!("batch_{}", Uuid::now_v7().simple());
     let file = std::fs::File::open(&args.file)
         .map_err(|e| BadInput(format!("cannot open {}: {e}", args.file.display())))?;

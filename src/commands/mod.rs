@@ -38,6 +38,18 @@ pub struct Interrupted(pub String);
 #[error("{0}")]
 pub struct BadInput(pub String);
 
+/// `route` as a `--route` argument: a configured route, or a [`BadInput`] saying it is not
+/// (before anything is published that would only come back rejected).
+pub fn configured_route(settings: &Settings, route: &str) -> Result<(), BadInput> {
+    if settings.routes.iter().any(|r| r.alias == route) {
+        Ok(())
+    } else {
+        Err(BadInput(format!(
+            "--route {route:?} is not a configured route"
+        )))
+    }
+}
+
 /// Runs one command and maps its outcome to an exit code.
 pub async fn run(command: Command, settings: Settings) -> ExitCode {
     let outcome = match command {

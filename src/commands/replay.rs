@@ -107,10 +107,8 @@ pub async fn run(settings: Settings, args: ReplayArgs) -> anyhow::Result<ExitCod
             .transpose()?,
         ids: args.ids.clone(),
     };
-    if let Some(route) = &args.route
-        && !settings.routes.iter().any(|r| &r.alias == route)
-    {
-        return Err(BadInput(format!("--route {route:?} is not a configured route")).into());
+    if let Some(route) = &args.route {
+        super::configured_route(&settings, route)?;
     }
     let mut conn = store::connect_one(&settings.database.url).await?;
     let selected = jobs::select_for_replay(&mut conn, &filter).await?;

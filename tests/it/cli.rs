@@ -303,6 +303,9 @@ async fn bad_config_files_arguments_and_batch_files_each_fail_with_their_own_mes
         run(&["frobnicate"], None, None, 2, "unrecognized subcommand 'frobnicate'"),
         run(&["worker", "--concurrency", "lots"], None, None, 2, "invalid value 'lots' for '--concurrency"),
         run(&["report", "costs", "--month", "2026-13"], None, None, 2, "--month \"2026-13\" is not YYYY-MM"),
+        run(&["summarize", "examples/articles", "--max-tokens", "0"], None, None, 2, "invalid value '0' for '--max-tokens"),
+        run(&["batch", "submit", "examples/requests.jsonl", "--route", "nope"], None, None, 2, "--route \"nope\" is not a configured route"),
+        run(&["summarize", "examples/articles", "--chunk-tokens", "0"], None, None, 2, "invalid value '0' for '--chunk-tokens"),
         run(&["audit", "verify", "--tenant", "a.b"], None, None, 2, "--tenant \"a.b\" is not a tenant name"),
         // Batch files for `publish`: nothing is published from a file with a bad line.
         run(&["publish", "-"], None, Some(b"{\"messages\":[{\"role\":\"user\",\"content\":\"ok\"}]}\nnot json\n"), 2, "line 2: not JSON"),

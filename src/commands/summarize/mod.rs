@@ -69,13 +69,7 @@ pub async fn run(settings: Settings, args: SummarizeArgs) -> anyhow::Result<Exit
             .into());
         }
     }
-    if !settings.routes.iter().any(|r| r.alias == args.route) {
-        return Err(BadInput(format!(
-            "--route {:?} is not a configured route",
-            args.route
-        ))
-        .into());
-    }
+    super::configured_route(&settings, &args.route)?;
     let plan = Plan::new(&settings, &args)?;
     let format = args.format.unwrap_or(if args.out.ends_with(".md") {
         SummaryFormat::Markdown
