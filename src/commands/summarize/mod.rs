@@ -442,7 +442,12 @@ impl Runner<'_> {
                 }
                 _ = tick.tick() => self.progress.line(),
                 next = results.next() => {
-                    let Some(delivery) = next else { anyhow::bail!("the results subscription closed") };
+                    let Some(delivery) = next else {
+                        anyhow::bail!(
+                            "the results subscription closed (the broker connection was lost); run the same command with --batch {} to resume: finished documents are not sent again",
+                            self.batch
+                        )
+                    };
                     next_steps.extend(self.on_delivery(&delivery?.data));
                     // Take whatever else already arrived, so new steps are issued together.
                     while let Some(Some(Ok(delivery))) = results.next().now_or_never() {
