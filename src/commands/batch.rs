@@ -268,6 +268,7 @@ async fn submit(settings: Settings, args: BatchSubmitArgs) -> anyhow::Result<Exi
         BatchKind::OpenAi,
         &args.route,
         Some(&source),
+        None,
     )
     .await?;
     let items: Vec<ItemRow> = lines

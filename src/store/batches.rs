@@ -36,6 +36,8 @@ pub struct BatchRow {
     pub kind: String,
     pub route: String,
     pub source: Option<String>,
+    /// What shaped a summarize batch's steps (`None` for OpenAI batches).
+    pub options: Option<String>,
     pub created_at: DateTime<Utc>,
     pub published_at: Option<DateTime<Utc>>,
     pub cancelled_at: Option<DateTime<Utc>>,
@@ -66,16 +68,18 @@ pub async fn create_or_get(
     kind: BatchKind,
     route: &str,
     source: Option<&str>,
+    options: Option<&str>,
 ) -> Result<BatchRow, sqlx::Error> {
     sqlx::query(
-        "INSERT INTO batches (tenant, id, kind, route, source, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant, id) DO NOTHING",
+        "INSERT INTO batches (tenant, id, kind, route, source, options, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (tenant, id) DO NOTHING",
     )
     .bind(tenant)
     .bind(id)
     .bind(kind.as_str())
     .bind(route)
     .bind(source)
+    .bind(options)
     .bind(Utc::now())
     .execute(&mut *conn)
     .await?;
@@ -91,7 +95,7 @@ pub async fn find(
     id: &str,
 ) -> Result<Option<BatchRow>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT tenant, id, kind, route, source, created_at, published_at, cancelled_at
+        "SELECT tenant, id, kind, route, source, options, created_at, published_at, cancelled_at
          FROM batches WHERE tenant = $1 AND id = $2",
     )
     .bind(tenant)

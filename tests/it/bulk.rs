@@ -793,7 +793,7 @@ async fn batch_of(
     published: bool,
 ) -> Vec<switchyard::store::batches::ItemRow> {
     use switchyard::store::batches::{self, ItemRow};
-    batches::create_or_get(conn, "acme", batch, kind, "fake", None)
+    batches::create_or_get(conn, "acme", batch, kind, "fake", None, None)
         .await
         .unwrap();
     let items: Vec<ItemRow> = (0..count)

@@ -131,6 +131,59 @@ async fn a_long_blank_document_fails_with_its_reason_and_the_run_ends() {
     app.cleanup().await;
 }
 
+/// A batch is resumed with the options it was started with: with another piece size (or
+/// summary cap, prompt or route) its pieces would not line up with the stored ones, so the run
+/// is refused, names both, and sends nothing; the same options resume it.
+#[tokio::test]
+async fn a_batch_resumed_with_other_options_is_refused_and_names_them() {
+    let app = spawn_app().await;
+    let docs = documents();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = elsewhere.path().join("out.jsonl");
+    let run = |chunk: &str| {
+        switchyard(&app)
+            .args([
+                "summarize",
+                docs.path().to_str().unwrap(),
+                "--batch",
+                "shaped",
+            ])
+            .args(["--chunk-tokens", chunk, "--out", out.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let first = run("500");
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let jobs = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs")
+            .fetch_one(app.pool())
+            .await
+            .unwrap()
+    };
+    let sent = jobs().await;
+
+    let other = run("1000");
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert_eq!(other.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("was started with --route default --max-tokens 200 --chunk-tokens 500")
+            && stderr.contains("this run has --route default --max-tokens 200 --chunk-tokens 1000"),
+        "{stderr}"
+    );
+    let same = run("500");
+    assert!(
+        same.status.success(),
+        "{}",
+        String::from_utf8_lossy(&same.stderr)
+    );
+    assert_eq!(jobs().await, sent, "neither run sent a job again");
+    app.cleanup().await;
+}
+
 #[test]
 fn summarize_with_no_documents_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();

@@ -152,6 +152,17 @@ impl Plan {
         })
     }
 
+    /// What shapes the batch's steps, as the options that give it: a resumed run must match.
+    fn options(&self) -> String {
+        let chunk = self
+            .chunk_tokens
+            .map_or_else(|| "none".to_owned(), |c| c.to_string());
+        format!(
+            "--route {} --max-tokens {} --chunk-tokens {chunk} --prompt {:?}",
+            self.route, self.max_tokens, self.prompt
+        )
+    }
+
     fn fits(&self, text: &str) -> bool {
         self.chunk_tokens
             .is_none_or(|limit| tokens::count(text) <= limit)
@@ -347,11 +358,22 @@ async fn summarize(
         BatchKind::Summarize,
         &plan.route,
         Some(&args.paths.join(" ")),
+        Some(&plan.options()),
     )
     .await?;
     if stored.kind != BatchKind::Summarize.as_str() {
         anyhow::bail!(BadInput(format!(
             "batch {batch:?} exists and is not a summarize batch; choose another --batch"
+        )));
+    }
+    // A piece is found by its document and position: with other options the pieces would not
+    // line up with the stored ones.
+    if let Some(started) = stored.options.as_deref()
+        && started != plan.options()
+    {
+        anyhow::bail!(BadInput(format!(
+            "batch {batch:?} was started with {started}; this run has {}. Run it with the same options to resume it, or choose another --batch",
+            plan.options()
         )));
     }
     let publisher = Publisher::open(&ctx.broker).await?;
