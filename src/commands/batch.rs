@@ -177,8 +177,13 @@ fn type_name(value: &Value) -> &'static str {
     }
 }
 
+/// The item key of an invalid line (its `custom_id` may be missing or taken): `#line-<n>`. A
+/// valid line's `custom_id` may not look like one.
+const INVALID_LINE_KEY: &str = "#line-";
+
 /// Validates a whole file: every line parsed, duplicate `custom_id`s reported against the
-/// line that had it first. Returns `(line number, line)` for every non-blank line.
+/// line that had it first, a line that is not UTF-8 reported like any invalid line. Returns
+/// `(line number, line)` for every non-blank line.
 pub fn parse_file(
     reader: impl BufRead,
     tenant: &str,
@@ -187,13 +192,32 @@ pub fn parse_file(
 ) -> Result<Vec<(usize, Line)>, BadInput> {
     let mut lines = Vec::new();
     let mut first_seen: HashMap<String, usize> = HashMap::new();
-    for (index, text) in reader.lines().enumerate() {
+    for (index, bytes) in reader.split(b'\n').enumerate() {
         let number = index + 1;
-        let text = text.map_err(|e| BadInput(format!("line {number}: cannot read: {e}")))?;
+        let bytes = bytes.map_err(|e| BadInput(format!("line {number}: cannot read: {e}")))?;
+        let Ok(text) = String::from_utf8(bytes) else {
+            lines.push((
+                number,
+                Line::Invalid {
+                    error: "not UTF-8 text".to_owned(),
+                    custom_id: None,
+                },
+            ));
+            continue;
+        };
+        let text = text.strip_suffix('\r').unwrap_or(&text);
         if text.trim().is_empty() {
             continue;
         }
-        let line = match parse_line(&text, tenant, batch, route) {
+        let line = match parse_line(text, tenant, batch, route) {
+            Line::Valid { custom_id, .. } if custom_id.starts_with(INVALID_LINE_KEY) => {
+                Line::Invalid {
+                    error: format!(
+                        "custom_id: {custom_id:?} may not start with {INVALID_LINE_KEY:?}, which names invalid lines"
+                    ),
+                    custom_id: Some(custom_id),
+                }
+            }
             Line::Valid { custom_id, job } => match first_seen.get(&custom_id) {
                 Some(first) => Line::Invalid {
                     error: format!("custom_id: {custom_id:?} duplicates line {first}"),
@@ -286,7 +310,7 @@ async fn submit(settings: Settings, args: BatchSubmitArgs) -> anyhow::Result<Exi
                 // Invalid lines are kept (keyed by line, as their custom_id may be missing or
                 // taken) so `batch results --errors` can report them.
                 Line::Invalid { custom_id, error } => ItemRow {
-                    item_key: format!("#line-{number}"),
+                    item_key: format!("{INVALID_LINE_KEY}{number}"),
                     line: line_number,
                     job_id: None,
                     error: Some(match custom_id {
@@ -713,5 +737,40 @@ mod tests {
             panic!("duplicate")
         };
         assert_eq!(error, "custom_id: \"same\" duplicates line 1");
+    }
+
+    /// A line that is not UTF-8 is one invalid line, reported by number like the others (so
+    /// `--skip-invalid` submits the rest); a `custom_id` shaped like an invalid line's key is
+    /// refused, since that key would take its row.
+    #[test]
+    fn a_line_not_in_utf8_and_a_custom_id_like_an_invalid_lines_key_are_invalid_lines() {
+        let line = |id: &str| {
+            format!(
+                r#"{{"custom_id":"{id}","method":"POST","url":"/v1/chat/completions","body":{{"messages":[{{"role":"user","content":"hi"}}]}}}}"#
+            )
+        };
+        let mut text = format!("{}\r\n", line("a")).into_bytes();
+        text.extend_from_slice(b"{\"custom_id\":\"\xff\xfe\"}\n");
+        text.extend_from_slice(format!("{}\n{}\n", line("#line-2"), line("b")).as_bytes());
+        let lines = parse_file(text.as_slice(), "acme", "b", "default").unwrap();
+        let summary: Vec<(usize, Result<String, String>)> = lines
+            .into_iter()
+            .map(|(n, line)| match line {
+                Line::Valid { custom_id, .. } => (n, Ok(custom_id)),
+                Line::Invalid { error, .. } => (n, Err(error)),
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (1, Ok("a".to_owned())),
+                (2, Err("not UTF-8 text".to_owned())),
+                (
+                    3,
+                    Err("custom_id: \"#line-2\" may not start with \"#line-\", which names invalid lines".to_owned())
+                ),
+                (4, Ok("b".to_owned())),
+            ]
+        );
     }
 }
