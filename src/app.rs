@@ -63,10 +63,9 @@ impl Context {
                 .context("cannot declare the RabbitMQ topology")?;
             channel.close(200, "declared".into()).await?;
         }
-        let http = crate::providers::transport::client_builder()
-            .pool_max_idle_per_host(usize::from(settings.worker.concurrency))
-            .build()
-            .context("cannot build the HTTP client")?;
+        let http =
+            crate::providers::transport::worker_client(usize::from(settings.worker.concurrency))
+                .context("cannot build the HTTP client")?;
         let registry = Registry::from_settings(&settings, &http);
         let router = Router::from_settings(&settings, &registry);
 

@@ -191,11 +191,6 @@ impl Budgets {
         self.budgets.iter().find(|b| b.name == name)
     }
 
-    /// The most a call of `job` can cost at `prices` (see [`max_cost`]).
-    pub fn max_cost(&self, job: &Job, prices: &Prices) -> Decimal {
-        max_cost(job, prices, self.default_output)
-    }
-
     /// Whether `budget`'s scope covers a call for `tenant`/`route`/`batch` on `provider` with
     /// `key_id`.
     fn applies(

@@ -1864,9 +1864,8 @@ mod tests {
             idle_timeout: Duration::from_secs(2),
             on_delta: None,
         };
-        let client = crate::providers::transport::client_builder()
-            .build()
-            .unwrap();
+        // The worker's own client (`app.rs`), which a plain `http` provider shares.
+        let client = crate::providers::transport::worker_client(8).unwrap();
         let err = AnthropicProvider::new(client, server.uri())
             .complete(&hello(), "claude-x", &call)
             .await

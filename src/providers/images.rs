@@ -49,9 +49,10 @@ pub fn parse_data_url(url: &str) -> Result<InlineImage, String> {
 /// no key.
 const MAX_IMAGE_REDIRECTS: usize = 10;
 
-/// Fetches an http(s) image and returns it inline. The body is read a chunk at a time and
-/// refused once it passes [`MAX_IMAGE_BYTES`] (or when its `Content-Length` says it will), so a
-/// huge download never sits whole in the worker's memory.
+/// Fetches an http(s) image and returns it inline, its redirects and body all within
+/// `timeout`. The body is read a chunk at a time and refused once it passes
+/// [`MAX_IMAGE_BYTES`] (or when its `Content-Length` says it will), so a huge download never
+/// sits whole in the worker's memory.
 pub async fn fetch_inline(
     http: &reqwest::Client,
     url: &str,
@@ -61,6 +62,7 @@ pub async fn fetch_inline(
         return parse_data_url(url);
     }
     let mut at = url::Url::parse(url).map_err(|e| format!("image URL {url:?} is invalid: {e}"))?;
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut hops = 0;
     let mut response = loop {
         if !matches!(at.scheme(), "http" | "https") {
@@ -69,9 +71,15 @@ pub async fn fetch_inline(
                 at.scheme()
             ));
         }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "cannot fetch image {url}: no answer within {timeout:?}"
+            ));
+        }
         let response = http
             .get(at.clone())
-            .timeout(timeout)
+            .timeout(left)
             .send()
             .await
             .map_err(|e| format!("cannot fetch image {url}: {}", e.without_url()))?;
@@ -199,9 +207,7 @@ mod tests {
             .respond_with(ResponseTemplate::new(301).insert_header("location", "/loop"))
             .mount(&site)
             .await;
-        let client = crate::providers::transport::client_builder()
-            .build()
-            .unwrap();
+        let client = crate::providers::transport::worker_client(8).unwrap();
         let image = fetch_inline(
             &client,
             &format!("{}/cat", site.uri()),
@@ -257,9 +263,7 @@ mod tests {
                 }
             }
         });
-        let client = crate::providers::transport::client_builder()
-            .build()
-            .unwrap();
+        let client = crate::providers::transport::worker_client(8).unwrap();
         for _ in 0..2 {
             let err = fetch_inline(
                 &client,

@@ -39,6 +39,14 @@ pub fn client_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder().redirect(reqwest::redirect::Policy::none())
 }
 
+/// The worker's one client, shared by plain `http` providers (and the other hosts of a set's
+/// calls), keeping up to `idle_per_host` idle connections to a host.
+pub fn worker_client(idle_per_host: usize) -> reqwest::Result<reqwest::Client> {
+    client_builder()
+        .pool_max_idle_per_host(idle_per_host)
+        .build()
+}
+
 /// Where a provider's calls get their HTTP client.
 #[derive(Debug, Clone)]
 pub struct Transport {

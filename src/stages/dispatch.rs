@@ -392,16 +392,12 @@ pub async fn dispatch(
             };
             let mut holds = Vec::new();
             if shared.budgets.is_some() || job.max_cost_usd.is_some() {
-                let needed = shared
-                    .budgets
-                    .map(|b| b.max_cost(job, &target.prices().prices))
-                    .unwrap_or_else(|| {
-                        crate::budget::max_cost(
-                            job,
-                            &target.prices().prices,
-                            crate::budget::DEFAULT_OUTPUT_RESERVATION,
-                        )
-                    });
+                // The output cap the provider is given when the job sets none.
+                let needed = crate::budget::max_cost(
+                    job,
+                    &target.prices().prices,
+                    default_output.unwrap_or(crate::budget::DEFAULT_OUTPUT_RESERVATION),
+                );
                 if let Some(cap) = job.max_cost_usd {
                     let so_far: rust_decimal::Decimal = attempts
                         .iter()
@@ -570,7 +566,6 @@ pub async fn dispatch(
     }
 }
 
-/// One call of one target with one key, its key bookkeeping, and its stream handling.
 /// How long a call may run, and so how long its leases and reservations are held: its
 /// timeout, or for a stream, which may run long past its first byte, `stream_max_secs`
 /// (`call_once` ends a stream then).
@@ -582,6 +577,7 @@ fn held_for(target: &Target, streamed: bool) -> Duration {
     }
 }
 
+/// One call of one target with one key, its key bookkeeping, and its stream handling.
 async fn call_once(
     request: &ChatRequest,
     target: &Target,

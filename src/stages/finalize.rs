@@ -478,8 +478,10 @@ impl FinishedJob {
     }
 }
 
-/// Why a group could not be finalized. The group's deliveries stay unacked, so the broker
-/// redelivers them; any already committed are then answered from Postgres.
+/// Why a group could not be finalized. A `Store` error ends nothing: the finalizer holds the
+/// group and commits it once Postgres answers (`Finalizer::run`). After the others the
+/// session ends with the group's deliveries unacked, so the broker redelivers them; any
+/// already committed are then answered from Postgres.
 #[derive(Debug, thiserror::Error)]
 pub enum FinalizeError {
     #[error("cannot commit a group of {jobs} jobs: {source}")]
@@ -593,7 +595,15 @@ impl Finalizer {
                 }
             };
             let mut finished = self.finish(&sorted, &mut confirmed).await;
-            if let Err(error @ FinalizeError::Store { .. }) = &finished {
+            let mut tries = 1;
+            while let Err(error @ FinalizeError::Store { source, .. }) = &finished {
+                if tries > 1 && !crate::store::is_unreachable(source) {
+                    // Postgres answers and refuses this group itself: it goes back to the queue.
+                    tracing::error!(error.cause_chain = ?error, error.message = %error, "Postgres answers but refuses a group it was given again; its deliveries went back to the queue.");
+                    self.return_to_queue(&sorted.tags).await?;
+                    finished = Ok(());
+                    break;
+                }
                 // The group's calls were made (and billed): it is kept, its deliveries held,
                 // and committed once Postgres answers, rather than run again from the queue.
                 tracing::error!(error.cause_chain = ?error, error.message = %error, "Cannot commit a group; holding it, and taking no new job, until Postgres answers.");
@@ -608,12 +618,7 @@ impl Finalizer {
                     "Postgres answers again; committing the group it held and resuming."
                 );
                 finished = self.finish(&sorted, &mut confirmed).await;
-                if let Err(error @ FinalizeError::Store { .. }) = &finished {
-                    // A group Postgres answers for and still refuses goes back to the queue.
-                    tracing::error!(error.cause_chain = ?error, error.message = %error, "Cannot commit a group a second time; its deliveries went back to the queue.");
-                    self.return_to_queue(&sorted.tags).await?;
-                    continue;
-                }
+                tries += 1;
             }
             match finished {
                 Ok(()) => {

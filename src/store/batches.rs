@@ -88,6 +88,24 @@ pub async fn create_or_get(
         .ok_or(sqlx::Error::RowNotFound)
 }
 
+/// Keeps `options` as what shaped batch `id`'s steps, unless it already has some.
+pub async fn keep_options(
+    conn: &mut PgConnection,
+    tenant: &str,
+    id: &str,
+    options: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE batches SET options = $3 WHERE tenant = $1 AND id = $2 AND options IS NULL",
+    )
+    .bind(tenant)
+    .bind(id)
+    .bind(options)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// The batch `id` of `tenant`.
 pub async fn find(
     conn: &mut PgConnection,

@@ -227,9 +227,41 @@ pub fn unnest_arguments(first: usize, types: &[&str]) -> String {
         .join(", ")
 }
 
+/// Whether `error` says Postgres could not be reached or went away (connection lost, pool
+/// exhausted or closed, the server shutting down or not yet accepting connections), rather
+/// than that it refused the statement.
+pub fn is_unreachable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        // Class 08: connection exceptions; 57P01–57P03: admin or crash shutdown, cannot
+        // connect now.
+        sqlx::Error::Database(error) => error
+            .code()
+            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P0")),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lost_or_exhausted_connection_is_unreachable_and_a_refused_statement_is_not() {
+        assert!(is_unreachable(&sqlx::Error::PoolTimedOut));
+        assert!(is_unreachable(&sqlx::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset
+        ))));
+        assert!(!is_unreachable(&sqlx::Error::RowNotFound));
+        assert!(!is_unreachable(&sqlx::Error::ColumnNotFound(
+            "x".to_owned()
+        )));
+    }
 
     #[test]
     fn unnest_arguments_are_numbered_from_the_first_one_given() {

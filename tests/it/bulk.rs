@@ -189,8 +189,8 @@ async fn wait_for_requests(fake: &FakeProvider, at_least: u64) {
     }
 }
 
-/// One document is also named a second time: its two copies share their job, in the first run
-/// and when the resumed run waits for a job the first one published.
+/// The last document is also named a second time: its two copies share one job in the first
+/// run, and the resumed run waits for that job (published, not yet answered) for both.
 #[tokio::test]
 async fn an_interrupted_summarize_resumes_without_sending_any_document_twice() {
     let primary = FakeProvider::start(&["--latency-ms", "300"]);
@@ -201,7 +201,7 @@ async fn an_interrupted_summarize_resumes_without_sending_any_document_twice() {
         std::fs::write(dir.path().join(format!("d{n:02}.txt")), short_document(n)).unwrap();
     }
     let out = dir.path().join("out.jsonl");
-    let again = dir.path().join("d00.txt");
+    let again = dir.path().join("d39.txt");
     let run = || {
         let mut command = switchyard(&app);
         command
@@ -231,6 +231,19 @@ async fn an_interrupted_summarize_resumes_without_sending_any_document_twice() {
     assert!(stderr.contains("--batch resumable"), "{stderr}");
     let sent_first = primary.requests().await;
     assert!(sent_first < 40, "the first run was interrupted early");
+    let (published, answered): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(r.job_id) FROM batch_items b
+         LEFT JOIN results r ON r.job_id = b.job_id
+         WHERE b.item_key LIKE '%d39.txt%' AND b.published",
+    )
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        (published, answered),
+        (1, 0),
+        "the twice-named document has one job, published and not yet answered"
+    );
 
     let output = run().output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -241,6 +254,9 @@ async fn an_interrupted_summarize_resumes_without_sending_any_document_twice() {
         lines.iter().all(|l| l["status"] == "succeeded"),
         "{lines:?}"
     );
+    // Its two lines share one job, counted once.
+    let jobs: u64 = lines.iter().map(|l| l["jobs"].as_u64().unwrap()).sum();
+    assert_eq!(jobs, 40, "{lines:?}");
     // Every distinct document reached a provider exactly once over both runs.
     assert_eq!(primary.requests().await, 40);
     assert_eq!(backup.requests().await, 0);

@@ -181,6 +181,13 @@ async fn a_batch_resumed_with_other_options_is_refused_and_names_them() {
         String::from_utf8_lossy(&same.stderr)
     );
     assert_eq!(jobs().await, sent, "neither run sent a job again");
+    // A batch started before the options were kept takes those of its first resumed run.
+    sqlx::query("UPDATE batches SET options = NULL")
+        .execute(app.pool())
+        .await
+        .unwrap();
+    assert!(run("500").status.success());
+    assert_eq!(run("1000").status.code(), Some(2));
     app.cleanup().await;
 }
 

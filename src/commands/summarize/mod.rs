@@ -13,7 +13,7 @@ mod chunks;
 mod documents;
 mod output;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -209,8 +209,11 @@ impl DocState {
     fn steps(&mut self, index: usize, plan: &Plan, text: String) -> Vec<Step> {
         if text.trim().is_empty() {
             // Nothing to send a model (and, too long to send whole, no piece to split it into).
-            return self
-                .fail("the text is all whitespace; there is nothing to summarize".to_owned());
+            return self.fail(if self.level == 0 {
+                "the text is all whitespace; there is nothing to summarize".to_owned()
+            } else {
+                "the model returned blank summaries of the document's pieces".to_owned()
+            });
         }
         self.input_tokens = tokens::count(&text);
         let base = format!("{}/L{}", self.key, self.level);
@@ -225,6 +228,10 @@ impl DocState {
             }];
         }
         let pieces = chunks::split(&text, plan.chunk_tokens.unwrap_or(usize::MAX));
+        if pieces.is_empty() {
+            // No step would ever finish the document.
+            return self.fail("the text split into no pieces".to_owned());
+        }
         self.pieces = vec![None; pieces.len()];
         if self.level == 0 {
             self.outcome.chunks = pieces.len();
@@ -251,14 +258,25 @@ impl DocState {
             .collect()
     }
 
-    /// Records a piece's result; returns the next level's steps when the level is complete.
-    fn record(&mut self, index: usize, plan: &Plan, piece: usize, result: &JobResult) -> Vec<Step> {
+    /// Records a piece's result (its cost too when `billed`: not for a copy of a document whose
+    /// job another copy was credited with); returns the next level's steps when the level is
+    /// complete.
+    fn record(
+        &mut self,
+        index: usize,
+        plan: &Plan,
+        piece: usize,
+        result: &JobResult,
+        billed: bool,
+    ) -> Vec<Step> {
         if self.done {
             return Vec::new();
         }
-        self.outcome.cost += result.cost.amount_usd;
-        self.outcome.tokens += result.cost.usage.input_tokens + result.cost.usage.output_tokens;
-        self.outcome.jobs += 1;
+        if billed {
+            self.outcome.cost += result.cost.amount_usd;
+            self.outcome.tokens += result.cost.usage.input_tokens + result.cost.usage.output_tokens;
+            self.outcome.jobs += 1;
+        }
         let text = match (result.status, result.text()) {
             (JobStatus::Succeeded, Some(text)) => text.to_owned(),
             (JobStatus::Succeeded, None) => {
@@ -368,13 +386,16 @@ async fn summarize(
     }
     // A piece is found by its document and position: with other options the pieces would not
     // line up with the stored ones.
-    if let Some(started) = stored.options.as_deref()
-        && started != plan.options()
-    {
-        anyhow::bail!(BadInput(format!(
-            "batch {batch:?} was started with {started}; this run has {}. Run it with the same options to resume it, or choose another --batch",
-            plan.options()
-        )));
+    match stored.options.as_deref() {
+        Some(started) if started != plan.options() => {
+            anyhow::bail!(BadInput(format!(
+                "batch {batch:?} was started with {started}; this run has {}. Run it with the same options to resume it, or choose another --batch",
+                plan.options()
+            )));
+        }
+        Some(_) => {}
+        // A batch started before its options were kept: this run's hold from now on.
+        None => batches::keep_options(&mut conn, &plan.tenant, batch, &plan.options()).await?,
     }
     let publisher = Publisher::open(&ctx.broker).await?;
     let mut runner = Runner {
@@ -385,6 +406,7 @@ async fn summarize(
         publisher: &publisher,
         started: false,
         waiting: Waiting::new(),
+        credited: HashSet::new(),
         states: documents
             .iter()
             .map(|d| DocState {
@@ -439,6 +461,8 @@ struct Runner<'a> {
     /// first publish.
     started: bool,
     waiting: Waiting,
+    /// Jobs whose cost a document's outcome already counts.
+    credited: HashSet<Uuid>,
     states: Vec<DocState>,
     progress: Progress,
 }
@@ -498,13 +522,17 @@ impl Runner<'_> {
     }
 
     fn on_result(&mut self, document: usize, piece: usize, result: &JobResult) -> Vec<Step> {
+        // A job shared by two copies of a document is counted (cost, tokens, jobs) once.
+        let billed = self.credited.insert(result.job_id);
         let state = &mut self.states[document];
         let was_done = state.done;
-        let steps = state.record(document, self.plan, piece, result);
-        self.progress.step(
-            result.cost.amount_usd,
-            result.cost.usage.input_tokens + result.cost.usage.output_tokens,
-        );
+        let steps = state.record(document, self.plan, piece, result, billed);
+        if billed {
+            self.progress.step(
+                result.cost.amount_usd,
+                result.cost.usage.input_tokens + result.cost.usage.output_tokens,
+            );
+        }
         if state.done && !was_done {
             self.progress.advance(state.outcome.error.is_some());
         }
