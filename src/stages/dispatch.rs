@@ -904,16 +904,17 @@ targets = [{{ provider = "small", model = "s" }}, {{ provider = "large", model =
             small.uri(),
             large.uri()
         );
-        let settings = Settings::from_toml(&text).unwrap();
+        plan_of(&text, &request())
+    }
+
+    /// The plan of `job` under the config `text`.
+    fn plan_of(text: &str, job: &Job) -> Plan {
+        let settings = Settings::from_toml(text).unwrap();
         let router = Router::from_settings(
             &settings,
             &Registry::from_settings(&settings, &reqwest::Client::new()),
         );
-        let request = ChatRequest {
-            messages: vec![ChatMessage::text_message("user", "long document")],
-            ..ChatRequest::default()
-        };
-        match router.plan(&Job::new("t", None, "r", request), &|_| None) {
+        match router.plan(job, &|_| None) {
             Ok(plan) => plan,
             Err(RouteError::UnknownRoute(e) | RouteError::NoEligibleTarget(e)) => panic!("{e:?}"),
         }
@@ -1011,7 +1012,7 @@ targets = [{{ provider = "small", model = "s" }}, {{ provider = "large", model =
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
-        let settings = Settings::from_toml(&format!(
+        let text = format!(
             r#"
 [[providers]]
 name = "chatty"
@@ -1028,20 +1029,12 @@ max_retries = 0
 alias = "r"
 targets = [{{ provider = "chatty", model = "m" }}]
 "#
-        ))
-        .unwrap();
-        let router = Router::from_settings(
-            &settings,
-            &Registry::from_settings(&settings, &reqwest::Client::new()),
         );
         let mut job = request();
         job.request
             .extra
             .insert("stream".to_owned(), Value::Bool(true));
-        let plan = match router.plan(&job, &|_| None) {
-            Ok(plan) => plan,
-            Err(RouteError::UnknownRoute(e) | RouteError::NoEligibleTarget(e)) => panic!("{e:?}"),
-        };
+        let plan = plan_of(&text, &job);
         let (sink, _items) = StreamSink::new();
         let dispatched = tokio::time::timeout(
             Duration::from_secs(20),

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::helpers::{FakeProvider, TestApp, job, spawn_app_with, switchyard, wait_all, workers};
+use crate::helpers::{
+    FakeProvider, TestApp, job, read_lines, spawn_app_with, switchyard, wait_all, workers,
+};
 
 /// Two OpenAI-style providers behind route `docs` (primary, then fallback), each model with a
 /// `window`-token context window, and circuit breakers that never open.
@@ -44,14 +46,6 @@ breaker_error_rate = 1.5
         provider("primary", primary),
         provider("backup", backup),
     )
-}
-
-fn read_lines(path: &std::path::Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 /// A short document: a few sentences naming `n`.

@@ -367,6 +367,15 @@ pub fn items(body: &[u8]) -> Vec<Value> {
 }
 
 /// `switchyard` binary with this app's config.
+/// The JSON lines of a file (a command's `--out`).
+pub fn read_lines(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 pub fn switchyard(app: &TestApp) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
     command.env("SWITCHYARD_CONFIG", app.config_file.path());

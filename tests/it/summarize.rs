@@ -1,6 +1,8 @@
 //! `switchyard summarize`: documents in, one JSON line per document out, in input order.
 
-use crate::helpers::{FakeProvider, fake_provider_config, spawn_app, spawn_app_with, switchyard};
+use crate::helpers::{
+    FakeProvider, fake_provider_config, read_lines, spawn_app, spawn_app_with, switchyard,
+};
 
 const DOC_A: &str = "# Harbor report\n\nThe harbor handled a record number of ships this year. \
     Cargo volumes rose by twelve percent compared with last year. The new crane on pier four \
@@ -39,11 +41,7 @@ async fn summarize_writes_one_line_per_document_in_input_order() {
         stderr.contains("2 documents, 2 succeeded, 0 failed"),
         "{stderr}"
     );
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = read_lines(&out);
     assert_eq!(lines.len(), 2);
     assert!(lines[0]["path"].as_str().unwrap().ends_with("a-harbor.md"));
     assert!(lines[1]["path"].as_str().unwrap().ends_with("b-bees.txt"));
@@ -119,11 +117,7 @@ async fn a_long_blank_document_fails_with_its_reason_and_the_run_ends() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(3), "{stderr}");
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = read_lines(&out);
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["status"], "succeeded", "{lines:?}");
     assert_eq!(lines[1]["status"], "failed", "{lines:?}");
