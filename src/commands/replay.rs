@@ -117,6 +117,17 @@ pub async fn run(settings: Settings, args: ReplayArgs) -> anyhow::Result<ExitCod
     let mut out = std::io::stdout().lock();
     let mut chosen: Vec<(Job, AuditEvent)> = Vec::new();
     let mut skipped = 0usize;
+    // An id asked for by `--id` that the selection does not hold is said, not passed over.
+    for id in &args.ids {
+        if !selected.iter().any(|stored| stored.id == *id) {
+            skipped += 1;
+            writeln!(
+                out,
+                "{}",
+                json!({ "job_id": id, "action": "skipped", "reason": format!("no stored job of tenant {} with this id matches the selection", args.tenant) })
+            )?;
+        }
+    }
     for stored in &selected {
         if let Some(reason) = skip_reason(stored, args.force) {
             skipped += 1;

@@ -64,6 +64,8 @@ async fn sync_once(router: &Router, pool: &sqlx::PgPool) -> Result<(), sqlx::Err
 
 /// The Postgres channel key rests are announced on.
 const KEY_REST_CHANNEL: &str = "switchyard_key_rest";
+/// How long the key-rest listener waits after failing to receive before it tries again.
+const LISTEN_RETRY: Duration = Duration::from_secs(1);
 
 /// Announces this worker's key rests to every worker (Postgres `NOTIFY`) and adopts theirs
 /// (`LISTEN`), so a provider's retry-after pauses the key everywhere within milliseconds,
@@ -98,7 +100,15 @@ pub async fn share_key_rests(
                 }
             }
             notification = async { listener.as_mut()?.recv().await.ok() }, if listener.is_some() => {
-                let Some(notification) = notification else { continue };
+                let Some(notification) = notification else {
+                    // `recv` reconnects by itself; it fails when it cannot (Postgres down, the
+                    // pool closed). Trying again at once would spin: wait a moment first.
+                    tracing::debug!("Cannot receive key rests from Postgres; trying again in a second.");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(LISTEN_RETRY) => continue,
+                    }
+                };
                 let Ok(rest) = serde_json::from_str::<crate::providers::KeyRest>(notification.payload()) else { continue };
                 let now_ms = chrono::Utc::now().timestamp_millis();
                 let remaining = Duration::from_millis(u64::try_from(rest.until_ms - now_ms).unwrap_or(0));

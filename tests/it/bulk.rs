@@ -671,6 +671,14 @@ async fn replaying_a_batchs_failed_jobs_after_the_provider_recovers() {
     assert!(String::from_utf8_lossy(&output.stdout).contains("already succeeded"));
     let output = replay(&["--id", &again, "--force"]);
     assert!(String::from_utf8_lossy(&output.stdout).contains("\"generation\":2"));
+    // An id no stored job has is said, not passed over.
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let output = replay(&["--id", &unknown]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains(&unknown) && stdout.contains("no stored job of tenant"),
+        "{stdout}"
+    );
     app.run_worker_until_idle().await;
     assert_eq!(healthy.requests().await, 20);
     app.cleanup().await;

@@ -346,28 +346,7 @@ async fn summarize(
     let mut results =
         crate::queue::listen(&channel, &ctx.names.results_exchange(), &pattern).await?;
 
-    let (_, consumers) = topology::jobs_queue_depth(&channel, &ctx.names).await?;
-    let local_worker = (consumers == 0).then(|| {
-        let worker_ctx = Context {
-            shutdown: ctx.shutdown.child_token(),
-            ..ctx.clone()
-        };
-        let options = WorkerOptions {
-            concurrency: ctx.settings.worker.concurrency,
-            exit_when_idle: false,
-            idle_after: Duration::from_secs(1),
-            grace: Duration::from_secs(ctx.settings.worker.shutdown_grace_secs),
-        };
-        let stop = worker_ctx.shutdown.clone();
-        let handle = ctx
-            .tasks
-            .spawn(async move { worker::run(&worker_ctx, &options).await });
-        (stop, handle)
-    });
-    if local_worker.is_none() {
-        eprintln!("summarize: {consumers} consumer(s) are on the jobs queue; publishing to them");
-    }
-
+    // The batch is checked before anything starts: a refused run leaves nothing running.
     let mut conn = ctx.pool.acquire().await?;
     let stored = batches::create_or_get(
         &mut conn,
@@ -398,6 +377,28 @@ async fn summarize(
         None => batches::keep_options(&mut conn, &plan.tenant, batch, &plan.options()).await?,
     }
     let publisher = Publisher::open(&ctx.broker).await?;
+    let (_, consumers) = topology::jobs_queue_depth(&channel, &ctx.names).await?;
+    let local_worker = (consumers == 0).then(|| {
+        let worker_ctx = Context {
+            shutdown: ctx.shutdown.child_token(),
+            ..ctx.clone()
+        };
+        let options = WorkerOptions {
+            concurrency: ctx.settings.worker.concurrency,
+            exit_when_idle: false,
+            idle_after: Duration::from_secs(1),
+            grace: Duration::from_secs(ctx.settings.worker.shutdown_grace_secs),
+        };
+        let stop = worker_ctx.shutdown.clone();
+        let handle = ctx
+            .tasks
+            .spawn(async move { worker::run(&worker_ctx, &options).await });
+        (stop, handle)
+    });
+    if local_worker.is_none() {
+        eprintln!("summarize: {consumers} consumer(s) are on the jobs queue; publishing to them");
+    }
+
     let mut runner = Runner {
         ctx,
         plan,
