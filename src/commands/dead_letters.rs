@@ -172,6 +172,23 @@ async fn take_all(channel: &Channel, names: &Names) -> Result<Vec<Dead>, lapin::
     Ok(taken)
 }
 
+/// The stored result that would answer `message` if it went back to the jobs queue: the job's
+/// latest result, when it is of the message's generation or newer.
+async fn answered_by(
+    conn: &mut sqlx::PgConnection,
+    message: &Dead,
+) -> Result<Option<crate::messages::JobResult>, sqlx::Error> {
+    let Ok(job_id) = uuid::Uuid::parse_str(&message.job_id) else {
+        return Ok(None);
+    };
+    let generation = serde_json::from_slice::<Value>(&message.body)
+        .ok()
+        .and_then(|v| v.get("generation")?.as_i64())
+        .unwrap_or(0);
+    let latest = crate::store::results::find_latest(conn, job_id).await?;
+    Ok(latest.filter(|result| i64::from(result.generation) >= generation))
+}
+
 async fn give_back(channel: &Channel, messages: &[&Dead]) -> Result<(), lapin::Error> {
     for message in messages {
         channel
@@ -206,7 +223,8 @@ pub async fn run(settings: Settings, command: DeadLetterCommand) -> anyhow::Resu
         DeadLetterCommand::Requeue(filter) => (filter, "requeue"),
         DeadLetterCommand::Purge { filter, .. } => (filter, "purge"),
     };
-    let (chosen, others): (Vec<&Dead>, Vec<&Dead>) = taken.iter().partition(|m| m.matches(filter));
+    let (mut chosen, others): (Vec<&Dead>, Vec<&Dead>) =
+        taken.iter().partition(|m| m.matches(filter));
     let mut out = std::io::stdout().lock();
     let outcome = match &command {
         DeadLetterCommand::List(_) => {
@@ -230,6 +248,32 @@ pub async fn run(settings: Settings, command: DeadLetterCommand) -> anyhow::Resu
             }
         }
         DeadLetterCommand::Requeue(_) => {
+            // A job that already has a result at its generation (a rejected one) would only be
+            // answered with it: it stays here, and the line says what runs it again.
+            let mut conn = crate::store::connect_one(&settings.database.url).await?;
+            let mut answered = Vec::new();
+            let mut requeued = Vec::new();
+            for message in chosen.drain(..) {
+                match answered_by(&mut conn, message).await? {
+                    Some(result) => {
+                        writeln!(
+                            out,
+                            "{}",
+                            json!({
+                                "job_id": message.job_id, "action": "skipped",
+                                "reason": format!(
+                                    "it already has a {} result (generation {}), which a requeued copy would only be answered with; `switchyard replay --id {} --status {}` runs it again as a new generation",
+                                    result.status.as_str(), result.generation, message.job_id, result.status.as_str()
+                                ),
+                            })
+                        )?;
+                        answered.push(message);
+                    }
+                    None => requeued.push(message),
+                }
+            }
+            give_back(&channel, &answered).await?;
+            chosen = requeued;
             let publisher = Publisher::open(&broker).await?;
             let messages: Vec<Outgoing> = chosen
                 .iter()

@@ -725,6 +725,27 @@ async fn dead_lettered_jobs_are_shown_in_full_and_replayed_to_another_route() {
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no dead-lettered message"));
 
+    // Requeued as it is, the rejected job would only be answered with its stored result: it
+    // stays in the dead-letter queue, and the line names what runs it again.
+    let id = lost.id.to_string();
+    let output = switchyard(&app)
+        .args(["dead-letters", "requeue", "--job", &id])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success());
+    assert!(
+        stdout.contains("\"skipped\"")
+            && stdout.contains("already has a rejected result")
+            && stdout.contains(&format!("switchyard replay --id {id}")),
+        "{stdout}"
+    );
+    let still = switchyard(&app)
+        .args(["dead-letters", "show", &id])
+        .output()
+        .unwrap();
+    assert!(still.status.success(), "it is still dead-lettered");
+
     // `dead-lettered` selects the rejected job; its stored body is replayed to route `fake`.
     let output = switchyard(&app)
         .args(["replay", "--tenant", "acme", "--status", "dead-lettered"])
