@@ -348,6 +348,7 @@ async fn summarize(
 
     // The batch is checked before anything starts: a refused run leaves nothing running.
     let mut conn = ctx.pool.acquire().await?;
+    let options = plan.options();
     let stored = batches::create_or_get(
         &mut conn,
         &plan.tenant,
@@ -355,7 +356,7 @@ async fn summarize(
         BatchKind::Summarize,
         &plan.route,
         Some(&args.paths.join(" ")),
-        Some(&plan.options()),
+        Some(&options),
     )
     .await?;
     if stored.kind != BatchKind::Summarize.as_str() {
@@ -366,15 +367,14 @@ async fn summarize(
     // A piece is found by its document and position: with other options the pieces would not
     // line up with the stored ones.
     match stored.options.as_deref() {
-        Some(started) if started != plan.options() => {
+        Some(started) if started != options => {
             anyhow::bail!(BadInput(format!(
-                "batch {batch:?} was started with {started}; this run has {}. Run it with the same options to resume it, or choose another --batch",
-                plan.options()
+                "batch {batch:?} was started with {started}; this run has {options}. Run it with the same options to resume it, or choose another --batch"
             )));
         }
         Some(_) => {}
         // A batch started before its options were kept: this run's hold from now on.
-        None => batches::keep_options(&mut conn, &plan.tenant, batch, &plan.options()).await?,
+        None => batches::keep_options(&mut conn, &plan.tenant, batch, &options).await?,
     }
     let publisher = Publisher::open(&ctx.broker).await?;
     let (_, consumers) = topology::jobs_queue_depth(&channel, &ctx.names).await?;
