@@ -172,21 +172,34 @@ async fn take_all(channel: &Channel, names: &Names) -> Result<Vec<Dead>, lapin::
     Ok(taken)
 }
 
-/// The stored result that would answer `message` if it went back to the jobs queue: the job's
-/// latest result, when it is of the message's generation or newer.
+/// For each of `messages`, the stored result that would answer it if it went back to the jobs
+/// queue: its job's latest result, when it is of the message's generation or newer. One query
+/// for all of them.
 async fn answered_by(
     conn: &mut sqlx::PgConnection,
-    message: &Dead,
-) -> Result<Option<crate::messages::JobResult>, sqlx::Error> {
-    let Ok(job_id) = uuid::Uuid::parse_str(&message.job_id) else {
-        return Ok(None);
-    };
-    let generation = serde_json::from_slice::<Value>(&message.body)
-        .ok()
-        .and_then(|v| v.get("generation")?.as_i64())
-        .unwrap_or(0);
-    let latest = crate::store::results::find_latest(conn, job_id).await?;
-    Ok(latest.filter(|result| i64::from(result.generation) >= generation))
+    messages: &[&Dead],
+) -> Result<Vec<Option<crate::messages::JobResult>>, sqlx::Error> {
+    let ids: Vec<uuid::Uuid> = messages
+        .iter()
+        .filter_map(|m| uuid::Uuid::parse_str(&m.job_id).ok())
+        .collect();
+    let latest: std::collections::HashMap<uuid::Uuid, crate::messages::JobResult> =
+        crate::store::results::find_latest_many(conn, &ids)
+            .await?
+            .into_iter()
+            .map(|result| (result.job_id, result))
+            .collect();
+    Ok(messages
+        .iter()
+        .map(|message| {
+            let result = latest.get(&uuid::Uuid::parse_str(&message.job_id).ok()?)?;
+            let generation = serde_json::from_slice::<Value>(&message.body)
+                .ok()
+                .and_then(|v| v.get("generation")?.as_i64())
+                .unwrap_or(0);
+            (i64::from(result.generation) >= generation).then(|| result.clone())
+        })
+        .collect())
 }
 
 async fn give_back(channel: &Channel, messages: &[&Dead]) -> Result<(), lapin::Error> {
@@ -251,10 +264,11 @@ pub async fn run(settings: Settings, command: DeadLetterCommand) -> anyhow::Resu
             // A job that already has a result at its generation (a rejected one) would only be
             // answered with it: it stays here, and the line says what runs it again.
             let mut conn = crate::store::connect_one(&settings.database.url).await?;
+            let results = answered_by(&mut conn, &chosen).await?;
             let mut answered = Vec::new();
             let mut requeued = Vec::new();
-            for message in chosen.drain(..) {
-                match answered_by(&mut conn, message).await? {
+            for (message, result) in chosen.drain(..).zip(results) {
+                match result {
                     Some(result) => {
                         writeln!(
                             out,
