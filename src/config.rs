@@ -227,6 +227,11 @@ pub struct ProviderSettings {
     /// none waits for the server's stream limit. Set it at or below what the server allows.
     #[serde(default = "default_max_streams_per_connection")]
     pub max_streams_per_connection: u32,
+    /// Calls at once to a plain `http` endpoint spoken to over HTTP/1.1, where each call in
+    /// flight holds a connection of its own; a call beyond them waits, within its timeout, for
+    /// one to end. Bounds the worker's connections (and their buffers) to the provider.
+    #[serde(default = "default_http1_max_connections")]
+    pub http1_max_connections: u32,
     /// Limits of the whole provider, shared by every worker through Postgres.
     #[serde(default)]
     pub limits: Option<Limits>,
@@ -502,6 +507,11 @@ fn default_max_streams_per_connection() -> u32 {
     100
 }
 
+/// The official OpenAI Python SDK's default `max_connections`.
+fn default_http1_max_connections() -> u32 {
+    1000
+}
+
 fn default_max_retries() -> u32 {
     1
 }
@@ -678,6 +688,7 @@ impl Settings {
                 strict_fields: false,
                 http2_prior_knowledge: false,
                 max_streams_per_connection: default_max_streams_per_connection(),
+                http1_max_connections: default_http1_max_connections(),
                 limits: None,
                 models: vec![ModelSettings {
                     name: BUILTIN_MODEL.to_owned(),
@@ -744,11 +755,19 @@ impl Settings {
                     ));
                 }
             }
-            if provider.max_streams_per_connection == 0 {
-                return invalid(format!(
-                    "provider {:?}: max_streams_per_connection must be at least 1",
-                    provider.name
-                ));
+            for (setting, value) in [
+                (
+                    "max_streams_per_connection",
+                    provider.max_streams_per_connection,
+                ),
+                ("http1_max_connections", provider.http1_max_connections),
+            ] {
+                if value == 0 {
+                    return invalid(format!(
+                        "provider {:?}: {setting} must be at least 1",
+                        provider.name
+                    ));
+                }
             }
             if provider.kind != ProviderKind::Extractive {
                 match provider.base_url.as_deref().map(url::Url::parse) {
@@ -900,7 +919,7 @@ mod tests {
     }
 
     #[test]
-    fn http2_settings_default_and_zero_streams_is_rejected() {
+    fn connection_settings_default_and_zero_is_rejected() {
         let provider = |extra: &str| {
             format!(
                 "[[providers]]\nname = \"p\"\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\n\
@@ -916,12 +935,17 @@ mod tests {
         .unwrap();
         assert!(settings.providers[0].http2_prior_knowledge);
         assert_eq!(settings.providers[0].max_streams_per_connection, 8);
-        let err = Settings::from_toml(&provider("max_streams_per_connection = 0\n")).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("max_streams_per_connection must be at least 1"),
-            "{err}"
-        );
+        assert_eq!(settings.providers[0].http1_max_connections, 1000);
+        let settings = Settings::from_toml(&provider("http1_max_connections = 64\n")).unwrap();
+        assert_eq!(settings.providers[0].http1_max_connections, 64);
+        for setting in ["max_streams_per_connection", "http1_max_connections"] {
+            let err = Settings::from_toml(&provider(&format!("{setting} = 0\n"))).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains(&format!("{setting} must be at least 1")),
+                "{err}"
+            );
+        }
     }
 
     /// Zero (or too small) values that would pass the types but break the worker later: every

@@ -270,6 +270,8 @@ pub struct ProviderEntry {
     pub models: HashMap<String, ModelSettings>,
     /// Limits shared across workers, if any are configured.
     pub scopes: crate::routing::limits::ProviderScopes,
+    /// The worker's own cap on calls at once over HTTP/1.1 (`http1_max_connections`).
+    pub connections: Option<transport::ConnectionCap>,
 }
 
 impl ProviderEntry {
@@ -376,6 +378,7 @@ fn build_entry(settings: &ProviderSettings, http: &reqwest::Client) -> ProviderE
         stream_max: Duration::from_secs(settings.stream_max_secs),
         max_retries: settings.max_retries,
         scopes: crate::routing::limits::ProviderScopes::from_settings(settings),
+        connections: transport::ConnectionCap::for_provider(settings),
         models: settings
             .models
             .iter()

@@ -24,7 +24,9 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::config::ProviderSettings;
+use tokio::sync::{Semaphore, SemaphorePermit};
+
+use crate::config::{ProviderKind, ProviderSettings};
 
 /// How long a client beyond the first may carry no call before it leaves its set: reqwest's
 /// pool closes an idle connection after 90 s, so by then the client holds none.
@@ -104,11 +106,7 @@ impl Transport {
     /// The transport `settings` call for: `shared` for plain `http` endpoints, a set of
     /// clients for `https` ones and for `http2_prior_knowledge`.
     pub fn for_provider(settings: &ProviderSettings, shared: &reqwest::Client) -> Self {
-        let https = settings
-            .base_url
-            .as_deref()
-            .is_some_and(|url| url.starts_with("https://"));
-        if !https && !settings.http2_prior_knowledge {
+        if !may_speak_http2(settings) {
             return Self::from(shared.clone());
         }
         Self::spread(
@@ -196,6 +194,57 @@ impl Transport {
         match &*self.inner {
             Inner::Shared(client) => client,
             Inner::Spread(spread) => &spread.shared,
+        }
+    }
+}
+
+/// Whether calls to `settings`' provider may go over HTTP/2: an `https` endpoint (TLS may
+/// negotiate it) or one configured for h2c. A plain `http` endpoint speaks HTTP/1.1.
+fn may_speak_http2(settings: &ProviderSettings) -> bool {
+    settings.http2_prior_knowledge
+        || settings
+            .base_url
+            .as_deref()
+            .is_some_and(|url| url.starts_with("https://"))
+}
+
+/// At most `http1_max_connections` calls at once to a provider spoken to over HTTP/1.1,
+/// where each call in flight holds a connection of its own. hyper gives every connection a
+/// dispatch channel and write and read buffers of its own (about 20 KB of heap) and reqwest
+/// sizes none of them, so a worker with 10,000 jobs in flight to a slow provider opened some
+/// 4,000 connections, and they were the largest part of its memory (bench/RESULTS.md, stop 30).
+/// A call beyond the cap waits, first come first served, for one to end.
+#[derive(Debug)]
+pub struct ConnectionCap {
+    permits: Semaphore,
+    max: u32,
+}
+
+impl ConnectionCap {
+    /// The cap of `settings`' provider; `None` where calls share HTTP/2 connections (or may)
+    /// and for the built-in provider, which calls nothing.
+    pub fn for_provider(settings: &ProviderSettings) -> Option<Self> {
+        if settings.kind == ProviderKind::Extractive || may_speak_http2(settings) {
+            return None;
+        }
+        let max = settings.http1_max_connections;
+        Some(Self {
+            permits: Semaphore::new(usize::try_from(max).unwrap_or(Semaphore::MAX_PERMITS)),
+            max,
+        })
+    }
+
+    /// A connection's turn, waited for at most `within`; held until the call has ended. The
+    /// error says why there was none.
+    pub async fn wait(&self, within: Duration) -> Result<SemaphorePermit<'_>, String> {
+        match tokio::time::timeout(within, self.permits.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            // The semaphore is never closed; an error is reported like the wait running out.
+            Ok(Err(_)) | Err(_) => Err(format!(
+                "no connection to the provider came free within {within:?}: all {} \
+                 (http1_max_connections) were carrying calls",
+                self.max
+            )),
         }
     }
 }

@@ -598,22 +598,45 @@ async fn call_once(
             });
         }
     };
+    let in_flight = target.health.start_call();
+    // Over HTTP/1.1 a call first waits for one of the provider's connections, within its
+    // timeout: the call itself gets what is left, so it still ends within its reservation.
+    let waiting = Instant::now();
+    let (connection, no_connection) = match &entry.connections {
+        None => (None, None),
+        Some(cap) => match cap.wait(target.timeout).await {
+            Ok(permit) => (Some(permit), None),
+            Err(message) => (None, Some(message)),
+        },
+    };
+    let waited = waiting.elapsed();
     let call = Call {
         key,
-        timeout: target.timeout,
+        timeout: target.timeout.saturating_sub(waited),
         idle_timeout: entry.idle_timeout,
         on_delta: stream.map(|_| &on_delta as &(dyn Fn(&str) + Send + Sync)),
     };
     let started_at = Utc::now();
     let clock = Instant::now();
-    let result = {
-        let _in_flight = target.health.start_call();
+    // A call that found no connection was never sent: it says nothing about the provider,
+    // and a probe goes back unused.
+    let sent = no_connection.is_none();
+    if !sent && probe {
+        target.health.abandon_probe();
+    }
+    let result = if let Some(message) = no_connection {
+        Err(ProviderError::new(
+            entry.client.provider_type(),
+            ErrorClass::Timeout,
+            message,
+        ))
+    } else {
         let completion = entry.client.complete(request, &target.model, &call);
         if stream.is_some() {
             // However often the provider sends (a keep-alive comment resets the idle timer), a
             // stream does not outlive its leases and reservations. Boxed with its timer, so a
             // call that is not streamed does not reserve room for them.
-            let limit = held_for(target, true);
+            let limit = held_for(target, true).saturating_sub(waited);
             Box::pin(tokio::time::timeout(limit, completion))
                 .await
                 .unwrap_or_else(|_| {
@@ -630,6 +653,7 @@ async fn call_once(
             completion.await
         }
     };
+    drop((connection, in_flight));
     let elapsed = clock.elapsed();
     let latency_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
     // Only failures that say something about the target's health count against it.
@@ -639,7 +663,7 @@ async fn call_once(
         .is_some_and(|e| e.is_retryable() && e.class != ErrorClass::RateLimited);
     // Only failures that say something about the target's health count against it; a probe's
     // answer always decides (a 400 or a 429 still shows the target is up).
-    let counts = result.is_ok() || unhealthy || probe;
+    let counts = sent && (result.is_ok() || unhealthy || probe);
     let circuit = if counts {
         target.health.record(elapsed, unhealthy, probe)
     } else {
@@ -1051,6 +1075,101 @@ targets = [{{ provider = "chatty", model = "m" }}]
             error.message
         );
         assert!(dispatched.outcome.is_err());
+    }
+
+    /// The config of one plain `http` provider at `address` that allows `connections` calls
+    /// at once over HTTP/1.1, each given `timeout_secs`.
+    fn http1_plan(address: std::net::SocketAddr, connections: u32, timeout_secs: u64) -> Plan {
+        let text = format!(
+            r#"
+[[providers]]
+name = "plain"
+kind = "openai"
+base_url = "http://{address}/v1"
+keys = [{{ id = "k", env = "PATH" }}]
+models = [{{ name = "m" }}]
+timeout_secs = {timeout_secs}
+http1_max_connections = {connections}
+max_retries = 0
+
+[[routes]]
+alias = "r"
+targets = [{{ provider = "plain", model = "m" }}]
+"#
+        );
+        plan_of(&text, &request())
+    }
+
+    /// Over HTTP/1.1 every call in flight holds a connection: a provider's calls beyond
+    /// `http1_max_connections` wait for one to end, so the worker never holds more.
+    #[tokio::test]
+    async fn calls_over_http1_beyond_the_connection_cap_wait_for_a_connection() {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicUsize;
+        let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (counting, highest) = (Arc::clone(&now), Arc::clone(&most));
+        let app = axum::Router::new().route(
+            "/v1/chat/completions",
+            axum::routing::post(move || {
+                let (now, most) = (Arc::clone(&counting), Arc::clone(&highest));
+                async move {
+                    most.fetch_max(now.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    // Counted out before the answer is sent, so a call that has its answer
+                    // (and gave its connection back) is never still counted.
+                    now.fetch_sub(1, Ordering::SeqCst);
+                    ([(axum::http::header::CONTENT_TYPE, "application/json")], OK)
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let tasks = tokio_util::task::TaskTracker::new();
+        tasks.spawn(async move { axum::serve(listener, app).await });
+        let plan = http1_plan(address, 2, 30);
+        let job = request();
+        let calls = (0..6).map(|_| dispatch(&job, &plan, None, Shared::default()));
+        let done = futures::future::join_all(calls).await;
+        assert!(
+            done.iter().all(|d| d.outcome.is_ok()),
+            "every call is answered"
+        );
+        assert_eq!(
+            most.load(Ordering::SeqCst),
+            2,
+            "six calls, two connections: two at once"
+        );
+    }
+
+    /// A call that finds every connection taken for its whole timeout fails as a timeout
+    /// that names the cap; it was never sent, so it says nothing about the provider's health.
+    #[tokio::test]
+    async fn a_call_that_finds_no_free_connection_in_its_timeout_fails_and_leaves_health_alone() {
+        let server = server(200, OK).await;
+        let address = *server.address();
+        let plan = http1_plan(address, 1, 1);
+        let target = &plan.targets[0];
+        let cap = target
+            .provider
+            .connections
+            .as_ref()
+            .expect("plain http has a cap");
+        let held = cap.wait(Duration::from_secs(1)).await.unwrap();
+        let dispatched = dispatch(&request(), &plan, None, Shared::default()).await;
+        assert_eq!(dispatched.attempts.len(), 1);
+        let error = dispatched.attempts[0].outcome.as_ref().unwrap_err();
+        assert_eq!(error.class, ErrorClass::Timeout);
+        assert!(
+            error.message.contains("http1_max_connections"),
+            "{}",
+            error.message
+        );
+        assert!(server.received_requests().await.unwrap().is_empty());
+        assert_eq!(target.health.latency(), None, "no call was recorded");
+        drop(held);
+        let dispatched = dispatch(&request(), &plan, None, Shared::default()).await;
+        assert!(dispatched.outcome.is_ok(), "the connection is free again");
+        assert!(target.health.latency().is_some());
     }
 
     /// A job's own `max_cost_usd` was checked against a call of at most the default output, so
