@@ -237,6 +237,10 @@ impl ConnectionCap {
     /// A connection's turn, waited for at most `within`; held until the call has ended. The
     /// error says why there was none.
     pub async fn wait(&self, within: Duration) -> Result<SemaphorePermit<'_>, String> {
+        // Usually one is free: no timer is set up for it.
+        if let Ok(permit) = self.permits.try_acquire() {
+            return Ok(permit);
+        }
         match tokio::time::timeout(within, self.permits.acquire()).await {
             Ok(Ok(permit)) => Ok(permit),
             // The semaphore is never closed; an error is reported like the wait running out.
