@@ -229,28 +229,49 @@ impl ConnectionCap {
         }
         let max = settings.http1_max_connections;
         Some(Self {
-            permits: Semaphore::new(usize::try_from(max).unwrap_or(Semaphore::MAX_PERMITS)),
+            permits: Semaphore::new(usize::try_from(max).map_or(Semaphore::MAX_PERMITS, |max| {
+                max.min(Semaphore::MAX_PERMITS)
+            })),
             max,
         })
     }
 
     /// A connection's turn, waited for at most `within`; held until the call has ended. The
     /// error says why there was none.
-    pub async fn wait(&self, within: Duration) -> Result<SemaphorePermit<'_>, String> {
+    pub async fn wait(&self, within: Duration) -> Result<Connection<'_>, String> {
         // Usually one is free: no timer is set up for it.
         if let Ok(permit) = self.permits.try_acquire() {
-            return Ok(permit);
+            return Ok(Connection {
+                _permit: permit,
+                queued: false,
+            });
         }
         match tokio::time::timeout(within, self.permits.acquire()).await {
-            Ok(Ok(permit)) => Ok(permit),
+            Ok(Ok(permit)) => Ok(Connection {
+                _permit: permit,
+                queued: true,
+            }),
             // The semaphore is never closed; an error is reported like the wait running out.
-            Ok(Err(_)) | Err(_) => Err(format!(
-                "no connection to the provider came free within {within:?}: all {} \
-                 (http1_max_connections) were carrying calls",
-                self.max
-            )),
+            Ok(Err(_)) | Err(_) => Err(self.none_in(within)),
         }
     }
+
+    /// Why a call got no connection within `within`.
+    pub fn none_in(&self, within: Duration) -> String {
+        format!(
+            "no connection to the provider came free within {within:?}: all {} \
+             (http1_max_connections) were carrying calls",
+            self.max
+        )
+    }
+}
+
+/// A call's turn on one of the provider's connections, given back when dropped.
+#[derive(Debug)]
+pub struct Connection<'a> {
+    _permit: SemaphorePermit<'a>,
+    /// Whether the call had to wait for it.
+    pub queued: bool,
 }
 
 /// The TLS setup reqwest would build for a client, built once for a whole set: the platform's

@@ -475,7 +475,10 @@ pub async fn dispatch(
             attempt.attempt.holds = holds;
             attempt.attempt.cost = cost_event(job, &attempt.attempt);
             Box::pin(record(shared, &mut attempt.attempt)).await;
-            if let (Some(limiter), Some(lease)) = (limiter, lease) {
+            if !attempt.sent {
+                // Nothing reached the provider: its rate windows give the call back.
+                release(limiter, lease).await;
+            } else if let (Some(limiter), Some(lease)) = (limiter, lease) {
                 let actual = attempt
                     .billed_usage()
                     .map(|u| u.input_tokens + u.output_tokens);
@@ -602,7 +605,7 @@ async fn call_once(
     // Over HTTP/1.1 a call first waits for one of the provider's connections, within its
     // timeout: the call itself gets what is left, so it still ends within its reservation.
     let waiting = Instant::now();
-    let (connection, no_connection) = match &entry.connections {
+    let (connection, mut no_connection) = match &entry.connections {
         None => (None, None),
         Some(cap) => match cap.wait(target.timeout).await {
             Ok(permit) => (Some(permit), None),
@@ -610,6 +613,13 @@ async fn call_once(
         },
     };
     let waited = waiting.elapsed();
+    // A connection that came free only as the timeout ran out leaves the call no time.
+    if let Some(cap) = &entry.connections
+        && no_connection.is_none()
+        && target.timeout <= waited
+    {
+        no_connection = Some(cap.none_in(target.timeout));
+    }
     let call = Call {
         key,
         timeout: target.timeout.saturating_sub(waited),
@@ -618,12 +628,8 @@ async fn call_once(
     };
     let started_at = Utc::now();
     let clock = Instant::now();
-    // A call that found no connection was never sent: it says nothing about the provider,
-    // and a probe goes back unused.
     let sent = no_connection.is_none();
-    if !sent && probe {
-        target.health.abandon_probe();
-    }
+    let queued = connection.as_ref().is_some_and(|c| c.queued);
     let result = if let Some(message) = no_connection {
         Err(ProviderError::new(
             entry.client.provider_type(),
@@ -661,9 +667,20 @@ async fn call_once(
         .as_ref()
         .err()
         .is_some_and(|e| e.is_retryable() && e.class != ErrorClass::RateLimited);
+    // A call that found no connection was never sent, and one that timed out after waiting
+    // here for a connection did not have its whole time: neither says anything about the
+    // target, and a probe goes back unused.
+    let telling = sent
+        && !(queued
+            && result
+                .as_ref()
+                .is_err_and(|e| e.class == ErrorClass::Timeout));
+    if probe && !telling {
+        target.health.abandon_probe();
+    }
     // Only failures that say something about the target's health count against it; a probe's
     // answer always decides (a 400 or a 429 still shows the target is up).
-    let counts = sent && (result.is_ok() || unhealthy || probe);
+    let counts = telling && (result.is_ok() || unhealthy || probe);
     let circuit = if counts {
         target.health.record(elapsed, unhealthy, probe)
     } else {
@@ -724,6 +741,7 @@ async fn call_once(
             recorded: false,
         },
         response,
+        sent,
     }
 }
 
@@ -807,6 +825,8 @@ struct AttemptWithResponse {
     /// calls return at once they queue for the recorder, and a `chat.completion` `Value` (a map
     /// node per object, some 3 KB) is several times its text. Parsed back once recorded.
     response: Option<Box<RawValue>>,
+    /// Whether the call was sent: one that found no free connection was not.
+    sent: bool,
 }
 
 impl std::ops::Deref for AttemptWithResponse {
@@ -1142,12 +1162,12 @@ targets = [{{ provider = "plain", model = "m" }}]
     }
 
     /// A call that finds every connection taken for its whole timeout fails as a timeout
-    /// that names the cap; it was never sent, so it says nothing about the provider's health.
+    /// that names the cap. It was never sent, so it says nothing about the provider: a
+    /// half-open circuit's probe goes back, due again at once.
     #[tokio::test]
-    async fn a_call_that_finds_no_free_connection_in_its_timeout_fails_and_leaves_health_alone() {
+    async fn a_call_that_finds_no_free_connection_in_its_timeout_fails_and_gives_its_probe_back() {
         let server = server(200, OK).await;
-        let address = *server.address();
-        let plan = http1_plan(address, 1, 1);
+        let plan = http1_plan(*server.address(), 1, 1);
         let target = &plan.targets[0];
         let cap = target
             .provider
@@ -1155,8 +1175,9 @@ targets = [{{ provider = "plain", model = "m" }}]
             .as_ref()
             .expect("plain http has a cap");
         let held = cap.wait(Duration::from_secs(1)).await.unwrap();
+        target.health.open_until(Instant::now());
         let dispatched = dispatch(&request(), &plan, None, Shared::default()).await;
-        assert_eq!(dispatched.attempts.len(), 1);
+        assert_eq!(dispatched.attempts.len(), 1, "the probe was let through");
         let error = dispatched.attempts[0].outcome.as_ref().unwrap_err();
         assert_eq!(error.class, ErrorClass::Timeout);
         assert!(
@@ -1165,11 +1186,61 @@ targets = [{{ provider = "plain", model = "m" }}]
             error.message
         );
         assert!(server.received_requests().await.unwrap().is_empty());
-        assert_eq!(target.health.latency(), None, "no call was recorded");
+        assert_eq!(target.health.in_flight(), 0);
+        assert_eq!(
+            target.health.admit(),
+            Admission::Probe,
+            "the probe was given back, not counted"
+        );
+        // That check took the probe: give it back for the next call.
+        target.health.abandon_probe();
         drop(held);
         let dispatched = dispatch(&request(), &plan, None, Shared::default()).await;
         assert!(dispatched.outcome.is_ok(), "the connection is free again");
-        assert!(target.health.latency().is_some());
+        assert_eq!(target.health.admit(), Admission::Go, "the probe closed it");
+    }
+
+    /// A call that waited here for a connection and then ran out of time did not have its
+    /// whole timeout: its timeout does not count against the provider either.
+    #[tokio::test]
+    async fn a_call_that_waited_for_a_connection_and_then_timed_out_leaves_the_circuit_alone() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_string(OK)
+                    .set_delay(Duration::from_secs(3)),
+            )
+            .mount(&server)
+            .await;
+        let plan = http1_plan(*server.address(), 1, 1);
+        let target = &plan.targets[0];
+        let cap = target
+            .provider
+            .connections
+            .as_ref()
+            .expect("plain http has a cap");
+        let held = cap.wait(Duration::from_secs(1)).await.unwrap();
+        target.health.open_until(Instant::now());
+        let job = request();
+        let (dispatched, ()) =
+            tokio::join!(dispatch(&job, &plan, None, Shared::default()), async {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                drop(held);
+            });
+        let error = dispatched.attempts[0].outcome.as_ref().unwrap_err();
+        assert_eq!(error.class, ErrorClass::Timeout);
+        assert!(
+            !error.message.contains("http1_max_connections"),
+            "the call was sent: {}",
+            error.message
+        );
+        assert_eq!(server.received_requests().await.unwrap().len(), 1);
+        assert_eq!(
+            target.health.admit(),
+            Admission::Probe,
+            "the probe was given back, not counted as a failure"
+        );
     }
 
     /// A job's own `max_cost_usd` was checked against a call of at most the default output, so

@@ -297,3 +297,62 @@ async fn a_key_pause_is_seen_at_once_by_its_own_worker_and_within_a_recheck_by_a
     }
     app.cleanup().await;
 }
+
+/// A call that found no free HTTP/1.1 connection (`http1_max_connections`) was never sent: its
+/// place in the provider's rate window is given back, so the next call is not held back by it.
+#[tokio::test]
+async fn a_call_that_got_no_connection_gives_back_its_place_in_the_rate_window() {
+    use switchyard::stages::dispatch::{Shared, dispatch};
+    let fake = FakeProvider::start(&[]);
+    let config = format!(
+        r#"
+[routing]
+max_limit_wait_secs = 1
+
+[[providers]]
+name = "narrow"
+kind = "openai"
+base_url = "{}/v1"
+keys = [{{ id = "k", env = "CARGO_MANIFEST_DIR" }}]
+limits = {{ rpm = 1, window_secs = 60 }}
+timeout_secs = 1
+max_retries = 0
+http1_max_connections = 1
+models = [{{ name = "m" }}]
+
+[[routes]]
+alias = "narrow"
+targets = [{{ provider = "narrow", model = "m" }}]
+"#,
+        fake.url
+    );
+    let app = spawn_app_with(&config).await;
+    let job = job("acme", None, "narrow", "Hello.");
+    let plan = app.ctx.router.plan(&job, &|_| None).unwrap();
+    let shared = Shared {
+        limiter: app.ctx.limiter.as_ref(),
+        ..Shared::default()
+    };
+    let cap = plan.targets[0]
+        .provider
+        .connections
+        .as_ref()
+        .expect("a plain http provider has a connection cap");
+    let held = cap.wait(Duration::from_secs(1)).await.unwrap();
+    let refused = dispatch(&job, &plan, None, shared).await;
+    let error = refused.attempts[0].outcome.as_ref().unwrap_err();
+    assert!(
+        error.message.contains("http1_max_connections"),
+        "{}",
+        error.message
+    );
+    drop(held);
+    let served = dispatch(&job, &plan, None, shared).await;
+    assert!(
+        served.outcome.is_ok(),
+        "the one call a minute was not used up: {:?}",
+        served.outcome
+    );
+    assert_eq!(fake.requests().await, 1);
+    app.cleanup().await;
+}
