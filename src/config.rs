@@ -232,6 +232,11 @@ pub struct ProviderSettings {
     /// one to end. Bounds the worker's connections (and their buffers) to the provider.
     #[serde(default = "default_http1_max_connections")]
     pub http1_max_connections: u32,
+    /// `gemini` kind: fetch `image_url`s from private addresses too (loopback, private,
+    /// link-local and other non-public ones), for images served inside the network on purpose.
+    /// Off by default, so a job cannot make the worker call into its own network.
+    #[serde(default)]
+    pub allow_private_image_hosts: bool,
     /// Limits of the whole provider, shared by every worker through Postgres.
     #[serde(default)]
     pub limits: Option<Limits>,
@@ -689,6 +694,7 @@ impl Settings {
                 http2_prior_knowledge: false,
                 max_streams_per_connection: default_max_streams_per_connection(),
                 http1_max_connections: default_http1_max_connections(),
+                allow_private_image_hosts: false,
                 limits: None,
                 models: vec![ModelSettings {
                     name: BUILTIN_MODEL.to_owned(),

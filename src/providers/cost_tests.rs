@@ -101,8 +101,13 @@ async fn gemini_cost_counts_cached_content_and_bills_thoughts_as_output() {
     // 6,000 × 3 + 4,000 × 0.3 + 500 × 15 = 26,700 per million = $0.0267.
     let body = r#"{"candidates":[{"content":{"role":"model","parts":[{"text":"x"}]},"finishReason":"STOP"}],
         "usageMetadata":{"promptTokenCount":10000,"cachedContentTokenCount":4000,"candidatesTokenCount":400,"thoughtsTokenCount":100,"totalTokenCount":10500}}"#;
-    let make =
-        |base: String| Provider::Gemini(gemini::GeminiProvider::new(reqwest::Client::new(), base));
+    let make = |base: String| {
+        Provider::Gemini(gemini::GeminiProvider::new(
+            reqwest::Client::new(),
+            base,
+            super::images::ImageFetcher::new(true),
+        ))
+    };
     assert_eq!(
         cost_of(make, body).await,
         Decimal::from_str("0.0267").unwrap()

@@ -14,7 +14,7 @@ use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use super::images::{self, InlineImage};
+use super::images::{self, ImageFetcher, InlineImage};
 use super::sse::{SseEvent, SseParser};
 use super::{
     Call, Completion, ErrorClass, ProviderError, chat_completion, excerpt, finish,
@@ -42,6 +42,8 @@ pub struct GeminiProvider {
     http: Transport,
     /// `{base_url}/v1beta`, without a trailing `/`.
     api_root: String,
+    /// Fetches `image_url`s, which Gemini takes only as bytes.
+    images: ImageFetcher,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -566,7 +568,8 @@ fn tool_config(extra: &Map<String, Value>) -> Result<Option<GeminiToolConfig<'_>
 impl GeminiProvider {
     /// A client for `base_url`, which may carry a path prefix; `/v1beta` is appended unless
     /// the URL already ends with it.
-    pub fn new(http: impl Into<Transport>, base_url: String) -> Self {
+    /// A provider at `base_url` whose `image_url`s are fetched by `images`.
+    pub fn new(http: impl Into<Transport>, base_url: String, images: ImageFetcher) -> Self {
         let base = base_url.trim_end_matches('/');
         let api_root = if base.ends_with(&format!("/{API_VERSION}")) {
             base.to_owned()
@@ -576,6 +579,7 @@ impl GeminiProvider {
         Self {
             http: http.into(),
             api_root,
+            images,
         }
     }
 
@@ -612,7 +616,7 @@ impl GeminiProvider {
         let image: Result<InlineImage, String> = if url.starts_with("data:") {
             images::parse_data_url(url)
         } else {
-            images::fetch_inline(self.http.shared(), url, timeout).await
+            images::fetch_inline(&self.images, url, timeout).await
         };
         let image = image.map_err(|e| format!("messages[{at}]: {e}"))?;
         Ok(GeminiPart {
@@ -1535,8 +1539,14 @@ mod tests {
         }
     }
 
+    /// A provider at `base_url` that fetches images from any address: the tests serve them
+    /// on 127.0.0.1.
     fn provider(base_url: &str) -> GeminiProvider {
-        GeminiProvider::new(reqwest::Client::new(), base_url.to_owned())
+        GeminiProvider::new(
+            reqwest::Client::new(),
+            base_url.to_owned(),
+            ImageFetcher::new(true),
+        )
     }
 
     fn chat(value: Value) -> ChatRequest {
@@ -1683,6 +1693,49 @@ mod tests {
                 "data": base64::engine::general_purpose::STANDARD.encode(png)
             })
         );
+    }
+
+    /// Where images may come from is the provider's setting: by default not from a private
+    /// address such as the test server's.
+    #[tokio::test]
+    async fn images_on_private_addresses_are_fetched_only_when_the_provider_allows_it() {
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .and(path("/cat.png"))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .insert_header("content-type", "image/png")
+                    .set_body_bytes(b"\x89PNG".to_vec()),
+            )
+            .mount(&server)
+            .await;
+        let request = chat(json!({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": format!("{}/cat.png", server.uri())}}
+        ]}]}));
+        for (setting, allowed) in [("", false), ("allow_private_image_hosts = true\n", true)] {
+            let settings = crate::config::Settings::from_toml(&format!(
+                "[[providers]]\nname = \"g\"\nkind = \"gemini\"\nbase_url = \"http://127.0.0.1:9\"\n\
+                 keys = [{{ id = \"k\", env = \"K\" }}]\n{setting}"
+            ))
+            .unwrap();
+            let registry =
+                crate::providers::Registry::from_settings(&settings, &reqwest::Client::new());
+            let crate::providers::Provider::Gemini(gemini) = &registry.get("g").unwrap().client
+            else {
+                panic!("not a gemini provider");
+            };
+            match gemini.request_body(&request, Duration::from_secs(5)).await {
+                Ok(_) => assert!(allowed, "fetched from a private address by default"),
+                Err(error) => {
+                    assert!(!allowed, "{setting:?}: {}", error.message);
+                    assert!(
+                        error.message.contains("allow_private_image_hosts"),
+                        "{}",
+                        error.message
+                    );
+                }
+            }
+        }
     }
 
     /// Fetching the images takes part of the call's timeout: an image that took 0.7 s of a 1 s

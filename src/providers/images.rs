@@ -1,6 +1,7 @@
 //! Image inputs: `data:` URLs decoded and checked, and https URLs fetched and inlined for
 //! providers that only take bytes (Gemini). Errors are sentences for an `invalid_request`.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use base64::Engine;
@@ -43,6 +44,123 @@ pub fn parse_data_url(url: &str) -> Result<InlineImage, String> {
     })
 }
 
+/// Where images are fetched from. An `image_url` is the job's input, so by default the worker
+/// fetches only from public addresses: a loopback, private, link-local, shared (CGNAT),
+/// unique-local or otherwise reserved one would let a job make the worker send requests into
+/// its own network (server-side request forgery; cloud metadata services answer at
+/// 169.254.169.254). A host name is checked where it resolves, by the client's own resolver
+/// ([`PublicOnly`]), so the address checked is the address connected to; an address written
+/// in the URL is checked before each request, redirects included. `allow_private_image_hosts`
+/// (a provider setting) lifts the check, for images served inside the network on purpose.
+#[derive(Debug, Clone)]
+pub struct ImageFetcher {
+    /// Without redirects (they are followed here, each checked); `Err` says why none could
+    /// be built, and every fetch then fails with it.
+    client: Result<reqwest::Client, String>,
+    private_hosts: bool,
+}
+
+impl ImageFetcher {
+    /// Fetches from public addresses only, or from any address with `private_hosts`.
+    pub fn new(private_hosts: bool) -> Self {
+        let builder = super::transport::client_builder();
+        let builder = if private_hosts {
+            builder
+        } else {
+            builder.dns_resolver(PublicOnly)
+        };
+        Self {
+            client: builder
+                .build()
+                .map_err(|e| format!("no HTTP client to fetch images with: {e}")),
+            private_hosts,
+        }
+    }
+
+    /// Why `url`'s host may not be fetched from, if it is an address that is not public.
+    fn refuse(&self, url: &url::Url) -> Option<String> {
+        let ip = match url.host()? {
+            url::Host::Ipv4(ip) => IpAddr::V4(ip),
+            url::Host::Ipv6(ip) => IpAddr::V6(ip),
+            url::Host::Domain(_) => return None,
+        };
+        (!self.private_hosts && !is_public(ip)).then(|| {
+            format!(
+                "image host {ip} is not a public address (the provider's \
+                 allow_private_image_hosts = true fetches from such hosts)"
+            )
+        })
+    }
+}
+
+/// A resolver that keeps only a name's public addresses, and fails for a name that has none.
+#[derive(Debug)]
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|address| is_public(address.ip()))
+                .collect();
+            if resolved.is_empty() {
+                return Err(format!(
+                    "{host} resolves to no public address (the provider's \
+                     allow_private_image_hosts = true fetches from such hosts)"
+                )
+                .into());
+            }
+            Ok(Box::new(resolved.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// Whether `ip` is an address on the public internet: not loopback, unspecified, private,
+/// link-local, shared (100.64.0.0/10), multicast, broadcast, documentation, benchmarking or
+/// reserved, nor an IPv6 address that is unique-local, link-local or wraps such an IPv4 one.
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(ip) => is_public_v4(ip),
+        IpAddr::V6(ip) => match ip.to_ipv4_mapped().or_else(|| nat64(ip)) {
+            Some(wrapped) => is_public_v4(wrapped),
+            None => {
+                let documentation = ip.segments()[..2] == [0x2001, 0x0db8];
+                !(ip.is_unspecified()
+                    || ip.is_loopback()
+                    || ip.is_multicast()
+                    || ip.is_unique_local()
+                    || ip.is_unicast_link_local()
+                    || documentation)
+            }
+        },
+    }
+}
+
+fn is_public_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, c, _] = ip.octets();
+    !(ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local()
+        || ip.is_broadcast()
+        || ip.is_documentation()
+        || ip.is_multicast()
+        || a == 0
+        || (a == 100 && b & 0xc0 == 64)
+        || (a == 192 && b == 0 && c == 0)
+        || (a == 198 && b & 0xfe == 18)
+        || a >= 240)
+}
+
+/// The IPv4 address inside a NAT64 one (64:ff9b::/96).
+fn nat64(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let [a, b, c, d, e, f, g, h] = ip.segments();
+    ([a, b, c, d, e, f] == [0x64, 0xff9b, 0, 0, 0, 0])
+        .then(|| Ipv4Addr::from((u32::from(g) << 16) | u32::from(h)))
+}
+
 /// Redirects an image fetch follows, as browsers and reqwest's default policy do (images often
 /// sit behind a redirect to a CDN). The worker's clients follow none by themselves
 /// (`transport::client_builder`), so an image's hops are followed here; its request carries
@@ -54,13 +172,14 @@ const MAX_IMAGE_REDIRECTS: usize = 10;
 /// [`MAX_IMAGE_BYTES`] (or when its `Content-Length` says it will), so a huge download never
 /// sits whole in the worker's memory.
 pub async fn fetch_inline(
-    http: &reqwest::Client,
+    images: &ImageFetcher,
     url: &str,
     timeout: Duration,
 ) -> Result<InlineImage, String> {
     if url.starts_with("data:") {
         return parse_data_url(url);
     }
+    let http = images.client.as_ref().map_err(Clone::clone)?;
     let mut at = url::Url::parse(url).map_err(|e| format!("image URL {url:?} is invalid: {e}"))?;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut hops = 0;
@@ -70,6 +189,9 @@ pub async fn fetch_inline(
                 "image URL scheme {:?} is not supported",
                 at.scheme()
             ));
+        }
+        if let Some(refused) = images.refuse(&at) {
+            return Err(format!("cannot fetch image {url}: {refused}"));
         }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         if left.is_zero() {
@@ -82,7 +204,7 @@ pub async fn fetch_inline(
             .timeout(left)
             .send()
             .await
-            .map_err(|e| format!("cannot fetch image {url}: {}", e.without_url()))?;
+            .map_err(|e| format!("cannot fetch image {url}: {}", super::strip_url(&e)))?;
         let status = response.status();
         if !status.is_redirection() {
             if !status.is_success() {
@@ -132,7 +254,7 @@ pub async fn fetch_inline(
     while let Some(chunk) = response
         .chunk()
         .await
-        .map_err(|e| format!("cannot read image {url}: {}", e.without_url()))?
+        .map_err(|e| format!("cannot read image {url}: {}", super::strip_url(&e)))?
     {
         if bytes.len() + chunk.len() > MAX_IMAGE_BYTES {
             return Err(too_large());
@@ -207,7 +329,7 @@ mod tests {
             .respond_with(ResponseTemplate::new(301).insert_header("location", "/loop"))
             .mount(&site)
             .await;
-        let client = crate::providers::transport::worker_client(8).unwrap();
+        let client = ImageFetcher::new(true);
         let image = fetch_inline(
             &client,
             &format!("{}/cat", site.uri()),
@@ -263,7 +385,7 @@ mod tests {
                 }
             }
         });
-        let client = crate::providers::transport::worker_client(8).unwrap();
+        let client = ImageFetcher::new(true);
         for _ in 0..2 {
             let err = fetch_inline(
                 &client,
@@ -284,7 +406,7 @@ mod tests {
     #[tokio::test]
     async fn an_unreachable_image_is_a_clear_error() {
         let err = fetch_inline(
-            &reqwest::Client::new(),
+            &ImageFetcher::new(true),
             "http://127.0.0.1:1/cat.png",
             Duration::from_secs(2),
         )
@@ -294,5 +416,87 @@ mod tests {
             err.contains("cannot fetch image http://127.0.0.1:1/cat.png"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn only_addresses_on_the_public_internet_are_public() {
+        for public in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+            "64:ff9b::808:808",
+        ] {
+            assert!(is_public(public.parse().unwrap()), "{public}");
+        }
+        for private in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "0.1.2.3",
+            "255.255.255.255",
+            "224.0.0.1",
+            "240.0.0.1",
+            "192.0.0.8",
+            "198.18.0.1",
+            "192.0.2.1",
+            "::1",
+            "::",
+            "fc00::1",
+            "fd12::1",
+            "fe80::1",
+            "ff02::1",
+            "2001:db8::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+        ] {
+            assert!(!is_public(private.parse().unwrap()), "{private}");
+        }
+    }
+
+    /// By default an image is fetched only from a public address: a job's `image_url` must not
+    /// make the worker call into its own network, by an address or by a name resolving there.
+    #[tokio::test]
+    async fn an_image_on_a_private_address_is_refused_unless_the_provider_allows_it() {
+        use wiremock::matchers::path;
+        use wiremock::{Mock, MockServer, ResponseTemplate};
+        let server = MockServer::start().await;
+        Mock::given(path("/cat.png"))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .insert_header("content-type", "image/png")
+                    .set_body_bytes(b"\x89PNG".to_vec()),
+            )
+            .mount(&server)
+            .await;
+        let port = server.address().port();
+        let within = Duration::from_secs(5);
+        let public_only = ImageFetcher::new(false);
+        for url in [
+            format!("http://127.0.0.1:{port}/cat.png"),
+            format!("http://[::ffff:127.0.0.1]:{port}/cat.png"),
+        ] {
+            let err = fetch_inline(&public_only, &url, within).await.unwrap_err();
+            assert!(
+                err.contains("is not a public address")
+                    && err.contains("allow_private_image_hosts"),
+                "{err}"
+            );
+        }
+        let by_name = format!("http://localhost:{port}/cat.png");
+        let err = fetch_inline(&public_only, &by_name, within)
+            .await
+            .unwrap_err();
+        assert!(err.contains("resolves to no public address"), "{err}");
+        assert!(server.received_requests().await.unwrap().is_empty());
+        let image = fetch_inline(&ImageFetcher::new(true), &by_name, within)
+            .await
+            .unwrap();
+        assert_eq!(image.mime, "image/png");
     }
 }

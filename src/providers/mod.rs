@@ -367,7 +367,11 @@ fn build_entry(settings: &ProviderSettings, http: &reqwest::Client) -> ProviderE
         ProviderKind::Anthropic => {
             Provider::Anthropic(anthropic::AnthropicProvider::new(http, base_url))
         }
-        ProviderKind::Gemini => Provider::Gemini(gemini::GeminiProvider::new(http, base_url)),
+        ProviderKind::Gemini => Provider::Gemini(gemini::GeminiProvider::new(
+            http,
+            base_url,
+            images::ImageFetcher::new(settings.allow_private_image_hosts),
+        )),
     };
     ProviderEntry {
         name: settings.name.clone(),

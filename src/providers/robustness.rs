@@ -103,7 +103,11 @@ fn providers(base: &str) -> Vec<(Provider, &'static str, &'static str)> {
             ANTHROPIC_STREAM,
         ),
         (
-            Provider::Gemini(gemini::GeminiProvider::new(http, base.to_owned())),
+            Provider::Gemini(gemini::GeminiProvider::new(
+                http,
+                base.to_owned(),
+                super::images::ImageFetcher::new(true),
+            )),
             GEMINI_BODY,
             GEMINI_STREAM,
         ),
