@@ -567,8 +567,7 @@ fn tool_config(extra: &Map<String, Value>) -> Result<Option<GeminiToolConfig<'_>
 
 impl GeminiProvider {
     /// A client for `base_url`, which may carry a path prefix; `/v1beta` is appended unless
-    /// the URL already ends with it.
-    /// A provider at `base_url` whose `image_url`s are fetched by `images`.
+    /// the URL already ends with it. Its `image_url`s are fetched by `images`.
     pub fn new(http: impl Into<Transport>, base_url: String, images: ImageFetcher) -> Self {
         let base = base_url.trim_end_matches('/');
         let api_root = if base.ends_with(&format!("/{API_VERSION}")) {

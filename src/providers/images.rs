@@ -50,8 +50,10 @@ pub fn parse_data_url(url: &str) -> Result<InlineImage, String> {
 /// its own network (server-side request forgery; cloud metadata services answer at
 /// 169.254.169.254). A host name is checked where it resolves, by the client's own resolver
 /// ([`PublicOnly`]), so the address checked is the address connected to; an address written
-/// in the URL is checked before each request, redirects included. `allow_private_image_hosts`
-/// (a provider setting) lifts the check, for images served inside the network on purpose.
+/// in the URL is checked before each request, redirects included. The proxy environment
+/// variables (`HTTPS_PROXY`, …) are not used: a proxy would resolve the name itself.
+/// `allow_private_image_hosts` (a provider setting) lifts the check, for images served
+/// inside the network on purpose, and then proxies apply as for any client.
 #[derive(Debug, Clone)]
 pub struct ImageFetcher {
     /// Without redirects (they are followed here, each checked); `Err` says why none could
@@ -67,7 +69,7 @@ impl ImageFetcher {
         let builder = if private_hosts {
             builder
         } else {
-            builder.dns_resolver(PublicOnly)
+            builder.no_proxy().dns_resolver(PublicOnly)
         };
         Self {
             client: builder
@@ -119,20 +121,34 @@ impl reqwest::dns::Resolve for PublicOnly {
 
 /// Whether `ip` is an address on the public internet: not loopback, unspecified, private,
 /// link-local, shared (100.64.0.0/10), multicast, broadcast, documentation, benchmarking or
-/// reserved, nor an IPv6 address that is unique-local, link-local or wraps such an IPv4 one.
+/// reserved, nor an IPv6 address that is unique-local, link-local, site-local, discard-only,
+/// Teredo or in IETF protocol space (2001::/23), nor one that wraps a non-public IPv4 address
+/// (IPv4-mapped or -compatible, NAT64, 6to4). Close to Python's `ipaddress` `is_global`.
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(ip) => is_public_v4(ip),
-        IpAddr::V6(ip) => match ip.to_ipv4_mapped().or_else(|| nat64(ip)) {
+        // `::` and `::1` too, as 0.0.0.0 and 0.0.0.1.
+        IpAddr::V6(ip) => match ip
+            .to_ipv4()
+            .or_else(|| nat64(ip))
+            .or_else(|| six_to_four(ip))
+        {
             Some(wrapped) => is_public_v4(wrapped),
             None => {
-                let documentation = ip.segments()[..2] == [0x2001, 0x0db8];
-                !(ip.is_unspecified()
-                    || ip.is_loopback()
-                    || ip.is_multicast()
+                let [a, b, c, d, ..] = ip.segments();
+                !(ip.is_multicast()
                     || ip.is_unique_local()
                     || ip.is_unicast_link_local()
-                    || documentation)
+                    // Site-local (deprecated), fec0::/10.
+                    || a & 0xffc0 == 0xfec0
+                    // Documentation, 2001:db8::/32.
+                    || (a, b) == (0x2001, 0x0db8)
+                    // IETF protocol assignments and Teredo, 2001::/23.
+                    || (a == 0x2001 && b < 0x0200)
+                    // Local-use NAT64, 64:ff9b:1::/48.
+                    || (a, b, c) == (0x64, 0xff9b, 1)
+                    // Discard-only, 100::/64.
+                    || (a, b, c, d) == (0x100, 0, 0, 0))
             }
         },
     }
@@ -157,8 +173,17 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
 /// The IPv4 address inside a NAT64 one (64:ff9b::/96).
 fn nat64(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let [a, b, c, d, e, f, g, h] = ip.segments();
-    ([a, b, c, d, e, f] == [0x64, 0xff9b, 0, 0, 0, 0])
-        .then(|| Ipv4Addr::from((u32::from(g) << 16) | u32::from(h)))
+    ([a, b, c, d, e, f] == [0x64, 0xff9b, 0, 0, 0, 0]).then(|| ipv4_of(g, h))
+}
+
+/// The IPv4 address inside a 6to4 one (2002::/16).
+fn six_to_four(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let [a, b, c, ..] = ip.segments();
+    (a == 0x2002).then(|| ipv4_of(b, c))
+}
+
+fn ipv4_of(high: u16, low: u16) -> Ipv4Addr {
+    Ipv4Addr::from((u32::from(high) << 16) | u32::from(low))
 }
 
 /// Redirects an image fetch follows, as browsers and reqwest's default policy do (images often
@@ -426,6 +451,8 @@ mod tests {
             "2606:4700::1111",
             "::ffff:8.8.8.8",
             "64:ff9b::808:808",
+            "2002:808:808::1",
+            "2a00:1450:4001::200e",
         ] {
             assert!(is_public(public.parse().unwrap()), "{public}");
         }
@@ -453,7 +480,15 @@ mod tests {
             "2001:db8::1",
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
+            "::127.0.0.1",
+            "::a9fe:a9fe",
             "64:ff9b::a9fe:a9fe",
+            "64:ff9b:1::a9fe:a9fe",
+            "2002:7f00:1::1",
+            "2001::1",
+            "2001:1ff::1",
+            "fec0::1",
+            "100::1",
         ] {
             assert!(!is_public(private.parse().unwrap()), "{private}");
         }
