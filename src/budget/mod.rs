@@ -68,20 +68,29 @@ pub const TOOLS_TOKEN_ALLOWANCE: u64 = 1_000;
 
 /// The most a call of `job` can cost at `prices`: every prompt byte as a token (no tokenizer
 /// yields more tokens than bytes), counting the text of the messages and, as JSON, everything
-/// else the request carries (tool definitions, a response schema, earlier tool calls),
+/// else the request carries (tool definitions, a response schema, earlier tool calls, content
+/// parts other than text and images, such as `input_audio` and `file`: audio and documents are
+/// billed by their length, and their base64 runs to more bytes than they are billed tokens),
 /// [`IMAGE_TOKEN_ALLOWANCE`] per image and [`TOOLS_TOKEN_ALLOWANCE`] with tools; plus the
 /// output cap, or `default_output` without one (dispatch then gives the provider that cap),
 /// once per choice asked for (`n`).
 pub fn max_cost(job: &Job, prices: &Prices, default_output: u32) -> Decimal {
     let request = &job.request;
     let messages = request.messages.len() as u64;
-    let images = request
+    let (mut images, mut other_parts) = (0u64, 0u64);
+    for part in request
         .messages
         .iter()
         .filter_map(|m| m.content.as_array())
         .flatten()
-        .filter(|part| part.get("type").and_then(|t| t.as_str()) == Some("image_url"))
-        .count() as u64;
+    {
+        match part.get("type").and_then(|t| t.as_str()) {
+            // Its text is counted with the messages' text.
+            Some("text") => {}
+            Some("image_url") => images += 1,
+            _ => other_parts += json_len(part),
+        }
+    }
     let beside_text: u64 = request
         .messages
         .iter()
@@ -102,6 +111,7 @@ pub fn max_cost(job: &Job, prices: &Prices, default_output: u32) -> Decimal {
     });
     let prompt: u64 = request.all_text().map(|t| t.len() as u64).sum::<u64>()
         + beside_text
+        + other_parts
         + 4 * messages
         + 3
         + images * IMAGE_TOKEN_ALLOWANCE
@@ -124,7 +134,7 @@ pub fn max_cost(job: &Job, prices: &Prices, default_output: u32) -> Decimal {
 }
 
 /// The length of `value` as JSON, counted without building the text.
-fn json_len(value: &serde_json::Map<String, serde_json::Value>) -> u64 {
+fn json_len(value: &impl serde::Serialize) -> u64 {
     struct Count(u64);
     impl std::io::Write for Count {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
@@ -136,7 +146,7 @@ fn json_len(value: &serde_json::Map<String, serde_json::Value>) -> u64 {
         }
     }
     let mut count = Count(0);
-    // Writing a map of values to a counter cannot fail.
+    // Writing JSON values to a counter cannot fail.
     let _ = serde_json::to_writer(&mut count, value);
     count.0
 }
@@ -428,6 +438,25 @@ mod tests {
         assert_eq!(
             max_cost_of(serde_json::json!({"messages": [hello, call]})),
             (12 + 4 + calls, 100)
+        );
+    }
+
+    /// Audio and file parts are billed by what they hold, which neither the text nor the image
+    /// allowance counts: each is counted as its JSON, base64 data and all.
+    #[test]
+    fn the_most_a_call_can_cost_counts_audio_and_file_parts_by_their_bytes() {
+        let audio = serde_json::json!({"type": "input_audio",
+            "input_audio": {"data": "UklGRiQAAABXQVZFZm10IBAAAAABAAEA", "format": "wav"}});
+        let file = serde_json::json!({"type": "file",
+            "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBERi0xLjQK"}});
+        let parts = (audio.to_string().len() + file.to_string().len()) as u64;
+        let message = serde_json::json!({"role": "user", "content": [
+            {"type": "text", "text": "hello"}, audio, file,
+            {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+        ]});
+        assert_eq!(
+            max_cost_of(serde_json::json!({"messages": [message]})),
+            (12 + parts + IMAGE_TOKEN_ALLOWANCE, 100)
         );
     }
 
