@@ -1,7 +1,8 @@
 //! `switchyard summarize`: documents in, one JSON line per document out, in input order.
 
 use crate::helpers::{
-    FakeProvider, fake_provider_config, read_lines, spawn_app, spawn_app_with, switchyard,
+    FakeProvider, fake_provider_config, read_lines, spawn_app, spawn_app_full, spawn_app_with,
+    switchyard,
 };
 
 const DOC_A: &str = "# Harbor report\n\nThe harbor handled a record number of ships this year. \
@@ -122,6 +123,43 @@ async fn a_long_blank_document_fails_with_its_reason_and_the_run_ends() {
     assert_eq!(lines[0]["status"], "succeeded", "{lines:?}");
     assert_eq!(lines[1]["status"], "failed", "{lines:?}");
     assert!(lines[1].to_string().contains("all whitespace"), "{lines:?}");
+    app.cleanup().await;
+}
+
+/// A document too big for one job message, with no `--chunk-tokens` or context window to cut
+/// it by, is split to fit `worker.max_message_bytes`; one whose piece still cannot fit (a
+/// single word longer than a message) fails with its reason. Before, each was sent whole,
+/// rejected unread as `too_large` with a result no batch subscribes to, and the run waited
+/// forever.
+#[tokio::test]
+async fn a_document_too_big_for_one_message_is_split_to_fit_and_one_that_cannot_fit_fails() {
+    let app = spawn_app_full("max_message_bytes = 65536\n", "").await;
+    let dir = tempfile::tempdir().unwrap();
+    // About 210 KB of sentences: three times the message limit.
+    let sentence = "The harbor master counted the boats again before the storm came in. ";
+    std::fs::write(dir.path().join("a-long.txt"), sentence.repeat(3000)).unwrap();
+    std::fs::write(dir.path().join("b-one-word.txt"), "x".repeat(100_000)).unwrap();
+    let out = dir.path().join("out.jsonl");
+    let mut command = tokio::process::Command::from(switchyard(&app));
+    command.args(["summarize", dir.path().to_str().unwrap()]);
+    command.arg("--out").arg(&out).kill_on_drop(true);
+    let output = tokio::time::timeout(std::time::Duration::from_secs(120), command.output())
+        .await
+        .expect("the run ends")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    let lines = read_lines(&out);
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["status"], "succeeded", "{lines:?}");
+    assert!(lines[0]["chunks"].as_u64().unwrap() > 3, "{lines:?}");
+    assert_eq!(lines[1]["status"], "failed", "{lines:?}");
+    assert!(
+        lines[1]
+            .to_string()
+            .contains("worker.max_message_bytes (65536)"),
+        "{lines:?}"
+    );
     app.cleanup().await;
 }
 

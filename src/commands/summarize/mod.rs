@@ -110,9 +110,15 @@ struct Plan {
     route: String,
     prompt: String,
     max_tokens: u32,
-    /// Largest piece of text per job; `None` = never split.
+    /// Largest piece of text per job; `None` = split only what would not fit in a message.
     chunk_tokens: Option<usize>,
+    /// The workers' `worker.max_message_bytes`: a larger job is rejected unread (`too_large`),
+    /// and its result cannot say which batch it was for, so none must be published.
+    max_message_bytes: usize,
 }
+
+/// Room a job message needs besides its text: the prompt, the notes and the JSON around them.
+const ENVELOPE_BYTES: usize = 16 * 1024;
 
 impl Plan {
     fn new(settings: &Settings, args: &SummarizeArgs) -> Result<Self, BadInput> {
@@ -149,6 +155,7 @@ impl Plan {
             prompt,
             max_tokens: args.max_tokens,
             chunk_tokens,
+            max_message_bytes: settings.worker.max_message_bytes,
         })
     }
 
@@ -163,9 +170,26 @@ impl Plan {
         )
     }
 
+    /// Whether `text` goes in one job: within `--chunk-tokens` (or the route's context window),
+    /// and within the message limit, counting its JSON escaping at twice its length.
     fn fits(&self, text: &str) -> bool {
+        text.len() <= self.text_bytes()
+            && self
+                .chunk_tokens
+                .is_none_or(|limit| tokens::count(text) <= limit)
+    }
+
+    /// The most text one job message carries.
+    fn text_bytes(&self) -> usize {
+        self.max_message_bytes.saturating_sub(ENVELOPE_BYTES) / 2
+    }
+
+    /// The largest piece a text is split into: `--chunk-tokens`, and at most a sixteenth of
+    /// the message's text in tokens, so a piece of even long tokens fits in a message.
+    fn piece_tokens(&self) -> usize {
+        let by_bytes = (self.text_bytes() / 16).max(1);
         self.chunk_tokens
-            .is_none_or(|limit| tokens::count(text) <= limit)
+            .map_or(by_bytes, |chunk| chunk.min(by_bytes))
     }
 
     fn request(&self, note: Option<String>, text: String) -> ChatRequest {
@@ -227,7 +251,7 @@ impl DocState {
                 request: plan.request(note, text),
             }];
         }
-        let pieces = chunks::split(&text, plan.chunk_tokens.unwrap_or(usize::MAX));
+        let pieces = chunks::split(&text, plan.piece_tokens());
         if pieces.is_empty() {
             // No step would ever finish the document.
             return self.fail("the text split into no pieces".to_owned());
@@ -599,6 +623,22 @@ impl Runner<'_> {
                     &self.plan.route,
                     step.request,
                 );
+                job.metadata = Some(json!({ "document": step.key }));
+                let bytes = serde_json::to_vec(&job).map_or(0, |body| body.len());
+                if bytes > self.plan.max_message_bytes {
+                    // The worker would reject it unread, with a result no batch subscribes to.
+                    let state = &mut self.states[step.document];
+                    if !state.done {
+                        state.fail(format!(
+                            "a job for this document would be a {bytes}-byte message, over \
+                             worker.max_message_bytes ({}); set --chunk-tokens to send it in \
+                             smaller pieces",
+                            self.plan.max_message_bytes
+                        ));
+                        self.progress.advance(true);
+                    }
+                    continue;
+                }
                 if let Some(id) = job_id {
                     job.id = id;
                 } else {
@@ -610,7 +650,6 @@ impl Runner<'_> {
                         published: false,
                     });
                 }
-                job.metadata = Some(json!({ "document": step.key }));
                 self.wait_for(job.id, (step.document, step.piece));
                 issued.insert(step.key, job.id);
                 to_publish.push(job);
