@@ -139,6 +139,9 @@ async fn a_document_too_big_for_one_message_is_split_to_fit_and_one_that_cannot_
     let sentence = "The harbor master counted the boats again before the storm came in. ";
     std::fs::write(dir.path().join("a-long.txt"), sentence.repeat(3000)).unwrap();
     std::fs::write(dir.path().join("b-one-word.txt"), "x".repeat(100_000)).unwrap();
+    // Pieces that fit and one that cannot: none of its jobs is sent.
+    let mixed = format!("{}\n\n{}", sentence.repeat(600), "y".repeat(100_000));
+    std::fs::write(dir.path().join("c-mixed.txt"), mixed).unwrap();
     let out = dir.path().join("out.jsonl");
     let mut command = tokio::process::Command::from(switchyard(&app));
     command.args(["summarize", dir.path().to_str().unwrap()]);
@@ -150,15 +153,26 @@ async fn a_document_too_big_for_one_message_is_split_to_fit_and_one_that_cannot_
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(3), "{stderr}");
     let lines = read_lines(&out);
-    assert_eq!(lines.len(), 2);
+    assert_eq!(lines.len(), 3);
     assert_eq!(lines[0]["status"], "succeeded", "{lines:?}");
     assert!(lines[0]["chunks"].as_u64().unwrap() > 3, "{lines:?}");
-    assert_eq!(lines[1]["status"], "failed", "{lines:?}");
-    assert!(
-        lines[1]
-            .to_string()
-            .contains("worker.max_message_bytes (65536)"),
-        "{lines:?}"
+    for failed in &lines[1..] {
+        assert_eq!(failed["status"], "failed", "{lines:?}");
+        assert!(
+            failed
+                .to_string()
+                .contains("worker.max_message_bytes (65536)"),
+            "{lines:?}"
+        );
+    }
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        u64::try_from(jobs).ok(),
+        lines[0]["jobs"].as_u64(),
+        "only the first document's jobs were sent: {lines:?}"
     );
     app.cleanup().await;
 }

@@ -115,10 +115,10 @@ struct Plan {
     /// The workers' `worker.max_message_bytes`: a larger job is rejected unread (`too_large`),
     /// and its result cannot say which batch it was for, so none must be published.
     max_message_bytes: usize,
+    /// What a job message holds besides its text (the prompt, the notes, the JSON around
+    /// them), measured, with a margin.
+    envelope_bytes: usize,
 }
-
-/// Room a job message needs besides its text: the prompt, the notes and the JSON around them.
-const ENVELOPE_BYTES: usize = 16 * 1024;
 
 impl Plan {
     fn new(settings: &Settings, args: &SummarizeArgs) -> Result<Self, BadInput> {
@@ -149,14 +149,38 @@ impl Plan {
             }
             (None, None) => None,
         };
-        Ok(Self {
+        Self {
             tenant: args.tenant.clone(),
             route: args.route.clone(),
             prompt,
             max_tokens: args.max_tokens,
             chunk_tokens,
             max_message_bytes: settings.worker.max_message_bytes,
-        })
+            envelope_bytes: 0,
+        }
+        .measured(args)
+    }
+
+    /// The plan with its envelope measured: a job of the longest notes and no text, for a
+    /// batch name as long as `--batch` allows, plus a margin.
+    fn measured(mut self, args: &SummarizeArgs) -> Result<Self, BadInput> {
+        let notes = format!("{COMBINE_NOTE} {PIECE_NOTE}");
+        let mut job = Job::new(
+            &args.tenant,
+            Some(&"b".repeat(256)),
+            &args.route,
+            self.request(Some(notes), String::new()),
+        );
+        job.metadata = Some(json!({ "document": "d".repeat(512) }));
+        self.envelope_bytes = serde_json::to_vec(&job).map_or(0, |body| body.len()) + 1024;
+        if self.text_bytes() < 1024 {
+            return Err(BadInput(format!(
+                "a job message is limited to {} bytes (worker.max_message_bytes) and the prompt \
+                 and notes take {} of them: too little is left for any text",
+                self.max_message_bytes, self.envelope_bytes
+            )));
+        }
+        Ok(self)
     }
 
     /// What shapes the batch's steps, as the options that give it: a resumed run must match.
@@ -181,15 +205,22 @@ impl Plan {
 
     /// The most text one job message carries.
     fn text_bytes(&self) -> usize {
-        self.max_message_bytes.saturating_sub(ENVELOPE_BYTES) / 2
+        self.max_message_bytes.saturating_sub(self.envelope_bytes) / 2
     }
 
-    /// The largest piece a text is split into: `--chunk-tokens`, and at most a sixteenth of
-    /// the message's text in tokens, so a piece of even long tokens fits in a message.
+    /// The largest piece a text is split into: `--chunk-tokens` (or the route's context
+    /// window); without either, a sixteenth of a message's text in tokens, so a piece of even
+    /// long tokens fits in a message. A given piece size is kept as it is, so a resumed
+    /// batch's pieces line up with its stored ones.
     fn piece_tokens(&self) -> usize {
-        let by_bytes = (self.text_bytes() / 16).max(1);
         self.chunk_tokens
-            .map_or(by_bytes, |chunk| chunk.min(by_bytes))
+            .unwrap_or_else(|| (self.text_bytes() / 16).max(1))
+    }
+
+    /// The size of `job` as a message when it is over the workers' limit.
+    fn too_large(&self, job: &Job) -> Option<usize> {
+        let bytes = serde_json::to_vec(job).map_or(0, |body| body.len());
+        (bytes > self.max_message_bytes).then_some(bytes)
     }
 
     fn request(&self, note: Option<String>, text: String) -> ChatRequest {
@@ -575,15 +606,46 @@ impl Runner<'_> {
     async fn issue(&mut self, mut steps: Vec<Step>) -> anyhow::Result<()> {
         while !steps.is_empty() {
             let mut ready = Vec::new();
-            let round: Vec<Step> = steps.drain(..steps.len().min(ROUND)).collect();
-            let keys: Vec<String> = round.iter().map(|s| s.key.clone()).collect();
+            let mut round: Vec<(Step, Job)> = steps
+                .drain(..steps.len().min(ROUND))
+                .map(|mut step| {
+                    let mut job = Job::new(
+                        &self.plan.tenant,
+                        Some(self.batch),
+                        &self.plan.route,
+                        std::mem::take(&mut step.request),
+                    );
+                    job.metadata = Some(json!({ "document": step.key }));
+                    (step, job)
+                })
+                .collect();
+            // A job the workers would reject unread (too large) fails its document before
+            // anything of the document is stored or published: its result could not say which
+            // batch it was for.
+            for (step, job) in &round {
+                if let Some(bytes) = self.plan.too_large(job) {
+                    let state = &mut self.states[step.document];
+                    if !state.done {
+                        state.fail(format!(
+                            "a job for this document would be a {bytes}-byte message, over \
+                             worker.max_message_bytes ({}): lower --chunk-tokens, or raise \
+                             worker.max_message_bytes for text that cannot be cut (it is split \
+                             only between words)",
+                            self.plan.max_message_bytes
+                        ));
+                        self.progress.advance(true);
+                    }
+                }
+            }
+            round.retain(|(step, _)| !self.states[step.document].done);
+            let keys: Vec<String> = round.iter().map(|(s, _)| s.key.clone()).collect();
             let known =
                 batches::items_by_key(self.conn, &self.plan.tenant, self.batch, &keys).await?;
             let mut new_items = Vec::new();
             let mut to_publish: Vec<Job> = Vec::new();
             // This round's new jobs by key: a step with the key of one waits for it.
             let mut issued: HashMap<String, Uuid> = HashMap::new();
-            for step in round {
+            for (step, mut job) in round {
                 if let Some(id) = issued.get(&step.key) {
                     self.wait_for(*id, (step.document, step.piece));
                     continue;
@@ -617,28 +679,6 @@ impl Runner<'_> {
                     },
                     None => None,
                 };
-                let mut job = Job::new(
-                    &self.plan.tenant,
-                    Some(self.batch),
-                    &self.plan.route,
-                    step.request,
-                );
-                job.metadata = Some(json!({ "document": step.key }));
-                let bytes = serde_json::to_vec(&job).map_or(0, |body| body.len());
-                if bytes > self.plan.max_message_bytes {
-                    // The worker would reject it unread, with a result no batch subscribes to.
-                    let state = &mut self.states[step.document];
-                    if !state.done {
-                        state.fail(format!(
-                            "a job for this document would be a {bytes}-byte message, over \
-                             worker.max_message_bytes ({}); set --chunk-tokens to send it in \
-                             smaller pieces",
-                            self.plan.max_message_bytes
-                        ));
-                        self.progress.advance(true);
-                    }
-                    continue;
-                }
                 if let Some(id) = job_id {
                     job.id = id;
                 } else {
