@@ -62,6 +62,11 @@ pub const DEFAULT_OUTPUT_RESERVATION: u32 = 4096;
 /// does not fully tell, so this is an allowance rather than a bound.
 pub const IMAGE_TOKEN_ALLOWANCE: u64 = 2_000;
 
+/// Tokens reserved per `file` part beside its bytes: a document is billed as its text and an
+/// image of each page, and a part naming an uploaded file (`file_id`) shows none of it. An
+/// allowance (some ten pages), not a bound, like the image one.
+pub const FILE_TOKEN_ALLOWANCE: u64 = 20_000;
+
 /// Tokens reserved when a request offers tools: providers add a system prompt of their own
 /// for tool use (Anthropic documents 313–346 tokens), which no byte of the request shows.
 pub const TOOLS_TOKEN_ALLOWANCE: u64 = 1_000;
@@ -70,8 +75,9 @@ pub const TOOLS_TOKEN_ALLOWANCE: u64 = 1_000;
 /// yields more tokens than bytes), counting the text of the messages and, as JSON, everything
 /// else the request carries (tool definitions, a response schema, earlier tool calls, content
 /// parts other than text and images, such as `input_audio` and `file`: audio and documents are
-/// billed by their length, and their base64 runs to more bytes than they are billed tokens),
-/// [`IMAGE_TOKEN_ALLOWANCE`] per image and [`TOOLS_TOKEN_ALLOWANCE`] with tools; plus the
+/// billed by their length, and audio's base64 runs to more bytes than it is billed tokens),
+/// [`IMAGE_TOKEN_ALLOWANCE`] per image, [`FILE_TOKEN_ALLOWANCE`] per file and
+/// [`TOOLS_TOKEN_ALLOWANCE`] with tools; plus the
 /// output cap, or `default_output` without one (dispatch then gives the provider that cap),
 /// once per choice asked for (`n`).
 pub fn max_cost(job: &Job, prices: &Prices, default_output: u32) -> Decimal {
@@ -88,6 +94,7 @@ pub fn max_cost(job: &Job, prices: &Prices, default_output: u32) -> Decimal {
             // Its text is counted with the messages' text.
             Some("text") => {}
             Some("image_url") => images += 1,
+            Some("file") => other_parts += json_len(part) + FILE_TOKEN_ALLOWANCE,
             _ => other_parts += json_len(part),
         }
     }
@@ -442,7 +449,8 @@ mod tests {
     }
 
     /// Audio and file parts are billed by what they hold, which neither the text nor the image
-    /// allowance counts: each is counted as its JSON, base64 data and all.
+    /// allowance counts: each is counted as its JSON, base64 data and all, and a file gets an
+    /// allowance of its own besides.
     #[test]
     fn the_most_a_call_can_cost_counts_audio_and_file_parts_by_their_bytes() {
         let audio = serde_json::json!({"type": "input_audio",
@@ -456,7 +464,10 @@ mod tests {
         ]});
         assert_eq!(
             max_cost_of(serde_json::json!({"messages": [message]})),
-            (12 + parts + IMAGE_TOKEN_ALLOWANCE, 100)
+            (
+                12 + parts + IMAGE_TOKEN_ALLOWANCE + FILE_TOKEN_ALLOWANCE,
+                100
+            )
         );
     }
 
