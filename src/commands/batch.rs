@@ -189,6 +189,7 @@ pub fn parse_file(
     tenant: &str,
     batch: &str,
     route: &str,
+    max_message_bytes: usize,
 ) -> Result<Vec<(usize, Line)>, BadInput> {
     let mut lines = Vec::new();
     let mut first_seen: HashMap<String, usize> = HashMap::new();
@@ -223,10 +224,16 @@ pub fn parse_file(
                     error: format!("custom_id: {custom_id:?} duplicates line {first}"),
                     custom_id: Some(custom_id),
                 },
-                None => {
-                    first_seen.insert(custom_id.clone(), number);
-                    Line::Valid { custom_id, job }
-                }
+                None => match super::too_large_for_workers(&job, max_message_bytes) {
+                    Some(error) => Line::Invalid {
+                        error,
+                        custom_id: Some(custom_id),
+                    },
+                    None => {
+                        first_seen.insert(custom_id.clone(), number);
+                        Line::Valid { custom_id, job }
+                    }
+                },
             },
             invalid => invalid,
         };
@@ -253,6 +260,7 @@ async fn submit(settings: Settings, args: BatchSubmitArgs) -> anyhow::Result<Exi
         &args.tenant,
         &batch,
         &args.route,
+        settings.worker.max_message_bytes,
     )?;
     let invalid: Vec<(usize, &str)> = lines
         .iter()
@@ -659,6 +667,35 @@ async fn cancel(settings: Settings, id: &str, tenant: &str) -> anyhow::Result<Ex
 mod tests {
     use super::*;
 
+    /// The workers' default `worker.max_message_bytes`.
+    const LIMIT: usize = 4 * 1024 * 1024;
+
+    /// A request the workers would reject unread for its size is an invalid line, reported by
+    /// number: published, it would never be answered into its batch.
+    #[test]
+    fn a_line_too_large_for_the_workers_is_an_invalid_line() {
+        let line = |id: &str, text: &str| {
+            format!(
+                r#"{{"custom_id":"{id}","method":"POST","url":"/v1/chat/completions","body":{{"messages":[{{"role":"user","content":"{text}"}}]}}}}"#
+            )
+        };
+        let text = format!(
+            "{}\n{}\n",
+            line("small", "hi"),
+            line("big", &"x".repeat(2000))
+        );
+        let lines = parse_file(text.as_bytes(), "acme", "b", "default", 1500).unwrap();
+        assert!(matches!(&lines[0].1, Line::Valid { custom_id, .. } if custom_id == "small"));
+        let Line::Invalid { error, custom_id } = &lines[1].1 else {
+            panic!("a line over the limit is invalid")
+        };
+        assert_eq!(custom_id.as_deref(), Some("big"));
+        assert!(
+            error.contains("over worker.max_message_bytes (1500)"),
+            "{error}"
+        );
+    }
+
     fn parse(text: &str) -> Line {
         parse_line(text, "acme", "batch_x", "default")
     }
@@ -729,7 +766,7 @@ mod tests {
     fn duplicate_custom_ids_are_reported_against_the_first_line() {
         let line = r#"{"custom_id":"same","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"hi"}]}}"#;
         let text = format!("{line}\n\n{line}\n");
-        let lines = parse_file(text.as_bytes(), "acme", "b", "default").unwrap();
+        let lines = parse_file(text.as_bytes(), "acme", "b", "default", LIMIT).unwrap();
         assert_eq!(lines.len(), 2);
         assert!(matches!(lines[0].1, Line::Valid { .. }));
         assert_eq!(lines[1].0, 3);
@@ -752,7 +789,7 @@ mod tests {
         let mut text = format!("{}\r\n", line("a")).into_bytes();
         text.extend_from_slice(b"{\"custom_id\":\"\xff\xfe\"}\n");
         text.extend_from_slice(format!("{}\n{}\n", line("#line-2"), line("b")).as_bytes());
-        let lines = parse_file(text.as_slice(), "acme", "b", "default").unwrap();
+        let lines = parse_file(text.as_slice(), "acme", "b", "default", LIMIT).unwrap();
         let summary: Vec<(usize, Result<String, String>)> = lines
             .into_iter()
             .map(|(n, line)| match line {

@@ -38,6 +38,19 @@ pub struct Interrupted(pub String);
 #[error("{0}")]
 pub struct BadInput(pub String);
 
+/// Why `job` would be rejected unread by workers whose `worker.max_message_bytes` is `max`:
+/// its size as a message, when over. Such a rejection's result cannot name the job's tenant or
+/// batch, so a command must not publish it (nothing that waits for its batch would hear back).
+pub fn too_large_for_workers(job: &crate::messages::Job, max: usize) -> Option<String> {
+    let bytes = serde_json::to_vec(job).map_or(0, |body| body.len());
+    (bytes > max).then(|| {
+        format!(
+            "the job is a {bytes}-byte message, over worker.max_message_bytes ({max}), which \
+             workers reject unread"
+        )
+    })
+}
+
 /// `route` as a `--route` argument: a configured route, or a [`BadInput`] saying it is not
 /// (before anything is published that would only come back rejected).
 pub fn configured_route(settings: &Settings, route: &str) -> Result<(), BadInput> {

@@ -100,11 +100,18 @@ pub async fn run(settings: Settings, args: PublishArgs) -> anyhow::Result<ExitCo
         if line.trim().is_empty() {
             continue;
         }
-        let job = parse_line(&line, &defaults).map_err(|reason| {
-            BadInput(format!(
-                "line {number}: {reason}; nothing was published (fix the line and run again)"
-            ))
-        })?;
+        let job = parse_line(&line, &defaults)
+            .and_then(|job| {
+                match super::too_large_for_workers(&job, settings.worker.max_message_bytes) {
+                    Some(reason) => Err(reason),
+                    None => Ok(job),
+                }
+            })
+            .map_err(|reason| {
+                BadInput(format!(
+                    "line {number}: {reason}; nothing was published (fix the line and run again)"
+                ))
+            })?;
         jobs.push(job);
     }
     let broker = queue::Broker::connect(&settings.broker.url).await?;

@@ -6,7 +6,7 @@ use std::process::Stdio;
 
 use switchyard::queue::topology;
 
-use crate::helpers::{spawn_app, switchyard};
+use crate::helpers::{spawn_app, spawn_app_full, switchyard};
 
 #[tokio::test]
 async fn migrate_is_idempotent() {
@@ -32,6 +32,47 @@ async fn migrate_is_idempotent() {
         .await
         .unwrap();
     assert_eq!(ready, 0);
+    app.cleanup().await;
+}
+
+/// A job larger than `worker.max_message_bytes` would be rejected unread, with a result that
+/// cannot name its tenant or batch: `publish` refuses the file and publishes nothing.
+#[tokio::test]
+async fn publish_refuses_a_job_too_large_for_the_workers() {
+    let app = spawn_app_full("max_message_bytes = 2048\n", "").await;
+    let channel = app.ctx.broker.create_channel().await.unwrap();
+    let big = format!(
+        "{{\"messages\":[{{\"role\":\"user\",\"content\":\"one\"}}]}}\n\
+         {{\"messages\":[{{\"role\":\"user\",\"content\":\"{}\"}}]}}\n",
+        "x".repeat(3000)
+    );
+    let mut child = switchyard(&app)
+        .args(["publish", "-", "--tenant", "acme"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(big.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("line 2:") && stderr.contains("over worker.max_message_bytes (2048)"),
+        "{stderr}"
+    );
+    assert_eq!(
+        topology::jobs_queue_depth(&channel, &app.names)
+            .await
+            .unwrap()
+            .0,
+        0
+    );
     app.cleanup().await;
 }
 
