@@ -1698,16 +1698,7 @@ mod tests {
     /// address such as the test server's.
     #[tokio::test]
     async fn images_on_private_addresses_are_fetched_only_when_the_provider_allows_it() {
-        let server = MockServer::start().await;
-        Mock::given(method("GET"))
-            .and(path("/cat.png"))
-            .respond_with(
-                ResponseTemplate::new(200)
-                    .insert_header("content-type", "image/png")
-                    .set_body_bytes(b"\x89PNG".to_vec()),
-            )
-            .mount(&server)
-            .await;
+        let server = images::serve_png().await;
         let request = chat(json!({"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": format!("{}/cat.png", server.uri())}}
         ]}]}));

@@ -292,6 +292,24 @@ pub async fn fetch_inline(
     })
 }
 
+/// A server on 127.0.0.1 answering `GET /cat.png` with a PNG.
+#[cfg(test)]
+pub async fn serve_png() -> wiremock::MockServer {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/cat.png"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .insert_header("content-type", "image/png")
+                .set_body_bytes(b"\x89PNG".to_vec()),
+        )
+        .mount(&server)
+        .await;
+    server
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -498,17 +516,7 @@ mod tests {
     /// make the worker call into its own network, by an address or by a name resolving there.
     #[tokio::test]
     async fn an_image_on_a_private_address_is_refused_unless_the_provider_allows_it() {
-        use wiremock::matchers::path;
-        use wiremock::{Mock, MockServer, ResponseTemplate};
-        let server = MockServer::start().await;
-        Mock::given(path("/cat.png"))
-            .respond_with(
-                ResponseTemplate::new(200)
-                    .insert_header("content-type", "image/png")
-                    .set_body_bytes(b"\x89PNG".to_vec()),
-            )
-            .mount(&server)
-            .await;
+        let server = serve_png().await;
         let port = server.address().port();
         let within = Duration::from_secs(5);
         let public_only = ImageFetcher::new(false);

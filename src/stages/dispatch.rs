@@ -1161,13 +1161,10 @@ targets = [{{ provider = "plain", model = "m" }}]
         );
     }
 
-    /// A call that finds every connection taken for its whole timeout fails as a timeout
-    /// that names the cap. It was never sent, so it says nothing about the provider: a
-    /// half-open circuit's probe goes back, due again at once.
-    #[tokio::test]
-    async fn a_call_that_finds_no_free_connection_in_its_timeout_fails_and_gives_its_probe_back() {
-        let server = server(200, OK).await;
-        let plan = http1_plan(*server.address(), 1, 1);
+    /// `plan`'s first target, its circuit due for a probe, and its one connection, taken.
+    async fn due_for_a_probe_with_no_connection(
+        plan: &Plan,
+    ) -> (&Target, crate::providers::transport::Connection<'_>) {
         let target = &plan.targets[0];
         let cap = target
             .provider
@@ -1176,6 +1173,17 @@ targets = [{{ provider = "plain", model = "m" }}]
             .expect("plain http has a cap");
         let held = cap.wait(Duration::from_secs(1)).await.unwrap();
         target.health.open_until(Instant::now());
+        (target, held)
+    }
+
+    /// A call that finds every connection taken for its whole timeout fails as a timeout
+    /// that names the cap. It was never sent, so it says nothing about the provider: a
+    /// half-open circuit's probe goes back, due again at once.
+    #[tokio::test]
+    async fn a_call_that_finds_no_free_connection_in_its_timeout_fails_and_gives_its_probe_back() {
+        let server = server(200, OK).await;
+        let plan = http1_plan(*server.address(), 1, 1);
+        let (target, held) = due_for_a_probe_with_no_connection(&plan).await;
         let dispatched = dispatch(&request(), &plan, None, Shared::default()).await;
         assert_eq!(dispatched.attempts.len(), 1, "the probe was let through");
         let error = dispatched.attempts[0].outcome.as_ref().unwrap_err();
@@ -1214,14 +1222,7 @@ targets = [{{ provider = "plain", model = "m" }}]
             .mount(&server)
             .await;
         let plan = http1_plan(*server.address(), 1, 1);
-        let target = &plan.targets[0];
-        let cap = target
-            .provider
-            .connections
-            .as_ref()
-            .expect("plain http has a cap");
-        let held = cap.wait(Duration::from_secs(1)).await.unwrap();
-        target.health.open_until(Instant::now());
+        let (target, held) = due_for_a_probe_with_no_connection(&plan).await;
         let job = request();
         let (dispatched, ()) =
             tokio::join!(dispatch(&job, &plan, None, Shared::default()), async {

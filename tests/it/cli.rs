@@ -6,7 +6,7 @@ use std::process::Stdio;
 
 use switchyard::queue::topology;
 
-use crate::helpers::{spawn_app, spawn_app_full, switchyard};
+use crate::helpers::{TestApp, spawn_app, spawn_app_full, switchyard};
 
 #[tokio::test]
 async fn migrate_is_idempotent() {
@@ -35,6 +35,25 @@ async fn migrate_is_idempotent() {
     app.cleanup().await;
 }
 
+/// `switchyard publish -` with `args`, given `input` on its standard input.
+fn publish_stdin(app: &TestApp, args: &[&str], input: &str) -> std::process::Output {
+    let mut child = switchyard(app)
+        .args(["publish", "-"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
 /// A job larger than `worker.max_message_bytes` would be rejected unread, with a result that
 /// cannot name its tenant or batch: `publish` refuses the file and publishes nothing.
 #[tokio::test]
@@ -46,20 +65,7 @@ async fn publish_refuses_a_job_too_large_for_the_workers() {
          {{\"messages\":[{{\"role\":\"user\",\"content\":\"{}\"}}]}}\n",
         "x".repeat(3000)
     );
-    let mut child = switchyard(&app)
-        .args(["publish", "-", "--tenant", "acme"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(big.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
+    let output = publish_stdin(&app, &["--tenant", "acme"], &big);
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -82,20 +88,7 @@ async fn publish_prints_one_id_per_job_and_a_bad_line_publishes_nothing() {
     let channel = app.ctx.broker.create_channel().await.unwrap();
 
     let bad = "{\"messages\":[{\"role\":\"user\",\"content\":\"one\"}]}\n\n{\"messages\":[{\"role\":\"user\",\"content\":\"two\"}]}\n{\"messages\": 5}\n";
-    let mut child = switchyard(&app)
-        .args(["publish", "-", "--tenant", "acme", "--batch", "b1"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(bad.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
+    let output = publish_stdin(&app, &["--tenant", "acme", "--batch", "b1"], bad);
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("line 4:"), "{stderr}");

@@ -1,8 +1,8 @@
 //! `switchyard summarize`: documents in, one JSON line per document out, in input order.
 
 use crate::helpers::{
-    FakeProvider, fake_provider_config, read_lines, spawn_app, spawn_app_full, spawn_app_with,
-    switchyard,
+    FakeProvider, TestApp, fake_provider_config, read_lines, spawn_app, spawn_app_full,
+    spawn_app_with, switchyard,
 };
 
 const DOC_A: &str = "# Harbor report\n\nThe harbor handled a record number of ships this year. \
@@ -97,6 +97,23 @@ async fn summarize_exits_non_zero_and_lists_failures_when_documents_fail() {
 
 /// A document of only whitespace is not sent: it fails with its reason at once. One too long
 /// to send whole has no piece to split into, and the run used to wait for it forever.
+/// `switchyard summarize DIR ARGS --out OUT`, which must end within two minutes (a run that
+/// waits forever is the failure these tests look for).
+async fn summarize_within_two_minutes(
+    app: &TestApp,
+    dir: &std::path::Path,
+    args: &[&str],
+    out: &std::path::Path,
+) -> std::process::Output {
+    let mut command = tokio::process::Command::from(switchyard(app));
+    command.arg("summarize").arg(dir).args(args);
+    command.arg("--out").arg(out).kill_on_drop(true);
+    tokio::time::timeout(std::time::Duration::from_secs(120), command.output())
+        .await
+        .expect("the run ends")
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_long_blank_document_fails_with_its_reason_and_the_run_ends() {
     let app = spawn_app().await;
@@ -104,18 +121,8 @@ async fn a_long_blank_document_fails_with_its_reason_and_the_run_ends() {
     std::fs::write(dir.path().join("a-harbor.md"), DOC_A).unwrap();
     std::fs::write(dir.path().join("b-blank.txt"), " \n\n".repeat(2000)).unwrap();
     let out = dir.path().join("out.jsonl");
-    let mut command = tokio::process::Command::from(switchyard(&app));
-    command.args([
-        "summarize",
-        dir.path().to_str().unwrap(),
-        "--chunk-tokens",
-        "200",
-    ]);
-    command.arg("--out").arg(&out).kill_on_drop(true);
-    let output = tokio::time::timeout(std::time::Duration::from_secs(120), command.output())
-        .await
-        .expect("the run ends")
-        .unwrap();
+    let output =
+        summarize_within_two_minutes(&app, dir.path(), &["--chunk-tokens", "200"], &out).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(3), "{stderr}");
     let lines = read_lines(&out);
@@ -143,13 +150,7 @@ async fn a_document_too_big_for_one_message_is_split_to_fit_and_one_that_cannot_
     let mixed = format!("{}\n\n{}", sentence.repeat(600), "y".repeat(100_000));
     std::fs::write(dir.path().join("c-mixed.txt"), mixed).unwrap();
     let out = dir.path().join("out.jsonl");
-    let mut command = tokio::process::Command::from(switchyard(&app));
-    command.args(["summarize", dir.path().to_str().unwrap()]);
-    command.arg("--out").arg(&out).kill_on_drop(true);
-    let output = tokio::time::timeout(std::time::Duration::from_secs(120), command.output())
-        .await
-        .expect("the run ends")
-        .unwrap();
+    let output = summarize_within_two_minutes(&app, dir.path(), &[], &out).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(3), "{stderr}");
     let lines = read_lines(&out);
