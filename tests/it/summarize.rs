@@ -95,8 +95,6 @@ async fn summarize_exits_non_zero_and_lists_failures_when_documents_fail() {
     app.cleanup().await;
 }
 
-/// A document of only whitespace is not sent: it fails with its reason at once. One too long
-/// to send whole has no piece to split into, and the run used to wait for it forever.
 /// `switchyard summarize DIR ARGS --out OUT`, which must end within two minutes (a run that
 /// waits forever is the failure these tests look for).
 async fn summarize_within_two_minutes(
@@ -114,6 +112,8 @@ async fn summarize_within_two_minutes(
         .unwrap()
 }
 
+/// A document of only whitespace is not sent: it fails with its reason at once. One too long
+/// to send whole has no piece to split into, and the run used to wait for it forever.
 #[tokio::test]
 async fn a_long_blank_document_fails_with_its_reason_and_the_run_ends() {
     let app = spawn_app().await;
@@ -166,15 +166,40 @@ async fn a_document_too_big_for_one_message_is_split_to_fit_and_one_that_cannot_
             "{lines:?}"
         );
     }
-    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+    // Nothing of the failed documents (lines 2 and 3) was stored, so nothing was published.
+    let items: i64 = sqlx::query_scalar("SELECT count(*) FROM batch_items WHERE line > 1")
         .fetch_one(app.pool())
         .await
         .unwrap();
-    assert_eq!(
-        u64::try_from(jobs).ok(),
-        lines[0]["jobs"].as_u64(),
-        "only the first document's jobs were sent: {lines:?}"
+    assert_eq!(items, 0, "{lines:?}");
+    app.cleanup().await;
+}
+
+/// The size check covers every job of a document, not one round of 500 at a time: a document
+/// whose last piece cannot fit in a message stores and sends none of the 600 before it.
+#[tokio::test]
+async fn a_document_whose_last_piece_cannot_fit_sends_none_of_its_many_pieces() {
+    let app = spawn_app_full("max_message_bytes = 65536\n", "").await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "{}\n\n{}",
+        "The boats came back before the storm. ".repeat(1200),
+        "y".repeat(100_000)
     );
+    std::fs::write(dir.path().join("many.txt"), text).unwrap();
+    let out = dir.path().join("out.jsonl");
+    let output =
+        summarize_within_two_minutes(&app, dir.path(), &["--chunk-tokens", "20"], &out).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    let lines = read_lines(&out);
+    assert_eq!(lines[0]["status"], "failed", "{lines:?}");
+    assert!(lines[0]["chunks"].as_u64().unwrap() > 500, "{lines:?}");
+    let items: i64 = sqlx::query_scalar("SELECT count(*) FROM batch_items")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert_eq!(items, 0, "{lines:?}");
     app.cleanup().await;
 }
 

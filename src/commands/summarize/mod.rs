@@ -188,8 +188,17 @@ impl Plan {
         let chunk = self
             .chunk_tokens
             .map_or_else(|| "none".to_owned(), |c| c.to_string());
+        // The message limit shapes the pieces too where it cuts them smaller than the piece
+        // size given: then it is one of the options (and left out where it is not, so batches
+        // begun before it was are resumed as they were).
+        let cut = match self.chunk_tokens {
+            Some(chunk) if self.piece_tokens() < chunk => {
+                format!(" --piece-tokens {}", self.piece_tokens())
+            }
+            _ => String::new(),
+        };
         format!(
-            "--route {} --max-tokens {} --chunk-tokens {chunk} --prompt {:?}",
+            "--route {} --max-tokens {} --chunk-tokens {chunk}{cut} --prompt {:?}",
             self.route, self.max_tokens, self.prompt
         )
     }
@@ -209,12 +218,12 @@ impl Plan {
     }
 
     /// The largest piece a text is split into: `--chunk-tokens` (or the route's context
-    /// window); without either, a sixteenth of a message's text in tokens, so a piece of even
-    /// long tokens fits in a message. A given piece size is kept as it is, so a resumed
-    /// batch's pieces line up with its stored ones.
+    /// window), and at most a sixteenth of a message's text in tokens, so a piece of even long
+    /// tokens fits in a message.
     fn piece_tokens(&self) -> usize {
+        let by_bytes = (self.text_bytes() / 16).max(1);
         self.chunk_tokens
-            .unwrap_or_else(|| (self.text_bytes() / 16).max(1))
+            .map_or(by_bytes, |chunk| chunk.min(by_bytes))
     }
 
     /// The size of `job` as a message when it is over the workers' limit.
@@ -603,116 +612,125 @@ impl Runner<'_> {
     /// Starts `steps`: a step whose batch item already has a successful result is answered
     /// from it; one whose job was published and has no result yet is waited for; one whose
     /// job failed before gets a new job; everything else is published.
-    async fn issue(&mut self, mut steps: Vec<Step>) -> anyhow::Result<()> {
-        while !steps.is_empty() {
-            let mut ready = Vec::new();
-            let mut round: Vec<(Step, Job)> = steps
-                .drain(..steps.len().min(ROUND))
-                .map(|mut step| {
-                    let mut job = Job::new(
-                        &self.plan.tenant,
-                        Some(self.batch),
-                        &self.plan.route,
-                        std::mem::take(&mut step.request),
-                    );
-                    job.metadata = Some(json!({ "document": step.key }));
-                    (step, job)
-                })
-                .collect();
-            // A job the workers would reject unread (too large) fails its document before
-            // anything of the document is stored or published: its result could not say which
-            // batch it was for.
-            for (step, job) in &round {
-                if let Some(bytes) = self.plan.too_large(job) {
-                    let state = &mut self.states[step.document];
-                    if !state.done {
-                        state.fail(format!(
-                            "a job for this document would be a {bytes}-byte message, over \
+    /// The jobs of `steps`, but for documents that are done: a job the workers would reject
+    /// unread (too large) fails its document first, before anything of the document is stored
+    /// or published, since its result could not say which batch it was for.
+    fn checked(&mut self, steps: Vec<Step>) -> Vec<(Step, Job)> {
+        let mut steps: Vec<(Step, Job)> = steps
+            .into_iter()
+            .map(|mut step| {
+                let mut job = Job::new(
+                    &self.plan.tenant,
+                    Some(self.batch),
+                    &self.plan.route,
+                    std::mem::take(&mut step.request),
+                );
+                job.metadata = Some(json!({ "document": step.key }));
+                (step, job)
+            })
+            .collect();
+        for (step, job) in &steps {
+            if let Some(bytes) = self.plan.too_large(job) {
+                let state = &mut self.states[step.document];
+                if !state.done {
+                    state.fail(format!(
+                        "a job for this document would be a {bytes}-byte message, over \
                              worker.max_message_bytes ({}): lower --chunk-tokens, or raise \
                              worker.max_message_bytes for text that cannot be cut (it is split \
                              only between words)",
-                            self.plan.max_message_bytes
-                        ));
-                        self.progress.advance(true);
+                        self.plan.max_message_bytes
+                    ));
+                    self.progress.advance(true);
+                }
+            }
+        }
+        steps.retain(|(step, _)| !self.states[step.document].done);
+        steps
+    }
+
+    async fn issue(&mut self, steps: Vec<Step>) -> anyhow::Result<()> {
+        let mut next = steps;
+        while !next.is_empty() {
+            let mut steps = self.checked(std::mem::take(&mut next));
+            while !steps.is_empty() {
+                let mut ready = Vec::new();
+                let round: Vec<(Step, Job)> = steps.drain(..steps.len().min(ROUND)).collect();
+                let keys: Vec<String> = round.iter().map(|(s, _)| s.key.clone()).collect();
+                let known =
+                    batches::items_by_key(self.conn, &self.plan.tenant, self.batch, &keys).await?;
+                let mut new_items = Vec::new();
+                let mut to_publish: Vec<Job> = Vec::new();
+                // This round's new jobs by key: a step with the key of one waits for it.
+                let mut issued: HashMap<String, Uuid> = HashMap::new();
+                for (step, mut job) in round {
+                    if let Some(id) = issued.get(&step.key) {
+                        self.wait_for(*id, (step.document, step.piece));
+                        continue;
+                    }
+                    let job_id = match known.get(&step.key) {
+                        Some(existing) => match &existing.result {
+                            Some(result) if result.status == JobStatus::Succeeded => {
+                                ready.push((step.document, step.piece, result.clone()));
+                                continue;
+                            }
+                            Some(_) => {
+                                // Failed before: try again with a new job.
+                                let id = Uuid::now_v7();
+                                batches::replace_job(
+                                    self.conn,
+                                    &self.plan.tenant,
+                                    self.batch,
+                                    &step.key,
+                                    id,
+                                )
+                                .await?;
+                                Some(id)
+                            }
+                            None if existing.item.published => {
+                                if let Some(id) = existing.item.job_id {
+                                    self.wait_for(id, (step.document, step.piece));
+                                }
+                                continue;
+                            }
+                            None => existing.item.job_id,
+                        },
+                        None => None,
+                    };
+                    if let Some(id) = job_id {
+                        job.id = id;
+                    } else {
+                        new_items.push(ItemRow {
+                            item_key: step.key.clone(),
+                            line: i32::try_from(step.document + 1).unwrap_or(i32::MAX),
+                            job_id: Some(job.id),
+                            error: None,
+                            published: false,
+                        });
+                    }
+                    self.wait_for(job.id, (step.document, step.piece));
+                    issued.insert(step.key, job.id);
+                    to_publish.push(job);
+                }
+                batches::insert_items(self.conn, &self.plan.tenant, self.batch, &new_items).await?;
+                if !to_publish.is_empty() {
+                    let messages: Vec<Outgoing> = to_publish
+                        .iter()
+                        .map(|job| job_message(&self.ctx.names, job))
+                        .collect();
+                    self.publisher
+                        .publish_all(&messages)
+                        .await
+                        .context("cannot publish the batch")?;
+                    let ids: Vec<Uuid> = to_publish.iter().map(|j| j.id).collect();
+                    batches::mark_published(self.conn, &ids).await?;
+                    if !self.started {
+                        batches::mark_started(self.conn, &self.plan.tenant, self.batch).await?;
+                        self.started = true;
                     }
                 }
-            }
-            round.retain(|(step, _)| !self.states[step.document].done);
-            let keys: Vec<String> = round.iter().map(|(s, _)| s.key.clone()).collect();
-            let known =
-                batches::items_by_key(self.conn, &self.plan.tenant, self.batch, &keys).await?;
-            let mut new_items = Vec::new();
-            let mut to_publish: Vec<Job> = Vec::new();
-            // This round's new jobs by key: a step with the key of one waits for it.
-            let mut issued: HashMap<String, Uuid> = HashMap::new();
-            for (step, mut job) in round {
-                if let Some(id) = issued.get(&step.key) {
-                    self.wait_for(*id, (step.document, step.piece));
-                    continue;
+                for (document, piece, result) in ready {
+                    next.extend(self.on_result(document, piece, &result));
                 }
-                let job_id = match known.get(&step.key) {
-                    Some(existing) => match &existing.result {
-                        Some(result) if result.status == JobStatus::Succeeded => {
-                            ready.push((step.document, step.piece, result.clone()));
-                            continue;
-                        }
-                        Some(_) => {
-                            // Failed before: try again with a new job.
-                            let id = Uuid::now_v7();
-                            batches::replace_job(
-                                self.conn,
-                                &self.plan.tenant,
-                                self.batch,
-                                &step.key,
-                                id,
-                            )
-                            .await?;
-                            Some(id)
-                        }
-                        None if existing.item.published => {
-                            if let Some(id) = existing.item.job_id {
-                                self.wait_for(id, (step.document, step.piece));
-                            }
-                            continue;
-                        }
-                        None => existing.item.job_id,
-                    },
-                    None => None,
-                };
-                if let Some(id) = job_id {
-                    job.id = id;
-                } else {
-                    new_items.push(ItemRow {
-                        item_key: step.key.clone(),
-                        line: i32::try_from(step.document + 1).unwrap_or(i32::MAX),
-                        job_id: Some(job.id),
-                        error: None,
-                        published: false,
-                    });
-                }
-                self.wait_for(job.id, (step.document, step.piece));
-                issued.insert(step.key, job.id);
-                to_publish.push(job);
-            }
-            batches::insert_items(self.conn, &self.plan.tenant, self.batch, &new_items).await?;
-            if !to_publish.is_empty() {
-                let messages: Vec<Outgoing> = to_publish
-                    .iter()
-                    .map(|job| job_message(&self.ctx.names, job))
-                    .collect();
-                self.publisher
-                    .publish_all(&messages)
-                    .await
-                    .context("cannot publish the batch")?;
-                let ids: Vec<Uuid> = to_publish.iter().map(|j| j.id).collect();
-                batches::mark_published(self.conn, &ids).await?;
-                if !self.started {
-                    batches::mark_started(self.conn, &self.plan.tenant, self.batch).await?;
-                    self.started = true;
-                }
-            }
-            for (document, piece, result) in ready {
-                steps.extend(self.on_result(document, piece, &result));
             }
         }
         Ok(())
