@@ -209,7 +209,7 @@ fn may_speak_http2(settings: &ProviderSettings) -> bool {
 }
 
 /// At most `http1_max_connections` calls at once to a provider spoken to over HTTP/1.1,
-/// where each call in flight holds a connection of its own. hyper gives every connection a
+/// where each call being sent holds a connection of its own. hyper gives every connection a
 /// dispatch channel and write and read buffers of its own (about 20 KB of heap) and reqwest
 /// sizes none of them, so a worker with 10,000 jobs in flight to a slow provider opened some
 /// 4,000 connections, and they were the largest part of its memory (bench/RESULTS.md, stop 30).
