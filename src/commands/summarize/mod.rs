@@ -226,12 +226,6 @@ impl Plan {
             .map_or(by_bytes, |chunk| chunk.min(by_bytes))
     }
 
-    /// The size of `job` as a message when it is over the workers' limit.
-    fn too_large(&self, job: &Job) -> Option<usize> {
-        let bytes = serde_json::to_vec(job).map_or(0, |body| body.len());
-        (bytes > self.max_message_bytes).then_some(bytes)
-    }
-
     fn request(&self, note: Option<String>, text: String) -> ChatRequest {
         let instruction = match note {
             Some(note) => format!("{note} {}", self.prompt),
@@ -609,9 +603,6 @@ impl Runner<'_> {
         self.waiting.entry(job).or_default().push((document, piece));
     }
 
-    /// Starts `steps`: a step whose batch item already has a successful result is answered
-    /// from it; one whose job was published and has no result yet is waited for; one whose
-    /// job failed before gets a new job; everything else is published.
     /// The jobs of `steps`, but for documents that are done: a job the workers would reject
     /// unread (too large) fails its document first, before anything of the document is stored
     /// or published, since its result could not say which batch it was for.
@@ -630,15 +621,12 @@ impl Runner<'_> {
             })
             .collect();
         for (step, job) in &steps {
-            if let Some(bytes) = self.plan.too_large(job) {
+            if let Some(reason) = super::too_large_for_workers(job, self.plan.max_message_bytes) {
                 let state = &mut self.states[step.document];
                 if !state.done {
                     state.fail(format!(
-                        "a job for this document would be a {bytes}-byte message, over \
-                             worker.max_message_bytes ({}): lower --chunk-tokens, or raise \
-                             worker.max_message_bytes for text that cannot be cut (it is split \
-                             only between words)",
-                        self.plan.max_message_bytes
+                        "{reason}: lower --chunk-tokens, or raise worker.max_message_bytes for \
+                         text that cannot be cut (it is split only between words)"
                     ));
                     self.progress.advance(true);
                 }
@@ -648,91 +636,102 @@ impl Runner<'_> {
         steps
     }
 
+    /// Starts `steps`, a round of at most [`ROUND`] at a time; steps their results make
+    /// possible at once (stored successes) follow in later rounds.
     async fn issue(&mut self, steps: Vec<Step>) -> anyhow::Result<()> {
         let mut next = steps;
         while !next.is_empty() {
             let mut steps = self.checked(std::mem::take(&mut next));
             while !steps.is_empty() {
-                let mut ready = Vec::new();
-                let round: Vec<(Step, Job)> = steps.drain(..steps.len().min(ROUND)).collect();
-                let keys: Vec<String> = round.iter().map(|(s, _)| s.key.clone()).collect();
-                let known =
-                    batches::items_by_key(self.conn, &self.plan.tenant, self.batch, &keys).await?;
-                let mut new_items = Vec::new();
-                let mut to_publish: Vec<Job> = Vec::new();
-                // This round's new jobs by key: a step with the key of one waits for it.
-                let mut issued: HashMap<String, Uuid> = HashMap::new();
-                for (step, mut job) in round {
-                    if let Some(id) = issued.get(&step.key) {
-                        self.wait_for(*id, (step.document, step.piece));
-                        continue;
-                    }
-                    let job_id = match known.get(&step.key) {
-                        Some(existing) => match &existing.result {
-                            Some(result) if result.status == JobStatus::Succeeded => {
-                                ready.push((step.document, step.piece, result.clone()));
-                                continue;
-                            }
-                            Some(_) => {
-                                // Failed before: try again with a new job.
-                                let id = Uuid::now_v7();
-                                batches::replace_job(
-                                    self.conn,
-                                    &self.plan.tenant,
-                                    self.batch,
-                                    &step.key,
-                                    id,
-                                )
-                                .await?;
-                                Some(id)
-                            }
-                            None if existing.item.published => {
-                                if let Some(id) = existing.item.job_id {
-                                    self.wait_for(id, (step.document, step.piece));
-                                }
-                                continue;
-                            }
-                            None => existing.item.job_id,
-                        },
-                        None => None,
-                    };
-                    if let Some(id) = job_id {
-                        job.id = id;
-                    } else {
-                        new_items.push(ItemRow {
-                            item_key: step.key.clone(),
-                            line: i32::try_from(step.document + 1).unwrap_or(i32::MAX),
-                            job_id: Some(job.id),
-                            error: None,
-                            published: false,
-                        });
-                    }
-                    self.wait_for(job.id, (step.document, step.piece));
-                    issued.insert(step.key, job.id);
-                    to_publish.push(job);
-                }
-                batches::insert_items(self.conn, &self.plan.tenant, self.batch, &new_items).await?;
-                if !to_publish.is_empty() {
-                    let messages: Vec<Outgoing> = to_publish
-                        .iter()
-                        .map(|job| job_message(&self.ctx.names, job))
-                        .collect();
-                    self.publisher
-                        .publish_all(&messages)
-                        .await
-                        .context("cannot publish the batch")?;
-                    let ids: Vec<Uuid> = to_publish.iter().map(|j| j.id).collect();
-                    batches::mark_published(self.conn, &ids).await?;
-                    if !self.started {
-                        batches::mark_started(self.conn, &self.plan.tenant, self.batch).await?;
-                        self.started = true;
-                    }
-                }
-                for (document, piece, result) in ready {
-                    next.extend(self.on_result(document, piece, &result));
-                }
+                let round = steps.drain(..steps.len().min(ROUND)).collect();
+                next.extend(self.issue_round(round).await?);
             }
         }
         Ok(())
+    }
+
+    /// Starts the steps of `round`: a step whose batch item already has a successful result is
+    /// answered from it; one whose job was published and has no result yet is waited for; one
+    /// whose job failed before gets a new job; everything else is published. Returns the steps
+    /// that the stored successes make possible.
+    async fn issue_round(&mut self, round: Vec<(Step, Job)>) -> anyhow::Result<Vec<Step>> {
+        let mut ready = Vec::new();
+        let keys: Vec<String> = round.iter().map(|(s, _)| s.key.clone()).collect();
+        let known = batches::items_by_key(self.conn, &self.plan.tenant, self.batch, &keys).await?;
+        let mut new_items = Vec::new();
+        let mut to_publish: Vec<Job> = Vec::new();
+        // This round's new jobs by key: a step with the key of one waits for it.
+        let mut issued: HashMap<String, Uuid> = HashMap::new();
+        for (step, mut job) in round {
+            if let Some(id) = issued.get(&step.key) {
+                self.wait_for(*id, (step.document, step.piece));
+                continue;
+            }
+            let job_id = match known.get(&step.key) {
+                Some(existing) => match &existing.result {
+                    Some(result) if result.status == JobStatus::Succeeded => {
+                        ready.push((step.document, step.piece, result.clone()));
+                        continue;
+                    }
+                    Some(_) => {
+                        // Failed before: try again with a new job.
+                        let id = Uuid::now_v7();
+                        batches::replace_job(
+                            self.conn,
+                            &self.plan.tenant,
+                            self.batch,
+                            &step.key,
+                            id,
+                        )
+                        .await?;
+                        Some(id)
+                    }
+                    None if existing.item.published => {
+                        if let Some(id) = existing.item.job_id {
+                            self.wait_for(id, (step.document, step.piece));
+                        }
+                        continue;
+                    }
+                    None => existing.item.job_id,
+                },
+                None => None,
+            };
+            if let Some(id) = job_id {
+                job.id = id;
+            } else {
+                new_items.push(ItemRow {
+                    item_key: step.key.clone(),
+                    line: i32::try_from(step.document + 1).unwrap_or(i32::MAX),
+                    job_id: Some(job.id),
+                    error: None,
+                    published: false,
+                });
+            }
+            self.wait_for(job.id, (step.document, step.piece));
+            issued.insert(step.key, job.id);
+            to_publish.push(job);
+        }
+        batches::insert_items(self.conn, &self.plan.tenant, self.batch, &new_items).await?;
+        if !to_publish.is_empty() {
+            let messages: Vec<Outgoing> = to_publish
+                .iter()
+                .map(|job| job_message(&self.ctx.names, job))
+                .collect();
+            self.publisher
+                .publish_all(&messages)
+                .await
+                .context("cannot publish the batch")?;
+            let ids: Vec<Uuid> = to_publish.iter().map(|j| j.id).collect();
+            batches::mark_published(self.conn, &ids).await?;
+            if !self.started {
+                batches::mark_started(self.conn, &self.plan.tenant, self.batch).await?;
+                self.started = true;
+            }
+        }
+        let mut next = Vec::new();
+        for (document, piece, result) in ready {
+            next.extend(self.on_result(document, piece, &result));
+        }
+        Ok(next)
     }
 }
