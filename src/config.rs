@@ -749,24 +749,18 @@ impl Settings {
             if !names.insert(provider.name.as_str()) {
                 return invalid(format!("provider {:?} is defined twice", provider.name));
             }
-            for (setting, secs) in [
+            for (setting, value) in [
                 ("timeout_secs", provider.timeout_secs),
                 ("stream_idle_secs", provider.stream_idle_secs),
                 ("stream_max_secs", provider.stream_max_secs),
-            ] {
-                if secs == 0 {
-                    return invalid(format!(
-                        "provider {:?}: {setting} must be at least 1",
-                        provider.name
-                    ));
-                }
-            }
-            for (setting, value) in [
                 (
                     "max_streams_per_connection",
-                    provider.max_streams_per_connection,
+                    u64::from(provider.max_streams_per_connection),
                 ),
-                ("http1_max_connections", provider.http1_max_connections),
+                (
+                    "http1_max_connections",
+                    u64::from(provider.http1_max_connections),
+                ),
             ] {
                 if value == 0 {
                     return invalid(format!(
