@@ -141,7 +141,7 @@ pub fn max_cost(job: &Job, prices: &Prices, default_output: u32) -> Decimal {
 }
 
 /// The length of `value` as JSON, counted without building the text.
-fn json_len(value: &impl serde::Serialize) -> u64 {
+pub fn json_len(value: &impl serde::Serialize) -> u64 {
     struct Count(u64);
     impl std::io::Write for Count {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {

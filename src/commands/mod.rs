@@ -42,8 +42,9 @@ pub struct BadInput(pub String);
 /// its size as a message, when over. Such a rejection's result cannot name the job's tenant or
 /// batch, so a command must not publish it (nothing that waits for its batch would hear back).
 pub fn too_large_for_workers(job: &crate::messages::Job, max: usize) -> Option<String> {
-    let bytes = serde_json::to_vec(job).map_or(0, |body| body.len());
-    (bytes > max).then(|| {
+    // Counted, not written out: the job is serialized once more when it is published.
+    let bytes = crate::budget::json_len(job);
+    (bytes > max as u64).then(|| {
         format!(
             "the job is a {bytes}-byte message, over worker.max_message_bytes ({max}), which \
              workers reject unread"
