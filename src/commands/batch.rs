@@ -333,7 +333,7 @@ async fn submit(settings: Settings, args: BatchSubmitArgs) -> anyhow::Result<Exi
     batches::insert_items(&mut conn, &args.tenant, &batch, &items).await?;
 
     let broker = queue::Broker::connect(&settings.broker.url).await?;
-    let publisher = Publisher::open(&broker).await?;
+    let publisher = Publisher::signed(&broker).await?;
     let names = Names::new(&settings.broker.prefix);
     let jobs: Vec<&Job> = lines
         .iter()

@@ -288,7 +288,7 @@ pub async fn run(settings: Settings, command: DeadLetterCommand) -> anyhow::Resu
             }
             give_back(&channel, &answered).await?;
             chosen = requeued;
-            let publisher = Publisher::open(&broker).await?;
+            let publisher = Publisher::signed(&broker).await?;
             let messages: Vec<Outgoing> = chosen
                 .iter()
                 .map(|m| Outgoing {

@@ -115,7 +115,7 @@ pub async fn run(settings: Settings, args: PublishArgs) -> anyhow::Result<ExitCo
         jobs.push(job);
     }
     let broker = queue::Broker::connect(&settings.broker.url).await?;
-    let publisher = Publisher::open(&broker).await?;
+    let publisher = Publisher::signed(&broker).await?;
     let names = Names::new(&settings.broker.prefix);
     let mut out = std::io::stdout().lock();
     for chunk in jobs.chunks(CHUNK) {

@@ -195,7 +195,7 @@ pub async fn run(settings: Settings, args: ReplayArgs) -> anyhow::Result<ExitCod
     audit::insert_many(&mut tx, &events).await?;
     tx.commit().await?;
     let broker = queue::Broker::connect(&settings.broker.url).await?;
-    let publisher = Publisher::open(&broker).await?;
+    let publisher = Publisher::signed(&broker).await?;
     let names = Names::new(&settings.broker.prefix);
     for chunk in chosen.chunks(256) {
         let mut messages: Vec<Outgoing> = chunk

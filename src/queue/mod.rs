@@ -126,6 +126,13 @@ impl Broker {
         })
     }
 
+    /// The RabbitMQ user this broker's connections log in as, when they log in with a user
+    /// name (PLAIN, the default, or AMQPLAIN); `None` under EXTERNAL or ANONYMOUS, where the
+    /// broker decides who the connection is.
+    pub fn user(&self) -> Option<String> {
+        login_user(&self.url)
+    }
+
     fn current(&self) -> Arc<Connection> {
         match self.current.lock() {
             Ok(guard) => guard.clone(),
@@ -208,6 +215,19 @@ pub async fn close_within(
     }
 }
 
+/// The user name an AMQP URL logs in with (percent-decoded; `guest` when it names none), or
+/// `None` when its mechanism (EXTERNAL, ANONYMOUS) leaves the user to the broker.
+fn login_user(url: &str) -> Option<String> {
+    use lapin::uri::{AMQPUri, SASLMechanism};
+    let uri: AMQPUri = url.parse().ok()?;
+    match uri.query.auth_mechanism.unwrap_or_default() {
+        SASLMechanism::Plain | SASLMechanism::AMQPlain | SASLMechanism::RabbitCrDemo => {
+            Some(uri.authority.userinfo.username)
+        }
+        SASLMechanism::External | SASLMechanism::Anonymous => None,
+    }
+}
+
 /// Opens a connection, turning failures into a one-line error that names the address.
 pub async fn connect(url: &str) -> Result<Connection, BrokerError> {
     // The AMQP parser starts with `url::Url::parse`, whose error text it passes on.
@@ -224,6 +244,30 @@ pub async fn connect(url: &str) -> Result<Connection, BrokerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_login_user_is_the_urls_user_unless_the_broker_decides_it() {
+        assert_eq!(
+            login_user("amqp://acme-eu:secret@127.0.0.1:5672/%2f").as_deref(),
+            Some("acme-eu")
+        );
+        assert_eq!(
+            login_user("amqp://a%40b:secret@127.0.0.1/%2f").as_deref(),
+            Some("a@b")
+        );
+        assert_eq!(
+            login_user("amqp://127.0.0.1:5672/%2f").as_deref(),
+            Some("guest")
+        );
+        assert_eq!(
+            login_user("amqps://acme@broker.example/%2f?auth_mechanism=external"),
+            None
+        );
+        assert_eq!(
+            login_user("amqp://127.0.0.1/%2f?auth_mechanism=anonymous"),
+            None
+        );
+    }
 
     #[tokio::test]
     async fn a_close_the_broker_never_confirms_is_given_up_after_its_time() {

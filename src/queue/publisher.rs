@@ -9,7 +9,7 @@ use backon::{ExponentialBuilder, Retryable};
 use futures::future::try_join_all;
 use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::FieldTable;
+use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
 
 use super::{Broker, BrokerError};
@@ -33,6 +33,8 @@ pub struct Outgoing {
 pub struct Publisher {
     broker: Broker,
     channel: Arc<Mutex<Channel>>,
+    /// The AMQP `user_id` every message carries (see [`Publisher::signed`]).
+    user_id: Option<ShortString>,
 }
 
 async fn confirm_channel(broker: &Broker) -> Result<Channel, BrokerError> {
@@ -50,7 +52,17 @@ impl Publisher {
         Ok(Self {
             broker: broker.clone(),
             channel: Arc::new(Mutex::new(channel)),
+            user_id: None,
         })
+    }
+
+    /// Like [`Publisher::open`], and every message carries the user the connection logs in as
+    /// as its AMQP `user_id` (RabbitMQ refuses any other), so a worker that enforces user ids
+    /// (`enforce_user_id`) can tell who published a job. The commands that publish jobs use it.
+    pub async fn signed(broker: &Broker) -> Result<Self, BrokerError> {
+        let mut publisher = Self::open(broker).await?;
+        publisher.user_id = broker.user().map(ShortString::from);
+        Ok(publisher)
     }
 
     /// Closes the channel, waiting at most `within` for the broker's answer. Call it before the
@@ -139,6 +151,9 @@ impl Publisher {
                     .with_timestamp(u64::try_from(chrono::Utc::now().timestamp()).unwrap_or(0));
                 if let Some(headers) = &message.headers {
                     properties = properties.with_headers(headers.clone());
+                }
+                if let Some(user) = &self.user_id {
+                    properties = properties.with_user_id(user.clone());
                 }
                 let confirm = channel
                     .basic_publish(

@@ -6,7 +6,7 @@ use std::process::Stdio;
 
 use switchyard::queue::topology;
 
-use crate::helpers::{TestApp, spawn_app, spawn_app_full, switchyard};
+use crate::helpers::{TestApp, run_with_stdin, spawn_app, spawn_app_full, switchyard};
 
 #[tokio::test]
 async fn migrate_is_idempotent() {
@@ -37,21 +37,9 @@ async fn migrate_is_idempotent() {
 
 /// `switchyard publish -` with `args`, given `input` on its standard input.
 fn publish_stdin(app: &TestApp, args: &[&str], input: &str) -> std::process::Output {
-    let mut child = switchyard(app)
-        .args(["publish", "-"])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    let mut command = switchyard(app);
+    command.args(["publish", "-"]).args(args);
+    run_with_stdin(command, input)
 }
 
 /// A job larger than `worker.max_message_bytes` would be rejected unread, with a result that

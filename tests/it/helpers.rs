@@ -383,6 +383,18 @@ pub fn switchyard(app: &TestApp) -> Command {
     command
 }
 
+/// Runs `command` with `input` on its standard input, capturing its output.
+pub fn run_with_stdin(mut command: Command, input: &str) -> std::process::Output {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 /// `count` worker processes with `--exit-when-idle` and the given concurrency.
 pub fn workers(app: &TestApp, count: usize, concurrency: u16) -> Vec<Child> {
     (0..count)

@@ -13,7 +13,7 @@ use switchyard::messages::{JobResult, JobStatus};
 use switchyard::queue::topology::{JOBS_ROUTING_KEY, Names};
 use uuid::Uuid;
 
-use crate::helpers::{TestApp, collect, job, spawn_app_full};
+use crate::helpers::{TestApp, collect, job, run_with_stdin, spawn_app_full, switchyard};
 
 fn rabbitmqctl(args: &[&str]) {
     let output = Command::new("rabbitmqctl")
@@ -74,9 +74,13 @@ impl TenantUser {
         user
     }
 
+    /// The broker URL that logs in as this user.
+    fn url(&self) -> String {
+        format!("amqp://{}:{}@127.0.0.1:5672/%2f", self.name, self.password)
+    }
+
     async fn connect(&self) -> Connection {
-        let url = format!("amqp://{}:{}@127.0.0.1:5672/%2f", self.name, self.password);
-        Connection::connect(&url, ConnectionProperties::default())
+        Connection::connect(&self.url(), ConnectionProperties::default())
             .await
             .expect("the tenant user connects")
     }
@@ -290,6 +294,52 @@ async fn a_tenant_user_can_bind_only_to_its_own_results_and_publish_only_its_own
     assert_eq!(audited, 2);
     assert_eq!(app.drain_dead_letters().await.len(), 2);
     let _ = connection.close(200, "bye".into()).await;
+    app.cleanup().await;
+}
+
+/// `switchyard publish` signs its messages with the user it connects as: with enforcement on,
+/// a tenant's jobs published through the CLI as that tenant's RabbitMQ user are served, and a
+/// job it publishes for another tenant is rejected, naming that user.
+#[tokio::test]
+async fn jobs_published_by_the_cli_carry_the_user_it_connects_as() {
+    let app = spawn_app_full("enforce_user_id = true", "").await;
+    let a = TenantUser::create(&app.names);
+    let mut subscription = app.subscribe(false, "#").await;
+    let own = job(
+        &a.name,
+        None,
+        "default",
+        "A's own job, through the CLI. Served.",
+    );
+    let other = job(
+        "another-tenant",
+        None,
+        "default",
+        "A publishes for another tenant through the CLI. Rejected.",
+    );
+    let input = [&own, &other]
+        .map(|job| serde_json::to_string(job).unwrap() + "\n")
+        .concat();
+    let mut command = switchyard(&app);
+    command
+        .args(["publish", "-"])
+        .env("SWITCHYARD_BROKER__URL", a.url());
+    let output = run_with_stdin(command, &input);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    app.run_worker_until_idle().await;
+
+    let results = results_by_id(&app, &mut subscription, 2).await;
+    assert_eq!(results[&own.id].status, JobStatus::Succeeded);
+    let rejected = &results[&other.id];
+    assert_eq!(rejected.status, JobStatus::Rejected);
+    let error = rejected.error.as_ref().unwrap();
+    assert_eq!(error.code, "tenant_not_authorized");
+    let published_by = format!("by RabbitMQ user {:?}", a.name);
+    assert!(error.message.contains(&published_by), "{}", error.message);
     app.cleanup().await;
 }
 
