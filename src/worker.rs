@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use crate::app::Context;
 use crate::messages::JobResult;
 use crate::messages::events::STREAM_CHUNK_SCHEMA;
-use crate::messages::{ChunkKind, Job, StreamChunk};
+use crate::messages::{ChunkKind, Job, JobError, StreamChunk};
 use crate::queue::consumer::AckTracker;
 use crate::queue::publisher::Outgoing;
 use crate::queue::publisher::Publisher;
@@ -571,6 +571,33 @@ async fn handle_job(
     };
     crate::failpoint::on_job(job.metadata.as_ref());
     match Box::pin(stored_result(ctx, job.id)).await {
+        // Job ids are global: one already stored for another tenant is not this job's.
+        Ok(Some(stored))
+            if stored
+                .tenant
+                .as_deref()
+                .is_some_and(|owner| owner != job.tenant) =>
+        {
+            let error = JobError::new(
+                "job_id_taken",
+                format!(
+                    "job id {} is already another tenant's job; publish this job under a new id",
+                    job.id
+                ),
+            );
+            tracing::warn!(job_id = %job.id, code = %error.code, error.message = %error.message, "Rejected a job.");
+            let rejected = FinishedJob::rejected(
+                tag,
+                Rejection::for_job(&job, &body, error),
+                received_at,
+                Vec::new(),
+            );
+            return Finished::Refused {
+                tag,
+                result: Box::new(rejected.result),
+                original: body,
+            };
+        }
         // A replay (a newer generation) is served even though an older result exists.
         Ok(Some(result)) if result.generation >= job.generation => {
             tracing::info!(job_id = %job.id, "Job already has a committed result; republishing it.");

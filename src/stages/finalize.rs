@@ -59,6 +59,14 @@ pub enum Finished<J = SealedJob> {
     Job(Box<J>),
     /// A job whose result was already committed: republish the stored result and ack.
     Duplicate { tag: u64, result: Box<JobResult> },
+    /// The job's id already belongs to another tenant's job: publish the job's own `rejected`
+    /// result and a dead-letter copy of `original`, store nothing (the id's rows are the
+    /// other tenant's), and ack.
+    Refused {
+        tag: u64,
+        result: Box<JobResult>,
+        original: Vec<u8>,
+    },
     /// The job could not be looked up (database trouble): return it to the queue.
     Requeue { tag: u64 },
     /// Every target is rate limited for at least `wait`: republish the job to the delayed
@@ -76,6 +84,15 @@ impl Finished<FinishedJob> {
         match self {
             Finished::Job(job) => Finished::Job(Box::new(job.seal())),
             Finished::Duplicate { tag, result } => Finished::Duplicate { tag, result },
+            Finished::Refused {
+                tag,
+                result,
+                original,
+            } => Finished::Refused {
+                tag,
+                result,
+                original,
+            },
             Finished::Requeue { tag } => Finished::Requeue { tag },
             Finished::Park { tag, body, wait } => Finished::Park { tag, body, wait },
         }
@@ -536,6 +553,7 @@ struct Sorted {
     tags: Vec<u64>,
     fresh: Vec<SealedJob>,
     republish: Vec<JobResult>,
+    refused: Vec<(JobResult, Vec<u8>)>,
     parked: Vec<(Vec<u8>, std::time::Duration)>,
 }
 
@@ -680,6 +698,7 @@ impl Finalizer {
         let mut tags = Vec::with_capacity(group.len());
         let mut fresh = Vec::new();
         let mut republish = Vec::new();
+        let mut refused = Vec::new();
         let mut parked = Vec::new();
         for item in group {
             match item {
@@ -698,11 +717,16 @@ impl Finalizer {
                     continue;
                 }
                 Finished::Job(ref job) => tags.push(job.tag),
-                Finished::Duplicate { tag, .. } | Finished::Park { tag, .. } => tags.push(tag),
+                Finished::Duplicate { tag, .. }
+                | Finished::Refused { tag, .. }
+                | Finished::Park { tag, .. } => tags.push(tag),
             }
             match item {
                 Finished::Job(job) => fresh.push(*job),
                 Finished::Duplicate { result, .. } => republish.push(*result),
+                Finished::Refused {
+                    result, original, ..
+                } => refused.push((*result, original)),
                 Finished::Park { body, wait, .. } => parked.push((body, wait)),
                 Finished::Requeue { .. } => {}
             }
@@ -711,6 +735,7 @@ impl Finalizer {
             tags,
             fresh,
             republish,
+            refused,
             parked,
         })
     }
@@ -726,6 +751,7 @@ impl Finalizer {
             tags,
             fresh,
             republish,
+            refused,
             parked,
         } = group;
         let began = std::time::Instant::now();
@@ -738,6 +764,10 @@ impl Finalizer {
             .map(|m| m.message)
             .collect();
         outgoing.extend(republish.iter().map(|r| self.result_message(r)));
+        for (result, original) in refused {
+            outgoing.push(self.result_message(result));
+            outgoing.push(self.dead_letter_message(&result.head(), original));
+        }
         outgoing.extend(
             parked
                 .iter()
@@ -772,6 +802,8 @@ impl Finalizer {
             }
         }
         tracing::debug!(jobs = fresh.len(), messages = outgoing.len(), commit = ?commit_took, publish = ?publish_took, total = ?began.elapsed(), "Finalized a group.");
+        metrics::counter!("switchyard_jobs_total", "status" => JobStatus::Rejected.as_str())
+            .increment(refused.len() as u64);
         metrics::counter!("switchyard_duplicates_total").increment(republish.len() as u64);
         self.stats.groups += 1;
         self.stats.jobs += fresh.len() as u64;

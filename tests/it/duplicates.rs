@@ -57,6 +57,51 @@ async fn a_job_published_twice_is_answered_from_the_store_without_a_second_provi
     app.cleanup().await;
 }
 
+/// Job ids are global: a job whose id another tenant's committed job holds is not answered
+/// with that tenant's result. It gets its own `rejected` result (`job_id_taken`, on its own
+/// routing key) and a dead-letter copy; nothing of it is stored over the other job's rows.
+#[tokio::test]
+async fn a_job_whose_id_another_tenant_already_used_is_rejected_not_answered_with_its_result() {
+    let fake = FakeProvider::start(&[]);
+    let app = spawn_app_with(&fake_provider_config(&fake.url)).await;
+    let mut results = app.subscribe(false, "#").await;
+    let first = job("acme", Some("mine"), "fake", "Acme's job. Served once.");
+    let mut second = job("globex", Some("theirs"), "fake", "Globex reuses the id.");
+    second.id = first.id;
+
+    app.publish_job(&first).await;
+    app.run_worker_until_idle().await;
+    app.publish_job(&second).await;
+    app.run_worker_until_idle().await;
+
+    assert_eq!(fake.requests().await, 1, "the provider was called once");
+    let deliveries = collect(&mut results, 2, Duration::from_secs(10)).await;
+    assert_eq!(deliveries[0].routing_key.as_str(), "acme.mine.succeeded");
+    assert_eq!(deliveries[1].routing_key.as_str(), "globex.theirs.rejected");
+    let refused: JobResult = serde_json::from_slice(&deliveries[1].data).unwrap();
+    assert_eq!(refused.job_id, first.id);
+    assert_eq!(refused.tenant.as_deref(), Some("globex"));
+    assert_eq!(refused.status, JobStatus::Rejected);
+    let error = refused.error.unwrap();
+    assert_eq!(error.code, "job_id_taken");
+    assert!(!error.message.contains("acme"), "{}", error.message);
+    let kept = app.drain_dead_letters().await;
+    assert_eq!(kept.len(), 1, "the refused job is kept for inspection");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&kept[0].data).unwrap()["tenant"],
+        "globex"
+    );
+    // Acme's rows are untouched.
+    assert_eq!(app.result_rows().await, (1, 1));
+    let stored = results::find_latest(&mut *app.pool().acquire().await.unwrap(), first.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.tenant.as_deref(), Some("acme"));
+    assert_eq!(stored.status, JobStatus::Succeeded);
+    app.cleanup().await;
+}
+
 #[tokio::test]
 async fn the_same_job_in_flight_twice_still_gets_exactly_one_result_row() {
     let fake = FakeProvider::start(&["--latency-ms", "200"]);
