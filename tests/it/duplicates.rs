@@ -93,7 +93,7 @@ async fn a_job_whose_id_another_tenant_already_used_is_rejected_not_answered_wit
     );
     // Acme's rows are untouched.
     assert_eq!(app.result_rows().await, (1, 1));
-    let stored = results::find_latest(&mut *app.pool().acquire().await.unwrap(), first.id)
+    let stored = results::find_latest(&mut app.pool().acquire().await.unwrap(), first.id)
         .await
         .unwrap()
         .unwrap();
