@@ -8,6 +8,10 @@ use std::sync::OnceLock;
 /// before its messages are published.
 pub const AFTER_COMMIT: &str = "after_commit";
 
+/// Answer every call of a recorder group with an error although the group's transaction
+/// committed, as when the connection fails after COMMIT and before its answer arrives.
+pub const RECORD_REPLY_LOST: &str = "record_reply_lost";
+
 /// Honour `"switchyard_failpoint": "exit" | "panic"` in a job's metadata: exit the process (code
 /// 137) or panic the job's task while processing that job.
 pub const JOB_METADATA: &str = "job_metadata";

@@ -184,6 +184,18 @@ async fn record(shared: Shared<'_>, attempt: &mut Attempt) {
             .map_err(|e| e.to_string()),
         },
     };
+    // A commit whose answer was lost (the connection failed after COMMIT) may have landed.
+    // The ledger row and the settlements are one transaction, so the row tells; recording it
+    // again with the job would collide with it and fail the job's whole finalize group.
+    let recorded = match (recorded, &attempt.cost) {
+        (Err(error), Some(cost))
+            if Box::pin(crate::store::cost_ledger::is_recorded(pool, cost.event_id)).await =>
+        {
+            tracing::info!(error.message = %error, "Recording a billed call reported an error, but its ledger row is committed; it counts as recorded.");
+            Ok(())
+        }
+        (recorded, _) => recorded,
+    };
     match recorded {
         Ok(()) => attempt.recorded = true,
         Err(error) => {

@@ -84,7 +84,16 @@ impl Recorder {
 async fn run(pool: PgPool, mut inbox: mpsc::Receiver<Request>) {
     let mut group = Vec::with_capacity(MAX_GROUP);
     while inbox.recv_many(&mut group, MAX_GROUP).await > 0 {
-        let outcome = commit(&pool, &group).await.map_err(|e| e.to_string());
+        let outcome = commit(&pool, &group)
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                if crate::failpoint::is_armed(crate::failpoint::RECORD_REPLY_LOST) {
+                    Err("failpoint record_reply_lost: the commit's answer was lost".to_owned())
+                } else {
+                    Ok(())
+                }
+            });
         for request in group.drain(..) {
             // A caller that went away (its job was abandoned) needs no answer.
             let _ = request.done.send(outcome.clone());

@@ -191,6 +191,29 @@ pub async fn record(
     tx.commit().await
 }
 
+/// Whether the ledger row `id` is committed. Asked after a record whose commit may have landed
+/// although its answer was lost; retried while Postgres is unreachable, for up to a minute,
+/// and `false` when it still cannot tell.
+pub async fn is_recorded(pool: &sqlx::PgPool, id: Uuid) -> bool {
+    use backon::{ExponentialBuilder, Retryable};
+    let ask = || {
+        sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM cost_ledger WHERE id = $1)")
+            .bind(id)
+            .fetch_one(pool)
+    };
+    ask.retry(
+        ExponentialBuilder::default()
+            .with_min_delay(std::time::Duration::from_millis(100))
+            .with_max_delay(std::time::Duration::from_secs(5))
+            .with_total_delay(Some(std::time::Duration::from_secs(60)))
+            .without_max_times()
+            .with_jitter(),
+    )
+    .when(crate::store::is_unreachable)
+    .await
+    .unwrap_or(false)
+}
+
 /// Locks the model's volume row for this month and returns the tokens used so far; with
 /// [`add_volume`] in the same transaction, calls of one model take their tier in turn.
 pub async fn lock_volume(

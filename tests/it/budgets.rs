@@ -2,12 +2,13 @@
 //! settlement in the finalize transaction, reroute on a provider budget, expiry of a dead
 //! worker's reservations, soft alerts once per period, and a per-job cap.
 
+use std::process::Stdio;
 use std::time::Duration;
 
 use rust_decimal::Decimal;
 use switchyard::messages::JobStatus;
 
-use crate::helpers::{FakeProvider, TestApp, job, spawn_app_with, wait_all, workers};
+use crate::helpers::{FakeProvider, TestApp, job, spawn_app_with, switchyard, wait_all, workers};
 
 /// A provider at `url` whose calls cost about $0.01 each with the fake's usage.
 fn provider(name: &str, url: &str) -> String {
@@ -801,5 +802,66 @@ async fn the_expiry_sweep_skips_a_reservation_being_settled_instead_of_waiting_f
         count(&app, "SELECT count(*) FROM budget_reservations").await,
         0
     );
+    app.cleanup().await;
+}
+
+/// A recorder commit whose answer is lost (failpoint `record_reply_lost`: the group commits,
+/// then every call in it hears an error) still counts once. Each call finds its committed
+/// ledger row, so finalize does not write the row again (which would fail the whole group and
+/// run its jobs a second time), and the budget is settled once.
+#[tokio::test]
+async fn a_billed_call_whose_commit_answer_was_lost_is_recorded_once_and_not_run_again() {
+    let fake = FakeProvider::start(&[]);
+    let config = format!(
+        "{}
+[[routes]]
+alias = \"paid\"
+targets = [{{ provider = \"p\", model = \"m\" }}]
+
+[[budgets]]
+name = \"acme-total\"
+tenant = \"acme\"
+cap_usd = \"10\"
+period = \"total\"
+",
+        provider("p", &fake.url)
+    );
+    let app = spawn_app_with(&config).await;
+    let jobs: Vec<_> = (0..20)
+        .map(|i| job("acme", None, "paid", &format!("Job {i}. Billed once.")))
+        .collect();
+    app.publish_jobs(&jobs).await;
+    let worker = switchyard(&app)
+        .args(["worker", "--exit-when-idle", "--concurrency", "8"])
+        .env("SWITCHYARD_FAILPOINT", "record_reply_lost")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("worker starts");
+    wait_all(vec![worker]).await;
+
+    assert_eq!(
+        fake.requests().await,
+        20,
+        "each job reached the provider once"
+    );
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM results WHERE status = 'succeeded'"
+        )
+        .await,
+        20
+    );
+    assert_eq!(count(&app, "SELECT count(*) FROM cost_ledger").await, 20);
+    let (spent, reserved): (Decimal, Decimal) =
+        sqlx::query_as("SELECT spent, reserved FROM budget_periods WHERE budget = 'acme-total'")
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+    let ledger = decimal(&app, "SELECT sum(amount_usd) FROM cost_ledger").await;
+    assert!(ledger > Decimal::ZERO);
+    assert_eq!(spent, ledger, "the budget is settled once per call");
+    assert_eq!(reserved, Decimal::ZERO);
     app.cleanup().await;
 }
