@@ -650,6 +650,11 @@ impl Settings {
             .unwrap_or(self.worker.enforce_user_id)
     }
 
+    /// Whether jobs of any tenant must be published by the RabbitMQ user of the same name.
+    pub fn enforces_any_user_id(&self) -> bool {
+        self.worker.enforce_user_id || self.tenants.iter().any(|t| t.enforce_user_id == Some(true))
+    }
+
     fn tenant(&self, name: &str) -> Option<&TenantSettings> {
         self.tenants.iter().find(|t| t.name == name)
     }
@@ -884,6 +889,19 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_ids_are_enforced_somewhere_when_the_worker_or_any_tenant_says_so() {
+        let enforced = |toml: &str| Settings::from_toml(toml).unwrap().enforces_any_user_id();
+        assert!(!enforced(""));
+        assert!(!enforced(
+            "[[tenants]]\nname = \"a\"\nenforce_user_id = false\n"
+        ));
+        assert!(enforced("[worker]\nenforce_user_id = true\n"));
+        assert!(enforced(
+            "[[tenants]]\nname = \"a\"\n\n[[tenants]]\nname = \"b\"\nenforce_user_id = true\n"
+        ));
+    }
 
     #[test]
     fn defaults_route_everything_to_the_builtin_model() {

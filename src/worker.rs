@@ -571,17 +571,13 @@ async fn handle_job(
     };
     crate::failpoint::on_job(job.metadata.as_ref());
     match Box::pin(stored_result(ctx, job.id)).await {
-        // Job ids are global: one already stored for another tenant is not this job's.
-        Ok(Some(stored))
-            if stored
-                .tenant
-                .as_deref()
-                .is_some_and(|owner| owner != job.tenant) =>
-        {
+        // Job ids are global: a result stored for another tenant (or for a message that could
+        // not be read, which has none) is not this job's.
+        Ok(Some(stored)) if stored.tenant.as_deref() != Some(job.tenant.as_str()) => {
             let error = JobError::new(
                 "job_id_taken",
                 format!(
-                    "job id {} is already another tenant's job; publish this job under a new id",
+                    "job id {} already belongs to another job (another tenant's, or a message that could not be read); publish this job under a new id",
                     job.id
                 ),
             );

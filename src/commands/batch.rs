@@ -23,7 +23,7 @@ use crate::messages::schema::Schema;
 use crate::messages::{
     AuditEvent, CostSummary, Job, JobError, JobResult, JobStatus, ResultHead, Timings,
 };
-use crate::queue::publisher::{Outgoing, Publisher};
+use crate::queue::publisher::Outgoing;
 use crate::queue::topology::Names;
 use crate::stages::ingest::is_name;
 use crate::store::batches::{self, BatchKind, BatchRow, Counts, ItemRow};
@@ -333,7 +333,7 @@ async fn submit(settings: Settings, args: BatchSubmitArgs) -> anyhow::Result<Exi
     batches::insert_items(&mut conn, &args.tenant, &batch, &items).await?;
 
     let broker = queue::Broker::connect(&settings.broker.url).await?;
-    let publisher = Publisher::signed(&broker).await?;
+    let publisher = super::job_publisher(&broker, &settings).await?;
     let names = Names::new(&settings.broker.prefix);
     let jobs: Vec<&Job> = lines
         .iter()

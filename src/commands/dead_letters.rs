@@ -13,7 +13,7 @@ use super::BadInput;
 use crate::cli::{DeadLetterCommand, DeadLetterFilter};
 use crate::config::Settings;
 use crate::queue;
-use crate::queue::publisher::{Outgoing, Publisher};
+use crate::queue::publisher::Outgoing;
 use crate::queue::topology::{JOBS_ROUTING_KEY, Names};
 use crate::stages::finalize::ERROR_HEADER;
 
@@ -288,7 +288,7 @@ pub async fn run(settings: Settings, command: DeadLetterCommand) -> anyhow::Resu
             }
             give_back(&channel, &answered).await?;
             chosen = requeued;
-            let publisher = Publisher::signed(&broker).await?;
+            let publisher = super::job_publisher(&broker, &settings).await?;
             let messages: Vec<Outgoing> = chosen
                 .iter()
                 .map(|m| Outgoing {

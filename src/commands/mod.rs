@@ -54,6 +54,24 @@ pub fn too_large_for_workers(job: &crate::messages::Job, max: usize) -> Option<S
 
 /// `route` as a `--route` argument: a configured route, or a [`BadInput`] saying it is not
 /// (before anything is published that would only come back rejected).
+/// The publisher for the jobs a command publishes. Where this configuration enforces user ids
+/// for any tenant, it signs them with the user it logs in as ([`Publisher::signed`]), which is
+/// what workers check; elsewhere it sets no `user_id`, so a broker whose users are not the
+/// URL's login names (an OAuth2 backend, say) never sees one that is not its own.
+///
+/// [`Publisher::signed`]: crate::queue::publisher::Publisher::signed
+pub async fn job_publisher(
+    broker: &crate::queue::Broker,
+    settings: &Settings,
+) -> Result<crate::queue::publisher::Publisher, crate::queue::BrokerError> {
+    use crate::queue::publisher::Publisher;
+    if settings.enforces_any_user_id() {
+        Publisher::signed(broker).await
+    } else {
+        Publisher::open(broker).await
+    }
+}
+
 pub fn configured_route(settings: &Settings, route: &str) -> Result<(), BadInput> {
     if settings.routes.iter().any(|r| r.alias == route) {
         Ok(())

@@ -14,7 +14,7 @@ use crate::messages::job::JOB_SCHEMA;
 use crate::messages::schema::Schema;
 use crate::messages::{ChatRequest, Job};
 use crate::queue;
-use crate::queue::publisher::{Outgoing, Publisher};
+use crate::queue::publisher::Outgoing;
 use crate::queue::topology::{JOBS_ROUTING_KEY, Names};
 
 /// Jobs published per confirm window.
@@ -115,7 +115,7 @@ pub async fn run(settings: Settings, args: PublishArgs) -> anyhow::Result<ExitCo
         jobs.push(job);
     }
     let broker = queue::Broker::connect(&settings.broker.url).await?;
-    let publisher = Publisher::signed(&broker).await?;
+    let publisher = super::job_publisher(&broker, &settings).await?;
     let names = Names::new(&settings.broker.prefix);
     let mut out = std::io::stdout().lock();
     for chunk in jobs.chunks(CHUNK) {

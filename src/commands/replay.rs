@@ -18,7 +18,7 @@ use crate::config::Settings;
 use crate::messages::events::AUDIT_EVENT_SCHEMA;
 use crate::messages::{AuditEvent, ChatRequest, Job};
 use crate::queue;
-use crate::queue::publisher::{Outgoing, Publisher};
+use crate::queue::publisher::Outgoing;
 use crate::queue::topology::Names;
 use crate::stages::ingest::is_name;
 use crate::store::jobs::{self, ReplayFilter, Replayable};
@@ -195,7 +195,7 @@ pub async fn run(settings: Settings, args: ReplayArgs) -> anyhow::Result<ExitCod
     audit::insert_many(&mut tx, &events).await?;
     tx.commit().await?;
     let broker = queue::Broker::connect(&settings.broker.url).await?;
-    let publisher = Publisher::signed(&broker).await?;
+    let publisher = super::job_publisher(&broker, &settings).await?;
     let names = Names::new(&settings.broker.prefix);
     for chunk in chosen.chunks(256) {
         let mut messages: Vec<Outgoing> = chunk

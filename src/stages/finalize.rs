@@ -765,7 +765,10 @@ impl Finalizer {
             .collect();
         outgoing.extend(republish.iter().map(|r| self.result_message(r)));
         for (result, original) in refused {
-            outgoing.push(self.result_message(result));
+            // Its own message id: the job id's is the other job's result.
+            let mut message = self.result_message(result);
+            message.message_id.push_str("/taken");
+            outgoing.push(message);
             outgoing.push(self.dead_letter_message(&result.head(), original));
         }
         outgoing.extend(

@@ -78,6 +78,16 @@ async fn a_job_whose_id_another_tenant_already_used_is_rejected_not_answered_wit
     let deliveries = collect(&mut results, 2, Duration::from_secs(10)).await;
     assert_eq!(deliveries[0].routing_key.as_str(), "acme.mine.succeeded");
     assert_eq!(deliveries[1].routing_key.as_str(), "globex.theirs.rejected");
+    assert_eq!(
+        deliveries[1]
+            .properties
+            .message_id()
+            .as_ref()
+            .unwrap()
+            .as_str(),
+        format!("{}/taken", first.id),
+        "not the message id of acme's result"
+    );
     let refused: JobResult = serde_json::from_slice(&deliveries[1].data).unwrap();
     assert_eq!(refused.job_id, first.id);
     assert_eq!(refused.tenant.as_deref(), Some("globex"));
@@ -99,6 +109,31 @@ async fn a_job_whose_id_another_tenant_already_used_is_rejected_not_answered_wit
         .unwrap();
     assert_eq!(stored.tenant.as_deref(), Some("acme"));
     assert_eq!(stored.status, JobStatus::Succeeded);
+
+    // A message that could not be read is stored under its message id with no tenant; a job
+    // reusing that id is refused on its own key too, not answered on no tenant's.
+    let unread = Uuid::now_v7();
+    app.publish_raw(b"not json", Some(&unread.to_string()))
+        .await;
+    app.run_worker_until_idle().await;
+    let mut late = job(
+        "globex",
+        Some("theirs"),
+        "fake",
+        "Reuses an unread message's id.",
+    );
+    late.id = unread;
+    app.publish_job(&late).await;
+    app.run_worker_until_idle().await;
+    let deliveries = collect(&mut results, 2, Duration::from_secs(10)).await;
+    assert_eq!(deliveries[1].routing_key.as_str(), "globex.theirs.rejected");
+    let refused: JobResult = serde_json::from_slice(&deliveries[1].data).unwrap();
+    assert_eq!(refused.error.unwrap().code, "job_id_taken");
+    assert_eq!(
+        fake.requests().await,
+        1,
+        "neither refused job reached the provider"
+    );
     app.cleanup().await;
 }
 

@@ -434,7 +434,7 @@ async fn summarize(
         // A batch started before its options were kept: this run's hold from now on.
         None => batches::keep_options(&mut conn, &plan.tenant, batch, &options).await?,
     }
-    let publisher = Publisher::signed(&ctx.broker).await?;
+    let publisher = super::job_publisher(&ctx.broker, &ctx.settings).await?;
     let (_, consumers) = topology::jobs_queue_depth(&channel, &ctx.names).await?;
     let local_worker = (consumers == 0).then(|| {
         let worker_ctx = Context {
