@@ -29,7 +29,9 @@ use crate::queue::publisher::Publisher;
 use crate::queue::topology;
 use crate::routing::RouteError;
 use crate::stages::dispatch::{Dispatched, StreamItem, StreamSink, dispatch};
-use crate::stages::finalize::{FinalizeStats, Finalizer, Finished, FinishedJob};
+use crate::stages::finalize::{
+    FinalizeStats, Finalizer, Finished, FinishedJob, PUBLISHED_BY_HEADER,
+};
 use crate::stages::ingest::{Rejection, ingest};
 use crate::stages::relay::{Lease, Running};
 use crate::stages::route::route;
@@ -296,7 +298,9 @@ async fn session(
         .with_context(|| {
             format!("cannot consume from queue {queue} (run `switchyard migrate`?)")
         })?;
-    let publisher = Publisher::open(&ctx.broker).await?;
+    // Signed where user ids are enforced: a job it parks comes back as published by the
+    // workers' user, which is what lets `published_by` believe the job's first publisher.
+    let publisher = Publisher::signed_if(&ctx.broker, ctx.settings.enforces_any_user_id()).await?;
     // Stream chunks go on their own confirm channel so they never wait behind a finalize group.
     let streams = Publisher::open(&ctx.broker).await?;
     let (outbox, inbox) = mpsc::channel(usize::from(prefetch) * 2);
@@ -533,12 +537,39 @@ fn handle(
         .user_id()
         .as_ref()
         .map(|u| u.as_str().to_owned());
+    let first_published_by = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(PUBLISHED_BY_HEADER))
+        .and_then(|value| match value {
+            lapin::types::AMQPValue::LongString(s) => Some(s.to_string()),
+            lapin::types::AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+            _ => None,
+        });
     let body = delivery.data;
     async move {
         let message_sha256 = crate::audit::sha256_hex(&body);
+        let user_id = published_by(&ctx, user_id, first_published_by);
         let finished =
             handle_job(&ctx, &streams, tag, received_at, body, message_id, user_id).await;
         (finished, message_sha256)
+    }
+}
+
+/// The RabbitMQ user a job was published by. A job the workers parked comes back from its
+/// retry queue published by the workers' own user (their publisher is signed where user ids
+/// are enforced), with the user that first published it in [`PUBLISHED_BY_HEADER`]. The header
+/// is believed only on a message the broker says the workers' user published: anyone else's
+/// header proves nothing.
+fn published_by(
+    ctx: &Context,
+    user_id: Option<String>,
+    first_published_by: Option<String>,
+) -> Option<String> {
+    match first_published_by {
+        Some(first) if user_id.is_some() && user_id == ctx.broker.user() => Some(first),
+        _ => user_id,
     }
 }
 
@@ -648,7 +679,12 @@ async fn handle_job(
     if let Some(wait) = dispatched.park {
         metrics::counter!("switchyard_jobs_parked_total").increment(1);
         tracing::info!(job_id = %job.id, wait = ?wait, "Every target is rate limited; parking the job.");
-        return Finished::Park { tag, body, wait };
+        return Finished::Park {
+            tag,
+            body,
+            wait,
+            published_by: user_id,
+        };
     }
     if let Err(error) = &dispatched.outcome {
         tracing::warn!(job_id = %job.id, code = %error.code, error.message = %error.message, "Job failed.");

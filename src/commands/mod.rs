@@ -64,12 +64,7 @@ pub async fn job_publisher(
     broker: &crate::queue::Broker,
     settings: &Settings,
 ) -> Result<crate::queue::publisher::Publisher, crate::queue::BrokerError> {
-    use crate::queue::publisher::Publisher;
-    if settings.enforces_any_user_id() {
-        Publisher::signed(broker).await
-    } else {
-        Publisher::open(broker).await
-    }
+    crate::queue::publisher::Publisher::signed_if(broker, settings.enforces_any_user_id()).await
 }
 
 pub fn configured_route(settings: &Settings, route: &str) -> Result<(), BadInput> {

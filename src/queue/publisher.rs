@@ -65,6 +65,15 @@ impl Publisher {
         Ok(publisher)
     }
 
+    /// [`Publisher::signed`] when `sign`, else [`Publisher::open`].
+    pub async fn signed_if(broker: &Broker, sign: bool) -> Result<Self, BrokerError> {
+        if sign {
+            Self::signed(broker).await
+        } else {
+            Self::open(broker).await
+        }
+    }
+
     /// Closes the channel, waiting at most `within` for the broker's answer. Call it before the
     /// connection closes: a channel whose last handle is dropped instead closes itself on
     /// lapin's own task, and when that lands while the connection is closing, lapin logs the

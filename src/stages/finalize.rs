@@ -46,6 +46,10 @@ const FLUSH_CONFIRMED_AFTER: std::time::Duration = std::time::Duration::from_mil
 /// transaction, at most.
 const CONFIRMED_BACKLOG: usize = 64;
 
+/// Header naming, on a parked job, the RabbitMQ user that first published it (the worker that
+/// parks it publishes it again as its own user); see `worker::published_by`.
+pub const PUBLISHED_BY_HEADER: &str = "x-switchyard-published-by";
+
 /// Header carrying the reason on a dead-lettered message.
 pub const ERROR_HEADER: &str = "x-switchyard-error";
 
@@ -75,6 +79,8 @@ pub enum Finished<J = SealedJob> {
         tag: u64,
         body: Vec<u8>,
         wait: std::time::Duration,
+        /// The RabbitMQ user that published the job, carried in [`PUBLISHED_BY_HEADER`].
+        published_by: Option<String>,
     },
 }
 
@@ -94,7 +100,17 @@ impl Finished<FinishedJob> {
                 original,
             },
             Finished::Requeue { tag } => Finished::Requeue { tag },
-            Finished::Park { tag, body, wait } => Finished::Park { tag, body, wait },
+            Finished::Park {
+                tag,
+                body,
+                wait,
+                published_by,
+            } => Finished::Park {
+                tag,
+                body,
+                wait,
+                published_by,
+            },
         }
     }
 }
@@ -554,8 +570,11 @@ struct Sorted {
     fresh: Vec<SealedJob>,
     republish: Vec<JobResult>,
     refused: Vec<(JobResult, Vec<u8>)>,
-    parked: Vec<(Vec<u8>, std::time::Duration)>,
+    parked: Vec<Parked>,
 }
+
+/// A job to publish to a retry queue: its body, how long it waits, who first published it.
+type Parked = (Vec<u8>, std::time::Duration, Option<String>);
 
 /// Owns the commit → publish → ack sequence for one consuming channel.
 pub struct Finalizer {
@@ -727,7 +746,12 @@ impl Finalizer {
                 Finished::Refused {
                     result, original, ..
                 } => refused.push((*result, original)),
-                Finished::Park { body, wait, .. } => parked.push((body, wait)),
+                Finished::Park {
+                    body,
+                    wait,
+                    published_by,
+                    ..
+                } => parked.push((body, wait, published_by)),
                 Finished::Requeue { .. } => {}
             }
         }
@@ -774,7 +798,7 @@ impl Finalizer {
         outgoing.extend(
             parked
                 .iter()
-                .map(|(body, wait)| self.park_message(body.clone(), *wait)),
+                .map(|(body, wait, by)| self.park_message(body.clone(), *wait, by.as_deref())),
         );
         // One try: if the broker is gone, the committed messages stay in the outbox for the
         // relay, and the unacked deliveries come back after the reconnect.
@@ -1002,19 +1026,32 @@ impl Finalizer {
         }
     }
 
-    fn park_message(&self, body: Vec<u8>, wait: std::time::Duration) -> Outgoing {
+    fn park_message(
+        &self,
+        body: Vec<u8>,
+        wait: std::time::Duration,
+        published_by: Option<&str>,
+    ) -> Outgoing {
         let queue = self.names.retry_queue(wait);
         let message_id = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
             .and_then(|v| v.get("id").and_then(|id| id.as_str()).map(str::to_owned))
             .unwrap_or_default();
+        let headers = published_by.map(|user| {
+            let mut headers = FieldTable::default();
+            headers.insert(
+                PUBLISHED_BY_HEADER.into(),
+                AMQPValue::LongString(user.into()),
+            );
+            headers
+        });
         Outgoing {
             exchange: String::new(),
             routing_key: queue,
             body,
             message_id,
             kind: JOB_SCHEMA.to_owned(),
-            headers: None,
+            headers,
         }
     }
 

@@ -11,9 +11,12 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use switchyard::messages::{JobResult, JobStatus};
 use switchyard::queue::topology::{JOBS_ROUTING_KEY, Names};
+use switchyard::stages::finalize::PUBLISHED_BY_HEADER;
 use uuid::Uuid;
 
-use crate::helpers::{TestApp, collect, job, run_with_stdin, spawn_app_full, switchyard};
+use crate::helpers::{
+    FakeProvider, TestApp, collect, job, run_with_stdin, spawn_app_full, switchyard,
+};
 
 fn rabbitmqctl(args: &[&str]) {
     let output = Command::new("rabbitmqctl")
@@ -340,6 +343,105 @@ async fn jobs_published_by_the_cli_carry_the_user_it_connects_as() {
     assert_eq!(error.code, "tenant_not_authorized");
     let published_by = format!("by RabbitMQ user {:?}", a.name);
     assert!(error.message.contains(&published_by), "{}", error.message);
+    app.cleanup().await;
+}
+
+/// A job the workers park (every target rate limited, as in `limits.rs`) comes back from its
+/// retry queue published by the workers' own user, naming its first publisher in a header:
+/// with enforcement on it is still its tenant's job. A tenant writing that header itself
+/// proves nothing.
+#[tokio::test]
+async fn a_parked_job_is_still_its_publishers_when_it_comes_back() {
+    let fake = FakeProvider::start(&[]);
+    let config = format!(
+        r#"
+[routing]
+max_limit_wait_secs = 1
+
+[[providers]]
+name = "trickle"
+kind = "openai"
+base_url = "{}/v1"
+keys = [{{ id = "k", env = "CARGO_MANIFEST_DIR" }}]
+limits = {{ rpm = 1, window_secs = 3 }}
+models = [{{ name = "m" }}]
+
+[[routes]]
+alias = "trickle"
+targets = [{{ provider = "trickle", model = "m" }}]
+"#,
+        fake.url
+    );
+    let app = spawn_app_full("enforce_user_id = true", &config).await;
+    let a = TenantUser::create(&app.names);
+    let connection = a.connect().await;
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    let mut subscription = app.subscribe(false, "#").await;
+    let jobs: Vec<_> = (0..3)
+        .map(|i| {
+            job(
+                &a.name,
+                None,
+                "trickle",
+                &format!("Job {i}. Parked, then served."),
+            )
+        })
+        .collect();
+    for j in &jobs {
+        publish_as(
+            &channel,
+            &app.names,
+            &serde_json::to_vec(j).unwrap(),
+            Some(&a.name),
+        )
+        .await
+        .unwrap();
+    }
+    let forged = job(
+        "victim",
+        None,
+        "trickle",
+        "A claims a header it cannot vouch for.",
+    );
+    let mut headers = FieldTable::default();
+    headers.insert(
+        PUBLISHED_BY_HEADER.into(),
+        lapin::types::AMQPValue::LongString("victim".into()),
+    );
+    channel
+        .basic_publish(
+            app.names.jobs_exchange().as_str().into(),
+            JOBS_ROUTING_KEY.into(),
+            Default::default(),
+            &serde_json::to_vec(&forged).unwrap(),
+            BasicProperties::default()
+                .with_user_id(a.name.as_str().into())
+                .with_headers(headers),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    app.run_worker_until_idle().await;
+
+    let results = results_by_id(&app, &mut subscription, 4).await;
+    for j in &jobs {
+        assert_eq!(
+            results[&j.id].status,
+            JobStatus::Succeeded,
+            "{:?}",
+            results[&j.id].error
+        );
+    }
+    assert_eq!(fake.requests().await, 3);
+    let refused = &results[&forged.id];
+    assert_eq!(refused.status, JobStatus::Rejected);
+    assert_eq!(
+        refused.error.as_ref().unwrap().code,
+        "tenant_not_authorized"
+    );
+    let _ = connection.close(200, "bye".into()).await;
     app.cleanup().await;
 }
 
