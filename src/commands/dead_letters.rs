@@ -270,16 +270,22 @@ pub async fn run(settings: Settings, command: DeadLetterCommand) -> anyhow::Resu
             for (message, result) in chosen.drain(..).zip(results) {
                 match result {
                     Some(result) => {
+                        // A job refused as `job_id_taken`: the stored result is another job's.
+                        let reason = if result.tenant == message.tenant {
+                            format!(
+                                "it already has a {} result (generation {}), which a requeued copy would only be answered with; `switchyard replay --id {} --status {}` runs it again as a new generation",
+                                result.status.as_str(),
+                                result.generation,
+                                message.job_id,
+                                result.status.as_str()
+                            )
+                        } else {
+                            "its job id belongs to another job (another tenant's, or a message that could not be read), so a requeued copy would be refused again (job_id_taken); publish the job under a new id".to_owned()
+                        };
                         writeln!(
                             out,
                             "{}",
-                            json!({
-                                "job_id": message.job_id, "action": "skipped",
-                                "reason": format!(
-                                    "it already has a {} result (generation {}), which a requeued copy would only be answered with; `switchyard replay --id {} --status {}` runs it again as a new generation",
-                                    result.status.as_str(), result.generation, message.job_id, result.status.as_str()
-                                ),
-                            })
+                            json!({ "job_id": message.job_id, "action": "skipped", "reason": reason })
                         )?;
                         answered.push(message);
                     }

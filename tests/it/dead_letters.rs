@@ -149,3 +149,37 @@ async fn dead_letters_can_be_listed_requeued_and_purged() {
     assert_eq!(depth_settles_at(&app, 0).await, 0);
     app.cleanup().await;
 }
+
+/// `requeue` leaves a copy that would only be answered again, and says why: a rejected message
+/// has its own stored result (replay runs it again), while a job refused as `job_id_taken`
+/// would be refused again (it needs a new id).
+#[tokio::test]
+async fn requeue_skips_copies_that_would_be_answered_again_and_says_why() {
+    let app = spawn_app().await;
+    let unread = uuid::Uuid::now_v7();
+    app.publish_raw(b"not json either", Some(&unread.to_string()))
+        .await;
+    let first = job("acme", None, "default", "Acme's job. Served.");
+    let mut second = job("globex", None, "default", "Globex reuses Acme's id.");
+    second.id = first.id;
+    app.publish_job(&first).await;
+    app.run_worker_until_idle().await;
+    app.publish_job(&second).await;
+    app.run_worker_until_idle().await;
+    assert_eq!(listed(&app, &["list"], 2).await.1.len(), 2);
+
+    let (code, lines, _) = run(&app, &["requeue", "--job", &unread.to_string()]);
+    assert_eq!(code, Some(0));
+    assert_eq!(lines[0]["action"], "skipped");
+    let reason = lines[0]["reason"].as_str().unwrap();
+    assert!(reason.contains("switchyard replay --id"), "{reason}");
+
+    let (code, lines, _) = run(&app, &["requeue", "--job", &first.id.to_string()]);
+    assert_eq!(code, Some(0));
+    assert_eq!(lines[0]["action"], "skipped");
+    let reason = lines[0]["reason"].as_str().unwrap();
+    assert!(reason.contains("job_id_taken"), "{reason}");
+    assert!(reason.contains("new id"), "{reason}");
+    assert_eq!(depth_settles_at(&app, 2).await, 2, "both copies stay");
+    app.cleanup().await;
+}
