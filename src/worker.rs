@@ -159,6 +159,7 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
     tracing::info!(
         jobs = report.finalized.jobs,
         duplicates = report.finalized.duplicates,
+        refused = report.finalized.refused,
         groups = report.finalized.groups,
         "Worker stopped."
     );

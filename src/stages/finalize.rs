@@ -552,6 +552,8 @@ pub struct FinalizeStats {
     pub groups: u64,
     pub jobs: u64,
     pub duplicates: u64,
+    /// Jobs refused because their id belongs to another job (`job_id_taken`).
+    pub refused: u64,
 }
 
 impl FinalizeStats {
@@ -560,6 +562,7 @@ impl FinalizeStats {
         self.groups += other.groups;
         self.jobs += other.jobs;
         self.duplicates += other.duplicates;
+        self.refused += other.refused;
     }
 }
 
@@ -835,6 +838,7 @@ impl Finalizer {
         self.stats.groups += 1;
         self.stats.jobs += fresh.len() as u64;
         self.stats.duplicates += republish.len() as u64;
+        self.stats.refused += refused.len() as u64;
         Ok(())
     }
 

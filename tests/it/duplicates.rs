@@ -72,7 +72,11 @@ async fn a_job_whose_id_another_tenant_already_used_is_rejected_not_answered_wit
     app.publish_job(&first).await;
     app.run_worker_until_idle().await;
     app.publish_job(&second).await;
-    app.run_worker_until_idle().await;
+    let report = app.run_worker_until_idle().await;
+    assert_eq!(
+        (report.finalized.refused, report.finalized.duplicates),
+        (1, 0)
+    );
 
     assert_eq!(fake.requests().await, 1, "the provider was called once");
     let deliveries = collect(&mut results, 2, Duration::from_secs(10)).await;
