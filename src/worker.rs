@@ -593,6 +593,24 @@ async fn handle_job(
         Ok(job) => job,
         Err(rejection) => {
             tracing::warn!(job_id = %rejection.job_id, code = %rejection.error.code, error.message = %rejection.error.message, "Rejected a job.");
+            // A rejection is stored under the message's id. Where another job (another
+            // tenant's, or an unreadable message's) holds that id, it is published and
+            // dead-lettered but not stored, so it cannot stand in for that job's result.
+            let taken = match Box::pin(stored_result(ctx, rejection.job_id)).await {
+                Ok(stored) => stored.is_some_and(|stored| stored.tenant != rejection.tenant),
+                Err(error) => {
+                    tracing::error!(job_id = %rejection.job_id, error.cause_chain = ?error, error.message = %error, "Cannot check for a stored result; requeueing the job.");
+                    return Finished::Requeue { tag };
+                }
+            };
+            if taken {
+                let refused = FinishedJob::rejected(tag, *rejection, received_at, Vec::new());
+                return Finished::Refused {
+                    tag,
+                    result: Box::new(refused.result),
+                    original: body,
+                };
+            }
             return Finished::Job(Box::new(FinishedJob::rejected(
                 tag,
                 *rejection,

@@ -63,9 +63,10 @@ pub enum Finished<J = SealedJob> {
     Job(Box<J>),
     /// A job whose result was already committed: republish the stored result and ack.
     Duplicate { tag: u64, result: Box<JobResult> },
-    /// The job's id already belongs to another tenant's job: publish the job's own `rejected`
-    /// result and a dead-letter copy of `original`, store nothing (the id's rows are the
-    /// other tenant's), and ack.
+    /// The job's id already belongs to another job (another tenant's, or an unreadable
+    /// message's): publish the job's own `rejected` result (`job_id_taken`, or why its message
+    /// was rejected) and a dead-letter copy of `original`, store nothing (the id's rows are the
+    /// other job's), and ack.
     Refused {
         tag: u64,
         result: Box<JobResult>,
@@ -552,7 +553,7 @@ pub struct FinalizeStats {
     pub groups: u64,
     pub jobs: u64,
     pub duplicates: u64,
-    /// Jobs refused because their id belongs to another job (`job_id_taken`).
+    /// Jobs and rejected messages refused because their id belongs to another job.
     pub refused: u64,
 }
 

@@ -141,6 +141,65 @@ async fn a_job_whose_id_another_tenant_already_used_is_rejected_not_answered_wit
     app.cleanup().await;
 }
 
+/// A rejected message is stored under its id, unless another tenant's job holds that id: then
+/// it is published and dead-lettered but not stored, so it cannot stand in for that job's
+/// result, even at a later generation (which the publisher chooses).
+#[tokio::test]
+async fn a_rejected_message_carrying_another_tenants_job_id_does_not_take_its_place() {
+    let app = spawn_app().await;
+    let mut results = app.subscribe(false, "#").await;
+    let first = job("acme", Some("mine"), "default", "Acme's job. Served.");
+    app.publish_job(&first).await;
+    app.run_worker_until_idle().await;
+    let mut forged = serde_json::to_value(job(
+        "globex",
+        Some("theirs"),
+        "default",
+        "Names acme's job id and a later generation, and breaks the schema.",
+    ))
+    .unwrap();
+    forged["id"] = serde_json::json!(first.id);
+    forged["generation"] = serde_json::json!(5);
+    forged["unexpected"] = serde_json::json!(true);
+    app.publish_raw(
+        &serde_json::to_vec(&forged).unwrap(),
+        Some(&first.id.to_string()),
+    )
+    .await;
+    let report = app.run_worker_until_idle().await;
+    assert_eq!(report.finalized.refused, 1);
+
+    let deliveries = collect(&mut results, 2, Duration::from_secs(10)).await;
+    assert_eq!(deliveries[1].routing_key.as_str(), "globex.theirs.rejected");
+    let rejected: JobResult = serde_json::from_slice(&deliveries[1].data).unwrap();
+    assert_eq!(rejected.error.unwrap().code, "schema_violation");
+    assert!(
+        deliveries[1]
+            .properties
+            .message_id()
+            .as_ref()
+            .unwrap()
+            .as_str()
+            .ends_with("/taken")
+    );
+    assert_eq!(
+        app.drain_dead_letters().await.len(),
+        1,
+        "kept for inspection"
+    );
+    let stored = results::find_latest(&mut app.pool().acquire().await.unwrap(), first.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (stored.tenant.as_deref(), stored.generation),
+        (Some("acme"), 0),
+        "acme's result is still the id's latest"
+    );
+    assert_eq!(app.result_rows().await, (1, 1));
+    app.cleanup().await;
+}
+
 #[tokio::test]
 async fn the_same_job_in_flight_twice_still_gets_exactly_one_result_row() {
     let fake = FakeProvider::start(&["--latency-ms", "200"]);
