@@ -971,6 +971,15 @@ impl Finalizer {
         for job in fresh {
             // A job that lost a race publishes the winner's result.
             outgoing.push(match lost_races.get(&job.head.job_id) {
+                // Unless the winner is another tenant's job under the same id (the two were in
+                // flight at once, so neither saw the other's result): this job's own result
+                // goes to its own key, under its own message id, and is not stored.
+                Some(winner) if winner.tenant != job.head.tenant => {
+                    let body = job.body.as_bytes().to_vec();
+                    let mut message = self.result_message_with_body(&job.head, body);
+                    message.message_id.push_str("/taken");
+                    message.into()
+                }
                 Some(winner) => self.result_message(winner).into(),
                 None => {
                     // The row this transaction writes holds the body byte for byte, unless

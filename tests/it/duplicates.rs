@@ -200,6 +200,42 @@ async fn a_rejected_message_carrying_another_tenants_job_id_does_not_take_its_pl
     app.cleanup().await;
 }
 
+/// Two tenants' jobs under one id, in flight at once: neither sees the other's result before
+/// its call, so both are served. The first to commit owns the id's rows; the other still gets
+/// its own result, on its own key and under its own message id, and nothing of it overwrites
+/// the first's.
+#[tokio::test]
+async fn two_tenants_racing_with_one_job_id_each_get_their_own_result() {
+    let fake = FakeProvider::start(&["--latency-ms", "300"]);
+    let app = spawn_app_with(&fake_provider_config(&fake.url)).await;
+    let mut results = app.subscribe(false, "#").await;
+    let first = job("acme", Some("mine"), "fake", "Acme's job.");
+    let mut second = job("globex", Some("theirs"), "fake", "Globex's job, same id.");
+    second.id = first.id;
+    app.publish_jobs(&[first.clone(), second.clone()]).await;
+    app.run_worker_until_idle().await;
+
+    assert_eq!(fake.requests().await, 2, "both were in flight at once");
+    let deliveries = collect(&mut results, 2, Duration::from_secs(10)).await;
+    let keys: BTreeSet<&str> = deliveries.iter().map(|d| d.routing_key.as_str()).collect();
+    assert_eq!(
+        keys,
+        BTreeSet::from(["acme.mine.succeeded", "globex.theirs.succeeded"])
+    );
+    let ids: BTreeSet<String> = deliveries
+        .iter()
+        .map(|d| d.properties.message_id().as_ref().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 2, "two message ids: {ids:?}");
+    for delivery in &deliveries {
+        let result: JobResult = serde_json::from_slice(&delivery.data).unwrap();
+        let key_tenant = delivery.routing_key.as_str().split('.').next().unwrap();
+        assert_eq!(result.tenant.as_deref(), Some(key_tenant), "its own result");
+    }
+    assert_eq!(app.result_rows().await, (1, 1));
+    app.cleanup().await;
+}
+
 #[tokio::test]
 async fn the_same_job_in_flight_twice_still_gets_exactly_one_result_row() {
     let fake = FakeProvider::start(&["--latency-ms", "200"]);
