@@ -299,17 +299,25 @@ async fn session(
         .with_context(|| {
             format!("cannot consume from queue {queue} (run `switchyard migrate`?)")
         })?;
-    // Signed where user ids are enforced: a job it parks comes back as published by the
+    let publisher = Publisher::open(&ctx.broker).await?;
+    // Parked jobs are signed where user ids are enforced: one comes back as published by the
     // workers' user, which is what lets `published_by` believe the job's first publisher.
-    let publisher = Publisher::signed_if(&ctx.broker, ctx.settings.enforces_any_user_id()).await?;
+    // Only they are: a broker that maps logins to other users would refuse every signed
+    // message, and results must not be among them.
+    let parks = if ctx.settings.enforces_any_user_id() {
+        Publisher::signed(&ctx.broker).await?
+    } else {
+        publisher.clone()
+    };
     // Stream chunks go on their own confirm channel so they never wait behind a finalize group.
     let streams = Publisher::open(&ctx.broker).await?;
     let (outbox, inbox) = mpsc::channel(usize::from(prefetch) * 2);
     let abandon = CancellationToken::new();
-    let publishers = [publisher.clone(), streams.clone()];
+    let publishers = [publisher.clone(), parks.clone(), streams.clone()];
     let finalizer = Finalizer {
         pool: ctx.pool.clone(),
         publisher,
+        parks,
         consume_channel: channel.clone(),
         names: ctx.names.clone(),
         batch_size: ctx.settings.worker.finalize_batch_size,
@@ -595,9 +603,17 @@ async fn handle_job(
             tracing::warn!(job_id = %rejection.job_id, code = %rejection.error.code, error.message = %rejection.error.message, "Rejected a job.");
             // A rejection is stored under the message's id. Where another job (another
             // tenant's, or an unreadable message's) holds that id, it is published and
-            // dead-lettered but not stored, so it cannot stand in for that job's result.
+            // dead-lettered but not stored, so it cannot stand in for that job's result. Nor
+            // where its tenant is only claimed: with user ids enforced for that tenant, a
+            // message its user did not publish (rejected before or by `authorize`) could
+            // otherwise replace the tenant's result at a generation of its choosing.
+            let vouched = rejection.tenant.as_deref().is_none_or(|tenant| {
+                !ctx.settings.enforces_user_id(tenant) || user_id.as_deref() == Some(tenant)
+            });
             let taken = match Box::pin(stored_result(ctx, rejection.job_id)).await {
-                Ok(stored) => stored.is_some_and(|stored| stored.tenant != rejection.tenant),
+                Ok(stored) => {
+                    stored.is_some_and(|stored| stored.tenant != rejection.tenant || !vouched)
+                }
                 Err(error) => {
                     tracing::error!(job_id = %rejection.job_id, error.cause_chain = ?error, error.message = %error, "Cannot check for a stored result; requeueing the job.");
                     return Finished::Requeue { tag };

@@ -52,8 +52,6 @@ pub fn too_large_for_workers(job: &crate::messages::Job, max: usize) -> Option<S
     })
 }
 
-/// `route` as a `--route` argument: a configured route, or a [`BadInput`] saying it is not
-/// (before anything is published that would only come back rejected).
 /// The publisher for the jobs a command publishes. Where this configuration enforces user ids
 /// for any tenant, it signs them with the user it logs in as ([`Publisher::signed`]), which is
 /// what workers check; elsewhere it sets no `user_id`, so a broker whose users are not the
@@ -67,6 +65,8 @@ pub async fn job_publisher(
     crate::queue::publisher::Publisher::signed_if(broker, settings.enforces_any_user_id()).await
 }
 
+/// `route` as a `--route` argument: a configured route, or a [`BadInput`] saying it is not
+/// (before anything is published that would only come back rejected).
 pub fn configured_route(settings: &Settings, route: &str) -> Result<(), BadInput> {
     if settings.routes.iter().any(|r| r.alias == route) {
         Ok(())

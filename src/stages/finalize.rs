@@ -50,6 +50,16 @@ const CONFIRMED_BACKLOG: usize = 64;
 /// parks it publishes it again as its own user); see `worker::published_by`.
 pub const PUBLISHED_BY_HEADER: &str = "x-switchyard-published-by";
 
+/// Whether `job` is a rejected message seen again (redelivered after its commit): it lost the
+/// race for its id's row to a result of its own tenant, so it was dead-lettered and audited
+/// the first time. One that lost to another tenant's job was not.
+fn seen_before(job: &SealedJob, lost_races: &BTreeMap<Uuid, JobResult>) -> bool {
+    job.dead_letter.is_some()
+        && lost_races
+            .get(&job.head.job_id)
+            .is_some_and(|winner| winner.tenant == job.head.tenant)
+}
+
 /// Header carrying the reason on a dead-lettered message.
 pub const ERROR_HEADER: &str = "x-switchyard-error";
 
@@ -584,6 +594,8 @@ type Parked = (Vec<u8>, std::time::Duration, Option<String>);
 pub struct Finalizer {
     pub pool: PgPool,
     pub publisher: Publisher,
+    /// Publishes parked jobs to their retry queues (signed where user ids are enforced).
+    pub parks: Publisher,
     /// The channel the deliveries came from: acks must go back on it.
     pub consume_channel: Channel,
     pub names: Names,
@@ -794,20 +806,21 @@ impl Finalizer {
         outgoing.extend(republish.iter().map(|r| self.result_message(r)));
         for (result, original) in refused {
             // Its own message id: the job id's is the other job's result.
-            let mut message = self.result_message(result);
-            message.message_id.push_str("/taken");
+            let message = self.taken_message(self.result_message(result), result.tenant.as_deref());
             outgoing.push(message);
             outgoing.push(self.dead_letter_message(&result.head(), original));
         }
-        outgoing.extend(
-            parked
-                .iter()
-                .map(|(body, wait, by)| self.park_message(body.clone(), *wait, by.as_deref())),
-        );
+        let parks: Vec<Outgoing> = parked
+            .iter()
+            .map(|(body, wait, by)| self.park_message(body.clone(), *wait, by.as_deref()))
+            .collect();
         // One try: if the broker is gone, the committed messages stay in the outbox for the
         // relay, and the unacked deliveries come back after the reconnect.
         let commit_took = began.elapsed();
         self.publisher.publish_all_once(&outgoing).await?;
+        if !parks.is_empty() {
+            self.parks.publish_all_once(&parks).await?;
+        }
         confirmed.extend(published);
         let publish_took = began.elapsed() - commit_took;
 
@@ -939,7 +952,7 @@ impl Finalizer {
         // A rejected message seen again (redelivered after its commit) adds no second audit.
         let audits: Vec<&AuditEvent> = fresh
             .iter()
-            .filter(|j| !(j.dead_letter.is_some() && lost.contains(&j.head.job_id)))
+            .filter(|j| !seen_before(j, &lost_races))
             .flat_map(|j| j.audits.iter())
             .chain(&alerts)
             .collect();
@@ -976,9 +989,9 @@ impl Finalizer {
                 // goes to its own key, under its own message id, and is not stored.
                 Some(winner) if winner.tenant != job.head.tenant => {
                     let body = job.body.as_bytes().to_vec();
-                    let mut message = self.result_message_with_body(&job.head, body);
-                    message.message_id.push_str("/taken");
-                    message.into()
+                    let message = self.result_message_with_body(&job.head, body);
+                    self.taken_message(message, job.head.tenant.as_deref())
+                        .into()
                 }
                 Some(winner) => self.result_message(winner).into(),
                 None => {
@@ -997,7 +1010,7 @@ impl Finalizer {
             });
             // A rejected message seen again was dead-lettered the first time.
             if let Some(body) = &job.dead_letter
-                && !lost_races.contains_key(&job.head.job_id)
+                && !seen_before(job, lost_races)
             {
                 outgoing.push(self.dead_letter_message(&job.head, body).into());
             }
@@ -1008,7 +1021,7 @@ impl Finalizer {
             .collect();
         let audits: Vec<&AuditEvent> = fresh
             .iter()
-            .filter(|j| !(j.dead_letter.is_some() && lost_races.contains_key(&j.head.job_id)))
+            .filter(|j| !seen_before(j, lost_races))
             .flat_map(|j| j.audits.iter())
             .chain(alerts)
             .collect();
@@ -1022,6 +1035,17 @@ impl Finalizer {
         );
         outgoing.extend(events.into_iter().map(OutboxMessage::from));
         outgoing
+    }
+
+    /// A result whose job id belongs to another job: its own message id, `<id>/taken/<tenant>`
+    /// (`_` for none), since the job id's is the other job's.
+    fn taken_message(&self, mut message: Outgoing, tenant: Option<&str>) -> Outgoing {
+        message.message_id = format!(
+            "{}/taken/{}",
+            message.message_id,
+            tenant.unwrap_or(NONE_SEGMENT)
+        );
+        message
     }
 
     fn result_message(&self, result: &JobResult) -> Outgoing {

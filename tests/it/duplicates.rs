@@ -89,7 +89,7 @@ async fn a_job_whose_id_another_tenant_already_used_is_rejected_not_answered_wit
             .as_ref()
             .unwrap()
             .as_str(),
-        format!("{}/taken", first.id),
+        format!("{}/taken/globex", first.id),
         "not the message id of acme's result"
     );
     let refused: JobResult = serde_json::from_slice(&deliveries[1].data).unwrap();
@@ -180,7 +180,7 @@ async fn a_rejected_message_carrying_another_tenants_job_id_does_not_take_its_pl
             .as_ref()
             .unwrap()
             .as_str()
-            .ends_with("/taken")
+            .ends_with("/g5/taken/globex")
     );
     assert_eq!(
         app.drain_dead_letters().await.len(),

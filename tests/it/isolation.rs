@@ -445,6 +445,64 @@ targets = [{{ provider = "trickle", model = "m" }}]
     app.cleanup().await;
 }
 
+/// With enforcement on, a message another user publishes in a tenant's name, under the id of
+/// that tenant's committed job and at a later generation, is rejected without being stored:
+/// it cannot become that job's latest result.
+#[tokio::test]
+async fn a_job_forged_in_a_tenants_name_cannot_replace_its_result() {
+    let app = spawn_app_full("enforce_user_id = true", "").await;
+    let a = TenantUser::create(&app.names);
+    let connection = a.connect().await;
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    let own = job(&a.name, None, "default", "A's own job. Served.");
+    publish_as(
+        &channel,
+        &app.names,
+        &serde_json::to_vec(&own).unwrap(),
+        Some(&a.name),
+    )
+    .await
+    .unwrap();
+    app.run_worker_until_idle().await;
+
+    let mut forged = job(
+        &a.name,
+        None,
+        "default",
+        "Guest, in A's name, at generation 5.",
+    );
+    forged.id = own.id;
+    forged.generation = 5;
+    publish_as(
+        &app.publisher.channel(),
+        &app.names,
+        &serde_json::to_vec(&forged).unwrap(),
+        Some("guest"),
+    )
+    .await
+    .unwrap();
+    let report = app.run_worker_until_idle().await;
+    assert_eq!(report.finalized.refused, 1);
+    let latest =
+        switchyard::store::results::find_latest(&mut app.pool().acquire().await.unwrap(), own.id)
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(
+        (latest.generation, latest.status),
+        (0, JobStatus::Succeeded),
+        "A's result is still the job's latest"
+    );
+    assert_eq!(
+        app.drain_dead_letters().await.len(),
+        1,
+        "kept for inspection"
+    );
+    let _ = connection.close(200, "bye".into()).await;
+    app.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_tenant_can_opt_out_of_user_id_enforcement_and_another_in() {
     let app = spawn_app_full(
