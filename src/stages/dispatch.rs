@@ -159,6 +159,7 @@ async fn record(shared: Shared<'_>, attempt: &mut Attempt) {
     // A tiered price is chosen under the model's volume row lock, so those calls commit alone.
     // The two direct writes are boxed: their query futures are ~14 KB, and a job waiting on
     // the recorder (the usual path) would otherwise hold that much while it waits.
+    let recorder = shared.recorder.filter(|_| !table.has_tiers());
     let recorded = match attempt.cost.as_mut() {
         Some(cost) if table.has_tiers() => Box::pin(crate::store::cost_ledger::record_tiered(
             pool,
@@ -169,7 +170,7 @@ async fn record(shared: Shared<'_>, attempt: &mut Attempt) {
         ))
         .await
         .map_err(|e| e.to_string()),
-        cost => match shared.recorder {
+        cost => match recorder {
             Some(recorder) => recorder
                 .record(attempt.id, cost.as_deref(), settlements)
                 .await
@@ -186,10 +187,12 @@ async fn record(shared: Shared<'_>, attempt: &mut Attempt) {
     };
     // A commit whose answer was lost (the connection failed after COMMIT) may have landed.
     // The ledger row and the settlements are one transaction, so the row tells; recording it
-    // again with the job would collide with it and fail the job's whole finalize group.
+    // again with the job would collide with it and fail the job's whole finalize group. The
+    // recorder asks once for its whole group; a call written alone asks here.
     let recorded = match (recorded, &attempt.cost) {
         (Err(error), Some(cost))
-            if Box::pin(crate::store::cost_ledger::is_recorded(pool, cost.event_id)).await =>
+            if recorder.is_none()
+                && Box::pin(crate::store::cost_ledger::is_recorded(pool, cost.event_id)).await =>
         {
             tracing::info!(error.message = %error, "Recording a billed call reported an error, but its ledger row is committed; it counts as recorded.");
             Ok(())

@@ -94,6 +94,15 @@ async fn run(pool: PgPool, mut inbox: mpsc::Receiver<Request>) {
                     Ok(())
                 }
             });
+        // A commit whose answer was lost may have landed. The group is one transaction, so
+        // any of its ledger rows tells for all of it (settlements included).
+        let outcome = match (outcome, group.iter().find_map(|r| r.cost.as_ref())) {
+            (Err(error), Some(cost)) if cost_ledger::is_recorded(&pool, cost.event_id).await => {
+                tracing::info!(calls = group.len(), error.message = %error, "Recording a group of billed calls reported an error, but its rows are committed; they count as recorded.");
+                Ok(())
+            }
+            (outcome, _) => outcome,
+        };
         for request in group.drain(..) {
             // A caller that went away (its job was abandoned) needs no answer.
             let _ = request.done.send(outcome.clone());

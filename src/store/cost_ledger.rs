@@ -192,8 +192,8 @@ pub async fn record(
 }
 
 /// Whether the ledger row `id` is committed. Asked after a record whose commit may have landed
-/// although its answer was lost; retried while Postgres is unreachable, for up to a minute,
-/// and `false` when it still cannot tell.
+/// although its answer was lost; retried briefly while Postgres is unreachable (a job waits on
+/// it), and `false` when it still cannot tell.
 pub async fn is_recorded(pool: &sqlx::PgPool, id: Uuid) -> bool {
     use backon::{ExponentialBuilder, Retryable};
     let ask = || {
@@ -204,9 +204,8 @@ pub async fn is_recorded(pool: &sqlx::PgPool, id: Uuid) -> bool {
     ask.retry(
         ExponentialBuilder::default()
             .with_min_delay(std::time::Duration::from_millis(100))
-            .with_max_delay(std::time::Duration::from_secs(5))
-            .with_total_delay(Some(std::time::Duration::from_secs(60)))
-            .without_max_times()
+            .with_max_delay(std::time::Duration::from_secs(1))
+            .with_max_times(3)
             .with_jitter(),
     )
     .when(crate::store::is_unreachable)
