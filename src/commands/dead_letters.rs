@@ -197,7 +197,10 @@ async fn answered_by(
                 .ok()
                 .and_then(|v| v.get("generation")?.as_i64())
                 .unwrap_or(0);
-            (i64::from(result.generation) >= generation).then(|| result.clone())
+            // Another job's result (another tenant's, or an unreadable message's) answers a
+            // copy of any generation: a requeued copy would be refused again.
+            (result.tenant != message.tenant || i64::from(result.generation) >= generation)
+                .then(|| result.clone())
         })
         .collect())
 }
@@ -280,7 +283,7 @@ pub async fn run(settings: Settings, command: DeadLetterCommand) -> anyhow::Resu
                                 result.status.as_str()
                             )
                         } else {
-                            "its job id belongs to another job (another tenant's, or a message that could not be read), so a requeued copy would be refused again (job_id_taken); publish the job under a new id".to_owned()
+                            "its job id belongs to another job (another tenant's, or a message that could not be read), so a requeued copy would be refused again; publish the job under a new id".to_owned()
                         };
                         writeln!(
                             out,
