@@ -76,6 +76,7 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
     // the grace period, and stop only once the worker is done.
     let sharing = CancellationToken::new();
     let _stop_sharing = sharing.clone().drop_guard();
+    warn_about_parks_under_enforcement(ctx);
     if let Some(addr) = &ctx.settings.worker.http_addr {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -563,6 +564,24 @@ fn handle(
         let finished =
             handle_job(&ctx, &streams, tag, received_at, body, message_id, user_id).await;
         (finished, message_sha256)
+    }
+}
+
+/// Where user ids are enforced, a parked job comes back vouched for by the workers' own user
+/// (see [`published_by`]): says so when this worker has none, or has a tenant's.
+fn warn_about_parks_under_enforcement(ctx: &Context) {
+    if !ctx.settings.enforces_any_user_id() {
+        return;
+    }
+    match ctx.broker.user() {
+        None => tracing::warn!(
+            "User ids are enforced, but this worker logs in without a user name (EXTERNAL or ANONYMOUS): jobs it parks will come back rejected as tenant_not_authorized."
+        ),
+        Some(user) if ctx.settings.tenants.iter().any(|t| t.name == user) => tracing::warn!(
+            user = %user,
+            "User ids are enforced, but this worker logs in as a tenant's RabbitMQ user, which could then vouch for parked jobs of any tenant; give the workers a user of their own."
+        ),
+        Some(_) => {}
     }
 }
 

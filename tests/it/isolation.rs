@@ -6,6 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 
+use futures::FutureExt;
 use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -423,7 +424,42 @@ targets = [{{ provider = "trickle", model = "m" }}]
         .unwrap()
         .await
         .unwrap();
-    app.run_worker_until_idle().await;
+    // While the worker runs, watch the retry queues: the jobs must really be parked.
+    let watcher = app.ctx.broker.create_channel().await.unwrap();
+    let queues: Vec<String> = app
+        .names
+        .retry_queues()
+        .into_iter()
+        .map(|(q, _)| q)
+        .collect();
+    let watching = async {
+        loop {
+            for queue in &queues {
+                let depth = watcher
+                    .queue_declare(
+                        queue.as_str().into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .unwrap()
+                    .message_count();
+                if depth > 0 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let ((), parked) = tokio::join!(app.run_worker_until_idle().map(|_| ()), async {
+        tokio::time::timeout(Duration::from_secs(30), watching)
+            .await
+            .is_ok()
+    });
+    assert!(parked, "a job waited in a retry queue");
 
     let results = results_by_id(&app, &mut subscription, 4).await;
     for j in &jobs {
