@@ -306,15 +306,16 @@ async fn session(
     // Only they are: a broker that maps logins to other users would refuse every signed
     // message, and results must not be among them.
     let parks = if ctx.settings.enforces_any_user_id() {
-        Publisher::signed(&ctx.broker).await?
+        Some(Publisher::signed(&ctx.broker).await?)
     } else {
-        publisher.clone()
+        None
     };
     // Stream chunks go on their own confirm channel so they never wait behind a finalize group.
     let streams = Publisher::open(&ctx.broker).await?;
     let (outbox, inbox) = mpsc::channel(usize::from(prefetch) * 2);
     let abandon = CancellationToken::new();
-    let publishers = [publisher.clone(), parks.clone(), streams.clone()];
+    let mut publishers = vec![publisher.clone(), streams.clone()];
+    publishers.extend(parks.clone());
     let finalizer = Finalizer {
         pool: ctx.pool.clone(),
         publisher,
@@ -639,7 +640,13 @@ async fn handle_job(
                 }
             };
             if taken {
-                let refused = FinishedJob::rejected(tag, *rejection, received_at, Vec::new());
+                let mut refused =
+                    FinishedJob::rejected(tag, *rejection, received_at, Vec::new());
+                if !vouched {
+                    // The tenant is only claimed: the refusal is not that tenant's to hear
+                    // about (its subscribers would see a job of theirs rejected).
+                    refused.result.tenant = None;
+                }
                 return Finished::Refused {
                     tag,
                     result: Box::new(refused.result),

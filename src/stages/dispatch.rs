@@ -159,7 +159,8 @@ async fn record(shared: Shared<'_>, attempt: &mut Attempt) {
     // A tiered price is chosen under the model's volume row lock, so those calls commit alone.
     // The two direct writes are boxed: their query futures are ~14 KB, and a job waiting on
     // the recorder (the usual path) would otherwise hold that much while it waits.
-    let recorder = shared.recorder.filter(|_| !table.has_tiers());
+    let tiered = attempt.cost.is_some() && table.has_tiers();
+    let recorder = shared.recorder.filter(|_| !tiered);
     let recorded = match attempt.cost.as_mut() {
         Some(cost) if table.has_tiers() => Box::pin(crate::store::cost_ledger::record_tiered(
             pool,

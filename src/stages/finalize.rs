@@ -594,8 +594,9 @@ type Parked = (Vec<u8>, std::time::Duration, Option<String>);
 pub struct Finalizer {
     pub pool: PgPool,
     pub publisher: Publisher,
-    /// Publishes parked jobs to their retry queues (signed where user ids are enforced).
-    pub parks: Publisher,
+    /// Publishes parked jobs to their retry queues, signed, where user ids are enforced;
+    /// `None`: they go with the group's other messages.
+    pub parks: Option<Publisher>,
     /// The channel the deliveries came from: acks must go back on it.
     pub consume_channel: Channel,
     pub names: Names,
@@ -810,18 +811,25 @@ impl Finalizer {
             outgoing.push(message);
             outgoing.push(self.dead_letter_message(&result.head(), original));
         }
-        let parks: Vec<Outgoing> = parked
+        let parks = parked
             .iter()
-            .map(|(body, wait, by)| self.park_message(body.clone(), *wait, by.as_deref()))
-            .collect();
+            .map(|(body, wait, by)| self.park_message(body.clone(), *wait, by.as_deref()));
+        let parks: Vec<Outgoing> = match &self.parks {
+            Some(_) => parks.collect(),
+            None => {
+                outgoing.extend(parks);
+                Vec::new()
+            }
+        };
         // One try: if the broker is gone, the committed messages stay in the outbox for the
         // relay, and the unacked deliveries come back after the reconnect.
         let commit_took = began.elapsed();
         self.publisher.publish_all_once(&outgoing).await?;
-        if !parks.is_empty() {
-            self.parks.publish_all_once(&parks).await?;
-        }
+        // The outbox row's messages are all confirmed, whatever happens to the parks.
         confirmed.extend(published);
+        if let Some(publisher) = self.parks.as_ref().filter(|_| !parks.is_empty()) {
+            publisher.publish_all_once(&parks).await?;
+        }
         let publish_took = began.elapsed() - commit_took;
 
         let plan = self.acks.finish(tags.iter().copied());
