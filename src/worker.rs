@@ -640,8 +640,7 @@ async fn handle_job(
                 }
             };
             if taken {
-                let mut refused =
-                    FinishedJob::rejected(tag, *rejection, received_at, Vec::new());
+                let mut refused = FinishedJob::rejected(tag, *rejection, received_at, Vec::new());
                 if !vouched {
                     // The tenant is only claimed: the refusal is not that tenant's to hear
                     // about (its subscribers would see a job of theirs rejected).

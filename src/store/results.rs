@@ -12,8 +12,8 @@ use crate::store::PgQuery;
 
 /// The insert of [`insert_many`], its arguments `$1` to `$8` (as [`bind`] adds them). A
 /// `cancelled` placeholder written by `batch cancel` while the job was already running is
-/// replaced by the job's real outcome, so nothing paid for is lost. Returns the job ids whose
-/// row it wrote.
+/// replaced by the job's real outcome, so nothing paid for is lost (by its own tenant's only:
+/// job ids are global). Returns the job ids whose row it wrote.
 pub const INSERT_SQL: &str =
     "INSERT INTO results (job_id, generation, tenant, batch, status, error_code, body, created_at)
      SELECT job_id, generation, tenant, batch, status, error_code, body::json, $8
@@ -23,6 +23,7 @@ pub const INSERT_SQL: &str =
          status = EXCLUDED.status, error_code = EXCLUDED.error_code, body = EXCLUDED.body,
          created_at = EXCLUDED.created_at
      WHERE results.status = 'cancelled' AND EXCLUDED.status <> 'cancelled'
+       AND results.tenant IS NOT DISTINCT FROM EXCLUDED.tenant
      RETURNING job_id";
 
 /// The results an insert may hold: the first copy of each (job, generation), in key order

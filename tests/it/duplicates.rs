@@ -236,6 +236,45 @@ async fn two_tenants_racing_with_one_job_id_each_get_their_own_result() {
     app.cleanup().await;
 }
 
+/// A `cancelled` placeholder gives way to its own job's real outcome, never to another
+/// tenant's job under the same id.
+#[tokio::test]
+async fn a_cancelled_placeholder_is_replaced_only_by_its_own_tenants_result() {
+    let app = spawn_app().await;
+    let mut conn = app.pool().acquire().await.unwrap();
+    let id = Uuid::now_v7();
+    let mut placeholder = stored_result(id, 0);
+    placeholder.status = JobStatus::Cancelled;
+    store_results(&mut conn, [&placeholder].into_iter()).await;
+
+    let mut other = stored_result(id, 0);
+    other.tenant = Some("globex".to_owned());
+    let head = other.head();
+    let body = serde_json::to_string(&other).unwrap();
+    let written = results::insert_many(&mut conn, &[(&head, body.as_str())], Utc::now())
+        .await
+        .unwrap();
+    assert!(
+        written.is_empty(),
+        "another tenant's result replaced the placeholder"
+    );
+    let kept = results::find_latest(&mut conn, id).await.unwrap().unwrap();
+    assert_eq!(
+        (kept.tenant.as_deref(), kept.status),
+        (Some("acme"), JobStatus::Cancelled)
+    );
+
+    let own = stored_result(id, 0);
+    let head = own.head();
+    let body = serde_json::to_string(&own).unwrap();
+    let written = results::insert_many(&mut conn, &[(&head, body.as_str())], Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(written, vec![id], "its own job's outcome replaces it");
+    drop(conn);
+    app.cleanup().await;
+}
+
 #[tokio::test]
 async fn the_same_job_in_flight_twice_still_gets_exactly_one_result_row() {
     let fake = FakeProvider::start(&["--latency-ms", "200"]);
