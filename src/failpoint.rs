@@ -12,6 +12,10 @@ pub const AFTER_COMMIT: &str = "after_commit";
 /// committed, as when the connection fails after COMMIT and before its answer arrives.
 pub const RECORD_REPLY_LOST: &str = "record_reply_lost";
 
+/// `cost_ledger::is_recorded` cannot tell (as when Postgres does not answer in time), so a
+/// record whose answer was lost is left to finalize.
+pub const RECORD_UNVERIFIABLE: &str = "record_unverifiable";
+
 /// Honour `"switchyard_failpoint": "exit" | "panic"` in a job's metadata: exit the process (code
 /// 137) or panic the job's task while processing that job.
 pub const JOB_METADATA: &str = "job_metadata";

@@ -36,7 +36,7 @@ use crate::queue::topology::{JOBS_ROUTING_KEY, Names};
 use crate::store::attempts::AttemptRow;
 use crate::store::jobs::JobRow;
 use crate::store::outbox::{OutboxMessage, OutboxRow};
-use crate::store::{audit, group, outbox, results};
+use crate::store::{audit, cost_ledger, group, outbox, results};
 
 /// How long confirmed outbox rows wait for the next group's transaction before they are
 /// deleted on their own (well below `outbox_relay_after_ms`, so the relay never sees them).
@@ -916,6 +916,21 @@ impl Finalizer {
                     .map(|(attempt, cost)| (*attempt, cost))
             })
             .collect();
+        // A call whose record reported an error may have landed after all, its answer lost
+        // and `cost_ledger::is_recorded` unable to tell then: its row and settlements are in.
+        // Writing the row again would fail the group on the primary key and run its jobs again.
+        let landed = if costs.is_empty() {
+            std::collections::HashSet::new()
+        } else {
+            let ids: Vec<Uuid> = costs.iter().map(|(_, c)| c.event_id).collect();
+            cost_ledger::recorded_attempts(&mut tx, &ids)
+                .await
+                .map_err(store_error)?
+        };
+        let costs: Vec<(Uuid, &CostEvent)> = costs
+            .into_iter()
+            .filter(|(attempt, _)| !landed.contains(attempt))
+            .collect();
         let records = group::Records {
             jobs: &job_rows,
             attempts: &attempt_rows,
@@ -943,7 +958,7 @@ impl Finalizer {
         // end of the transaction: a budget's period row from its settlement, and a tenant's
         // audit chain head from the audit insert, until the commit.
         let mut alerts = match &self.budgets {
-            Some(budgets) => settle_budgets(&mut tx, budgets, fresh)
+            Some(budgets) => settle_budgets(&mut tx, budgets, fresh, &landed)
                 .await
                 .map_err(store_error)?,
             None => Vec::new(),
@@ -1169,10 +1184,13 @@ impl Finalizer {
 
 /// Settles the group's budget reservations (and soft budgets) to actual costs, then announces
 /// every alert threshold newly crossed, once per budget period.
+/// Settles the budget holds of the group's calls not yet recorded (neither by dispatch nor,
+/// `landed`, by a record whose answer was lost), and returns the alerts they set off.
 async fn settle_budgets(
     conn: &mut sqlx::PgConnection,
     budgets: &crate::budget::Budgets,
     fresh: &[SealedJob],
+    landed: &std::collections::HashSet<Uuid>,
 ) -> Result<Vec<AuditEvent>, sqlx::Error> {
     let mut settlements = Vec::new();
     let mut touched: Vec<(String, chrono::DateTime<Utc>)> = Vec::new();
@@ -1185,7 +1203,7 @@ async fn settle_budgets(
                 .map(|(_, c)| c);
             let settled = budgets.settlements(holds, cost);
             touched.extend(settled.iter().map(|s| (s.budget.clone(), s.period_start)));
-            if !job.recorded.contains(attempt) {
+            if !job.recorded.contains(attempt) && !landed.contains(attempt) {
                 settlements.extend(settled);
             }
         }

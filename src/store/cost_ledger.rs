@@ -201,6 +201,9 @@ pub async fn is_recorded(pool: &sqlx::PgPool, id: Uuid) -> bool {
             .bind(id)
             .fetch_one(pool)
     };
+    if crate::failpoint::is_armed(crate::failpoint::RECORD_UNVERIFIABLE) {
+        return false;
+    }
     ask.retry(
         ExponentialBuilder::default()
             .with_min_delay(std::time::Duration::from_millis(100))
@@ -211,6 +214,19 @@ pub async fn is_recorded(pool: &sqlx::PgPool, id: Uuid) -> bool {
     .when(crate::store::is_unreachable)
     .await
     .unwrap_or(false)
+}
+
+/// The attempts whose ledger rows, of the event ids `ids`, are committed.
+pub async fn recorded_attempts(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<std::collections::HashSet<Uuid>, sqlx::Error> {
+    let attempts: Vec<Uuid> =
+        sqlx::query_scalar("SELECT attempt_id FROM cost_ledger WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_all(&mut *conn)
+            .await?;
+    Ok(attempts.into_iter().collect())
 }
 
 /// Locks the model's volume row for this month and returns the tokens used so far; with

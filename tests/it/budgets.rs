@@ -811,6 +811,17 @@ async fn the_expiry_sweep_skips_a_reservation_being_settled_instead_of_waiting_f
 /// run its jobs a second time), and the budget is settled once.
 #[tokio::test]
 async fn a_billed_call_whose_commit_answer_was_lost_is_recorded_once_and_not_run_again() {
+    billed_once_although_the_answer_was_lost("record_reply_lost").await;
+}
+
+/// The same when the call cannot tell whether its row landed (failpoint `record_unverifiable`):
+/// finalize finds the row in its own transaction, writes neither it nor its settlement again.
+#[tokio::test]
+async fn a_lost_record_answer_nobody_could_check_is_found_by_finalize() {
+    billed_once_although_the_answer_was_lost("record_reply_lost,record_unverifiable").await;
+}
+
+async fn billed_once_although_the_answer_was_lost(failpoints: &str) {
     let fake = FakeProvider::start(&[]);
     let config = format!(
         "{}
@@ -833,7 +844,7 @@ period = \"total\"
     app.publish_jobs(&jobs).await;
     let worker = switchyard(&app)
         .args(["worker", "--exit-when-idle", "--concurrency", "8"])
-        .env("SWITCHYARD_FAILPOINT", "record_reply_lost")
+        .env("SWITCHYARD_FAILPOINT", failpoints)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
