@@ -138,6 +138,30 @@ targets = [{{ provider = "extractive", model = "extractive-v1" }}]
     )
 }
 
+/// TOML for a provider `trickle` at `url` allowing one request per 3 s, route `trickle` → it,
+/// and a wait for a limit of at most 1 s: a second job in the window is parked.
+pub fn trickle_config(url: &str) -> String {
+    format!(
+        r#"
+[routing]
+max_limit_wait_secs = 1
+
+[[providers]]
+name = "trickle"
+kind = "openai"
+base_url = "{}/v1"
+keys = [{{ id = "k", env = "CARGO_MANIFEST_DIR" }}]
+limits = {{ rpm = 1, window_secs = 3 }}
+models = [{{ name = "m" }}]
+
+[[routes]]
+alias = "trickle"
+targets = [{{ provider = "trickle", model = "m" }}]
+"#,
+        url
+    )
+}
+
 /// An app with the default (built-in model only) configuration.
 pub async fn spawn_app() -> TestApp {
     spawn_app_with("").await

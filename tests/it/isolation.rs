@@ -16,7 +16,7 @@ use switchyard::stages::finalize::PUBLISHED_BY_HEADER;
 use uuid::Uuid;
 
 use crate::helpers::{
-    FakeProvider, TestApp, collect, job, run_with_stdin, spawn_app_full, switchyard,
+    FakeProvider, TestApp, collect, job, run_with_stdin, spawn_app_full, switchyard, trickle_config,
 };
 
 fn rabbitmqctl(args: &[&str]) {
@@ -354,25 +354,7 @@ async fn jobs_published_by_the_cli_carry_the_user_it_connects_as() {
 #[tokio::test]
 async fn a_parked_job_is_still_its_publishers_when_it_comes_back() {
     let fake = FakeProvider::start(&[]);
-    let config = format!(
-        r#"
-[routing]
-max_limit_wait_secs = 1
-
-[[providers]]
-name = "trickle"
-kind = "openai"
-base_url = "{}/v1"
-keys = [{{ id = "k", env = "CARGO_MANIFEST_DIR" }}]
-limits = {{ rpm = 1, window_secs = 3 }}
-models = [{{ name = "m" }}]
-
-[[routes]]
-alias = "trickle"
-targets = [{{ provider = "trickle", model = "m" }}]
-"#,
-        fake.url
-    );
+    let config = trickle_config(&fake.url);
     let app = spawn_app_full("enforce_user_id = true", &config).await;
     let a = TenantUser::create(&app.names);
     let connection = a.connect().await;

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use crate::helpers::{FakeProvider, TestApp, job, spawn_app_with, wait_all, workers};
+use crate::helpers::{
+    FakeProvider, TestApp, job, spawn_app_with, trickle_config, wait_all, workers,
+};
 
 async fn succeeded(app: &TestApp) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM results WHERE status = 'succeeded'")
@@ -130,25 +132,7 @@ targets = [{{ provider = "flaky", model = "m" }}]
 #[tokio::test]
 async fn a_job_whose_every_target_is_limited_for_long_is_parked_and_comes_back() {
     let fake = FakeProvider::start(&[]);
-    let config = format!(
-        r#"
-[routing]
-max_limit_wait_secs = 1
-
-[[providers]]
-name = "trickle"
-kind = "openai"
-base_url = "{}/v1"
-keys = [{{ id = "k", env = "CARGO_MANIFEST_DIR" }}]
-limits = {{ rpm = 1, window_secs = 3 }}
-models = [{{ name = "m" }}]
-
-[[routes]]
-alias = "trickle"
-targets = [{{ provider = "trickle", model = "m" }}]
-"#,
-        fake.url
-    );
+    let config = trickle_config(&fake.url);
     let app = spawn_app_with(&config).await;
     let jobs: Vec<_> = (0..3)
         .map(|i| job("acme", None, "trickle", &format!("Job {i}.")))
