@@ -509,15 +509,22 @@ fn process(
                 (Finished::Requeue { tag }, String::new())
             }),
         };
-        if let Finished::Job(job) = &mut finished {
-            let provenance = identity.for_delivery(message_sha256, trace_id);
-            let retention = job
-                .result
-                .tenant
-                .as_deref()
-                .map_or_else(Default::default, |t| settings.retention(t));
-            crate::retention::apply(job, retention);
-            crate::audit::stamp(&mut job.audits, &provenance, job.result.job_id);
+        match &mut finished {
+            Finished::Job(job) => {
+                let provenance = identity.for_delivery(message_sha256, trace_id);
+                let retention = job
+                    .result
+                    .tenant
+                    .as_deref()
+                    .map_or_else(Default::default, |t| settings.retention(t));
+                crate::retention::apply(job, retention);
+                crate::audit::stamp(&mut job.audits, &provenance, job.result.job_id);
+            }
+            Finished::Refused { result, audits, .. } => {
+                let provenance = identity.for_delivery(message_sha256, trace_id);
+                crate::audit::stamp(audits, &provenance, result.job_id);
+            }
+            _ => {}
         }
         // Serialized here, on any of the runtime's threads, not in the finalizer's one task.
         if outbox.send(finished.seal()).await.is_err() {
@@ -640,16 +647,19 @@ async fn handle_job(
                 }
             };
             if taken {
-                let mut refused = FinishedJob::rejected(tag, *rejection, received_at, Vec::new());
+                let FinishedJob {
+                    mut result, audits, ..
+                } = FinishedJob::rejected(tag, *rejection, received_at, Vec::new());
                 if !vouched {
                     // The tenant is only claimed: the refusal is not that tenant's to hear
                     // about (its subscribers would see a job of theirs rejected).
-                    refused.result.tenant = None;
+                    result.tenant = None;
                 }
                 return Finished::Refused {
                     tag,
-                    result: Box::new(refused.result),
+                    result: Box::new(result),
                     original: body,
+                    audits,
                 };
             }
             return Finished::Job(Box::new(FinishedJob::rejected(
@@ -673,7 +683,7 @@ async fn handle_job(
                 ),
             );
             tracing::warn!(job_id = %job.id, code = %error.code, error.message = %error.message, "Rejected a job.");
-            let rejected = FinishedJob::rejected(
+            let FinishedJob { result, audits, .. } = FinishedJob::rejected(
                 tag,
                 Rejection::for_job(&job, &body, error),
                 received_at,
@@ -681,8 +691,9 @@ async fn handle_job(
             );
             return Finished::Refused {
                 tag,
-                result: Box::new(rejected.result),
+                result: Box::new(result),
                 original: body,
+                audits,
             };
         }
         // A replay (a newer generation) is served even though an older result exists.

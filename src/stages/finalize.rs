@@ -81,6 +81,8 @@ pub enum Finished<J = SealedJob> {
         tag: u64,
         result: Box<JobResult>,
         original: Vec<u8>,
+        /// Its `job_rejected` event, audited in the group's transaction.
+        audits: Vec<AuditEvent>,
     },
     /// The job could not be looked up (database trouble): return it to the queue.
     Requeue { tag: u64 },
@@ -105,10 +107,12 @@ impl Finished<FinishedJob> {
                 tag,
                 result,
                 original,
+                audits,
             } => Finished::Refused {
                 tag,
                 result,
                 original,
+                audits,
             },
             Finished::Requeue { tag } => Finished::Requeue { tag },
             Finished::Park {
@@ -584,6 +588,8 @@ struct Sorted {
     fresh: Vec<SealedJob>,
     republish: Vec<JobResult>,
     refused: Vec<(JobResult, Vec<u8>)>,
+    /// The refused jobs' audit events.
+    refused_audits: Vec<AuditEvent>,
     parked: Vec<Parked>,
 }
 
@@ -735,6 +741,7 @@ impl Finalizer {
         let mut fresh = Vec::new();
         let mut republish = Vec::new();
         let mut refused = Vec::new();
+        let mut refused_audits = Vec::new();
         let mut parked = Vec::new();
         for item in group {
             match item {
@@ -761,8 +768,14 @@ impl Finalizer {
                 Finished::Job(job) => fresh.push(*job),
                 Finished::Duplicate { result, .. } => republish.push(*result),
                 Finished::Refused {
-                    result, original, ..
-                } => refused.push((*result, original)),
+                    result,
+                    original,
+                    audits,
+                    ..
+                } => {
+                    refused.push((*result, original));
+                    refused_audits.extend(audits);
+                }
                 Finished::Park {
                     body,
                     wait,
@@ -777,6 +790,7 @@ impl Finalizer {
             fresh,
             republish,
             refused,
+            refused_audits,
             parked,
         })
     }
@@ -793,10 +807,11 @@ impl Finalizer {
             fresh,
             republish,
             refused,
+            refused_audits,
             parked,
         } = group;
         let began = std::time::Instant::now();
-        let committed = self.commit(fresh, confirmed).await?;
+        let committed = self.commit(fresh, refused_audits, confirmed).await?;
         crate::failpoint::hit(crate::failpoint::AFTER_COMMIT);
         let published = committed.as_ref().map(|row| row.id);
         let mut outgoing: Vec<Outgoing> = committed
@@ -885,13 +900,16 @@ impl Finalizer {
     /// with a concurrent duplicate publishes the winner's stored result.
     ///
     /// The transaction also deletes `confirmed`, earlier groups' outbox rows the broker has
-    /// confirmed, and empties it once committed.
+    /// confirmed, and empties it once committed. `refused` are the audit events of jobs
+    /// refused because their id is another job's: audited and published as events, though
+    /// nothing else of those jobs is stored.
     async fn commit(
         &self,
         fresh: &[SealedJob],
+        refused: &[AuditEvent],
         confirmed: &mut Vec<Uuid>,
     ) -> Result<Option<OutboxRow>, FinalizeError> {
-        if fresh.is_empty() {
+        if fresh.is_empty() && refused.is_empty() {
             return Ok(None);
         }
         let store_error = |source| FinalizeError::Store {
@@ -966,6 +984,8 @@ impl Finalizer {
         for alert in &mut alerts {
             alert.provenance = self.provenance.clone();
         }
+        // Each refused job's event keeps its own provenance (stamped in its task).
+        alerts.extend(refused.iter().cloned());
         let row = OutboxRow {
             id: Uuid::now_v7(),
             created_at: Utc::now(),

@@ -101,6 +101,14 @@ async fn a_job_whose_id_another_tenant_already_used_is_rejected_not_answered_wit
     assert!(!error.message.contains("acme"), "{}", error.message);
     let kept = app.drain_dead_letters().await;
     assert_eq!(kept.len(), 1, "the refused job is kept for inspection");
+    let audited: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_events WHERE tenant = 'globex' AND kind = 'job_rejected'
+         AND details->'error'->>'code' = 'job_id_taken'",
+    )
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
+    assert_eq!(audited, 1, "the refusal is audited under its own tenant");
     assert_eq!(
         serde_json::from_slice::<serde_json::Value>(&kept[0].data).unwrap()["tenant"],
         "globex"

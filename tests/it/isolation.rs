@@ -517,6 +517,14 @@ async fn a_job_forged_in_a_tenants_name_cannot_replace_its_result() {
         1,
         "kept for inspection"
     );
+    let audited: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_events WHERE kind = 'job_rejected'
+         AND details->'error'->>'code' = 'tenant_not_authorized'",
+    )
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
+    assert_eq!(audited, 1, "the forgery is audited");
     let _ = connection.close(200, "bye".into()).await;
     app.cleanup().await;
 }
