@@ -14,7 +14,6 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures::TryStreamExt;
-use lapin::types::AMQPValue;
 use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -81,12 +80,8 @@ impl Identity {
 /// The trace id of a delivery's `traceparent` header, when it is valid.
 pub fn delivery_trace_id(headers: Option<&lapin::types::FieldTable>) -> Option<String> {
     headers
-        .and_then(|h| h.inner().get(TRACEPARENT))
-        .and_then(|value| match value {
-            AMQPValue::LongString(s) => trace_id_of(&s.to_string()),
-            AMQPValue::ShortString(s) => trace_id_of(s.as_str()),
-            _ => None,
-        })
+        .and_then(|h| crate::queue::header_text(h, TRACEPARENT))
+        .and_then(|value| trace_id_of(&value))
 }
 
 /// Sets `provenance` on every event; a missing trace id becomes the job id's 32 hex digits,

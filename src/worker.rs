@@ -559,12 +559,7 @@ fn handle(
         .properties
         .headers()
         .as_ref()
-        .and_then(|h| h.inner().get(PUBLISHED_BY_HEADER))
-        .and_then(|value| match value {
-            lapin::types::AMQPValue::LongString(s) => Some(s.to_string()),
-            lapin::types::AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-            _ => None,
-        });
+        .and_then(|h| crate::queue::header_text(h, PUBLISHED_BY_HEADER));
     let body = delivery.data;
     async move {
         let message_sha256 = crate::audit::sha256_hex(&body);

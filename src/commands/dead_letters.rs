@@ -5,7 +5,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel};
 use serde_json::{Value, json};
 
@@ -13,6 +13,7 @@ use super::BadInput;
 use crate::cli::{DeadLetterCommand, DeadLetterFilter};
 use crate::config::Settings;
 use crate::queue;
+use crate::queue::header_text;
 use crate::queue::publisher::Outgoing;
 use crate::queue::topology::{JOBS_ROUTING_KEY, Names};
 use crate::stages::finalize::ERROR_HEADER;
@@ -25,14 +26,6 @@ struct Dead {
     job_id: String,
     error: String,
     tenant: Option<String>,
-}
-
-fn header_text(headers: &FieldTable, name: &str) -> Option<String> {
-    match headers.inner().get(name)? {
-        AMQPValue::LongString(text) => Some(text.to_string()),
-        AMQPValue::ShortString(text) => Some(text.to_string()),
-        _ => None,
-    }
 }
 
 /// Why the message is here: Switchyard's own header, or the broker's `x-death` reason.

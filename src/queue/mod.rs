@@ -75,6 +75,16 @@ pub async fn listen(
         .await
 }
 
+/// A message header's value as text (a long or short string), if it has one.
+pub fn header_text(headers: &lapin::types::FieldTable, name: &str) -> Option<String> {
+    use lapin::types::AMQPValue;
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(text) => Some(text.to_string()),
+        AMQPValue::ShortString(text) => Some(text.to_string()),
+        _ => None,
+    }
+}
+
 /// `host:port` of an AMQP URL, without credentials, for error messages.
 pub fn broker_address(url: &str) -> String {
     match url::Url::parse(url) {
