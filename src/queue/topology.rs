@@ -196,18 +196,24 @@ pub async fn jobs_queue_depth(
 
 /// Jobs waiting anywhere: ready in the jobs queue or parked in a retry queue.
 pub async fn pending_jobs(channel: &Channel, names: &Names) -> Result<u64, lapin::Error> {
+    let ready = u64::from(jobs_queue_depth(channel, names).await?.0);
+    Ok(ready + parked_jobs(channel, names).await?)
+}
+
+/// Jobs parked in the retry queues.
+pub async fn parked_jobs(channel: &Channel, names: &Names) -> Result<u64, lapin::Error> {
     let passive = QueueDeclareOptions {
         passive: true,
         ..QueueDeclareOptions::default()
     };
-    let mut pending = u64::from(jobs_queue_depth(channel, names).await?.0);
+    let mut parked = 0;
     for (queue, _) in names.retry_queues() {
         let queue = channel
             .queue_declare(queue.as_str().into(), passive, FieldTable::default())
             .await?;
-        pending += u64::from(queue.message_count());
+        parked += u64::from(queue.message_count());
     }
-    Ok(pending)
+    Ok(parked)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use switchyard::messages::{JobResult, JobStatus};
-use switchyard::queue::topology::{JOBS_ROUTING_KEY, Names};
+use switchyard::queue::topology::{self, JOBS_ROUTING_KEY, Names};
 use switchyard::stages::finalize::PUBLISHED_BY_HEADER;
 use uuid::Uuid;
 
@@ -408,31 +408,8 @@ async fn a_parked_job_is_still_its_publishers_when_it_comes_back() {
         .unwrap();
     // While the worker runs, watch the retry queues: the jobs must really be parked.
     let watcher = app.ctx.broker.create_channel().await.unwrap();
-    let queues: Vec<String> = app
-        .names
-        .retry_queues()
-        .into_iter()
-        .map(|(q, _)| q)
-        .collect();
     let watching = async {
-        loop {
-            for queue in &queues {
-                let depth = watcher
-                    .queue_declare(
-                        queue.as_str().into(),
-                        QueueDeclareOptions {
-                            passive: true,
-                            ..Default::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await
-                    .unwrap()
-                    .message_count();
-                if depth > 0 {
-                    return;
-                }
-            }
+        while topology::parked_jobs(&watcher, &app.names).await.unwrap() == 0 {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
