@@ -642,20 +642,13 @@ async fn handle_job(
                 }
             };
             if taken {
-                let FinishedJob {
-                    mut result, audits, ..
-                } = FinishedJob::rejected(tag, *rejection, received_at, Vec::new());
+                let mut refused = FinishedJob::rejected(tag, *rejection, received_at, Vec::new());
                 if !vouched {
                     // The tenant is only claimed: the refusal is not that tenant's to hear
                     // about (its subscribers would see a job of theirs rejected).
-                    result.tenant = None;
+                    refused.result.tenant = None;
                 }
-                return Finished::Refused {
-                    tag,
-                    result: Box::new(result),
-                    original: body,
-                    audits,
-                };
+                return Finished::refused(refused, body);
             }
             return Finished::Job(Box::new(FinishedJob::rejected(
                 tag,
@@ -678,18 +671,13 @@ async fn handle_job(
                 ),
             );
             tracing::warn!(job_id = %job.id, code = %error.code, error.message = %error.message, "Rejected a job.");
-            let FinishedJob { result, audits, .. } = FinishedJob::rejected(
+            let refused = FinishedJob::rejected(
                 tag,
                 Rejection::for_job(&job, &body, error),
                 received_at,
                 Vec::new(),
             );
-            return Finished::Refused {
-                tag,
-                result: Box::new(result),
-                original: body,
-                audits,
-            };
+            return Finished::refused(refused, body);
         }
         // A replay (a newer generation) is served even though an older result exists.
         Ok(Some(result)) if result.generation >= job.generation => {

@@ -98,6 +98,17 @@ pub enum Finished<J = SealedJob> {
 }
 
 impl Finished<FinishedJob> {
+    /// A rejected job whose id is another job's: its result and audit events, published and
+    /// audited, with `original` dead-lettered; nothing else of it is kept.
+    pub fn refused(job: FinishedJob, original: Vec<u8>) -> Self {
+        Finished::Refused {
+            tag: job.tag,
+            result: Box::new(job.result),
+            original,
+            audits: job.audits,
+        }
+    }
+
     /// Serializes a processed job's result (`FinishedJob::seal`); the other cases pass as they are.
     pub fn seal(self) -> Finished {
         match self {
