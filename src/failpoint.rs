@@ -16,6 +16,10 @@ pub const RECORD_REPLY_LOST: &str = "record_reply_lost";
 /// record whose answer was lost is left to finalize.
 pub const RECORD_UNVERIFIABLE: &str = "record_unverifiable";
 
+/// A tiered call's record fails before it commits (as when Postgres drops the connection in
+/// the middle), so finalize records the call with its job.
+pub const RECORD_TIERED_FAILS: &str = "record_tiered_fails";
+
 /// Honour `"switchyard_failpoint": "exit" | "panic"` in a job's metadata: exit the process (code
 /// 137) or panic the job's task while processing that job.
 pub const JOB_METADATA: &str = "job_metadata";

@@ -159,6 +159,9 @@ pub struct FinishedJob {
     pub holds: Vec<(Uuid, Vec<crate::budget::Held>)>,
     /// Attempts whose ledger row and settlement dispatch already committed.
     pub recorded: Vec<Uuid>,
+    /// Billed attempts of a model with volume tiers. Dispatch adds a call's tokens to the
+    /// model's monthly volume when it records the call; finalize does so for those it records.
+    pub tiered: Vec<Uuid>,
     /// What `results.body` keeps when it is not `result` itself (tenant retention
     /// `hash`/`none`, see `crate::retention`).
     pub stored: Option<Box<JobResult>>,
@@ -184,6 +187,7 @@ pub struct SealedJob {
     pub dead_letter: Option<Vec<u8>>,
     pub holds: Vec<(Uuid, Vec<crate::budget::Held>)>,
     pub recorded: Vec<Uuid>,
+    pub tiered: Vec<Uuid>,
 }
 
 fn millis_between(from: DateTime<Utc>, to: DateTime<Utc>) -> u64 {
@@ -231,6 +235,7 @@ impl FinishedJob {
             dead_letter: self.dead_letter,
             holds: self.holds,
             recorded: self.recorded,
+            tiered: self.tiered,
         }
     }
 
@@ -357,6 +362,12 @@ impl FinishedJob {
             .filter(|a| a.recorded)
             .map(|a| a.id)
             .collect();
+        let tiered: Vec<Uuid> = dispatched
+            .attempts
+            .iter()
+            .filter(|a| a.price_table.has_tiers())
+            .map(|a| a.id)
+            .collect();
         if let Some(first) = dispatched.attempts.first() {
             for from in &dispatched.skipped {
                 audits.push(AuditEvent::new(
@@ -467,6 +478,7 @@ impl FinishedJob {
             dead_letter: None,
             holds,
             recorded,
+            tiered,
             stored: None,
         }
     }
@@ -532,6 +544,7 @@ impl FinishedJob {
             dead_letter: Some(original),
             holds: Vec::new(),
             recorded: Vec::new(),
+            tiered: Vec::new(),
             stored: None,
         }
     }
@@ -967,6 +980,20 @@ impl Finalizer {
             costs: &costs,
         };
         let inserted = group::insert(&mut tx, &records, Utc::now())
+            .await
+            .map_err(store_error)?;
+        // The tokens of tiered calls recorded here grow their model's monthly volume, as
+        // dispatch's own record would have (before the budget rows, in the order it locks them).
+        let tiered: std::collections::HashSet<Uuid> = fresh
+            .iter()
+            .flat_map(|j| j.tiered.iter().copied())
+            .collect();
+        let tiered: Vec<&CostEvent> = costs
+            .iter()
+            .filter(|(attempt, _)| tiered.contains(attempt))
+            .map(|(_, cost)| *cost)
+            .collect();
+        cost_ledger::add_volumes(&mut tx, &tiered)
             .await
             .map_err(store_error)?;
         // A job lost the race when its result row was already there, or when an earlier copy

@@ -303,7 +303,41 @@ pub async fn record_tiered(
     .await?;
     insert_many(&mut tx, &[(attempt, &*cost)]).await?;
     crate::store::budgets::settle(&mut tx, settlements).await?;
+    if crate::failpoint::is_armed(crate::failpoint::RECORD_TIERED_FAILS) {
+        // Dropped uncommitted: everything above rolls back.
+        return Err(sqlx::Error::Protocol(format!(
+            "failpoint {}",
+            crate::failpoint::RECORD_TIERED_FAILS
+        )));
+    }
     tx.commit().await
+}
+
+/// Adds the tokens of `costs` (calls of models with volume tiers, recorded by finalize rather
+/// than by [`record_tiered`]) to their models' monthly volumes, locking each volume row in
+/// one order (provider, model, month) so concurrent groups cannot deadlock on them.
+pub async fn add_volumes(conn: &mut PgConnection, costs: &[&CostEvent]) -> Result<(), sqlx::Error> {
+    let mut volumes: std::collections::BTreeMap<(&str, &str, chrono::DateTime<chrono::Utc>), u64> =
+        std::collections::BTreeMap::new();
+    for cost in costs {
+        let month = crate::budget::period_start(crate::config::BudgetPeriod::Month, cost.at);
+        *volumes
+            .entry((cost.provider.as_str(), cost.model.as_str(), month))
+            .or_default() += cost.usage.input_tokens + cost.usage.output_tokens;
+    }
+    for ((provider, model, month), tokens) in volumes {
+        sqlx::query(
+            "INSERT INTO model_volumes (provider, model, month, tokens) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (provider, model, month) DO UPDATE SET tokens = model_volumes.tokens + EXCLUDED.tokens",
+        )
+        .bind(provider)
+        .bind(model)
+        .bind(month)
+        .bind(i64::try_from(tokens).unwrap_or(i64::MAX))
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
 }
 
 /// A dimension costs can be grouped by.

@@ -501,6 +501,100 @@ targets = [{{ provider = "p", model = "m" }}]
     app.cleanup().await;
 }
 
+/// A tiered call whose own record fails (failpoint `record_tiered_fails`: its transaction,
+/// volume included, rolls back) is recorded by finalize with its job, which also adds its
+/// tokens to the model's monthly volume and settles its budget hold, once.
+#[tokio::test]
+async fn a_tiered_call_recorded_by_finalize_still_counts_toward_its_models_volume() {
+    let fake = FakeProvider::start(&[]);
+    let config = format!(
+        r#"
+[[providers]]
+name = "p"
+kind = "openai"
+base_url = "{}/v1"
+keys = [{{ id = "k", env = "CARGO_MANIFEST_DIR" }}]
+
+[[providers.models]]
+name = "m"
+prices = {{ input = "1", output = "2" }}
+tiers = [{{ above_monthly_tokens = 60, prices = {{ input = "0.5", output = "1" }} }}]
+
+[[routes]]
+alias = "paid"
+targets = [{{ provider = "p", model = "m" }}]
+
+[[budgets]]
+name = "acme-total"
+tenant = "acme"
+cap_usd = "10"
+period = "total"
+"#,
+        fake.url
+    );
+    let app = spawn_app_with(&config).await;
+    let jobs: Vec<_> = (0..8)
+        .map(|i| {
+            job(
+                "acme",
+                None,
+                "paid",
+                &format!("Tiered job {i}. Recorded late."),
+            )
+        })
+        .collect();
+    app.publish_jobs(&jobs).await;
+    let worker = switchyard(&app)
+        .args(["worker", "--exit-when-idle", "--concurrency", "4"])
+        .env("SWITCHYARD_FAILPOINT", "record_tiered_fails")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("worker starts");
+    wait_all(vec![worker]).await;
+
+    assert_eq!(
+        fake.requests().await,
+        8,
+        "each job reached the provider once"
+    );
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM results WHERE status = 'succeeded'"
+        )
+        .await,
+        8
+    );
+    assert_eq!(count(&app, "SELECT count(*) FROM cost_ledger").await, 8);
+    let tokens = count(
+        &app,
+        "SELECT sum(input_tokens + output_tokens)::int8 FROM cost_ledger",
+    )
+    .await;
+    assert!(tokens > 0);
+    let volume = count(
+        &app,
+        "SELECT coalesce(sum(tokens), 0)::int8 FROM model_volumes",
+    )
+    .await;
+    assert_eq!(
+        volume, tokens,
+        "every recorded call's tokens count toward the volume"
+    );
+    let (spent, reserved): (Decimal, Decimal) =
+        sqlx::query_as("SELECT spent, reserved FROM budget_periods WHERE budget = 'acme-total'")
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        spent,
+        decimal(&app, "SELECT sum(amount_usd) FROM cost_ledger").await
+    );
+    assert_eq!(reserved, Decimal::ZERO);
+    app.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_group_reservation_grants_only_what_fits_under_the_cap_and_never_past_it() {
     use chrono::{TimeZone, Utc};
