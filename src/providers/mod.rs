@@ -422,11 +422,15 @@ pub async fn send(
             return Ok(Answer::Stream(response));
         }
         let headers = response.headers().clone();
-        let text = Box::pin(tokio::time::timeout(call.idle_timeout, response.text()))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
+        let text = Box::pin(tokio::time::timeout(
+            call.idle_timeout,
+            read_capped(response, MAX_ERROR_BODY_BYTES),
+        ))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .map(|body| body.text)
+        .unwrap_or_default();
         return Err(refused(status, &headers, &text, call.key, &classify));
     }
     let response = builder
@@ -436,16 +440,81 @@ pub async fn send(
         .map_err(|e| ProviderError::transport(provider_type, &e))?;
     let status = response.status().as_u16();
     let headers = response.headers().clone();
+    if !(200..300).contains(&status) {
+        // Classified by its status first: a body that breaks off, or is cut at its limit,
+        // only loses detail from the message.
+        let text = Box::pin(read_capped(response, MAX_ERROR_BODY_BYTES))
+            .await
+            .map(|body| body.text)
+            .unwrap_or_default();
+        return Err(refused(status, &headers, &text, call.key, &classify));
+    }
     // Boxed, like every step of a call that only runs for a moment: reading a body takes a
     // 1 KB future, which a call waiting for its answer would otherwise hold all along.
-    let text = Box::pin(response.text())
+    let body = Box::pin(read_capped(response, MAX_RESPONSE_BYTES))
         .await
         .map_err(|e| ProviderError::transport(provider_type, &e))?;
-    if (200..300).contains(&status) {
-        Ok(Answer::Body(text))
-    } else {
-        Err(refused(status, &headers, &text, call.key, &classify))
+    if body.cut {
+        return Err(ProviderError::new(
+            provider_type,
+            ErrorClass::ServerError,
+            format!(
+                "the response body is larger than {} MiB; a worker reads no more of one",
+                MAX_RESPONSE_BYTES / (1024 * 1024)
+            ),
+        ));
     }
+    Ok(Answer::Body(body.text))
+}
+
+/// The most of a successful response's body a call reads. A chat completion is a few KB to a
+/// few hundred KB; a provider or proxy sending more (a runaway or hostile endpoint) fails the
+/// call instead of growing the worker's memory without bound.
+pub const MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
+
+/// The most of an error response's body a call reads: enough for any provider's error object,
+/// of which only an excerpt is kept.
+pub const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
+
+/// A response body read up to a limit.
+struct CappedBody {
+    /// The body (invalid UTF-8 replaced), up to the limit.
+    text: String,
+    /// Whether the body went on past the limit (and was not read further).
+    cut: bool,
+}
+
+/// Reads `response`'s body up to `limit` bytes, refusing at once one whose declared length is
+/// over it.
+async fn read_capped(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<CappedBody, reqwest::Error> {
+    let declared = response
+        .content_length()
+        .and_then(|n| usize::try_from(n).ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Ok(CappedBody {
+            text: String::new(),
+            cut: true,
+        });
+    }
+    let mut bytes = Vec::with_capacity(declared.unwrap_or(0));
+    let mut cut = false;
+    while let Some(chunk) = response.chunk().await? {
+        let room = limit - bytes.len();
+        if chunk.len() > room {
+            bytes.extend_from_slice(&chunk[..room]);
+            cut = true;
+            break;
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    let text = match String::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(error) => String::from_utf8_lossy(error.as_bytes()).into_owned(),
+    };
+    Ok(CappedBody { text, cut })
 }
 
 /// The error of a call answered with `status` (not 2xx). Its body is redacted before

@@ -232,3 +232,137 @@ fn the_sse_parser_never_panics_on_random_bytes_split_anywhere() {
         "mutated streams still yield events: {events}"
     );
 }
+
+/// A one-connection HTTP server that reads the request, writes `head` (status line and
+/// headers, without the blank line) and then what `body` writes, and closes. Returns its base
+/// URL and the task serving it.
+async fn raw_server<F, Fut>(head: &'static str, body: F) -> (String, tokio::task::JoinSet<()>)
+where
+    F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        // The whole request, so closing leaves nothing unread (which would reset the
+        // connection before the client reads the answer).
+        let mut request = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = socket.read(&mut buf).await.unwrap();
+            request.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&request);
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().unwrap())
+                    })
+                    .unwrap_or(0);
+                if request.len() >= end + 4 + length {
+                    break;
+                }
+            }
+            assert!(n > 0, "the client closed before its request was complete");
+        }
+        socket.write_all(head.as_bytes()).await.unwrap();
+        socket.write_all(b"\r\n\r\n").await.unwrap();
+        body(socket).await;
+    });
+    (base, tasks)
+}
+
+fn openai_at(base: &str) -> Provider {
+    Provider::OpenAi(openai::OpenAiProvider::new(
+        reqwest::Client::new(),
+        format!("{base}/v1"),
+        openai::OpenAiOptions {
+            max_tokens_field: MaxTokensField::MaxTokens,
+            strict_fields: false,
+        },
+    ))
+}
+
+async fn call_once(provider: &Provider) -> Result<super::Completion, super::ProviderError> {
+    let key = ApiKey {
+        id: "k".to_owned(),
+        secret: "sk-test-0123456789".into(),
+    };
+    let request = ChatRequest {
+        messages: vec![ChatMessage::text_message("user", "hello")],
+        max_tokens: Some(20),
+        ..ChatRequest::default()
+    };
+    let call = Call {
+        key: Some(&key),
+        timeout: Duration::from_secs(20),
+        idle_timeout: Duration::from_secs(5),
+        on_delta: None,
+    };
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        provider.complete(&request, "m", &call),
+    )
+    .await
+    .expect("the call ends")
+}
+
+/// A body that never ends, or one declared larger than the limit, fails the call at the limit
+/// (a server error, so the job fails over) instead of growing the worker's memory until the
+/// call times out.
+#[tokio::test]
+async fn a_response_body_over_the_limit_fails_the_call_at_the_limit() {
+    use tokio::io::AsyncWriteExt;
+    let (base, _server) = raw_server(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked",
+        |mut socket| async move {
+            let chunk = vec![b' '; 1024 * 1024];
+            let mut framed = format!("{:x}\r\n", chunk.len()).into_bytes();
+            framed.extend_from_slice(&chunk);
+            framed.extend_from_slice(b"\r\n");
+            // Until the client stops reading.
+            while socket.write_all(&framed).await.is_ok() {}
+        },
+    )
+    .await;
+    let error = call_once(&openai_at(&base)).await.unwrap_err();
+    assert_eq!(error.class, super::ErrorClass::ServerError, "{error:?}");
+    assert!(error.message.contains("larger than 32 MiB"), "{error:?}");
+
+    let (base, _server) = raw_server(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1073741824",
+        |socket| async move {
+            // Holds the connection open, sending nothing.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(socket);
+        },
+    )
+    .await;
+    let error = call_once(&openai_at(&base)).await.unwrap_err();
+    assert!(error.message.contains("larger than 32 MiB"), "{error:?}");
+}
+
+/// An error status whose body breaks off is classified by its status (here a 401: the key is
+/// bad, the call is not retried), not as a transport failure.
+#[tokio::test]
+async fn an_error_status_whose_body_breaks_off_is_classified_by_its_status() {
+    use tokio::io::AsyncWriteExt;
+    let (base, _server) = raw_server(
+        "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: 500",
+        |mut socket| async move {
+            socket
+                .write_all(br#"{"error":{"message":"Incorrect API key"#)
+                .await
+                .unwrap();
+        },
+    )
+    .await;
+    let error = call_once(&openai_at(&base)).await.unwrap_err();
+    assert_eq!(error.status, Some(401), "{error:?}");
+    assert_eq!(error.class, super::ErrorClass::Auth, "{error:?}");
+}
