@@ -130,14 +130,19 @@ pub fn max_cost(job: &Job, prices: &Prices, default_output: u32) -> Decimal {
         .unwrap_or(1)
         .max(1);
     let output = u64::from(request.output_cap().unwrap_or(default_output)).saturating_mul(choices);
-    pricing::cost(
-        &Usage {
-            input_tokens: prompt,
-            output_tokens: output,
-            ..Usage::default()
-        },
-        prices,
-    )
+    let mut usage = Usage {
+        input_tokens: prompt,
+        output_tokens: output,
+        ..Usage::default()
+    };
+    // Prompt tokens may be billed as cache writes (Anthropic: 1.25 or 2 times the input
+    // price) or cache reads: each is priced at the dearest of the three.
+    if prices.cache_write > prices.input && prices.cache_write >= prices.cached_input {
+        usage.cache_write_tokens = prompt;
+    } else if prices.cached_input > prices.input {
+        usage.cached_input_tokens = prompt;
+    }
+    pricing::cost(&usage, prices)
 }
 
 /// The length of `value` as JSON, counted without building the text.
@@ -413,6 +418,60 @@ mod tests {
                 .unwrap(),
             max_cost(&job, &output, 100).to_u64().unwrap(),
         )
+    }
+
+    /// A prompt billed as cache writes (Anthropic's 1-hour cache: twice the input price) or
+    /// cache reads costs no more than the reservation: each prompt token is reserved at the
+    /// dearest of the three prices.
+    #[test]
+    fn the_most_a_call_can_cost_prices_the_prompt_at_its_dearest_rate() {
+        let job = Job::new(
+            "t",
+            None,
+            "r",
+            serde_json::from_value(
+                serde_json::json!({"messages": [{"role": "user", "content": "hello"}]}),
+            )
+            .unwrap(),
+        );
+        // 12 prompt tokens (5 bytes of text, 4 per message and 3) and no output.
+        let prompt = Usage {
+            input_tokens: 12,
+            ..Usage::default()
+        };
+        let writes = Prices {
+            input: Decimal::ONE,
+            cache_write: Decimal::TWO,
+            cached_input: Decimal::new(1, 1),
+            ..Prices::default()
+        };
+        let all_written = Usage {
+            cache_write_tokens: 12,
+            ..prompt
+        };
+        assert_eq!(
+            max_cost(&job, &writes, 0),
+            pricing::cost(&all_written, &writes)
+        );
+        assert!(max_cost(&job, &writes, 0) > pricing::cost(&prompt, &writes));
+        let reads = Prices {
+            input: Decimal::ONE,
+            cache_write: Decimal::ONE,
+            cached_input: Decimal::from(3),
+            ..Prices::default()
+        };
+        let all_read = Usage {
+            cached_input_tokens: 12,
+            ..prompt
+        };
+        assert_eq!(max_cost(&job, &reads, 0), pricing::cost(&all_read, &reads));
+        let plain = Prices {
+            input: Decimal::ONE,
+            cache_write: Decimal::new(5, 1),
+            cached_input: Decimal::new(1, 1),
+            ..Prices::default()
+        };
+        assert_eq!(max_cost(&job, &plain, 0), pricing::cost(&prompt, &plain));
     }
 
     /// What a request carries besides its messages' text is billed as input too, and each of
