@@ -146,6 +146,10 @@ pub struct BatchSubmitArgs {
     /// `batch results --errors`); without it, any invalid line stops the submission.
     #[arg(long)]
     pub skip_invalid: bool,
+    /// Publish the requests of batch ID that its submission did not get to (it stopped part
+    /// way: the broker or Postgres went away), from the same file. The batch keeps its route.
+    #[arg(long, value_name = "ID")]
+    pub resume: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]

@@ -251,15 +251,41 @@ async fn submit(settings: Settings, args: BatchSubmitArgs) -> anyhow::Result<Exi
             .into());
         }
     }
-    super::configured_route(&settings, &args.route)?;
-    let batch = format!("batch_{}", Uuid::now_v7().simple());
+    let mut conn = None;
+    let (batch, route) = match &args.resume {
+        // A batch whose submission stopped part way: its items are stored, and the file says
+        // again what each unpublished one asks.
+        Some(id) => {
+            let conn = conn.insert(store::connect_one(&settings.database.url).await?);
+            let batch = find_batch(conn, &args.tenant, id).await?;
+            if batch.kind != BatchKind::OpenAi.as_str() {
+                return Err(BadInput(format!(
+                    "batch {id} is a {} batch, not a submitted file",
+                    batch.kind
+                ))
+                .into());
+            }
+            if batch.cancelled_at.is_some() {
+                return Err(BadInput(format!(
+                    "batch {id} was cancelled; submit the file as a new batch"
+                ))
+                .into());
+            }
+            (batch.id, batch.route)
+        }
+        None => (
+            format!("batch_{}", Uuid::now_v7().simple()),
+            args.route.clone(),
+        ),
+    };
+    super::configured_route(&settings, &route)?;
     let file = std::fs::File::open(&args.file)
         .map_err(|e| BadInput(format!("cannot open {}: {e}", args.file.display())))?;
-    let lines = parse_file(
+    let mut lines = parse_file(
         std::io::BufReader::new(file),
         &args.tenant,
         &batch,
-        &args.route,
+        &route,
         settings.worker.max_message_bytes,
     )?;
     let invalid: Vec<(usize, &str)> = lines
@@ -272,38 +298,112 @@ async fn submit(settings: Settings, args: BatchSubmitArgs) -> anyhow::Result<Exi
     for (number, error) in &invalid {
         eprintln!("{}: line {number}: {error}", args.file.display());
     }
-    let valid = lines.len() - invalid.len();
+    let invalid = invalid.len();
+    let valid = lines.len() - invalid;
     if valid == 0 {
         return Err(BadInput(format!(
-            "{}: no valid request lines ({} invalid); nothing was submitted",
+            "{}: no valid request lines ({invalid} invalid); nothing was submitted",
             args.file.display(),
-            invalid.len()
         ))
         .into());
     }
-    if !invalid.is_empty() && !args.skip_invalid {
+    if invalid > 0 && !args.skip_invalid {
         return Err(BadInput(format!(
-            "{}: {} of {} lines are invalid (listed above); nothing was submitted. Fix them, or pass --skip-invalid to submit the {valid} valid lines",
+            "{}: {invalid} of {} lines are invalid (listed above); nothing was submitted. Fix them, or pass --skip-invalid to submit the {valid} valid lines",
             args.file.display(),
-            invalid.len(),
             lines.len()
         ))
         .into());
     }
 
-    let mut conn = store::connect_one(&settings.database.url).await?;
-    let source = args.file.display().to_string();
-    batches::create_or_get(
-        &mut conn,
-        &args.tenant,
-        &batch,
-        BatchKind::OpenAi,
-        &args.route,
-        Some(&source),
-        None,
-    )
-    .await?;
-    let items: Vec<ItemRow> = lines
+    // The broker first: when it cannot be reached, nothing is stored.
+    let broker = queue::Broker::connect(&settings.broker.url).await?;
+    let publisher = super::job_publisher(&broker, &settings).await?;
+    let mut conn = match conn {
+        Some(conn) => conn,
+        None => store::connect_one(&settings.database.url).await?,
+    };
+    let resume_hint = format!(
+        "`batch submit {} --tenant {}{} --resume {batch}` publishes the rest, `batch cancel {batch} --tenant {}` gives them up",
+        args.file.display(),
+        args.tenant,
+        if args.skip_invalid {
+            " --skip-invalid"
+        } else {
+            ""
+        },
+        args.tenant
+    );
+    let unpublished: std::collections::HashSet<Uuid> = if args.resume.is_some() {
+        resumed_jobs(&mut conn, &args.tenant, &batch, &mut lines, &args.file).await?
+    } else {
+        let source = args.file.display().to_string();
+        batches::create_or_get(
+            &mut conn,
+            &args.tenant,
+            &batch,
+            BatchKind::OpenAi,
+            &route,
+            Some(&source),
+            None,
+        )
+        .await?;
+        let items = item_rows(&lines);
+        batches::insert_items(&mut conn, &args.tenant, &batch, &items).await?;
+        items.iter().filter_map(|item| item.job_id).collect()
+    };
+    let names = Names::new(&settings.broker.prefix);
+    let jobs: Vec<&Job> = lines
+        .iter()
+        .filter_map(|(_, line)| match line {
+            Line::Valid { job, .. } if unpublished.contains(&job.id) => Some(job.as_ref()),
+            _ => None,
+        })
+        .collect();
+    let mut published = valid - jobs.len();
+    for chunk in jobs.chunks(CHUNK) {
+        let messages: Vec<Outgoing> = chunk.iter().map(|job| job_message(&names, job)).collect();
+        let stopped = |what: &str| {
+            format!("{what} batch {batch} after {published} of its {valid} requests; {resume_hint}")
+        };
+        publisher
+            .publish_all(&messages)
+            .await
+            .with_context(|| stopped("cannot publish"))?;
+        let ids: Vec<Uuid> = chunk.iter().map(|job| job.id).collect();
+        batches::mark_published(&mut conn, &ids)
+            .await
+            .with_context(|| stopped("cannot record what was published of"))?;
+        published += chunk.len();
+    }
+    batches::mark_started(&mut conn, &args.tenant, &batch).await?;
+    broker.close(200, "submitted").await.ok();
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{batch}")?;
+    out.flush()?;
+    eprintln!(
+        "batch: submitted {} request(s) as {batch} (tenant {}, route {route}){}{}",
+        jobs.len(),
+        args.tenant,
+        if jobs.len() < valid {
+            format!("; {} were published before", valid - jobs.len())
+        } else {
+            String::new()
+        },
+        if invalid == 0 {
+            String::new()
+        } else {
+            format!("; {invalid} invalid line(s) skipped")
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The batch's items, one per line: a valid line's keyed by its `custom_id`, an invalid one's
+/// by its line number (its `custom_id` may be missing or taken), kept so `batch results
+/// --errors` can report it.
+fn item_rows(lines: &[(usize, Line)]) -> Vec<ItemRow> {
+    lines
         .iter()
         .map(|(number, line)| {
             let line_number = i32::try_from(*number).unwrap_or(i32::MAX);
@@ -315,8 +415,6 @@ async fn submit(settings: Settings, args: BatchSubmitArgs) -> anyhow::Result<Exi
                     error: None,
                     published: false,
                 },
-                // Invalid lines are kept (keyed by line, as their custom_id may be missing or
-                // taken) so `batch results --errors` can report them.
                 Line::Invalid { custom_id, error } => ItemRow {
                     item_key: format!("{INVALID_LINE_KEY}{number}"),
                     line: line_number,
@@ -329,43 +427,56 @@ async fn submit(settings: Settings, args: BatchSubmitArgs) -> anyhow::Result<Exi
                 },
             }
         })
-        .collect();
-    batches::insert_items(&mut conn, &args.tenant, &batch, &items).await?;
+        .collect()
+}
 
-    let broker = queue::Broker::connect(&settings.broker.url).await?;
-    let publisher = super::job_publisher(&broker, &settings).await?;
-    let names = Names::new(&settings.broker.prefix);
-    let jobs: Vec<&Job> = lines
-        .iter()
-        .filter_map(|(_, line)| match line {
-            Line::Valid { job, .. } => Some(job.as_ref()),
-            Line::Invalid { .. } => None,
-        })
+/// For `batch submit --resume`: gives each valid line of the file the job id its item was
+/// stored with, and returns the ids of the jobs not yet published. The file must hold exactly
+/// the batch's requests (by `custom_id`), or nothing is published.
+async fn resumed_jobs(
+    conn: &mut sqlx::PgConnection,
+    tenant: &str,
+    batch: &str,
+    lines: &mut [(usize, Line)],
+    file: &std::path::Path,
+) -> anyhow::Result<std::collections::HashSet<Uuid>> {
+    let items: HashMap<String, ItemRow> = batches::items_with_results(conn, tenant, batch)
+        .await?
+        .into_iter()
+        .filter(|i| i.item.job_id.is_some())
+        .map(|i| (i.item.item_key.clone(), i.item))
         .collect();
-    for chunk in jobs.chunks(CHUNK) {
-        let messages: Vec<Outgoing> = chunk.iter().map(|job| job_message(&names, job)).collect();
-        publisher.publish_all(&messages).await.with_context(|| {
-            format!("cannot publish batch {batch}; `batch status {batch}` shows what was submitted")
-        })?;
-        let ids: Vec<Uuid> = chunk.iter().map(|job| job.id).collect();
-        batches::mark_published(&mut conn, &ids).await?;
-    }
-    batches::mark_started(&mut conn, &args.tenant, &batch).await?;
-    broker.close(200, "submitted").await.ok();
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{batch}")?;
-    out.flush()?;
-    eprintln!(
-        "batch: submitted {valid} request(s) as {batch} (tenant {}, route {}){}",
-        args.tenant,
-        args.route,
-        if invalid.is_empty() {
-            String::new()
-        } else {
-            format!("; {} invalid line(s) skipped", invalid.len())
+    let mut matched = 0;
+    let mut unpublished = std::collections::HashSet::new();
+    for (number, line) in lines.iter_mut() {
+        let Line::Valid { custom_id, job } = line else {
+            continue;
+        };
+        let Some(item) = items.get(custom_id.as_str()) else {
+            return Err(BadInput(format!(
+                "{}: line {number}: custom_id {custom_id:?} is not a request of batch {batch}; resume it with the file it was submitted from",
+                file.display()
+            ))
+            .into());
+        };
+        matched += 1;
+        if let Some(id) = item.job_id {
+            job.id = id;
+            if !item.published {
+                unpublished.insert(id);
+            }
         }
-    );
-    Ok(ExitCode::SUCCESS)
+    }
+    if matched != items.len() {
+        return Err(BadInput(format!(
+            "{}: {} of batch {batch}'s {} requests are not in this file; resume it with the file it was submitted from",
+            file.display(),
+            items.len() - matched,
+            items.len()
+        ))
+        .into());
+    }
+    Ok(unpublished)
 }
 
 async fn find_batch(
@@ -588,6 +699,17 @@ async fn results_file(settings: Settings, args: BatchResultsArgs) -> anyhow::Res
 async fn cancel(settings: Settings, id: &str, tenant: &str) -> anyhow::Result<ExitCode> {
     let mut conn = store::connect_one(&settings.database.url).await?;
     let batch = find_batch(&mut conn, tenant, id).await?;
+    if batch.cancelled_at.is_none() {
+        let (counts, _, _) = batches::progress(&mut conn, tenant, id).await?;
+        if counts.pending() == 0 {
+            return Err(BadInput(format!(
+                "batch {id} has finished ({} completed, {} failed); there is nothing to cancel",
+                counts.succeeded,
+                counts.failed + counts.rejected
+            ))
+            .into());
+        }
+    }
     let mut tx = sqlx::Connection::begin(&mut conn).await?;
     let unstarted = batches::cancel(&mut tx, tenant, id).await?;
     let now = Utc::now();

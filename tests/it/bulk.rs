@@ -8,7 +8,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::helpers::{
-    FakeProvider, TestApp, job, read_lines, spawn_app_with, switchyard, wait_all, workers,
+    FakeProvider, TestApp, job, rabbitmqctl, read_lines, spawn_app_with, switchyard, wait_all,
+    workers,
 };
 
 /// Two OpenAI-style providers behind route `docs` (primary, then fallback), each model with a
@@ -489,6 +490,157 @@ async fn cancelling_a_batch_ends_unstarted_requests_and_keeps_running_ones() {
             .count(),
         16
     );
+    app.cleanup().await;
+}
+
+/// A submission the broker stops part way (here the jobs queue refuses publishes past 300
+/// messages) fails naming the batch and the command that goes on. `--resume` with another
+/// file publishes nothing; with the batch's own file it publishes the rest under their stored
+/// job ids, and every request is answered, and billed, once.
+#[tokio::test]
+async fn a_submission_stopped_part_way_resumes_without_running_any_request_twice() {
+    let fake = FakeProvider::start(&[]);
+    let app = spawn_app_with(&crate::helpers::fake_provider_config(&fake.url)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input.jsonl");
+    let lines: Vec<String> = (0..600)
+        .map(|n| batch_line(&format!("c{n}"), &format!("Item {n}.")))
+        .collect();
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let policy = format!("{}-cap", app.names.prefix());
+    let pattern = format!("^{}$", app.names.jobs_queue().replace('.', "\\."));
+    rabbitmqctl(&[
+        "set_policy",
+        "--apply-to",
+        "queues",
+        &policy,
+        &pattern,
+        r#"{"max-length": 300, "overflow": "reject-publish"}"#,
+    ]);
+    let output = batch(
+        &app,
+        &["submit", input.to_str().unwrap(), "--route", "fake"],
+    );
+    rabbitmqctl(&["clear_policy", &policy]);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "{stderr}");
+    let id = stderr
+        .split("--resume ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("the error says how to resume: {stderr}"))
+        .trim_end_matches('`')
+        .to_owned();
+    assert!(stderr.contains(&format!("batch cancel {id}")), "{stderr}");
+    let status = status_json(&app, &id);
+    assert_eq!(status["status"], "validating", "{status}");
+    assert_eq!(status["request_counts"]["pending"], 600, "{status}");
+    let published = count(&app, "SELECT count(*) FROM batch_items WHERE published").await;
+    assert!(
+        (1..600).contains(&published),
+        "the submission stopped part way: {published} published"
+    );
+
+    let other = dir.path().join("other.jsonl");
+    let other_lines: Vec<String> = (0..600)
+        .map(|n| batch_line(&format!("x{n}"), &format!("Item {n}.")))
+        .collect();
+    std::fs::write(&other, other_lines.join("\n")).unwrap();
+    let output = batch(&app, &["submit", other.to_str().unwrap(), "--resume", &id]);
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("is not a request of batch"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let output = batch(&app, &["submit", input.to_str().unwrap(), "--resume", &id]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), id);
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM batch_items WHERE NOT published").await,
+        0
+    );
+    wait_all(workers(&app, 1, 16)).await;
+    let status = status_json(&app, &id);
+    assert_eq!(status["status"], "completed", "{status}");
+    assert_eq!(status["request_counts"]["completed"], 600, "{status}");
+    assert_eq!(
+        count(&app, "SELECT count(DISTINCT job_id) FROM results").await,
+        600
+    );
+    assert_eq!(
+        fake.requests().await,
+        600,
+        "no request reached the provider twice"
+    );
+    app.cleanup().await;
+}
+
+/// With the broker out of reach, `submit` stores nothing: no batch is left waiting for
+/// requests that were never sent.
+#[tokio::test]
+async fn a_submission_that_cannot_reach_the_broker_stores_nothing() {
+    let fake = FakeProvider::start(&[]);
+    let app = spawn_app_with(&crate::helpers::fake_provider_config(&fake.url)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input.jsonl");
+    std::fs::write(&input, batch_line("only", "One item.")).unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let output = switchyard(&app)
+        .args([
+            "batch",
+            "submit",
+            input.to_str().unwrap(),
+            "--route",
+            "fake",
+        ])
+        .env(
+            "SWITCHYARD_BROKER__URL",
+            format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+        )
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(output.stdout.is_empty());
+    assert_eq!(count(&app, "SELECT count(*) FROM batches").await, 0);
+    assert_eq!(count(&app, "SELECT count(*) FROM batch_items").await, 0);
+    app.cleanup().await;
+}
+
+/// A batch that has finished has nothing to cancel: `cancel` says so and leaves it
+/// `completed`.
+#[tokio::test]
+async fn cancelling_a_finished_batch_is_refused_and_it_stays_completed() {
+    let fake = FakeProvider::start(&[]);
+    let app = spawn_app_with(&crate::helpers::fake_provider_config(&fake.url)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input.jsonl");
+    std::fs::write(&input, batch_line("only", "One item.")).unwrap();
+    let output = batch(
+        &app,
+        &["submit", input.to_str().unwrap(), "--route", "fake"],
+    );
+    assert!(output.status.success());
+    let id = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    wait_all(workers(&app, 1, 4)).await;
+    assert_eq!(status_json(&app, &id)["status"], "completed");
+    let output = batch(&app, &["cancel", &id]);
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("nothing to cancel"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let status = status_json(&app, &id);
+    assert_eq!(status["status"], "completed", "{status}");
+    assert!(status["cancelled_at"].is_null(), "{status}");
     app.cleanup().await;
 }
 

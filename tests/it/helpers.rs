@@ -420,6 +420,20 @@ pub fn run_with_stdin(mut command: Command, input: &str) -> std::process::Output
 }
 
 /// `count` worker processes with `--exit-when-idle` and the given concurrency.
+/// Runs `rabbitmqctl` (the tests run where the broker does, as root) and asserts it succeeds.
+pub fn rabbitmqctl(args: &[&str]) {
+    let output = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?}: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 pub fn workers(app: &TestApp, count: usize, concurrency: u16) -> Vec<Child> {
     (0..count)
         .map(|_| {

@@ -16,21 +16,9 @@ use switchyard::stages::finalize::PUBLISHED_BY_HEADER;
 use uuid::Uuid;
 
 use crate::helpers::{
-    FakeProvider, TestApp, collect, job, run_with_stdin, spawn_app_full, switchyard, trickle_config,
+    FakeProvider, TestApp, collect, job, rabbitmqctl, run_with_stdin, spawn_app_full, switchyard,
+    trickle_config,
 };
-
-fn rabbitmqctl(args: &[&str]) {
-    let output = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl runs");
-    assert!(
-        output.status.success(),
-        "rabbitmqctl {args:?}: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
 
 /// A RabbitMQ user for one tenant, set up as `deploy/rabbitmq/README.md` documents, and
 /// deleted on drop.
