@@ -143,12 +143,19 @@ async fn take_all(channel: &Channel, names: &Names) -> Result<Vec<Dead>, lapin::
         let properties = delivery.properties.clone();
         let headers = properties.headers().clone().unwrap_or_default();
         let parsed: Option<Value> = serde_json::from_slice(&delivery.data).ok();
+        // The message id, when nothing else names the job, is cut at `/`: a replay publishes
+        // the job as `<job id>/g<generation>`, which the broker keeps when it dead-letters it.
         let job_id = header_text(&headers, "x-switchyard-job-id")
-            .or_else(|| properties.message_id().as_ref().map(|m| m.to_string()))
             .or_else(|| {
                 parsed
                     .as_ref()
                     .and_then(|v| v.get("id")?.as_str().map(str::to_owned))
+            })
+            .or_else(|| {
+                properties
+                    .message_id()
+                    .as_ref()
+                    .and_then(|m| m.as_str().split('/').next().map(str::to_owned))
             })
             .unwrap_or_default();
         taken.push(Dead {

@@ -76,16 +76,18 @@ async fn depth(app: &TestApp) -> u32 {
 #[tokio::test]
 async fn dead_letters_can_be_listed_requeued_and_purged() {
     let app = spawn_app().await;
-    // A broken message the worker dead-letters, and a valid job dead-lettered by hand (as a
-    // poison job past its delivery limit would be).
+    // A broken message the worker dead-letters, and a valid job dead-lettered by hand, as the
+    // broker dead-letters a replayed poison job past its delivery limit: its message id is the
+    // replay's `<job id>/g<generation>`, and it has no job-id header.
     app.publish_raw(b"definitely not json", None).await;
     app.run_worker_until_idle().await;
-    let poisoned = job(
+    let mut poisoned = job(
         "acme",
         None,
         "default",
         "Came back from the dead. It is served now.",
     );
+    poisoned.generation = 1;
     let mut headers = FieldTable::default();
     headers.insert(
         ERROR_HEADER.into(),
@@ -99,7 +101,7 @@ async fn dead_letters_can_be_listed_requeued_and_purged() {
             BasicPublishOptions::default(),
             &serde_json::to_vec(&poisoned).unwrap(),
             BasicProperties::default()
-                .with_message_id(poisoned.id.to_string().as_str().into())
+                .with_message_id(format!("{}/g1", poisoned.id).as_str().into())
                 .with_headers(headers),
         )
         .await
