@@ -117,10 +117,13 @@ pub async fn run(settings: Settings, args: ReplayArgs) -> anyhow::Result<ExitCod
     let mut out = std::io::stdout().lock();
     let mut chosen: Vec<(Job, AuditEvent)> = Vec::new();
     let mut skipped = 0usize;
-    // An id asked for by `--id` that the selection does not hold is said, not passed over.
+    // An id asked for by `--id` that the selection does not hold is said, not passed over,
+    // and the command exits `EXIT_BAD_INPUT` once it has replayed the others.
+    let mut missing = 0usize;
     for id in &args.ids {
         if !selected.iter().any(|stored| stored.id == *id) {
             skipped += 1;
+            missing += 1;
             writeln!(
                 out,
                 "{}",
@@ -176,16 +179,27 @@ pub async fn run(settings: Settings, args: ReplayArgs) -> anyhow::Result<ExitCod
         chosen.push((job, event));
     }
     out.flush()?;
+    let done = || {
+        if missing == 0 {
+            return ExitCode::SUCCESS;
+        }
+        eprintln!(
+            "replay: {missing} of the {} --id value(s) match no stored job of tenant {} in the selection",
+            args.ids.len(),
+            args.tenant
+        );
+        ExitCode::from(super::EXIT_BAD_INPUT)
+    };
     if args.dry_run {
         eprintln!(
             "replay: dry run: {} job(s) would be replayed, {skipped} skipped; nothing was changed",
             chosen.len()
         );
-        return Ok(ExitCode::SUCCESS);
+        return Ok(done());
     }
     if chosen.is_empty() {
         eprintln!("replay: nothing to replay ({skipped} skipped)");
-        return Ok(ExitCode::SUCCESS);
+        return Ok(done());
     }
     // The audit trail first: a replay that then fails to publish is recorded as attempted,
     // and running the same replay again picks the jobs up again.
@@ -224,5 +238,5 @@ pub async fn run(settings: Settings, args: ReplayArgs) -> anyhow::Result<ExitCod
         "replay: {} job(s) replayed, {skipped} skipped",
         chosen.len()
     );
-    Ok(ExitCode::SUCCESS)
+    Ok(done())
 }

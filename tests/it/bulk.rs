@@ -823,13 +823,23 @@ async fn replaying_a_batchs_failed_jobs_after_the_provider_recovers() {
     assert!(String::from_utf8_lossy(&output.stdout).contains("already succeeded"));
     let output = replay(&["--id", &again, "--force"]);
     assert!(String::from_utf8_lossy(&output.stdout).contains("\"generation\":2"));
-    // An id no stored job has is said, not passed over.
+    // An id no stored job has is said, not passed over, and the exit code says it too, also
+    // when the other ids given are replayed.
     let unknown = uuid::Uuid::now_v7().to_string();
     let output = replay(&["--id", &unknown]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         stdout.contains(&unknown) && stdout.contains("no stored job of tenant"),
         "{stdout}"
+    );
+    assert_eq!(output.status.code(), Some(2));
+    let output = replay(&["--id", &unknown, "--id", &again, "--force", "--dry-run"]);
+    assert!(String::from_utf8_lossy(&output.stdout).contains("\"action\":\"would_replay\""));
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("1 of the 2 --id value(s) match no"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
     );
     app.run_worker_until_idle().await;
     assert_eq!(healthy.requests().await, 20);
