@@ -124,6 +124,9 @@ pub struct ProviderError {
     /// The provider's own retry delay (`retry-after-ms`, `retry-after`, Gemini `RetryInfo`,
     /// reset headers).
     pub retry_after: Option<Duration>,
+    /// The provider's `x-should-retry` header, which overrides whether the same call may be
+    /// tried again (its class still decides failover and what it says about the target).
+    pub should_retry: Option<bool>,
 }
 
 impl ProviderError {
@@ -136,11 +139,15 @@ impl ProviderError {
             raw_response: None,
             usage: None,
             retry_after: None,
+            should_retry: None,
         }
     }
 
+    /// Whether the same call may be tried again: the provider's `x-should-retry`, else its
+    /// class.
     pub fn is_retryable(&self) -> bool {
-        self.class.is_retryable()
+        self.should_retry
+            .unwrap_or_else(|| self.class.is_retryable())
     }
 
     /// A 2xx body that cannot be used: a retryable server error that keeps an excerpt of it.
@@ -529,6 +536,14 @@ fn refused(
     classify: impl Fn(u16, &HeaderMap, &str) -> ProviderError,
 ) -> ProviderError {
     let mut error = classify(status, headers, &redact_key(body, key));
+    error.should_retry = headers
+        .get("x-should-retry")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| match v.trim() {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => None,
+        });
     if (300..400).contains(&status) {
         let to = headers
             .get(reqwest::header::LOCATION)

@@ -318,6 +318,8 @@ pub async fn dispatch(
         let is_last = index == last;
         let mut tried_keys: Vec<String> = Vec::new();
         let mut retries_left = if is_last { entry.max_retries } else { 0 };
+        // A conflict (409) is tried again once, as the providers' own SDKs do.
+        let mut conflict_retried = false;
         // Bounds key rotation and retries together, whatever the keys' health does meanwhile.
         let mut calls_left = entry.keys.len() + entry.max_retries as usize + 1;
         let mut backoff = ExponentialBuilder::default()
@@ -540,14 +542,17 @@ pub async fn dispatch(
                 }
             }
             if !error.is_retryable() {
-                if plan.failover_on.contains(&error.class) {
+                // A retryable class the provider said not to retry (`x-should-retry: false`)
+                // may still be answered by the next target.
+                if error.class.is_retryable() || plan.failover_on.contains(&error.class) {
                     continue 'targets;
                 }
                 break 'targets;
             }
-            if retries_left == 0 {
+            if retries_left == 0 || (error.class == ErrorClass::Conflict && conflict_retried) {
                 continue 'targets;
             }
+            conflict_retried |= error.class == ErrorClass::Conflict;
             let delay = match error.retry_after {
                 Some(delay) if delay > MAX_HONOURED_DELAY => continue 'targets,
                 Some(delay) => delay,
@@ -682,7 +687,7 @@ async fn call_once(
     let unhealthy = result
         .as_ref()
         .err()
-        .is_some_and(|e| e.is_retryable() && e.class != ErrorClass::RateLimited);
+        .is_some_and(|e| e.class.is_retryable() && e.class != ErrorClass::RateLimited);
     // A call that found no connection was never sent, and one that timed out after waiting
     // here for a connection did not have its whole time: neither says anything about the
     // target, and a probe goes back unused.
@@ -873,7 +878,7 @@ fn job_error(attempts: &[Attempt], skipped: &[String]) -> JobError {
             ),
         );
     };
-    let code = if last.is_retryable() {
+    let code = if last.class.is_retryable() {
         "all_attempts_failed"
     } else {
         last.class.as_str()
@@ -1050,6 +1055,54 @@ targets = [{{ provider = "small", model = "s" }}, {{ provider = "large", model =
             ErrorClass::Overloaded
         );
         assert!(dispatched.outcome.is_ok());
+    }
+
+    /// The last target is tried again up to `max_retries` on a retryable failure, except where
+    /// the provider says otherwise (`x-should-retry`, either way) and a conflict (409), which
+    /// is tried again once.
+    #[tokio::test]
+    async fn x_should_retry_overrides_the_class_and_a_conflict_is_tried_again_once() {
+        async fn calls(status: u16, should_retry: Option<&str>) -> usize {
+            let server = MockServer::start().await;
+            let mut response = ResponseTemplate::new(status)
+                .set_body_string(r#"{"error":{"message":"no","type":"server_error","code":null}}"#);
+            if let Some(value) = should_retry {
+                response = response.insert_header("x-should-retry", value);
+            }
+            Mock::given(method("POST"))
+                .respond_with(response)
+                .mount(&server)
+                .await;
+            let text = format!(
+                r#"
+[[providers]]
+name = "solo"
+kind = "openai"
+base_url = "{}/v1"
+keys = [{{ id = "k", env = "PATH" }}]
+models = [{{ name = "m" }}]
+max_retries = 3
+
+[[routes]]
+alias = "r"
+targets = [{{ provider = "solo", model = "m" }}]
+"#,
+                server.uri()
+            );
+            let dispatched = dispatch(
+                &request(),
+                &plan_of(&text, &request()),
+                None,
+                Shared::default(),
+            )
+            .await;
+            assert!(dispatched.outcome.is_err());
+            server.received_requests().await.unwrap().len()
+        }
+        assert_eq!(calls(500, None).await, 4, "retried max_retries times");
+        assert_eq!(calls(500, Some("false")).await, 1, "the provider said no");
+        assert_eq!(calls(400, Some("true")).await, 4, "the provider said yes");
+        assert_eq!(calls(409, None).await, 2, "a conflict is tried again once");
     }
 
     /// A provider that keeps a stream alive with comments forever never trips the idle timer;
