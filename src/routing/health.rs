@@ -181,7 +181,9 @@ impl TargetHealth {
         };
         let was_open = !matches!(breaker.circuit, Circuit::Closed);
         if !failed {
-            if was_open || probe {
+            // Only the probe closes an open circuit: a call admitted before the circuit opened
+            // that succeeds now says no more than the failures that opened it.
+            if probe {
                 breaker.circuit = Circuit::Closed;
                 breaker.window.clear();
                 return was_open.then_some(Transition::Closed);
@@ -278,6 +280,28 @@ mod tests {
         h.open_until(Instant::now());
         assert_eq!(h.admit(), Admission::Probe);
         assert_eq!(h.admit(), Admission::Skip, "only one probe at a time");
+        assert_eq!(h.record(MS, false, true), Some(Transition::Closed));
+        assert_eq!(h.admit(), Admission::Go);
+    }
+
+    /// Calls admitted before the circuit opened may still succeed: only the probe, once the
+    /// circuit has been open its time, closes it, so the circuit does not flap.
+    #[test]
+    fn a_call_admitted_before_the_circuit_opened_does_not_close_it_by_succeeding() {
+        let h = health();
+        for _ in 0..3 {
+            h.record(MS, true, false);
+        }
+        assert!(matches!(h.circuit(), Circuit::Open(_)));
+        assert_eq!(h.record(MS, false, false), None);
+        assert!(matches!(h.circuit(), Circuit::Open(_)));
+        assert_eq!(h.admit(), Admission::Skip);
+        // Half open, its probe out.
+        let h = health();
+        h.open_until(Instant::now());
+        assert_eq!(h.admit(), Admission::Probe);
+        assert_eq!(h.record(MS, false, false), None, "not the probe");
+        assert_eq!(h.admit(), Admission::Skip, "the probe is still out");
         assert_eq!(h.record(MS, false, true), Some(Transition::Closed));
         assert_eq!(h.admit(), Admission::Go);
     }
