@@ -589,6 +589,7 @@ pub fn handle_openai_error(status: u16, headers: &HeaderMap, body: &str) -> Prov
         408 => ErrorClass::Timeout,
         409 => ErrorClass::Conflict,
         429 if said("insufficient_quota") || said("billing") => ErrorClass::QuotaExhausted,
+        429 if never_fits(&field("message")) => ErrorClass::InvalidRequest,
         429 => ErrorClass::RateLimited,
         503 | 529 => ErrorClass::Overloaded,
         504 => ErrorClass::Timeout,
@@ -605,6 +606,27 @@ pub fn handle_openai_error(status: u16, headers: &HeaderMap, body: &str) -> Prov
         retry_after: retry_delay(headers),
         ..ProviderError::new(PROVIDER_TYPE, class, message)
     }
+}
+
+/// Whether a 429's message says the request alone is over the per-minute token limit
+/// ("Request too large for … tokens per min (TPM): Limit 30000, Requested 45000"): waiting
+/// will never make it fit.
+fn never_fits(message: &str) -> bool {
+    let number_after = |label: &str| -> Option<u64> {
+        let rest = &message[message.find(label)? + label.len()..];
+        let digits: String = rest
+            .trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == ',')
+            .filter(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    };
+    message.contains("Request too large")
+        && matches!(
+            (number_after("Limit "), number_after("Requested ")),
+            (Some(limit), Some(requested)) if requested > limit
+        )
 }
 
 #[cfg(test)]
@@ -889,6 +911,16 @@ mod tests {
             ),
             (504, "<html>Gateway Timeout</html>", ErrorClass::Timeout),
             (529, "", ErrorClass::Overloaded),
+            (
+                429,
+                r#"{"error":{"message":"Request too large for gpt-4o in organization org-x on tokens per min (TPM): Limit 30000, Requested 45000. The input or output tokens must be reduced in order to run successfully.","type":"tokens","param":null,"code":"rate_limit_exceeded"}}"#,
+                ErrorClass::InvalidRequest,
+            ),
+            (
+                429,
+                r#"{"error":{"message":"Rate limit reached for gpt-4o on tokens per min (TPM): Limit 30000, Used 29000, Requested 2000.","type":"tokens","param":null,"code":"rate_limit_exceeded"}}"#,
+                ErrorClass::RateLimited,
+            ),
         ];
         for (status, body, class) in cases {
             let err = handle_openai_error(*status, &none, body);
