@@ -737,6 +737,27 @@ async fn cancel(settings: Settings, id: &str, tenant: &str) -> anyhow::Result<Ex
             retention: None,
         })
         .collect();
+    let bodies: Vec<String> = cancelled
+        .iter()
+        .map(serde_json::to_string)
+        .collect::<Result<_, _>>()?;
+    let heads: Vec<ResultHead> = cancelled.iter().map(JobResult::head).collect();
+    let refs: Vec<(&ResultHead, &str)> = heads
+        .iter()
+        .zip(&bodies)
+        .map(|(head, body)| (head, body.as_str()))
+        .collect();
+    // Results first, as a finalize group writes them (so the two never wait on each other's
+    // rows in opposite order). A job a worker finished meanwhile keeps its own result and
+    // row, and is not counted as cancelled.
+    let placed: std::collections::HashSet<Uuid> = results::insert_many(&mut tx, &refs, now)
+        .await?
+        .into_iter()
+        .collect();
+    let cancelled: Vec<&JobResult> = cancelled
+        .iter()
+        .filter(|result| placed.contains(&result.job_id))
+        .collect();
     let rows: Vec<JobRow> = cancelled
         .iter()
         .map(|result| JobRow {
@@ -754,17 +775,6 @@ async fn cancel(settings: Settings, id: &str, tenant: &str) -> anyhow::Result<Ex
         })
         .collect();
     jobs::insert_many(&mut tx, &rows.iter().collect::<Vec<_>>()).await?;
-    let bodies: Vec<String> = cancelled
-        .iter()
-        .map(serde_json::to_string)
-        .collect::<Result<_, _>>()?;
-    let heads: Vec<ResultHead> = cancelled.iter().map(JobResult::head).collect();
-    let refs: Vec<(&ResultHead, &str)> = heads
-        .iter()
-        .zip(&bodies)
-        .map(|(head, body)| (head, body.as_str()))
-        .collect();
-    results::insert_many(&mut tx, &refs, now).await?;
     let mut event = AuditEvent::new(
         tenant,
         None,

@@ -334,15 +334,17 @@ pub async fn progress(
         }
         last = last.max(at);
     }
-    let cost: Decimal = sqlx::query_scalar(
-        "SELECT COALESCE(sum(amount_usd), 0) FROM cost_ledger WHERE tenant = $1 AND batch = $2",
-    )
-    .bind(tenant)
-    .bind(batch)
-    .fetch_one(conn)
-    .await?;
+    let cost: Decimal = sqlx::query_scalar(BATCH_COST_SQL)
+        .bind(tenant)
+        .bind(batch)
+        .fetch_one(conn)
+        .await?;
     Ok((counts, cost, last))
 }
+
+/// What a batch has cost so far: its ledger rows, found through `cost_ledger_batch_idx`.
+pub const BATCH_COST_SQL: &str =
+    "SELECT COALESCE(sum(amount_usd), 0) FROM cost_ledger WHERE tenant = $1 AND batch = $2";
 
 /// A job of the batch that has no result and no billed call yet, so cancelling it loses
 /// nothing paid for.

@@ -1017,6 +1017,43 @@ async fn batch_of(
 /// form (`tenant = $1 AND batch = $2 AND job_id = ANY($3)`) was planned as a scan of the
 /// whole batch by its primary-key prefix on a young table, 12 ms per chunk at 50,000 items.
 /// The batch leaves `validating` only when its submitter says so, and keeps the first time.
+/// A batch's cost is summed from its own ledger rows, found by index, not from every row its
+/// tenant ever wrote (the plan Postgres may keep for the prepared statement).
+#[tokio::test]
+async fn a_batchs_cost_reads_its_own_ledger_rows_by_index() {
+    use switchyard::store::batches::BATCH_COST_SQL;
+    let app = crate::helpers::spawn_app().await;
+    sqlx::raw_sql(
+        "INSERT INTO cost_ledger (id, job_id, attempt_id, tenant, batch, route, provider, model,
+             input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, price_input,
+             price_cached_input, price_cache_write, price_output, amount_usd, created_at)
+         SELECT gen_random_uuid(), gen_random_uuid(), gen_random_uuid(), 'acme',
+                CASE WHEN n % 1000 = 0 THEN 'b' || (n / 1000) END, 'r', 'p', 'm',
+                10, 0, 0, 5, 1, 0, 0, 2, 0.00002, now()
+         FROM generate_series(1, 50000) AS n;
+         ANALYZE cost_ledger",
+    )
+    .execute(app.pool())
+    .await
+    .unwrap();
+    let cost: rust_decimal::Decimal = sqlx::query_scalar(BATCH_COST_SQL)
+        .bind("acme")
+        .bind("b7")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert_eq!(cost, rust_decimal::Decimal::new(2, 5));
+    let mut conn = app.pool().acquire().await.unwrap();
+    let plan =
+        crate::helpers::generic_plan(&mut conn, BATCH_COST_SQL, "text, text", "'acme', 'b7'").await;
+    assert!(
+        plan.contains("cost_ledger_batch_idx") && !plan.contains("Seq Scan"),
+        "{plan}"
+    );
+    drop(conn);
+    app.cleanup().await;
+}
+
 #[tokio::test]
 async fn marking_a_chunk_published_probes_the_job_id_index_and_not_the_whole_batch() {
     use switchyard::store::batches::{self, BatchKind};
