@@ -177,25 +177,77 @@ fn type_name(value: &Value) -> &'static str {
     }
 }
 
+/// Reads past the rest of the current line (through its newline, or to the end).
+fn skip_line(reader: &mut impl BufRead) -> std::io::Result<()> {
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        match buf.iter().position(|b| *b == b'\n') {
+            Some(at) => {
+                reader.consume(at + 1);
+                return Ok(());
+            }
+            None => {
+                let all = buf.len();
+                reader.consume(all);
+            }
+        }
+    }
+}
+
 /// The item key of an invalid line (its `custom_id` may be missing or taken): `#line-<n>`. A
 /// valid line's `custom_id` may not look like one.
 const INVALID_LINE_KEY: &str = "#line-";
 
+/// How much longer than `worker.max_message_bytes` a line may be before it is not read whole:
+/// the job a line becomes is about the line's size, and one over the limit is invalid anyway.
+const LINE_SLACK: usize = 64 * 1024;
+
 /// Validates a whole file: every line parsed, duplicate `custom_id`s reported against the
-/// line that had it first, a line that is not UTF-8 reported like any invalid line. Returns
+/// line that had it first, a line that is not UTF-8 reported like any invalid line, and a line
+/// far longer than any job the workers take reported without being read into memory. Returns
 /// `(line number, line)` for every non-blank line.
 pub fn parse_file(
-    reader: impl BufRead,
+    mut reader: impl BufRead,
     tenant: &str,
     batch: &str,
     route: &str,
     max_message_bytes: usize,
 ) -> Result<Vec<(usize, Line)>, BadInput> {
+    let cap = max_message_bytes.saturating_add(LINE_SLACK);
     let mut lines = Vec::new();
     let mut first_seen: HashMap<String, usize> = HashMap::new();
-    for (index, bytes) in reader.split(b'\n').enumerate() {
-        let number = index + 1;
-        let bytes = bytes.map_err(|e| BadInput(format!("line {number}: cannot read: {e}")))?;
+    let mut number = 0;
+    loop {
+        number += 1;
+        let cannot_read = |e: std::io::Error| BadInput(format!("line {number}: cannot read: {e}"));
+        let mut bytes = Vec::new();
+        let read = std::io::Read::take(
+            &mut reader,
+            u64::try_from(cap).unwrap_or(u64::MAX).saturating_add(1),
+        )
+        .read_until(b'\n', &mut bytes)
+        .map_err(cannot_read)?;
+        if read == 0 {
+            break;
+        }
+        if bytes.last() == Some(&b'\n') {
+            bytes.pop();
+        } else if bytes.len() > cap {
+            skip_line(&mut reader).map_err(cannot_read)?;
+            lines.push((
+                number,
+                Line::Invalid {
+                    error: format!(
+                        "longer than {cap} bytes, far over worker.max_message_bytes ({max_message_bytes}); not read"
+                    ),
+                    custom_id: None,
+                },
+            ));
+            continue;
+        }
         let Ok(text) = String::from_utf8(bytes) else {
             lines.push((
                 number,
@@ -804,6 +856,34 @@ mod tests {
 
     /// A request the workers would reject unread for its size is an invalid line, reported by
     /// number: published, it would never be answered into its batch.
+    /// A line far over the workers' limit (here a 300 KB run of bytes with no newline where
+    /// 1 KB is allowed) is reported by number without being read into memory, and the lines
+    /// after it are read as usual.
+    #[test]
+    fn a_line_far_too_long_is_skipped_unread_and_the_next_line_still_counts() {
+        let valid = r#"{"custom_id":"after","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"hi"}]}}"#;
+        let mut text = vec![b'x'; 300_000];
+        text.push(b'\n');
+        text.extend_from_slice(valid.as_bytes());
+        text.extend_from_slice(b"\n");
+        text.extend_from_slice(&vec![b'y'; 300_000]);
+        let lines = parse_file(text.as_slice(), "acme", "b", "default", 1000).unwrap();
+        assert_eq!(lines.len(), 3);
+        let Line::Invalid { error, custom_id } = &lines[0].1 else {
+            panic!("the long line is invalid")
+        };
+        assert_eq!((lines[0].0, custom_id), (1, &None));
+        assert!(error.contains("not read"), "{error}");
+        assert!(
+            matches!(&lines[1], (2, Line::Valid { custom_id, .. }) if custom_id == "after"),
+            "{:?}",
+            lines[1].0
+        );
+        assert!(
+            matches!(&lines[2], (3, Line::Invalid { error, .. }) if error.contains("not read"))
+        );
+    }
+
     #[test]
     fn a_line_too_large_for_the_workers_is_an_invalid_line() {
         let line = |id: &str, text: &str| {
