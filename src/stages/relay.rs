@@ -113,23 +113,68 @@ async fn relay_once(
 ) -> Result<Pass, RelayError> {
     let before = Utc::now() - chrono::Duration::from_std(after).unwrap_or_default();
     let mut tx = pool.begin().await?;
-    let outbox::Claim { ids, messages } =
-        outbox::claim_stale(&mut tx, before, CLAIM, running).await?;
+    let outbox::Claim {
+        ids,
+        messages,
+        counts,
+    } = outbox::claim_stale(&mut tx, before, CLAIM, running).await?;
     if ids.is_empty() {
         return Ok(Pass {
             rows: 0,
             messages: 0,
         });
     }
-    if !messages.is_empty() {
-        publish(broker, publisher, &messages).await?;
+    if messages.is_empty() {
+        outbox::delete_many(&mut tx, &ids).await?;
+        tx.commit().await?;
+        return Ok(Pass {
+            rows: ids.len(),
+            messages: 0,
+        });
     }
-    outbox::delete_many(&mut tx, &ids).await?;
-    tx.commit().await?;
-    Ok(Pass {
-        rows: ids.len(),
-        messages: messages.len(),
-    })
+    match publish(broker, publisher, &messages).await {
+        Ok(()) => {
+            outbox::delete_many(&mut tx, &ids).await?;
+            tx.commit().await?;
+            Ok(Pass {
+                rows: ids.len(),
+                messages: messages.len(),
+            })
+        }
+        // The broker refused a message (a full queue that rejects publishes, a message over
+        // its size limit): one row at a time, so a row it keeps refusing cannot hold up the
+        // rows behind it. A refused row goes to the back of the line and is tried again.
+        Err(RelayError::Publish(BrokerError::Nacked { .. })) => {
+            let claim = outbox::Claim {
+                ids,
+                messages,
+                counts,
+            };
+            let (mut sent, mut refused, mut published) = (Vec::new(), Vec::new(), 0);
+            for (id, row) in claim.rows() {
+                match publish(broker, publisher, row).await {
+                    Ok(()) => {
+                        sent.push(id);
+                        published += row.len();
+                    }
+                    Err(RelayError::Publish(error @ BrokerError::Nacked { .. })) => {
+                        metrics::counter!("switchyard_outbox_refused_total").increment(1);
+                        tracing::error!(outbox.id = %id, error.message = %error, "The broker refuses an outbox row's messages; it goes to the back of the relay's line and is tried again later.");
+                        refused.push(id);
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+            outbox::delete_many(&mut tx, &sent).await?;
+            outbox::put_back(&mut tx, &refused).await?;
+            tx.commit().await?;
+            Ok(Pass {
+                rows: sent.len(),
+                messages: published,
+            })
+        }
+        Err(error) => Err(error),
+    }
 }
 
 /// Publishes `messages` with confirms, opening the relay's channel on first use.

@@ -165,6 +165,19 @@ pub fn bind<'q>(query: PgQuery<'q>, row: &OutboxRow, published: &[Uuid]) -> PgQu
         .bind(published)
 }
 
+/// Puts rows at the back of the relay's line (their age starts again), for rows whose messages
+/// the broker refused: they are tried again later, and the rows behind them go first.
+pub async fn put_back(conn: &mut PgConnection, ids: &[Uuid]) -> Result<(), sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("UPDATE outbox SET created_at = now() WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// Deletes published rows in one statement.
 pub async fn delete_many(conn: &mut PgConnection, ids: &[Uuid]) -> Result<(), sqlx::Error> {
     if ids.is_empty() {
@@ -230,11 +243,15 @@ pub async fn claim_stale(
     for (id, message_id, exchange, routing_key, kind, headers, body) in rows {
         if claim.ids.last() != Some(&id) {
             claim.ids.push(id);
+            claim.counts.push(0);
         }
         let Some(body) = body else {
             tracing::error!(outbox.id = %id, message_id = %message_id, "An outbox message points at a result that does not exist; it cannot be published and is dropped.");
             continue;
         };
+        if let Some(count) = claim.counts.last_mut() {
+            *count += 1;
+        }
         claim.messages.push(Outgoing {
             exchange,
             routing_key,
@@ -254,6 +271,20 @@ pub struct Claim {
     pub ids: Vec<Uuid>,
     /// Their messages in publishing order, each with its body.
     pub messages: Vec<Outgoing>,
+    /// How many of `messages` each row holds, in the order of `ids`.
+    pub counts: Vec<usize>,
+}
+
+impl Claim {
+    /// Each row's id with its messages.
+    pub fn rows(&self) -> impl Iterator<Item = (Uuid, &[Outgoing])> {
+        let mut rest = self.messages.as_slice();
+        self.ids.iter().zip(&self.counts).map(move |(id, count)| {
+            let (row, after) = rest.split_at((*count).min(rest.len()));
+            rest = after;
+            (*id, row)
+        })
+    }
 }
 
 /// Takes (or renews) session `id`'s lease until `ttl` from now, by Postgres' clock.

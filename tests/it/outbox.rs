@@ -412,6 +412,104 @@ async fn a_claim_of_unpublishable_rows_does_not_end_the_relays_drain() {
     app.cleanup().await;
 }
 
+/// A row whose messages the broker refuses (here a queue that rejects every publish, bound to
+/// its routing key) does not hold up the rows claimed with it: they are published and deleted,
+/// and the refused row goes to the back of the line, kept, to be tried again.
+#[tokio::test]
+async fn a_row_the_broker_refuses_does_not_hold_up_the_rows_behind_it() {
+    use chrono::Utc;
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    use switchyard::stages::relay::{self, Running};
+
+    let app = crate::helpers::spawn_app().await;
+    let capture = Capture::declare(&app).await;
+    let refuser = format!("{}.refuser", app.names.prefix());
+    let channel = app.ctx.broker.create_channel().await.unwrap();
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-length".into(), AMQPValue::LongInt(0));
+    arguments.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    channel
+        .queue_declare(
+            refuser.as_str().into(),
+            QueueDeclareOptions::default(),
+            arguments,
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            refuser.as_str().into(),
+            app.names.results_exchange().as_str().into(),
+            "refused.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let old = Utc::now() - chrono::Duration::seconds(60);
+    let mut refused = group_row(&app, old, 2);
+    refused.messages[1].message.routing_key = "refused.x".to_owned();
+    let behind: Vec<_> = (1..=3)
+        .map(|n| group_row(&app, old + chrono::Duration::seconds(n), 2))
+        .collect();
+    let mut conn = app.pool().acquire().await.unwrap();
+    write_outbox(&mut conn, &refused, &[]).await;
+    for row in &behind {
+        write_outbox(&mut conn, row, &[]).await;
+    }
+    drop(conn);
+
+    let mut publisher = None;
+    let published = relay::drain(
+        app.pool(),
+        &app.ctx.broker,
+        &mut publisher,
+        Duration::from_secs(30),
+        &Running::default(),
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    if let Some(publisher) = publisher {
+        publisher.close(Duration::from_secs(5)).await;
+    }
+    assert_eq!(published, 6, "the three rows behind the refused one");
+    let left: Vec<(uuid::Uuid, chrono::DateTime<Utc>)> =
+        sqlx::query_as("SELECT id, created_at FROM outbox")
+            .fetch_all(app.pool())
+            .await
+            .unwrap();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].0, refused.id, "the refused row is kept");
+    assert!(
+        left[0].1 > old + chrono::Duration::seconds(30),
+        "and put at the back"
+    );
+    let results: BTreeSet<String> = capture
+        .results(&app)
+        .await
+        .into_iter()
+        .map(|m| m.message_id)
+        .collect();
+    let expected: BTreeSet<String> = behind
+        .iter()
+        .flat_map(|r| &r.messages)
+        .map(|m| m.message.message_id.clone())
+        .collect();
+    assert!(expected.is_subset(&results), "{results:?}");
+    channel
+        .queue_delete(refuser.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    capture.delete(&app).await;
+    app.cleanup().await;
+}
+
 /// A finalize group writes its outbox row (deleting rows the broker confirmed for an earlier
 /// group) and then locks its tenants' audit chain heads, in one statement: the row is
 /// written, the confirmed one is gone, the heads come back with their links, and another
