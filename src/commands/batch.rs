@@ -177,6 +177,21 @@ fn type_name(value: &Value) -> &'static str {
     }
 }
 
+/// The `custom_id` (if the line had one) and the message of an invalid line's stored error
+/// (see [`item_rows`]). An id stored before ids were JSON-quoted is taken as it is.
+fn invalid_line_error(error: &str) -> (String, &str) {
+    match error
+        .strip_prefix("custom_id=")
+        .and_then(|rest| rest.split_once('\t'))
+    {
+        Some((id, message)) => (
+            serde_json::from_str::<String>(id).unwrap_or_else(|_| id.to_owned()),
+            message,
+        ),
+        None => (String::new(), error),
+    }
+}
+
 /// Reads past the rest of the current line (through its newline, or to the end).
 fn skip_line(reader: &mut impl BufRead) -> std::io::Result<()> {
     loop {
@@ -472,7 +487,11 @@ fn item_rows(lines: &[(usize, Line)]) -> Vec<ItemRow> {
                     line: line_number,
                     job_id: None,
                     error: Some(match custom_id {
-                        Some(id) => format!("custom_id={id}\t{error}"),
+                        // JSON-quoted, so a tab in the id cannot be taken for the separator.
+                        Some(id) => format!(
+                            "custom_id={}\t{error}",
+                            serde_json::to_string(id).unwrap_or_default()
+                        ),
                         None => error.clone(),
                     }),
                     published: false,
@@ -692,14 +711,9 @@ async fn results_file(settings: Settings, args: BatchResultsArgs) -> anyhow::Res
             (None, Some(error)) => {
                 // A line that never ran: only in the error file.
                 if let Some(errors) = errors.as_mut() {
-                    let (custom_id, message) = match error.split_once('\t') {
-                        Some((id, message)) => {
-                            (id.strip_prefix("custom_id=").unwrap_or(id), message)
-                        }
-                        None => ("", error.as_str()),
-                    };
+                    let (custom_id, message) = invalid_line_error(error);
                     let line = output_line(
-                        custom_id,
+                        &custom_id,
                         None,
                         None,
                         Some(&format!("line {}: {message}", item.line)),
@@ -881,6 +895,32 @@ mod tests {
         );
         assert!(
             matches!(&lines[2], (3, Line::Invalid { error, .. }) if error.contains("not read"))
+        );
+    }
+
+    /// An invalid line's `custom_id` comes back whole from its stored error, a tab in it
+    /// included, and so does an id stored before ids were quoted.
+    #[test]
+    fn an_invalid_lines_custom_id_survives_being_stored_with_its_error() {
+        let lines = vec![(
+            4,
+            Line::Invalid {
+                error: "body: missing".to_owned(),
+                custom_id: Some("a\tb".to_owned()),
+            },
+        )];
+        let stored = item_rows(&lines)[0].error.clone().unwrap();
+        assert_eq!(
+            invalid_line_error(&stored),
+            ("a\tb".to_owned(), "body: missing")
+        );
+        assert_eq!(
+            invalid_line_error("custom_id=old\tbody: missing"),
+            ("old".to_owned(), "body: missing")
+        );
+        assert_eq!(
+            invalid_line_error("not UTF-8 text"),
+            (String::new(), "not UTF-8 text")
         );
     }
 
