@@ -186,6 +186,12 @@ pub fn scopes(settings: &Settings) -> Vec<Scope> {
     scopes
 }
 
+/// How long a concurrency slot is held before another worker may take it as abandoned: the
+/// call's own time, after up to `max_wait` for the rate windows and up to `max_wait` again
+/// for a busy budget (both waited for once the slot is taken), and a margin.
+fn slot_ttl(call_timeout: Duration, max_wait: Duration) -> Duration {
+    call_timeout + max_wait * 2 + Duration::from_secs(30)
+}
 impl Limiter {
     /// Registers every scope (creating slots) and builds the local queues.
     pub async fn new(
@@ -284,7 +290,7 @@ impl Limiter {
                 loop {
                     let now = Utc::now();
                     let expires = now
-                        + chrono::Duration::from_std(call_timeout + Duration::from_secs(30))
+                        + chrono::Duration::from_std(slot_ttl(call_timeout, max_wait))
                             .unwrap_or_default();
                     if let Some(slot) =
                         limiter::take_slot(&self.pool, &scope.name, self.holder, now, expires)
@@ -516,5 +522,21 @@ impl ProviderScopes {
             .iter()
             .chain(key_id.and_then(|id| self.keys.get(id)))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A slot is taken before the call waits for its rate windows and then for a busy budget
+    /// (each up to `max_wait`): it must outlast both waits and the call, or another worker
+    /// could take the slot of a live call and pass `max_concurrency`.
+    #[test]
+    fn a_slot_outlasts_both_waits_before_its_call_and_the_call_itself() {
+        let call = Duration::from_secs(60);
+        let wait = Duration::from_secs(20);
+        assert!(slot_ttl(call, wait) > call + wait + wait);
+        assert!(slot_ttl(call, Duration::ZERO) > call);
     }
 }
