@@ -1082,6 +1082,12 @@ async fn read_anthropic_stream(
             // A last event may lack its blank line.
             None => (parser.finish().into_iter().collect(), true),
         };
+        if parser.too_long() {
+            return Err(ProviderError {
+                usage: state.usage(),
+                ..ProviderError::too_large(PROVIDER_TYPE)
+            });
+        }
         for event in &events {
             if let StreamStep::Stop = state.apply(event, call)? {
                 return state.finish(model);

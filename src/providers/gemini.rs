@@ -1085,6 +1085,12 @@ async fn read_gemini_stream(
                 break;
             }
         };
+        if parser.too_long() {
+            return Err(ProviderError {
+                usage: assembly.usage,
+                ..ProviderError::too_large(PROVIDER_TYPE)
+            });
+        }
         for event in events {
             handle_stream_event(event, &mut assembly, &mut stray, call)?;
         }

@@ -158,6 +158,19 @@ impl ProviderError {
         }
     }
 
+    /// A response, or a stream, longer than [`MAX_RESPONSE_BYTES`]: the call fails (a server
+    /// error, so the job may fail over) rather than grow the worker's memory.
+    pub fn too_large(provider_type: &'static str) -> Self {
+        Self::new(
+            provider_type,
+            ErrorClass::ServerError,
+            format!(
+                "the response is larger than {} MiB; a worker reads no more of one",
+                MAX_RESPONSE_BYTES / (1024 * 1024)
+            ),
+        )
+    }
+
     /// A connection failure or timeout before a status arrived.
     pub fn transport(provider_type: &'static str, error: &reqwest::Error) -> Self {
         let class = if error.is_timeout() {
@@ -462,21 +475,14 @@ pub async fn send(
         .await
         .map_err(|e| ProviderError::transport(provider_type, &e))?;
     if body.cut {
-        return Err(ProviderError::new(
-            provider_type,
-            ErrorClass::ServerError,
-            format!(
-                "the response body is larger than {} MiB; a worker reads no more of one",
-                MAX_RESPONSE_BYTES / (1024 * 1024)
-            ),
-        ));
+        return Err(ProviderError::too_large(provider_type));
     }
     Ok(Answer::Body(body.text))
 }
 
-/// The most of a successful response's body a call reads. A chat completion is a few KB to a
-/// few hundred KB; a provider or proxy sending more (a runaway or hostile endpoint) fails the
-/// call instead of growing the worker's memory without bound.
+/// The most of a successful response's body (or stream) a call reads. A chat completion is a
+/// few KB to a few hundred KB; a provider or proxy sending more (a runaway or hostile endpoint)
+/// fails the call instead of growing the worker's memory without bound.
 pub const MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
 
 /// The most of an error response's body a call reads: enough for any provider's error object,

@@ -409,6 +409,12 @@ async fn read_openai_stream(
                 return Err(interrupted(usage, "stream ended without [DONE]".to_owned()));
             }
         };
+        if parser.too_long() {
+            return Err(ProviderError {
+                usage,
+                ..ProviderError::too_large(PROVIDER_TYPE)
+            });
+        }
         let mut done = false;
         for event in events {
             let data = event.data.trim();

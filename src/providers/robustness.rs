@@ -289,6 +289,14 @@ fn openai_at(base: &str) -> Provider {
 }
 
 async fn call_once(provider: &Provider) -> Result<super::Completion, super::ProviderError> {
+    call_with(provider, false).await
+}
+
+/// One call, streamed or not.
+async fn call_with(
+    provider: &Provider,
+    streaming: bool,
+) -> Result<super::Completion, super::ProviderError> {
     let key = ApiKey {
         id: "k".to_owned(),
         secret: "sk-test-0123456789".into(),
@@ -298,11 +306,12 @@ async fn call_once(provider: &Provider) -> Result<super::Completion, super::Prov
         max_tokens: Some(20),
         ..ChatRequest::default()
     };
+    let ignore = |_: &str| {};
     let call = Call {
         key: Some(&key),
         timeout: Duration::from_secs(20),
         idle_timeout: Duration::from_secs(5),
-        on_delta: None,
+        on_delta: streaming.then_some(&ignore as &(dyn Fn(&str) + Send + Sync)),
     };
     tokio::time::timeout(
         Duration::from_secs(30),
@@ -344,6 +353,28 @@ async fn a_response_body_over_the_limit_fails_the_call_at_the_limit() {
     )
     .await;
     let error = call_once(&openai_at(&base)).await.unwrap_err();
+    assert!(error.message.contains("larger than 32 MiB"), "{error:?}");
+}
+
+/// A stream that never ends (its deltas keep coming, so no idle timer fires) fails the call
+/// once it has sent more than a response may hold, instead of growing its text until the
+/// stream's time runs out.
+#[tokio::test]
+async fn a_stream_longer_than_a_response_may_be_fails_the_call() {
+    use tokio::io::AsyncWriteExt;
+    let (base, _server) = raw_server(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream",
+        |mut socket| async move {
+            let delta = format!(
+                "data: {{\"id\":\"c1\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{}\"}},\"finish_reason\":null}}]}}\n\n",
+                "x".repeat(64 * 1024)
+            );
+            while socket.write_all(delta.as_bytes()).await.is_ok() {}
+        },
+    )
+    .await;
+    let error = call_with(&openai_at(&base), true).await.unwrap_err();
+    assert_eq!(error.class, super::ErrorClass::ServerError, "{error:?}");
     assert!(error.message.contains("larger than 32 MiB"), "{error:?}");
 }
 

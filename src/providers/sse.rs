@@ -26,6 +26,8 @@ pub struct SseParser {
     has_fields: bool,
     /// `data:` lines seen in the current event (an empty first line still counts).
     data_lines: usize,
+    /// Bytes fed so far.
+    read: usize,
 }
 
 impl SseParser {
@@ -35,6 +37,7 @@ impl SseParser {
 
     /// Consumes `bytes` and returns every event they complete.
     pub fn feed(&mut self, bytes: &[u8]) -> Vec<SseEvent> {
+        self.read = self.read.saturating_add(bytes.len());
         let mut events = Vec::new();
         for &byte in bytes {
             match byte {
@@ -53,6 +56,12 @@ impl SseParser {
             }
         }
         events
+    }
+
+    /// Whether the stream has run past [`super::MAX_RESPONSE_BYTES`]: its reader fails the
+    /// call ([`super::ProviderError::too_large`]) rather than keep its text growing.
+    pub fn too_long(&self) -> bool {
+        self.read > super::MAX_RESPONSE_BYTES
     }
 
     /// Call at end of stream: returns a last event that was not followed by a blank line.
