@@ -405,8 +405,11 @@ async fn submit(settings: Settings, args: BatchSubmitArgs) -> anyhow::Result<Exi
         resumed_jobs(&mut conn, &args.tenant, &batch, &mut lines, &args.file).await?
     } else {
         let source = args.file.display().to_string();
+        // The batch and its items together: a batch without its items could be neither
+        // resumed nor cancelled.
+        let mut tx = sqlx::Connection::begin(&mut conn).await?;
         batches::create_or_get(
-            &mut conn,
+            &mut tx,
             &args.tenant,
             &batch,
             BatchKind::OpenAi,
@@ -416,7 +419,8 @@ async fn submit(settings: Settings, args: BatchSubmitArgs) -> anyhow::Result<Exi
         )
         .await?;
         let items = item_rows(&lines);
-        batches::insert_items(&mut conn, &args.tenant, &batch, &items).await?;
+        batches::insert_items(&mut tx, &args.tenant, &batch, &items).await?;
+        tx.commit().await?;
         items.iter().filter_map(|item| item.job_id).collect()
     };
     let names = Names::new(&settings.broker.prefix);
@@ -511,19 +515,20 @@ async fn resumed_jobs(
     lines: &mut [(usize, Line)],
     file: &std::path::Path,
 ) -> anyhow::Result<std::collections::HashSet<Uuid>> {
-    let items: HashMap<String, ItemRow> = batches::items_with_results(conn, tenant, batch)
-        .await?
-        .into_iter()
-        .filter(|i| i.item.job_id.is_some())
-        .map(|i| (i.item.item_key.clone(), i.item))
-        .collect();
+    let items: HashMap<String, batches::ItemResult> =
+        batches::items_with_results(conn, tenant, batch)
+            .await?
+            .into_iter()
+            .filter(|i| i.item.job_id.is_some())
+            .map(|i| (i.item.item_key.clone(), i))
+            .collect();
     let mut matched = 0;
     let mut unpublished = std::collections::HashSet::new();
     for (number, line) in lines.iter_mut() {
         let Line::Valid { custom_id, job } = line else {
             continue;
         };
-        let Some(item) = items.get(custom_id.as_str()) else {
+        let Some(batches::ItemResult { item, result }) = items.get(custom_id.as_str()) else {
             return Err(BadInput(format!(
                 "{}: line {number}: custom_id {custom_id:?} is not a request of batch {batch}; resume it with the file it was submitted from",
                 file.display()
@@ -533,7 +538,9 @@ async fn resumed_jobs(
         matched += 1;
         if let Some(id) = item.job_id {
             job.id = id;
-            if !item.published {
+            // A job with a result was published (its mark was lost); sending it again could
+            // only run it twice.
+            if !item.published && result.is_none() {
                 unpublished.insert(id);
             }
         }
@@ -868,8 +875,6 @@ mod tests {
     /// The workers' default `worker.max_message_bytes`.
     const LIMIT: usize = 4 * 1024 * 1024;
 
-    /// A request the workers would reject unread for its size is an invalid line, reported by
-    /// number: published, it would never be answered into its batch.
     /// A line far over the workers' limit (here a 300 KB run of bytes with no newline where
     /// 1 KB is allowed) is reported by number without being read into memory, and the lines
     /// after it are read as usual.
@@ -924,6 +929,8 @@ mod tests {
         );
     }
 
+    /// A request the workers would reject unread for its size is an invalid line, reported by
+    /// number: published, it would never be answered into its batch.
     #[test]
     fn a_line_too_large_for_the_workers_is_an_invalid_line() {
         let line = |id: &str, text: &str| {

@@ -550,7 +550,12 @@ pub async fn dispatch(
                 break 'targets;
             }
             if retries_left == 0 || (error.class == ErrorClass::Conflict && conflict_retried) {
-                continue 'targets;
+                // No more tries here: the next target only for a failure that may fail over
+                // (a permanent one the provider asked to retry does not).
+                if error.class.is_retryable() || plan.failover_on.contains(&error.class) {
+                    continue 'targets;
+                }
+                break 'targets;
             }
             conflict_retried |= error.class == ErrorClass::Conflict;
             let delay = match error.retry_after {
@@ -1103,6 +1108,35 @@ targets = [{{ provider = "solo", model = "m" }}]
         assert_eq!(calls(500, Some("false")).await, 1, "the provider said no");
         assert_eq!(calls(400, Some("true")).await, 4, "the provider said yes");
         assert_eq!(calls(409, None).await, 2, "a conflict is tried again once");
+
+        // Before the last target there are no retries: a permanent error the provider asked to
+        // retry still does not fail over (the route does not opt in), a retryable one does.
+        for (status, fails_over) in [(400, false), (500, true)] {
+            let first = MockServer::start().await;
+            Mock::given(method("POST"))
+                .respond_with(
+                    ResponseTemplate::new(status)
+                        .set_body_string(r#"{"error":{"message":"no"}}"#)
+                        .insert_header("x-should-retry", "true"),
+                )
+                .mount(&first)
+                .await;
+            let second = server(200, OK).await;
+            let dispatched = dispatch(
+                &request(),
+                &plan(&first, &second, ""),
+                None,
+                Shared::default(),
+            )
+            .await;
+            assert_eq!(first.received_requests().await.unwrap().len(), 1);
+            assert_eq!(
+                second.received_requests().await.unwrap().len(),
+                usize::from(fails_over),
+                "HTTP {status}"
+            );
+            assert_eq!(dispatched.outcome.is_ok(), fails_over);
+        }
     }
 
     /// A provider that keeps a stream alive with comments forever never trips the idle timer;

@@ -171,8 +171,10 @@ pub async fn put_back(conn: &mut PgConnection, ids: &[Uuid]) -> Result<(), sqlx:
     if ids.is_empty() {
         return Ok(());
     }
-    sqlx::query("UPDATE outbox SET created_at = now() WHERE id = ANY($1)")
+    // The relay's own clock, which its cutoff is taken from.
+    sqlx::query("UPDATE outbox SET created_at = $2 WHERE id = ANY($1)")
         .bind(ids)
+        .bind(Utc::now())
         .execute(conn)
         .await?;
     Ok(())

@@ -419,7 +419,6 @@ pub fn run_with_stdin(mut command: Command, input: &str) -> std::process::Output
     child.wait_with_output().unwrap()
 }
 
-/// `count` worker processes with `--exit-when-idle` and the given concurrency.
 /// Runs `rabbitmqctl` (the tests run where the broker does, as root) and asserts it succeeds.
 pub fn rabbitmqctl(args: &[&str]) {
     let output = Command::new("rabbitmqctl")
@@ -434,6 +433,7 @@ pub fn rabbitmqctl(args: &[&str]) {
     );
 }
 
+/// `count` worker processes with `--exit-when-idle` and the given concurrency.
 pub fn workers(app: &TestApp, count: usize, concurrency: u16) -> Vec<Child> {
     (0..count)
         .map(|_| {
