@@ -8,9 +8,9 @@ use rust_decimal::Decimal;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use super::{ApiKey, Call, Provider, anthropic, gemini, openai};
+use super::{ApiKey, Call, Provider, anthropic, gemini};
 use crate::budget::pricing;
-use crate::config::{MaxTokensField, Prices};
+use crate::config::Prices;
 use crate::messages::{ChatMessage, ChatRequest};
 
 fn prices() -> Prices {
@@ -60,16 +60,7 @@ async fn openai_cost_counts_cached_and_cache_written_tokens_at_their_prices() {
         "usage":{"prompt_tokens":10000,"completion_tokens":500,"total_tokens":10500,
                  "prompt_tokens_details":{"cached_tokens":4000,"cache_write_tokens":1000},
                  "completion_tokens_details":{"reasoning_tokens":100}}}"#;
-    let make = |base: String| {
-        Provider::OpenAi(openai::OpenAiProvider::new(
-            reqwest::Client::new(),
-            format!("{base}/v1"),
-            openai::OpenAiOptions {
-                max_tokens_field: MaxTokensField::MaxTokens,
-                strict_fields: false,
-            },
-        ))
-    };
+    let make = |base: String| super::test_support::openai_at(&base);
     assert_eq!(
         cost_of(make, body).await,
         Decimal::from_str("0.02745").unwrap()

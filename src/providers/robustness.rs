@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde_json::Value;
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
-use super::{ApiKey, Call, Provider, anthropic, gemini, openai};
-use crate::config::MaxTokensField;
+use super::test_support::openai_at;
+use super::{ApiKey, Call, Provider, anthropic, gemini};
 use crate::messages::{ChatMessage, ChatRequest};
 
 const OPENAI_BODY: &str = r#"{"id":"c1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"Hi there.","refusal":null,"tool_calls":[{"id":"t","type":"function","function":{"name":"f","arguments":"{\"a\":1}"}}]},"finish_reason":"stop"}],"usage":{"prompt_tokens":20,"completion_tokens":5,"total_tokens":25,"prompt_tokens_details":{"cached_tokens":8},"completion_tokens_details":{"reasoning_tokens":2}}}"#;
@@ -82,18 +82,7 @@ fn mutate(rng: &mut fastrand::Rng, sample: &str) -> Vec<u8> {
 fn providers(base: &str) -> Vec<(Provider, &'static str, &'static str)> {
     let http = reqwest::Client::new();
     vec![
-        (
-            Provider::OpenAi(openai::OpenAiProvider::new(
-                http.clone(),
-                format!("{base}/v1"),
-                openai::OpenAiOptions {
-                    max_tokens_field: MaxTokensField::MaxTokens,
-                    strict_fields: false,
-                },
-            )),
-            OPENAI_BODY,
-            OPENAI_STREAM,
-        ),
+        (openai_at(base), OPENAI_BODY, OPENAI_STREAM),
         (
             Provider::Anthropic(anthropic::AnthropicProvider::new(
                 http.clone(),
@@ -275,17 +264,6 @@ where
         body(socket).await;
     });
     (base, tasks)
-}
-
-fn openai_at(base: &str) -> Provider {
-    Provider::OpenAi(openai::OpenAiProvider::new(
-        reqwest::Client::new(),
-        format!("{base}/v1"),
-        openai::OpenAiOptions {
-            max_tokens_field: MaxTokensField::MaxTokens,
-            strict_fields: false,
-        },
-    ))
 }
 
 async fn call_once(provider: &Provider) -> Result<super::Completion, super::ProviderError> {

@@ -2,13 +2,14 @@
 //! settlement in the finalize transaction, reroute on a provider budget, expiry of a dead
 //! worker's reservations, soft alerts once per period, and a per-job cap.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use rust_decimal::Decimal;
 use switchyard::messages::JobStatus;
 
-use crate::helpers::{FakeProvider, TestApp, job, spawn_app_with, switchyard, wait_all, workers};
+use crate::helpers::{
+    FakeProvider, TestApp, job, spawn_app_with, wait_all, worker_with_env, workers,
+};
 
 /// A provider at `url` whose calls cost about $0.01 each with the fake's usage.
 fn provider(name: &str, url: &str) -> String {
@@ -21,6 +22,20 @@ base_url = "{url}/v1"
 timeout_secs = 5
 keys = [{{ id = "{name}-key", env = "CARGO_MANIFEST_DIR" }}]
 models = [{{ name = "m", prices = {{ input = "300", output = "1000" }} }}]
+"#
+    )
+}
+
+/// Provider `p` (OpenAI kind) at `url`, key `k`, without models: a test adds its own
+/// `[[providers.models]]` tables after it.
+fn provider_p(url: &str) -> String {
+    format!(
+        r#"
+[[providers]]
+name = "p"
+kind = "openai"
+base_url = "{url}/v1"
+keys = [{{ id = "k", env = "CARGO_MANIFEST_DIR" }}]
 "#
     )
 }
@@ -408,12 +423,7 @@ period = \"total\"
 async fn each_ledger_row_records_the_price_version_and_volume_tier_that_applied() {
     let fake = FakeProvider::start(&[]);
     let config = format!(
-        r#"
-[[providers]]
-name = "p"
-kind = "openai"
-base_url = "{}/v1"
-keys = [{{ id = "k", env = "CARGO_MANIFEST_DIR" }}]
+        r#"{}
 
 [[providers.models]]
 name = "m"
@@ -432,7 +442,7 @@ prices = {{ input = "100", output = "100" }}
 alias = "paid"
 targets = [{{ provider = "p", model = "m" }}]
 "#,
-        fake.url
+        provider_p(&fake.url)
     );
     let app = spawn_app_with(&config).await;
     let jobs: Vec<_> = (0..8)
@@ -508,12 +518,7 @@ targets = [{{ provider = "p", model = "m" }}]
 async fn a_tiered_call_recorded_by_finalize_still_counts_toward_its_models_volume() {
     let fake = FakeProvider::start(&[]);
     let config = format!(
-        r#"
-[[providers]]
-name = "p"
-kind = "openai"
-base_url = "{}/v1"
-keys = [{{ id = "k", env = "CARGO_MANIFEST_DIR" }}]
+        r#"{}
 
 [[providers.models]]
 name = "m"
@@ -530,7 +535,7 @@ tenant = "acme"
 cap_usd = "10"
 period = "total"
 "#,
-        fake.url
+        provider_p(&fake.url)
     );
     let app = spawn_app_with(&config).await;
     let jobs: Vec<_> = (0..8)
@@ -544,14 +549,8 @@ period = "total"
         })
         .collect();
     app.publish_jobs(&jobs).await;
-    let worker = switchyard(&app)
-        .args(["worker", "--exit-when-idle", "--concurrency", "4"])
-        .env("SWITCHYARD_FAILPOINT", "record_tiered_fails")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("worker starts");
-    wait_all(vec![worker]).await;
+    let failpoint = [("SWITCHYARD_FAILPOINT", "record_tiered_fails")];
+    wait_all(vec![worker_with_env(&app, 4, &failpoint)]).await;
 
     assert_eq!(
         fake.requests().await,
@@ -936,14 +935,8 @@ period = \"total\"
         .map(|i| job("acme", None, "paid", &format!("Job {i}. Billed once.")))
         .collect();
     app.publish_jobs(&jobs).await;
-    let worker = switchyard(&app)
-        .args(["worker", "--exit-when-idle", "--concurrency", "8"])
-        .env("SWITCHYARD_FAILPOINT", failpoints)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("worker starts");
-    wait_all(vec![worker]).await;
+    let failpoint = [("SWITCHYARD_FAILPOINT", failpoints)];
+    wait_all(vec![worker_with_env(&app, 8, &failpoint)]).await;
 
     assert_eq!(
         fake.requests().await,

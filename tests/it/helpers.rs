@@ -436,20 +436,28 @@ pub fn rabbitmqctl(args: &[&str]) {
 /// `count` worker processes with `--exit-when-idle` and the given concurrency.
 pub fn workers(app: &TestApp, count: usize, concurrency: u16) -> Vec<Child> {
     (0..count)
-        .map(|_| {
-            switchyard(app)
-                .args([
-                    "worker",
-                    "--exit-when-idle",
-                    "--concurrency",
-                    &concurrency.to_string(),
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("worker starts")
-        })
+        .map(|_| worker_with_env(app, concurrency, &[]))
         .collect()
+}
+
+/// A worker process with `--exit-when-idle`, the given concurrency and `env` set (failpoints,
+/// for one).
+pub fn worker_with_env(app: &TestApp, concurrency: u16, env: &[(&str, &str)]) -> Child {
+    let mut command = switchyard(app);
+    command.args([
+        "worker",
+        "--exit-when-idle",
+        "--concurrency",
+        &concurrency.to_string(),
+    ]);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("worker starts")
 }
 
 /// Waits for every worker process to exit successfully.

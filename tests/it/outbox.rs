@@ -359,13 +359,32 @@ async fn a_result_message_points_at_its_result_and_the_relay_publishes_the_store
     app.cleanup().await;
 }
 
+/// One relay drain of the rows older than `after` on a publisher of its own; the messages it
+/// published.
+async fn drain(app: &crate::helpers::TestApp, after: Duration) -> usize {
+    let mut publisher = None;
+    let published = switchyard::stages::relay::drain(
+        app.pool(),
+        &app.ctx.broker,
+        &mut publisher,
+        after,
+        &switchyard::stages::relay::Running::default(),
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    if let Some(publisher) = publisher {
+        publisher.close(Duration::from_secs(5)).await;
+    }
+    published
+}
+
 /// A claim whose rows hold only messages that cannot be published (their result rows are
 /// gone) deletes them and the drain goes on: the row behind them is relayed in the same pass,
 /// not a tick later.
 #[tokio::test]
 async fn a_claim_of_unpublishable_rows_does_not_end_the_relays_drain() {
     use chrono::Utc;
-    use switchyard::stages::relay::{self, Running};
 
     let app = crate::helpers::spawn_app().await;
     let capture = Capture::declare(&app).await;
@@ -381,20 +400,7 @@ async fn a_claim_of_unpublishable_rows_does_not_end_the_relays_drain() {
     write_outbox(&mut conn, &kept, &[]).await;
     drop(conn);
 
-    let mut publisher = None;
-    let published = relay::drain(
-        app.pool(),
-        &app.ctx.broker,
-        &mut publisher,
-        Duration::ZERO,
-        &Running::default(),
-        &tokio_util::sync::CancellationToken::new(),
-    )
-    .await
-    .unwrap();
-    if let Some(publisher) = publisher {
-        publisher.close(Duration::from_secs(5)).await;
-    }
+    let published = drain(&app, Duration::ZERO).await;
     assert_eq!(published, 1, "the one message that can be published");
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
         .fetch_one(app.pool())
@@ -420,7 +426,6 @@ async fn a_row_the_broker_refuses_does_not_hold_up_the_rows_behind_it() {
     use chrono::Utc;
     use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
     use lapin::types::{AMQPValue, FieldTable};
-    use switchyard::stages::relay::{self, Running};
 
     let app = crate::helpers::spawn_app().await;
     let capture = Capture::declare(&app).await;
@@ -464,20 +469,7 @@ async fn a_row_the_broker_refuses_does_not_hold_up_the_rows_behind_it() {
     }
     drop(conn);
 
-    let mut publisher = None;
-    let published = relay::drain(
-        app.pool(),
-        &app.ctx.broker,
-        &mut publisher,
-        Duration::from_secs(30),
-        &Running::default(),
-        &tokio_util::sync::CancellationToken::new(),
-    )
-    .await
-    .unwrap();
-    if let Some(publisher) = publisher {
-        publisher.close(Duration::from_secs(5)).await;
-    }
+    let published = drain(&app, Duration::from_secs(30)).await;
     assert_eq!(published, 6, "the three rows behind the refused one");
     let left: Vec<(uuid::Uuid, chrono::DateTime<Utc>)> =
         sqlx::query_as("SELECT id, created_at FROM outbox")
