@@ -40,6 +40,22 @@ keys = [{{ id = "k", env = "CARGO_MANIFEST_DIR" }}]
     )
 }
 
+/// Each of `jobs` jobs reached the provider once, succeeded, and has one ledger row.
+async fn each_job_ran_and_was_billed_once(app: &TestApp, fake: &FakeProvider, jobs: i64) {
+    assert_eq!(
+        fake.requests().await,
+        u64::try_from(jobs).unwrap(),
+        "each job reached the provider once"
+    );
+    let succeeded = count(
+        app,
+        "SELECT count(*) FROM results WHERE status = 'succeeded'",
+    )
+    .await;
+    assert_eq!(succeeded, jobs);
+    assert_eq!(count(app, "SELECT count(*) FROM cost_ledger").await, jobs);
+}
+
 async fn decimal(app: &TestApp, sql: &'static str) -> Decimal {
     sqlx::query_scalar::<_, Option<Decimal>>(sql)
         .fetch_one(app.pool())
@@ -552,20 +568,7 @@ period = "total"
     let failpoint = [("SWITCHYARD_FAILPOINT", "record_tiered_fails")];
     wait_all(vec![worker_with_env(&app, 4, &failpoint)]).await;
 
-    assert_eq!(
-        fake.requests().await,
-        8,
-        "each job reached the provider once"
-    );
-    assert_eq!(
-        count(
-            &app,
-            "SELECT count(*) FROM results WHERE status = 'succeeded'"
-        )
-        .await,
-        8
-    );
-    assert_eq!(count(&app, "SELECT count(*) FROM cost_ledger").await, 8);
+    each_job_ran_and_was_billed_once(&app, &fake, 8).await;
     let tokens = count(
         &app,
         "SELECT sum(input_tokens + output_tokens)::int8 FROM cost_ledger",
@@ -938,20 +941,7 @@ period = \"total\"
     let failpoint = [("SWITCHYARD_FAILPOINT", failpoints)];
     wait_all(vec![worker_with_env(&app, 8, &failpoint)]).await;
 
-    assert_eq!(
-        fake.requests().await,
-        20,
-        "each job reached the provider once"
-    );
-    assert_eq!(
-        count(
-            &app,
-            "SELECT count(*) FROM results WHERE status = 'succeeded'"
-        )
-        .await,
-        20
-    );
-    assert_eq!(count(&app, "SELECT count(*) FROM cost_ledger").await, 20);
+    each_job_ran_and_was_billed_once(&app, &fake, 20).await;
     let (spent, reserved): (Decimal, Decimal) =
         sqlx::query_as("SELECT spent, reserved FROM budget_periods WHERE budget = 'acme-total'")
             .fetch_one(app.pool())
