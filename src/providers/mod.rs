@@ -489,6 +489,9 @@ pub const MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
 /// of which only an excerpt is kept.
 pub const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
 
+/// The most of a body's declared length [`read_capped`] reserves before any of it arrives.
+const PRESIZED_BODY_BYTES: usize = 64 * 1024;
+
 /// A response body read up to a limit.
 struct CappedBody {
     /// The body (invalid UTF-8 replaced), up to the limit.
@@ -512,7 +515,9 @@ async fn read_capped(
             cut: true,
         });
     }
-    let mut bytes = Vec::with_capacity(declared.unwrap_or(0));
+    // Sized from the declared length only up to what a usual answer needs: a length is the
+    // sender's word, and thousands of calls each reserving megabytes on it would add up.
+    let mut bytes = Vec::with_capacity(declared.unwrap_or(0).min(PRESIZED_BODY_BYTES));
     let mut cut = false;
     while let Some(chunk) = response.chunk().await? {
         let room = limit - bytes.len();
