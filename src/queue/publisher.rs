@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
-use futures::future::try_join_all;
+use futures::future::{join_all, try_join_all};
 use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{FieldTable, ShortString};
@@ -141,49 +141,68 @@ impl Publisher {
     /// one try, for callers that recover by themselves (the finalizer leaves the messages to
     /// the outbox relay).
     pub async fn publish_all_once(&self, messages: &[Outgoing]) -> Result<(), BrokerError> {
-        if !self.broker.is_connected() {
-            return Err(BrokerError::Disconnected);
-        }
-        let channel = self.open_channel().await?;
+        let channel = self.ready_channel().await?;
         // Every message is handed to lapin at once: each publish waits until lapin's I/O loop
         // has written its frames, and awaiting them one after another would add a hand-off to
         // that loop per message. The futures are first polled in order (`try_join_all` polls
         // them in the order given), so the messages go out in order.
-        let published = messages.iter().map(|message| {
-            let channel = &channel;
-            async move {
-                let mut properties = BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_content_type("application/json".into())
-                    .with_message_id(message.message_id.as_str().into())
-                    .with_type(message.kind.as_str().into())
-                    .with_timestamp(u64::try_from(chrono::Utc::now().timestamp()).unwrap_or(0));
-                if let Some(headers) = &message.headers {
-                    properties = properties.with_headers(headers.clone());
-                }
-                if let Some(user) = &self.user_id {
-                    properties = properties.with_user_id(user.clone());
-                }
-                let confirm = channel
-                    .basic_publish(
-                        message.exchange.as_str().into(),
-                        message.routing_key.as_str().into(),
-                        BasicPublishOptions::default(),
-                        &message.body,
-                        properties,
-                    )
-                    .await?;
-                match confirm.await? {
-                    Confirmation::Nack(_) => Err(BrokerError::Nacked {
-                        exchange: message.exchange.clone(),
-                        routing_key: message.routing_key.clone(),
-                    }),
-                    Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
-                }
-            }
-        });
-        try_join_all(published).await?;
+        try_join_all(messages.iter().map(|m| self.publish_on(&channel, m))).await?;
         Ok(())
+    }
+
+    /// Like [`Publisher::publish_all_once`], but a message the broker refuses (a nack) does not
+    /// stop the others: returns, per message, whether the broker took it.
+    pub async fn publish_each_once(&self, messages: &[Outgoing]) -> Result<Vec<bool>, BrokerError> {
+        let channel = self.ready_channel().await?;
+        join_all(messages.iter().map(|m| self.publish_on(&channel, m)))
+            .await
+            .into_iter()
+            .map(|outcome| match outcome {
+                Ok(()) => Ok(true),
+                Err(BrokerError::Nacked { .. }) => Ok(false),
+                Err(error) => Err(error),
+            })
+            .collect()
+    }
+
+    /// This publisher's channel, when the broker is connected.
+    async fn ready_channel(&self) -> Result<Channel, BrokerError> {
+        if !self.broker.is_connected() {
+            return Err(BrokerError::Disconnected);
+        }
+        self.open_channel().await
+    }
+
+    /// Publishes `message` on `channel` and waits for its confirm; a nack is an error.
+    async fn publish_on(&self, channel: &Channel, message: &Outgoing) -> Result<(), BrokerError> {
+        let mut properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id(message.message_id.as_str().into())
+            .with_type(message.kind.as_str().into())
+            .with_timestamp(u64::try_from(chrono::Utc::now().timestamp()).unwrap_or(0));
+        if let Some(headers) = &message.headers {
+            properties = properties.with_headers(headers.clone());
+        }
+        if let Some(user) = &self.user_id {
+            properties = properties.with_user_id(user.clone());
+        }
+        let confirm = channel
+            .basic_publish(
+                message.exchange.as_str().into(),
+                message.routing_key.as_str().into(),
+                BasicPublishOptions::default(),
+                &message.body,
+                properties,
+            )
+            .await?;
+        match confirm.await? {
+            Confirmation::Nack(_) => Err(BrokerError::Nacked {
+                exchange: message.exchange.clone(),
+                routing_key: message.routing_key.clone(),
+            }),
+            Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
+        }
     }
 
     /// Publishes one message and waits for its confirm.

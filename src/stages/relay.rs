@@ -113,11 +113,8 @@ async fn relay_once(
 ) -> Result<Pass, RelayError> {
     let before = Utc::now() - chrono::Duration::from_std(after).unwrap_or_default();
     let mut tx = pool.begin().await?;
-    let outbox::Claim {
-        ids,
-        messages,
-        counts,
-    } = outbox::claim_stale(&mut tx, before, CLAIM, running).await?;
+    let claim = outbox::claim_stale(&mut tx, before, CLAIM, running).await?;
+    let outbox::Claim { ids, messages, .. } = &claim;
     if ids.is_empty() {
         return Ok(Pass {
             rows: 0,
@@ -125,64 +122,52 @@ async fn relay_once(
         });
     }
     if messages.is_empty() {
-        outbox::delete_many(&mut tx, &ids).await?;
+        outbox::delete_many(&mut tx, ids).await?;
         tx.commit().await?;
         return Ok(Pass {
             rows: ids.len(),
             messages: 0,
         });
     }
-    match publish(broker, publisher, &messages).await {
-        Ok(()) => {
-            outbox::delete_many(&mut tx, &ids).await?;
-            tx.commit().await?;
-            Ok(Pass {
-                rows: ids.len(),
-                messages: messages.len(),
-            })
+    let taken = publish(broker, publisher, messages).await?;
+    // Rows whose every message the broker took are done. A message it refused (a full queue
+    // that rejects publishes, a message over its size limit) stays in its row, alone with the
+    // row's other refused ones, and the row goes to the back of the line to be tried again: it
+    // cannot hold up the rows behind it, and what went out does not go out again.
+    let (mut sent, mut published, mut at) = (Vec::new(), 0, 0);
+    for (id, row, positions) in claim.rows() {
+        let outcomes = taken.get(at..at + row.len()).unwrap_or_default();
+        at += row.len();
+        let refused: Vec<i64> = positions
+            .iter()
+            .zip(outcomes)
+            .filter(|(_, taken)| !**taken)
+            .map(|(position, _)| *position)
+            .collect();
+        published += row.len() - refused.len();
+        if refused.is_empty() {
+            sent.push(id);
+        } else {
+            metrics::counter!("switchyard_outbox_refused_total").increment(1);
+            tracing::error!(outbox.id = %id, refused = refused.len(), of = row.len(), "The broker refuses messages of an outbox row; they are kept at the back of the relay's line and tried again later.");
+            outbox::put_back(&mut tx, id, &refused).await?;
         }
-        // The broker refused a message (a full queue that rejects publishes, a message over
-        // its size limit): one row at a time, so a row it keeps refusing cannot hold up the
-        // rows behind it. A refused row goes to the back of the line and is tried again.
-        Err(RelayError::Publish(BrokerError::Nacked { .. })) => {
-            let claim = outbox::Claim {
-                ids,
-                messages,
-                counts,
-            };
-            let (mut sent, mut refused, mut published) = (Vec::new(), Vec::new(), 0);
-            for (id, row) in claim.rows() {
-                match publish(broker, publisher, row).await {
-                    Ok(()) => {
-                        sent.push(id);
-                        published += row.len();
-                    }
-                    Err(RelayError::Publish(error @ BrokerError::Nacked { .. })) => {
-                        metrics::counter!("switchyard_outbox_refused_total").increment(1);
-                        tracing::error!(outbox.id = %id, error.message = %error, "The broker refuses an outbox row's messages; it goes to the back of the relay's line and is tried again later.");
-                        refused.push(id);
-                    }
-                    Err(error) => return Err(error),
-                }
-            }
-            outbox::delete_many(&mut tx, &sent).await?;
-            outbox::put_back(&mut tx, &refused).await?;
-            tx.commit().await?;
-            Ok(Pass {
-                rows: sent.len(),
-                messages: published,
-            })
-        }
-        Err(error) => Err(error),
     }
+    outbox::delete_many(&mut tx, &sent).await?;
+    tx.commit().await?;
+    Ok(Pass {
+        rows: sent.len(),
+        messages: published,
+    })
 }
 
-/// Publishes `messages` with confirms, opening the relay's channel on first use.
+/// Publishes `messages` with confirms, opening the relay's channel on first use; returns, per
+/// message, whether the broker took it.
 async fn publish(
     broker: &Broker,
     publisher: &mut Option<Publisher>,
     messages: &[Outgoing],
-) -> Result<(), RelayError> {
+) -> Result<Vec<bool>, RelayError> {
     if !broker.is_connected() {
         // The worker's own session reconnects; publishing now would only fail.
         return Err(RelayError::Publish(BrokerError::Disconnected));
@@ -191,8 +176,7 @@ async fn publish(
         Some(publisher) => publisher,
         None => publisher.insert(Publisher::open(broker).await?),
     };
-    publisher.publish_all_once(messages).await?;
-    Ok(())
+    Ok(publisher.publish_each_once(messages).await?)
 }
 
 /// How long a session's start or end waits for its lease's statement: a session does not wait

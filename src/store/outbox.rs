@@ -165,18 +165,41 @@ pub fn bind<'q>(query: PgQuery<'q>, row: &OutboxRow, published: &[Uuid]) -> PgQu
         .bind(published)
 }
 
-/// Puts rows at the back of the relay's line (their age starts again), for rows whose messages
-/// the broker refused: they are tried again later, and the rows behind them go first.
-pub async fn put_back(conn: &mut PgConnection, ids: &[Uuid]) -> Result<(), sqlx::Error> {
-    if ids.is_empty() {
-        return Ok(());
-    }
+/// Keeps only the messages at `positions` (from 1) of row `id`, the ones the broker refused,
+/// and puts the row at the back of the relay's line (its age starts again): it is tried again
+/// later, without the messages that went out, and the rows behind it go first.
+pub async fn put_back(
+    conn: &mut PgConnection,
+    id: Uuid,
+    positions: &[i64],
+) -> Result<(), sqlx::Error> {
+    let kept = |column: &str| {
+        format!(
+            "{column} = ARRAY(SELECT x FROM unnest({column}) WITH ORDINALITY AS t(x, i)
+                              WHERE i = ANY($2) ORDER BY i)"
+        )
+    };
+    let columns = [
+        "message_ids",
+        "exchanges",
+        "routing_keys",
+        "kinds",
+        "headers",
+        "bodies",
+        "result_job_ids",
+        "result_generations",
+    ];
+    let sets: Vec<String> = columns.iter().map(|c| kept(c)).collect();
     // The relay's own clock, which its cutoff is taken from.
-    sqlx::query("UPDATE outbox SET created_at = $2 WHERE id = ANY($1)")
-        .bind(ids)
-        .bind(Utc::now())
-        .execute(conn)
-        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE outbox SET {}, created_at = $3 WHERE id = $1",
+        sets.join(", ")
+    )))
+    .bind(id)
+    .bind(positions)
+    .bind(Utc::now())
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -194,6 +217,7 @@ pub async fn delete_many(conn: &mut PgConnection, ids: &[Uuid]) -> Result<(), sq
 
 type Claimed = (
     Uuid,
+    i64,
     String,
     String,
     String,
@@ -225,7 +249,7 @@ pub async fn claim_stale(
                AND (o.session_id IS NULL OR o.session_id <> ALL($3))
              ORDER BY o.created_at LIMIT $2
              FOR UPDATE SKIP LOCKED)
-         SELECT c.id, m.message_id, m.exchange, m.routing_key, m.kind, m.headers,
+         SELECT c.id, m.n, m.message_id, m.exchange, m.routing_key, m.kind, m.headers,
                 COALESCE(m.body, (SELECT convert_to(r.body::text, 'UTF8') FROM results r
                                   WHERE r.job_id = m.result_job_id
                                     AND r.generation = m.result_generation))
@@ -242,7 +266,7 @@ pub async fn claim_stale(
     .fetch_all(conn)
     .await?;
     let mut claim = Claim::default();
-    for (id, message_id, exchange, routing_key, kind, headers, body) in rows {
+    for (id, position, message_id, exchange, routing_key, kind, headers, body) in rows {
         if claim.ids.last() != Some(&id) {
             claim.ids.push(id);
             claim.counts.push(0);
@@ -254,6 +278,7 @@ pub async fn claim_stale(
         if let Some(count) = claim.counts.last_mut() {
             *count += 1;
         }
+        claim.positions.push(position);
         claim.messages.push(Outgoing {
             exchange,
             routing_key,
@@ -275,16 +300,19 @@ pub struct Claim {
     pub messages: Vec<Outgoing>,
     /// How many of `messages` each row holds, in the order of `ids`.
     pub counts: Vec<usize>,
+    /// Where each of `messages` is in its row's arrays (from 1).
+    pub positions: Vec<i64>,
 }
 
 impl Claim {
-    /// Each row's id with its messages.
-    pub fn rows(&self) -> impl Iterator<Item = (Uuid, &[Outgoing])> {
-        let mut rest = self.messages.as_slice();
+    /// Each row's id with its messages and their positions in the row.
+    pub fn rows(&self) -> impl Iterator<Item = (Uuid, &[Outgoing], &[i64])> {
+        let (mut messages, mut positions) = (self.messages.as_slice(), self.positions.as_slice());
         self.ids.iter().zip(&self.counts).map(move |(id, count)| {
-            let (row, after) = rest.split_at((*count).min(rest.len()));
-            rest = after;
-            (*id, row)
+            let (row, after) = messages.split_at((*count).min(messages.len()));
+            let (at, later) = positions.split_at((*count).min(positions.len()));
+            (messages, positions) = (after, later);
+            (*id, row, at)
         })
     }
 }
