@@ -541,17 +541,11 @@ pub async fn dispatch(
                     continue 'targets;
                 }
             }
-            if !error.is_retryable() {
-                // A retryable class the provider said not to retry (`x-should-retry: false`)
-                // may still be answered by the next target.
-                if error.class.is_retryable() || plan.failover_on.contains(&error.class) {
-                    continue 'targets;
-                }
-                break 'targets;
-            }
-            if retries_left == 0 || (error.class == ErrorClass::Conflict && conflict_retried) {
-                // No more tries here: the next target only for a failure that may fail over
-                // (a permanent one the provider asked to retry does not).
+            let tried_enough =
+                retries_left == 0 || (error.class == ErrorClass::Conflict && conflict_retried);
+            if !error.is_retryable() || tried_enough {
+                // No more tries here. The next target follows the error's class, whatever the
+                // provider said of retrying (`x-should-retry`), or the route's `failover_on`.
                 if error.class.is_retryable() || plan.failover_on.contains(&error.class) {
                     continue 'targets;
                 }

@@ -114,30 +114,26 @@ async fn relay_once(
     let before = Utc::now() - chrono::Duration::from_std(after).unwrap_or_default();
     let mut tx = pool.begin().await?;
     let claim = outbox::claim_stale(&mut tx, before, CLAIM, running).await?;
-    let outbox::Claim { ids, messages, .. } = &claim;
-    if ids.is_empty() {
+    if claim.ids.is_empty() {
         return Ok(Pass {
             rows: 0,
             messages: 0,
         });
     }
-    if messages.is_empty() {
-        outbox::delete_many(&mut tx, ids).await?;
-        tx.commit().await?;
-        return Ok(Pass {
-            rows: ids.len(),
-            messages: 0,
-        });
-    }
-    let taken = publish(broker, publisher, messages).await?;
+    // Rows whose messages cannot be published (their results are gone) have none to send.
+    let taken = if claim.messages.is_empty() {
+        Vec::new()
+    } else {
+        publish(broker, publisher, &claim.messages).await?
+    };
     // Rows whose every message the broker took are done. A message it refused (a full queue
     // that rejects publishes, a message over its size limit) stays in its row, alone with the
     // row's other refused ones, and the row goes to the back of the line to be tried again: it
     // cannot hold up the rows behind it, and what went out does not go out again.
-    let (mut sent, mut published, mut at) = (Vec::new(), 0, 0);
-    for (id, row, positions) in claim.rows() {
-        let outcomes = taken.get(at..at + row.len()).unwrap_or_default();
-        at += row.len();
+    let (mut sent, mut published) = (Vec::new(), 0);
+    for (id, row) in claim.rows() {
+        let positions = claim.positions.get(row.clone()).unwrap_or_default();
+        let outcomes = taken.get(row.clone()).unwrap_or_default();
         let refused: Vec<i64> = positions
             .iter()
             .zip(outcomes)

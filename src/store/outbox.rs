@@ -305,14 +305,13 @@ pub struct Claim {
 }
 
 impl Claim {
-    /// Each row's id with its messages and their positions in the row.
-    pub fn rows(&self) -> impl Iterator<Item = (Uuid, &[Outgoing], &[i64])> {
-        let (mut messages, mut positions) = (self.messages.as_slice(), self.positions.as_slice());
+    /// Each row's id with the range of `messages` (and `positions`) that are its own.
+    pub fn rows(&self) -> impl Iterator<Item = (Uuid, std::ops::Range<usize>)> + '_ {
+        let mut start = 0;
         self.ids.iter().zip(&self.counts).map(move |(id, count)| {
-            let (row, after) = messages.split_at((*count).min(messages.len()));
-            let (at, later) = positions.split_at((*count).min(positions.len()));
-            (messages, positions) = (after, later);
-            (*id, row, at)
+            let range = start..start + count;
+            start = range.end;
+            (*id, range)
         })
     }
 }
