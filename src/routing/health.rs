@@ -227,6 +227,16 @@ impl TargetHealth {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take()
     }
+
+    /// Gives back an opening [`Self::take_unshared`] took but could not share (Postgres
+    /// refused the write), so the next sync shares it, or the later opening pending by then.
+    pub fn share_later(&self, until: Instant) {
+        let mut pending = self
+            .pending_share
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *pending = Some(pending.map_or(until, |later| later.max(until)));
+    }
 }
 
 #[cfg(test)]

@@ -130,11 +130,33 @@ impl Scope {
 }
 
 /// What holds a call's capacity until it is released.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Lease {
     slots: Vec<(String, i32)>,
     events: Vec<Uuid>,
     _permits: Vec<OwnedSemaphorePermit>,
+    /// Where the slots go when the lease is dropped unreleased (see [`Orphans`]).
+    orphans: Orphans,
+}
+
+/// Concurrency slots whose lease was dropped without being released: the call's task was
+/// cancelled (its session lost the broker, the shutdown grace ran out) or panicked. A slot
+/// expires only after the longest its call could take (for a stream, `stream_max_secs`, an
+/// hour by default), so until then it would keep a provider's capacity from every worker.
+/// `Drop` cannot wait on Postgres: it leaves the slots here, and the limiter frees them on its
+/// next `acquire` and once a second from the worker's sharing task
+/// ([`Limiter::release_orphans`]).
+type Orphans = Arc<std::sync::Mutex<Vec<(String, i32)>>>;
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if !self.slots.is_empty() {
+            self.orphans
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .append(&mut self.slots);
+        }
+    }
 }
 
 /// The outcome of [`Limiter::acquire`].
@@ -161,6 +183,8 @@ pub struct Limiter {
     grants: Arc<HashMap<String, Grants>>,
     /// The shared pauses of the scopes that count no calls (read every [`PAUSE_RECHECK`]).
     pauses: Arc<HashMap<String, std::sync::Mutex<PauseView>>>,
+    /// Slots of leases dropped unreleased, still to be freed.
+    orphans: Orphans,
 }
 
 /// Every scope the settings define.
@@ -223,6 +247,7 @@ impl Limiter {
             pauses: Arc::new(pauses),
             pool,
             holder: Uuid::now_v7(),
+            orphans: Orphans::default(),
             local: Arc::new(local),
             max_wait,
             keep: 2 * Duration::from_secs(
@@ -249,7 +274,13 @@ impl Limiter {
         max_wait: Duration,
         call_timeout: Duration,
     ) -> Result<Acquired, sqlx::Error> {
-        let mut lease = Lease::default();
+        self.release_orphans().await;
+        let mut lease = Lease {
+            slots: Vec::new(),
+            events: Vec::new(),
+            _permits: Vec::new(),
+            orphans: self.orphans.clone(),
+        };
         // Whatever was taken before a refusal or an error is given back, uncounted.
         match self
             .fill(&mut lease, scopes, units, max_wait, call_timeout)
@@ -444,17 +475,38 @@ impl Limiter {
     }
 
     /// Frees the lease's slots and corrects its token counts to `actual_units`.
-    pub async fn release(&self, lease: Lease, actual_units: Option<u64>) {
-        for (scope, slot) in &lease.slots {
-            if let Err(error) = limiter::release_slot(&self.pool, scope, *slot, self.holder).await {
-                tracing::warn!(scope = %scope, error.message = %error, "Could not release a slot; it frees when its lease expires.");
-            }
-        }
+    pub async fn release(&self, mut lease: Lease, actual_units: Option<u64>) {
+        self.release_slots(std::mem::take(&mut lease.slots)).await;
         if let Some(units) = actual_units {
             for event in &lease.events {
                 if let Err(error) = limiter::settle_units(&self.pool, *event, units).await {
                     tracing::warn!(error.message = %error, "Could not correct a token count.");
                 }
+            }
+        }
+    }
+
+    /// Frees the slots of leases dropped without being released (see [`Orphans`]).
+    pub async fn release_orphans(&self) {
+        let orphans = std::mem::take(
+            &mut *self
+                .orphans
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        if !orphans.is_empty() {
+            tracing::debug!(
+                slots = orphans.len(),
+                "Freeing the slots of calls that were dropped."
+            );
+            self.release_slots(orphans).await;
+        }
+    }
+
+    async fn release_slots(&self, slots: Vec<(String, i32)>) {
+        for (scope, slot) in &slots {
+            if let Err(error) = limiter::release_slot(&self.pool, scope, *slot, self.holder).await {
+                tracing::warn!(scope = %scope, error.message = %error, "Could not release a slot; it frees when its lease expires.");
             }
         }
     }

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 use super::Router;
 
 /// Once a second: shares circuit openings between workers through Postgres (publishes this
-/// worker's, adopts everyone else's) and releases budget reservations of workers that died;
-/// every 30 s, prunes the limiter's call log. Stops on `shutdown`.
+/// worker's, adopts everyone else's), releases budget reservations of workers that died and
+/// frees the concurrency slots of this worker's dropped calls; every 30 s, prunes the
+/// limiter's call log. Stops on `shutdown`.
 pub async fn share_health(
     router: Router,
     limiter: Option<super::limits::Limiter>,
@@ -32,6 +33,9 @@ pub async fn share_health(
         {
             tracing::warn!(error.message = %error, "Could not release expired budget reservations.");
         }
+        if let Some(limiter) = &limiter {
+            limiter.release_orphans().await;
+        }
         ticks += 1;
         if let Some(limiter) = &limiter
             && ticks.is_multiple_of(30)
@@ -50,7 +54,12 @@ async fn sync_once(router: &Router, pool: &sqlx::PgPool) -> Result<(), sqlx::Err
         if let Some(until) = health.take_unshared() {
             let remaining = until.saturating_duration_since(instant_now);
             let open_until = now + chrono::Duration::from_std(remaining).unwrap_or_default();
-            crate::store::circuits::open(&mut conn, &health.key, open_until, now).await?;
+            if let Err(error) =
+                crate::store::circuits::open(&mut conn, &health.key, open_until, now).await
+            {
+                health.share_later(until);
+                return Err(error);
+            }
         }
     }
     for (target, open_until) in crate::store::circuits::open_now(&mut conn, now).await? {

@@ -340,3 +340,76 @@ targets = [{{ provider = "narrow", model = "m" }}]
     assert_eq!(fake.requests().await, 1);
     app.cleanup().await;
 }
+
+/// A call whose task is dropped while it holds a concurrency slot (its session lost the broker,
+/// the grace period ran out, or it panicked) gives the slot back: otherwise it would be held
+/// until its lease expires, for a stream up to an hour, and the provider would look full to
+/// every worker.
+#[tokio::test]
+async fn a_slot_held_by_a_dropped_or_panicked_call_is_given_back_to_every_worker() {
+    use switchyard::config::Limits;
+    use switchyard::routing::limits::{Acquired, Limiter, Scope};
+    let app = spawn_app_with("").await;
+    let scope = Scope::provider(
+        "slot-test",
+        Limits {
+            max_concurrency: Some(1),
+            ..Limits::default()
+        },
+    );
+    let worker = || async {
+        Limiter::new(
+            app.pool().clone(),
+            std::slice::from_ref(&scope),
+            Duration::ZERO,
+        )
+        .await
+        .unwrap()
+    };
+    let (a, b) = (worker().await, worker().await);
+    // A streamed call's lease: it could last an hour.
+    let long_call = Duration::from_secs(3600);
+    let granted = |acquired: Acquired| matches!(acquired, Acquired::Granted(_));
+    for panics in [false, true] {
+        let (taken, slot_held) = tokio::sync::oneshot::channel();
+        let mut calls = tokio::task::JoinSet::new();
+        let (limiter, held_scope) = (a.clone(), scope.clone());
+        calls.spawn(async move {
+            let Acquired::Granted(_lease) = limiter
+                .acquire(&[&held_scope], 0, Duration::ZERO, long_call)
+                .await
+                .unwrap()
+            else {
+                panic!("the only slot was free");
+            };
+            taken.send(()).unwrap();
+            if panics {
+                panic!("the call's task panics holding its slot");
+            }
+            std::future::pending::<()>().await;
+        });
+        slot_held.await.unwrap();
+        assert!(
+            !granted(
+                b.acquire(&[&scope], 0, Duration::ZERO, long_call)
+                    .await
+                    .unwrap()
+            ),
+            "the slot is held while the call lives"
+        );
+        calls.abort_all();
+        let ended = calls.join_next().await.unwrap();
+        assert_eq!(ended.unwrap_err().is_panic(), panics);
+        // What the worker's sharing task does every second.
+        a.release_orphans().await;
+        let Acquired::Granted(lease) = b
+            .acquire(&[&scope], 0, Duration::ZERO, long_call)
+            .await
+            .unwrap()
+        else {
+            panic!("a dropped call's slot was not given back (panicked: {panics})");
+        };
+        b.release(lease, None).await;
+    }
+    app.cleanup().await;
+}

@@ -233,3 +233,67 @@ targets = [{{ provider = \"hung\", model = \"m\", timeout_secs = 1 }}, {{ provid
     );
     app.cleanup().await;
 }
+
+/// An opening this worker could not write to Postgres (the write failed) is shared on a later
+/// sync, once Postgres takes it again, instead of being lost: otherwise every other worker goes
+/// on calling the failing target until it trips its own breaker.
+#[tokio::test]
+async fn a_circuit_opening_postgres_refused_is_shared_once_it_is_taken_again() {
+    let config = format!(
+        "{}
+[routing]
+breaker_consecutive_failures = 2
+breaker_open_secs = 600
+
+[[routes]]
+alias = \"r\"
+targets = [{{ provider = \"primary\", model = \"m\" }}]
+",
+        provider("primary", "http://127.0.0.1:9", "")
+    );
+    let app = spawn_app_with(&config).await;
+    let shared = || async {
+        count(
+            &app,
+            "SELECT count(*) FROM circuit_breakers WHERE target = 'primary/m'",
+        )
+        .await
+    };
+    let health = app.ctx.router.health_of("primary/m").unwrap();
+    // The table is away: every sync fails until it is back.
+    sqlx::query("ALTER TABLE circuit_breakers RENAME TO circuit_breakers_away")
+        .execute(app.pool())
+        .await
+        .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut sharing = tokio::task::JoinSet::new();
+    sharing.spawn(switchyard::routing::sharing::share_health(
+        app.ctx.router.clone(),
+        None,
+        None,
+        app.pool().clone(),
+        stop.clone(),
+    ));
+    for _ in 0..2 {
+        health.record(Duration::from_millis(5), true, false);
+    }
+    assert!(health.is_open(std::time::Instant::now()).is_some());
+    // At least two syncs (one a second) try to share the opening and fail.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    sqlx::query("ALTER TABLE circuit_breakers_away RENAME TO circuit_breakers")
+        .execute(app.pool())
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while shared().await == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    while sharing.join_next().await.is_some() {}
+    assert_eq!(
+        shared().await,
+        1,
+        "the opening was shared once Postgres took it"
+    );
+    app.cleanup().await;
+}
