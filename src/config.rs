@@ -774,6 +774,27 @@ impl Settings {
                     ));
                 }
             }
+            let provider_limits = provider.limits.iter().map(|l| (String::new(), l));
+            let key_limits = (provider.keys.iter())
+                .filter_map(|k| Some((format!("key {:?}: ", k.id), k.limits.as_ref()?)));
+            for (whose, limits) in provider_limits.chain(key_limits) {
+                // Zero would park every call for good (a limit of none) or, for the window,
+                // let the call log be pruned of calls a window still counts.
+                for (setting, value) in [
+                    ("max_concurrency", limits.max_concurrency.map(u64::from)),
+                    ("rpm", limits.rpm.map(u64::from)),
+                    ("tpm", limits.tpm),
+                    ("window_secs", Some(limits.window_secs)),
+                ] {
+                    if value == Some(0) {
+                        return invalid(format!(
+                            "provider {:?}: {whose}limits.{setting} must be at least 1 \
+                             (leave it out for no limit)",
+                            provider.name
+                        ));
+                    }
+                }
+            }
             if provider.kind != ProviderKind::Extractive {
                 match provider.base_url.as_deref().map(url::Url::parse) {
                     None => {
@@ -967,7 +988,8 @@ mod tests {
     }
 
     /// Zero (or too small) values that would pass the types but break the worker later: every
-    /// call timing out at once, leases lapsing between renewals, a pool `summarize` starves.
+    /// call timing out at once, leases lapsing between renewals, a pool `summarize` starves,
+    /// a limit that parks every call for good or a window pruned while it still counts.
     #[test]
     fn zero_timeouts_a_short_relay_delay_and_a_one_connection_pool_are_rejected() {
         let provider = "[[providers]]\nname = \"p\"\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\n\
@@ -993,6 +1015,22 @@ mod tests {
             (
                 "[database]\nmax_connections = 1\n".to_owned(),
                 "database.max_connections must be at least 2, got 1",
+            ),
+            (
+                format!("{provider}limits = {{ rpm = 0 }}\n"),
+                "provider \"p\": limits.rpm must be at least 1",
+            ),
+            (
+                format!("{provider}limits = {{ max_concurrency = 0 }}\n"),
+                "provider \"p\": limits.max_concurrency must be at least 1",
+            ),
+            (
+                format!("{provider}limits = {{ rpm = 10, window_secs = 0 }}\n"),
+                "provider \"p\": limits.window_secs must be at least 1",
+            ),
+            (
+                provider.replace("env = \"K\" }", "env = \"K\", limits = { tpm = 0 } }"),
+                "provider \"p\": key \"k\": limits.tpm must be at least 1",
             ),
         ];
         for (text, expected) in cases {

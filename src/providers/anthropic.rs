@@ -1185,7 +1185,8 @@ fn error_fields(body: &str) -> AnthropicErrorFields {
 /// The retry delay a response asks for: `retry-after-ms`/`retry-after`, else the reset time
 /// of the exhausted `anthropic-ratelimit-*` limits.
 fn retry_delay(headers: &HeaderMap) -> Option<Duration> {
-    retry_after_from_headers(headers).or_else(|| reset_delay(headers, chrono::Utc::now()))
+    retry_after_from_headers(headers)
+        .or_else(|| super::plausible_retry_after(reset_delay(headers, chrono::Utc::now())))
 }
 
 /// The wait until every exhausted limit (`…-remaining` = 0) has reset. §6 words it as "the
@@ -2156,6 +2157,29 @@ mod tests {
         );
         assert_eq!(reset_delay(&unparsable, now), None);
         assert_eq!(reset_delay(&HeaderMap::new(), now), None);
+    }
+
+    /// A reset years away is a broken header, as the same value in `retry-after` is: it must
+    /// not rest the key for the longest allowed rest on every worker.
+    #[test]
+    fn a_reset_beyond_any_plausible_rest_is_no_delay() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "anthropic-ratelimit-requests-remaining",
+            HeaderValue::from_static("0"),
+        );
+        headers.insert(
+            "anthropic-ratelimit-requests-reset",
+            HeaderValue::from_static("9999-01-01T00:00:00Z"),
+        );
+        assert_eq!(retry_delay(&headers), None);
+        headers.insert(
+            "anthropic-ratelimit-requests-reset",
+            HeaderValue::from_str(&(chrono::Utc::now() + chrono::Duration::hours(2)).to_rfc3339())
+                .unwrap(),
+        );
+        let delay = retry_delay(&headers).expect("a reset two hours away is a delay");
+        assert!(delay > Duration::from_secs(7100) && delay <= Duration::from_secs(7200));
     }
 
     #[tokio::test]
