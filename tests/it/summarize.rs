@@ -276,3 +276,48 @@ fn summarize_with_no_documents_is_a_clear_error() {
         String::from_utf8_lossy(&output.stderr).contains("no .txt, .md, .html or .jsonl documents")
     );
 }
+
+/// A run repeated with its output inside its input directory (the README's way to retry
+/// failures) does not read its own summaries back as a document; an output that cannot be
+/// written is refused before any job is published.
+#[tokio::test]
+async fn the_output_is_checked_first_and_never_read_back_as_input() {
+    let app = spawn_app().await;
+    let docs = documents();
+    let out = docs.path().join("out.jsonl");
+    for _ in 0..2 {
+        let output =
+            summarize_within_two_minutes(&app, docs.path(), &["--batch", "again"], &out).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("2 documents, 2 succeeded, 0 failed"),
+            "{stderr}"
+        );
+        assert_eq!(read_lines(&out).len(), 2);
+    }
+    let jobs = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs")
+            .fetch_one(app.pool())
+            .await
+            .unwrap()
+    };
+    let before = jobs().await;
+    let fresh = documents();
+    let nowhere = fresh.path().join("missing").join("out.jsonl");
+    let output =
+        summarize_within_two_minutes(&app, fresh.path(), &["--batch", "nowhere"], &nowhere).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("cannot write --out"), "{stderr}");
+    let batches: i64 = sqlx::query_scalar("SELECT count(*) FROM batches WHERE id = 'nowhere'")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        (batches, jobs().await),
+        (0, before),
+        "nothing was stored or sent"
+    );
+    app.cleanup().await;
+}

@@ -1,6 +1,7 @@
 //! Reading the documents to summarize: files, directories, globs; `.txt`, `.md`, `.html`
 //! (converted to text) and `.jsonl` (one `{"id", "text"}` document per line).
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -53,14 +54,17 @@ fn wanted(path: &Path) -> bool {
 }
 
 /// Every file named, matched by a glob, or found under a named directory: in argument order,
-/// sorted within a directory or glob.
-pub fn collect_files(arguments: &[String]) -> Result<Vec<PathBuf>, BadInput> {
+/// sorted within a directory or glob. `out`, the file the summaries go to, is never one of
+/// them: a run's output inside its input directory is not read back as a document when the
+/// run is repeated (to resume it, or to retry its failures).
+pub fn collect_files(arguments: &[String], out: &Path) -> Result<Vec<PathBuf>, BadInput> {
     let mut files = Vec::new();
     for argument in arguments {
         let path = Path::new(argument);
+        let mut walked = HashSet::new();
         if path.is_dir() {
             let mut found = Vec::new();
-            walk(path, &mut found)
+            walk(path, &mut found, &mut walked)
                 .map_err(|e| BadInput(format!("cannot read {}: {e}", path.display())))?;
             found.sort();
             files.extend(found);
@@ -76,7 +80,7 @@ pub fn collect_files(arguments: &[String]) -> Result<Vec<PathBuf>, BadInput> {
                 if entry.is_file() && wanted(&entry) {
                     found.push(entry);
                 } else if entry.is_dir() {
-                    walk(&entry, &mut found)
+                    walk(&entry, &mut found, &mut walked)
                         .map_err(|e| BadInput(format!("cannot read {}: {e}", entry.display())))?;
                 }
             }
@@ -91,6 +95,12 @@ pub fn collect_files(arguments: &[String]) -> Result<Vec<PathBuf>, BadInput> {
             return Err(BadInput(format!("{argument} does not exist")));
         }
     }
+    if let Some(out) = (out != Path::new("-"))
+        .then(|| std::fs::canonicalize(out).ok())
+        .flatten()
+    {
+        files.retain(|file| std::fs::canonicalize(file).ok().as_ref() != Some(&out));
+    }
     if files.is_empty() {
         return Err(BadInput(
             "no .txt, .md, .html or .jsonl documents found".to_owned(),
@@ -99,11 +109,21 @@ pub fn collect_files(arguments: &[String]) -> Result<Vec<PathBuf>, BadInput> {
     Ok(files)
 }
 
-fn walk(dir: &Path, found: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// Collects the wanted files under `dir`. A directory reached twice within one argument (by
+/// a symbolic link to a directory above it, or beside it) is walked once: a link loop would
+/// otherwise be followed until the path is too long, every file in it collected once per turn.
+fn walk(
+    dir: &Path,
+    found: &mut Vec<PathBuf>,
+    walked: &mut HashSet<PathBuf>,
+) -> std::io::Result<()> {
+    if !walked.insert(std::fs::canonicalize(dir)?) {
+        return Ok(());
+    }
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         if path.is_dir() {
-            walk(&path, found)?;
+            walk(&path, found, walked)?;
         } else if wanted(&path) {
             found.push(path);
         }
@@ -205,7 +225,7 @@ mod tests {
         .unwrap();
         std::fs::write(dir.path().join("skip.bin"), [0u8, 1, 2]).unwrap();
         let pattern = format!("{}/*", dir.path().display());
-        let files = collect_files(&[pattern]).unwrap();
+        let files = collect_files(&[pattern], Path::new("-")).unwrap();
         assert_eq!(files.len(), 3, "{files:?}");
         let documents = read_all(&files).unwrap();
         assert_eq!(documents.len(), 4);
@@ -239,9 +259,34 @@ mod tests {
         assert!(error.ends_with("line 2: text: missing"), "{error}");
     }
 
+    /// The summaries of a run inside its input directory are not read back as documents
+    /// when the run is repeated, and a link loop is walked once.
+    #[test]
+    fn the_output_file_and_a_directory_reached_again_are_not_collected() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.md"), "Alpha.").unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("sub").join("b.txt"), "Beta.").unwrap();
+        std::os::unix::fs::symlink("..", dir.path().join("sub").join("up")).unwrap();
+        let out = dir.path().join("out.jsonl");
+        std::fs::write(&out, "{\"path\":\"a.md\",\"status\":\"succeeded\"}\n").unwrap();
+        let argument = [dir.path().display().to_string()];
+        let files = collect_files(&argument, &out).unwrap();
+        let names: Vec<_> = files
+            .iter()
+            .map(|f| f.strip_prefix(dir.path()).unwrap().display().to_string())
+            .collect();
+        assert_eq!(names, ["a.md", "sub/b.txt"]);
+        // Named another way (relative, through the link), it is still the same file.
+        let around = dir.path().join("sub").join("up").join("out.jsonl");
+        assert_eq!(collect_files(&argument, &around).unwrap().len(), 2);
+        // Any other output leaves it an input.
+        assert_eq!(collect_files(&argument, Path::new("-")).unwrap().len(), 3);
+    }
+
     #[test]
     fn a_glob_matching_nothing_is_a_clear_error() {
-        let error = collect_files(&["/nonexistent-dir-xyz/*.md".to_owned()])
+        let error = collect_files(&["/nonexistent-dir-xyz/*.md".to_owned()], Path::new("-"))
             .unwrap_err()
             .0;
         assert!(error.contains("matches no"), "{error}");

@@ -14,6 +14,7 @@ mod documents;
 mod output;
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -53,7 +54,7 @@ const WINDOW_MARGIN: u32 = 64;
 const ROUND: usize = 500;
 
 pub async fn run(settings: Settings, args: SummarizeArgs) -> anyhow::Result<ExitCode> {
-    let files = documents::collect_files(&args.paths)?;
+    let files = documents::collect_files(&args.paths, Path::new(&args.out))?;
     let documents = documents::read_all(&files)?;
     let batch = args.batch.clone().unwrap_or_else(|| {
         format!(
@@ -77,14 +78,35 @@ pub async fn run(settings: Settings, args: SummarizeArgs) -> anyhow::Result<Exit
         SummaryFormat::Jsonl
     });
 
+    let destination = output::Destination::open(&args.out)?;
+
     let ctx = Context::connect(settings).await?;
     ctx.cancel_on_signals();
     let outcome = summarize(&ctx, &args, &plan, &batch, &documents).await;
     ctx.shutdown.cancel();
     ctx.tasks.close();
     ctx.close().await;
-    let outcomes = outcome?;
-    output::write(&args.out, format, &documents, &outcomes)?;
+    // Jobs may have been published and paid for by now: a failure names the batch (its name
+    // may have been chosen by this run) and how to resume it. Bad input and an interruption
+    // say so themselves.
+    let resume = || {
+        format!(
+            "batch {batch}: run the same command with --batch {batch} to resume: finished \
+             documents are not sent again"
+        )
+    };
+    let outcomes = match outcome {
+        Err(error)
+            if error.downcast_ref::<Interrupted>().is_none()
+                && error.downcast_ref::<BadInput>().is_none() =>
+        {
+            return Err(error.context(resume()));
+        }
+        outcome => outcome?,
+    };
+    destination
+        .write(format, &documents, &outcomes)
+        .with_context(resume)?;
     let failed = outcomes.iter().filter(|o| o.error.is_some()).count();
     let cost: Decimal = outcomes.iter().map(|o| o.cost).sum();
     eprintln!(

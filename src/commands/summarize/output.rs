@@ -3,6 +3,7 @@
 
 use std::cell::Cell;
 use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -12,6 +13,7 @@ use uuid::Uuid;
 
 use super::Document;
 use crate::cli::SummaryFormat;
+use crate::commands::BadInput;
 
 /// How one document ended.
 #[derive(Debug, Clone, Default)]
@@ -48,20 +50,78 @@ struct Line<'a> {
     error: Option<&'a str>,
 }
 
-/// Writes every document's outcome to `out` (`-` = stdout).
-pub fn write(
-    out: &str,
+/// Where the summaries go. A file is written as a temporary file beside `--out`, created
+/// before anything is published (a path that cannot be written is found before any job is
+/// paid for) and renamed over `--out` once complete: a run that fails, or whose write fails,
+/// leaves a previous `--out` whole, and the temporary file is removed.
+pub enum Destination {
+    Stdout,
+    File {
+        out: PathBuf,
+        temporary: tempfile::NamedTempFile,
+    },
+}
+
+impl Destination {
+    /// Opens `out` (`-` = stdout).
+    pub fn open(out: &str) -> Result<Self, BadInput> {
+        if out == "-" {
+            return Ok(Self::Stdout);
+        }
+        let path = Path::new(out);
+        let name = path
+            .file_name()
+            .ok_or_else(|| BadInput(format!("--out {out:?} names no file")))?;
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        let prefix = format!(".{}.", name.to_string_lossy());
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(&prefix).suffix(".partial");
+        #[cfg(unix)]
+        builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
+        let temporary = builder
+            .tempfile_in(dir)
+            .map_err(|e| BadInput(format!("cannot write --out {out}: {e}")))?;
+        Ok(Self::File {
+            out: path.to_path_buf(),
+            temporary,
+        })
+    }
+
+    /// Writes every document's outcome, then puts the file in place.
+    pub fn write(
+        self,
+        format: SummaryFormat,
+        documents: &[Document],
+        outcomes: &[Outcome],
+    ) -> anyhow::Result<()> {
+        match self {
+            Self::Stdout => write(std::io::stdout().lock(), format, documents, outcomes),
+            Self::File { out, temporary } => {
+                let mut writer = std::io::BufWriter::new(temporary);
+                write(&mut writer, format, documents, outcomes)
+                    .with_context(|| format!("cannot write {}", out.display()))?;
+                let temporary = writer.into_inner().map_err(|e| {
+                    anyhow::anyhow!("cannot write {}: {}", out.display(), e.error())
+                })?;
+                temporary
+                    .persist(&out)
+                    .with_context(|| format!("cannot move the summaries into {}", out.display()))?;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Writes every document's outcome to `writer`.
+fn write(
+    mut writer: impl Write,
     format: SummaryFormat,
     documents: &[Document],
     outcomes: &[Outcome],
 ) -> anyhow::Result<()> {
-    let mut writer: Box<dyn Write> = if out == "-" {
-        Box::new(std::io::stdout().lock())
-    } else {
-        Box::new(std::io::BufWriter::new(
-            std::fs::File::create(out).with_context(|| format!("cannot create {out}"))?,
-        ))
-    };
     if format == SummaryFormat::Markdown {
         writeln!(writer, "# Summaries\n")?;
     }
@@ -208,5 +268,69 @@ impl Progress {
         if let Some(bar) = &self.bar {
             bar.finish();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome() -> Outcome {
+        Outcome {
+            summary: Some("Short.".to_owned()),
+            chunks: 1,
+            jobs: 1,
+            ..Outcome::default()
+        }
+    }
+
+    fn document() -> Document {
+        Document {
+            path: "a.md".to_owned(),
+            id: None,
+            text: "Alpha.".to_owned(),
+        }
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The file appears whole, or not at all: a run that ends without writing (it failed)
+    /// leaves the previous summaries as they were and no temporary file behind.
+    #[test]
+    fn the_summaries_replace_the_previous_file_only_once_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.jsonl");
+        std::fs::write(&out, "previous\n").unwrap();
+        let destination = Destination::open(out.to_str().unwrap()).unwrap();
+        assert_eq!(entries(dir.path()).len(), 2, "the temporary file beside it");
+        drop(destination);
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "previous\n");
+        assert_eq!(entries(dir.path()), ["out.jsonl"]);
+
+        Destination::open(out.to_str().unwrap())
+            .unwrap()
+            .write(SummaryFormat::Jsonl, &[document()], &[outcome()])
+            .unwrap();
+        let text = std::fs::read_to_string(&out).unwrap();
+        assert!(text.starts_with("{\"path\":\"a.md\""), "{text}");
+        assert_eq!(entries(dir.path()), ["out.jsonl"]);
+    }
+
+    /// A place that cannot be written is found when the run starts, before anything is sent.
+    #[test]
+    fn an_output_in_a_missing_directory_is_bad_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("missing").join("out.jsonl");
+        let Err(BadInput(error)) = Destination::open(out.to_str().unwrap()) else {
+            panic!("a missing directory was accepted");
+        };
+        assert!(error.contains("cannot write --out"), "{error}");
     }
 }
