@@ -321,3 +321,91 @@ async fn the_output_is_checked_first_and_never_read_back_as_input() {
     );
     app.cleanup().await;
 }
+
+/// A run that found workers consuming the jobs queue, and so started none of its own, does not
+/// wait forever when they go away (another run's in-process worker that finished, a worker
+/// killed or scaled down): it starts its own worker and finishes every document.
+#[tokio::test]
+async fn a_run_whose_workers_go_away_starts_its_own_and_finishes() {
+    let fake = FakeProvider::start(&["--latency-ms", "200"]);
+    let app = spawn_app_with(&fake_provider_config(&fake.url)).await;
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..40 {
+        std::fs::write(
+            dir.path().join(format!("doc-{i:02}.txt")),
+            format!("Document {i}. {DOC_B}"),
+        )
+        .unwrap();
+    }
+    let mut worker = switchyard(&app)
+        .args(["worker", "--concurrency", "2"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let channel = app.ctx.broker.create_channel().await.unwrap();
+    let consumers = || async {
+        switchyard::queue::topology::jobs_queue_depth(&channel, &app.names)
+            .await
+            .unwrap()
+            .1
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while consumers().await == 0 {
+        assert!(std::time::Instant::now() < deadline, "the worker consumes");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let out = dir.path().join("out.jsonl");
+    let run = summarize_within_two_minutes(&app, dir.path(), &["--route", "fake"], &out);
+    let kill = async {
+        // The outside worker has answered a few documents, then it is gone.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let answered: i64 = sqlx::query_scalar("SELECT count(*) FROM results")
+                .fetch_one(app.pool())
+                .await
+                .unwrap();
+            if answered >= 4 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the worker answers");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        worker.kill().unwrap();
+        worker.wait().unwrap();
+    };
+    let (output, ()) = tokio::join!(run, kill);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("publishing to them") && stderr.contains("starting an in-process worker"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("40 documents, 40 succeeded, 0 failed"),
+        "{stderr}"
+    );
+    assert_eq!(read_lines(&out).len(), 40);
+    app.cleanup().await;
+}
+
+/// The run's own worker failing (here: it cannot serve metrics on an address already taken)
+/// ends the run with that worker's error and the batch to resume, instead of a wait forever.
+#[tokio::test]
+async fn a_run_whose_own_worker_fails_ends_with_its_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let worker = format!("http_addr = \"{}\"\n", taken.local_addr().unwrap());
+    let app = spawn_app_full(&worker, "").await;
+    let docs = documents();
+    let out = docs.path().join("out.jsonl");
+    let output = summarize_within_two_minutes(&app, docs.path(), &["--batch", "stuck"], &out).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot serve health and metrics")
+            && stderr.contains("--batch stuck to resume"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+    app.cleanup().await;
+}

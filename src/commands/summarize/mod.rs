@@ -458,23 +458,7 @@ async fn summarize(
     }
     let publisher = super::job_publisher(&ctx.broker, &ctx.settings).await?;
     let (_, consumers) = topology::jobs_queue_depth(&channel, &ctx.names).await?;
-    let local_worker = (consumers == 0).then(|| {
-        let worker_ctx = Context {
-            shutdown: ctx.shutdown.child_token(),
-            ..ctx.clone()
-        };
-        let options = WorkerOptions {
-            concurrency: ctx.settings.worker.concurrency,
-            exit_when_idle: false,
-            idle_after: Duration::from_secs(1),
-            grace: Duration::from_secs(ctx.settings.worker.shutdown_grace_secs),
-        };
-        let stop = worker_ctx.shutdown.clone();
-        let handle = ctx
-            .tasks
-            .spawn(async move { worker::run(&worker_ctx, &options).await });
-        (stop, handle)
-    });
+    let local_worker = (consumers == 0).then(|| LocalWorker::start(ctx));
     if local_worker.is_none() {
         eprintln!("summarize: {consumers} consumer(s) are on the jobs queue; publishing to them");
     }
@@ -485,6 +469,8 @@ async fn summarize(
         batch,
         conn: &mut conn,
         publisher: &publisher,
+        channel: &channel,
+        local_worker,
         started: false,
         waiting: Waiting::new(),
         credited: HashSet::new(),
@@ -516,9 +502,12 @@ async fn summarize(
     let outcome = runner.drive(first, &mut results).await;
     runner.progress.finish();
     let outcomes: Vec<Outcome> = runner.states.into_iter().map(|s| s.outcome).collect();
-    if let Some((stop, handle)) = local_worker {
-        stop.cancel();
-        handle.await.context("the in-process worker panicked")??;
+    if let Some(local) = runner.local_worker {
+        local.stop.cancel();
+        local
+            .handle
+            .await
+            .context("the in-process worker panicked")??;
     }
     drop(results);
     crate::queue::close_within(
@@ -531,6 +520,32 @@ async fn summarize(
     outcome.map(|()| outcomes)
 }
 
+/// A worker inside this process, for a run that found no consumer on the jobs queue.
+struct LocalWorker {
+    stop: tokio_util::sync::CancellationToken,
+    handle: tokio::task::JoinHandle<anyhow::Result<worker::WorkerReport>>,
+}
+
+impl LocalWorker {
+    fn start(ctx: &Context) -> Self {
+        let worker_ctx = Context {
+            shutdown: ctx.shutdown.child_token(),
+            ..ctx.clone()
+        };
+        let options = WorkerOptions {
+            concurrency: ctx.settings.worker.concurrency,
+            exit_when_idle: false,
+            idle_after: Duration::from_secs(1),
+            grace: Duration::from_secs(ctx.settings.worker.shutdown_grace_secs),
+        };
+        let stop = worker_ctx.shutdown.clone();
+        let handle = ctx
+            .tasks
+            .spawn(async move { worker::run(&worker_ctx, &options).await });
+        Self { stop, handle }
+    }
+}
+
 /// Drives every document's map-reduce to an end.
 struct Runner<'a> {
     ctx: &'a Context,
@@ -538,6 +553,10 @@ struct Runner<'a> {
     batch: &'a str,
     conn: &'a mut sqlx::PgConnection,
     publisher: &'a Publisher,
+    /// The results subscription's channel, also used to see who consumes the jobs queue.
+    channel: &'a lapin::Channel,
+    /// This run's own worker, when it found (or later finds) no consumer on the jobs queue.
+    local_worker: Option<LocalWorker>,
     /// Whether the batch has left `validating` (`batches::mark_started`), done once, at the
     /// first publish.
     started: bool,
@@ -567,7 +586,10 @@ impl Runner<'_> {
                         self.states.len(), self.batch
                     )).into());
                 }
-                _ = tick.tick() => self.progress.line(),
+                _ = tick.tick() => {
+                    self.progress.line();
+                    self.keep_a_worker().await?;
+                }
                 next = results.next() => {
                     let Some(delivery) = next else {
                         anyhow::bail!(
@@ -585,6 +607,31 @@ impl Runner<'_> {
             if !next_steps.is_empty() {
                 self.issue(next_steps).await?;
             }
+        }
+        Ok(())
+    }
+
+    /// Makes sure some worker still consumes the jobs: the workers this run published to may
+    /// have stopped (another `summarize` whose in-process worker it found, a scaled-down
+    /// deployment), and the run would wait for its results forever. With no consumer left, it
+    /// starts its own worker. Its own worker failing ends the run with that worker's error.
+    async fn keep_a_worker(&mut self) -> anyhow::Result<()> {
+        if let Some(local) = &mut self.local_worker {
+            if !local.handle.is_finished() {
+                return Ok(());
+            }
+            let ended = (&mut local.handle)
+                .await
+                .context("the in-process worker panicked")?;
+            self.local_worker = None;
+            ended.context("the in-process worker stopped")?;
+        }
+        let (_, consumers) = topology::jobs_queue_depth(self.channel, &self.ctx.names).await?;
+        if consumers == 0 {
+            eprintln!(
+                "summarize: no consumer is left on the jobs queue; starting an in-process worker"
+            );
+            self.local_worker = Some(LocalWorker::start(self.ctx));
         }
         Ok(())
     }
