@@ -85,19 +85,7 @@ pub async fn share_key_rests(
     mut local: tokio::sync::mpsc::UnboundedReceiver<crate::providers::KeyRest>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
-        Ok(mut listener) => match listener.listen(KEY_REST_CHANNEL).await {
-            Ok(()) => Some(listener),
-            Err(error) => {
-                tracing::warn!(error.message = %error, "Cannot listen for key rests; they stay local to this worker.");
-                None
-            }
-        },
-        Err(error) => {
-            tracing::warn!(error.message = %error, "Cannot listen for key rests; they stay local to this worker.");
-            None
-        }
-    };
+    let mut listener = listen(&pool, true).await;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -107,6 +95,12 @@ pub async fn share_key_rests(
                 if let Err(error) = sqlx::query("SELECT pg_notify($1, $2)").bind(KEY_REST_CHANNEL).bind(payload).execute(&pool).await {
                     tracing::warn!(error.message = %error, "Cannot announce a key rest.");
                 }
+            }
+            // A listener that could not be set up (Postgres down, out of connections) is
+            // tried again every second: without it the worker would never adopt another
+            // worker's rests.
+            () = tokio::time::sleep(LISTEN_RETRY), if listener.is_none() => {
+                listener = listen(&pool, false).await;
             }
             notification = async { listener.as_mut()?.recv().await.ok() }, if listener.is_some() => {
                 let Some(notification) = notification else {
@@ -125,6 +119,32 @@ pub async fn share_key_rests(
                     entry.keys.adopt_rest(&rest.key_id, Instant::now() + remaining);
                 }
             }
+        }
+    }
+}
+
+/// A listener on [`KEY_REST_CHANNEL`], or `None` when Postgres refuses one (said at `warn`
+/// the `first` time, at `debug` on each retry).
+async fn listen(pool: &sqlx::PgPool, first: bool) -> Option<sqlx::postgres::PgListener> {
+    let listening = async {
+        let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+        listener.listen(KEY_REST_CHANNEL).await?;
+        Ok::<_, sqlx::Error>(listener)
+    };
+    match listening.await {
+        Ok(listener) => {
+            if !first {
+                tracing::info!("Listening for key rests again.");
+            }
+            Some(listener)
+        }
+        Err(error) if first => {
+            tracing::warn!(error.message = %error, "Cannot listen for key rests; trying again every second, and until then they stay local to this worker.");
+            None
+        }
+        Err(error) => {
+            tracing::debug!(error.message = %error, "Still cannot listen for key rests.");
+            None
         }
     }
 }

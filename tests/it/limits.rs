@@ -413,3 +413,74 @@ async fn a_slot_held_by_a_dropped_or_panicked_call_is_given_back_to_every_worker
     }
     app.cleanup().await;
 }
+
+/// A worker that could not listen for other workers' key rests when it started (Postgres
+/// refused the connection) listens once Postgres takes it, and adopts the rests announced
+/// after that.
+#[tokio::test]
+async fn a_key_rest_listener_refused_at_start_listens_once_postgres_lets_it() {
+    use switchyard::providers::KeyStatus;
+    let config = "
+[[providers]]
+name = \"rested\"
+kind = \"openai\"
+base_url = \"http://127.0.0.1:9/v1\"
+keys = [{ id = \"k\", env = \"CARGO_MANIFEST_DIR\" }]
+models = [{ name = \"m\" }]
+";
+    let app = spawn_app_with(config).await;
+    let allow = |allowed: bool| {
+        format!(
+            "ALTER DATABASE \"{}\" ALLOW_CONNECTIONS {allowed}",
+            app.database
+        )
+    };
+    // The pool keeps its open connection; a new one (the listener's) is refused. A database
+    // is closed to new connections from another one.
+    let mut held = app.pool().acquire().await.unwrap();
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&format!(
+        "{}/postgres",
+        app.database_server
+    ))
+    .await
+    .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(allow(false)))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (_announcer, announced) = tokio::sync::mpsc::unbounded_channel();
+    let mut sharing = tokio::task::JoinSet::new();
+    sharing.spawn(switchyard::routing::sharing::share_key_rests(
+        app.ctx.registry.clone(),
+        app.pool().clone(),
+        announced,
+        stop.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    sqlx::query(sqlx::AssertSqlSafe(allow(true)))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let keys = &app.ctx.registry.get("rested").unwrap().keys;
+    let until_ms = chrono::Utc::now().timestamp_millis() + 60_000;
+    let payload = format!(r#"{{"provider":"rested","key_id":"k","until_ms":{until_ms}}}"#);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // Announced again until adopted: the listener starts within a second of being allowed.
+    while !matches!(keys.status("k"), Some(KeyStatus::Resting(_))) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rest was never adopted"
+        );
+        sqlx::query("SELECT pg_notify('switchyard_key_rest', $1)")
+            .bind(&payload)
+            .execute(&mut *held)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.cancel();
+    while sharing.join_next().await.is_some() {}
+    drop(held);
+    app.cleanup().await;
+}
