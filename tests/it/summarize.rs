@@ -409,3 +409,102 @@ async fn a_run_whose_own_worker_fails_ends_with_its_error() {
     assert!(!out.exists());
     app.cleanup().await;
 }
+
+/// A document that fails while some of its pieces are still running counts those pieces
+/// when their results arrive: the output's costs and jobs add up to the ledger's.
+#[tokio::test]
+async fn a_failed_documents_pieces_still_running_count_in_its_cost() {
+    use wiremock::matchers::{body_string_contains, method};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let server = MockServer::start().await;
+    let completion = serde_json::json!({
+        "id": "c", "object": "chat.completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "A short summary."}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+    });
+    // The long document's first piece is refused at once; its other pieces answer after a
+    // second, while the short document (with "zebra") keeps the run going for three.
+    Mock::given(method("POST"))
+        .and(body_string_contains("This is part 1 of "))
+        .respond_with(ResponseTemplate::new(400).set_body_json(serde_json::json!({
+            "error": {"message": "refused", "type": "invalid_request_error", "code": null}
+        })))
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(body_string_contains("zebra"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(&completion)
+                .set_delay(std::time::Duration::from_secs(3)),
+        )
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(&completion)
+                .set_delay(std::time::Duration::from_secs(1)),
+        )
+        .with_priority(3)
+        .mount(&server)
+        .await;
+    let config = format!(
+        r#"
+[[providers]]
+name = "mock"
+kind = "openai"
+base_url = "{}/v1"
+max_retries = 0
+keys = [{{ id = "k", env = "CARGO_MANIFEST_DIR" }}]
+models = [{{ name = "m", prices = {{ input = "1", output = "2" }} }}]
+
+[[routes]]
+alias = "mock"
+targets = [{{ provider = "mock", model = "m" }}]
+"#,
+        server.uri()
+    );
+    let app = spawn_app_with(&config).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a-long.md"), DOC_A.repeat(8)).unwrap();
+    std::fs::write(dir.path().join("b-zebra.txt"), "The zebra grazes.").unwrap();
+    let out = dir.path().join("out.jsonl");
+    let output = summarize_within_two_minutes(
+        &app,
+        dir.path(),
+        &["--route", "mock", "--chunk-tokens", "200"],
+        &out,
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    let lines = read_lines(&out);
+    assert_eq!(lines[0]["status"], "failed");
+    assert_eq!(lines[1]["status"], "succeeded");
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert!(jobs >= 4, "the long document was split: {jobs} jobs");
+    let ledger: rust_decimal::Decimal =
+        sqlx::query_scalar("SELECT sum(amount_usd) FROM cost_ledger")
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+    let cost: rust_decimal::Decimal = lines
+        .iter()
+        .map(|l| {
+            l["cost_usd"]
+                .as_str()
+                .unwrap()
+                .parse::<rust_decimal::Decimal>()
+                .unwrap()
+        })
+        .sum();
+    let counted: i64 = lines.iter().map(|l| l["jobs"].as_i64().unwrap()).sum();
+    assert_eq!((counted, cost), (jobs, ledger), "{lines:?}");
+    app.cleanup().await;
+}

@@ -349,13 +349,14 @@ impl DocState {
         result: &JobResult,
         billed: bool,
     ) -> Vec<Step> {
-        if self.done {
-            return Vec::new();
-        }
+        // A piece still running when its document failed was paid for all the same.
         if billed {
             self.outcome.cost += result.cost.amount_usd;
             self.outcome.tokens += result.cost.usage.input_tokens + result.cost.usage.output_tokens;
             self.outcome.jobs += 1;
+        }
+        if self.done {
+            return Vec::new();
         }
         let text = match (result.status, result.text()) {
             (JobStatus::Succeeded, Some(text)) => text.to_owned(),
