@@ -508,3 +508,28 @@ targets = [{{ provider = "mock", model = "m" }}]
     assert_eq!((counted, cost), (jobs, ledger), "{lines:?}");
     app.cleanup().await;
 }
+
+/// One file that is not UTF-8 text fails as its own document (exit code 3, its reason in its
+/// line); the other documents are summarized.
+#[tokio::test]
+async fn a_file_that_is_not_text_fails_alone() {
+    let app = spawn_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a-harbor.md"), DOC_A).unwrap();
+    std::fs::write(
+        dir.path().join("b-latin.txt"),
+        b"Caf\xe9 au lait. Cr\xe8me br\xfbl\xe9e.",
+    )
+    .unwrap();
+    let out = dir.path().join("out.jsonl");
+    let output = summarize_within_two_minutes(&app, dir.path(), &[], &out).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    let lines = read_lines(&out);
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["status"], "succeeded");
+    assert_eq!(lines[1]["status"], "failed");
+    let error = lines[1]["error"].as_str().unwrap();
+    assert!(error.contains("b-latin.txt as UTF-8 text"), "{error}");
+    app.cleanup().await;
+}

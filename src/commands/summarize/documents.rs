@@ -20,6 +20,9 @@ pub struct Document {
     /// Its `id` when it came from a JSONL file.
     pub id: Option<String>,
     pub text: String,
+    /// Why the file could not be read as text (not UTF-8, HTML that would not convert, an
+    /// I/O error): the document fails with this reason and is not sent; the others go on.
+    pub unreadable: Option<String>,
 }
 
 impl Document {
@@ -143,26 +146,24 @@ pub fn read_all(files: &[PathBuf]) -> Result<Vec<Document>, BadInput> {
     Ok(documents)
 }
 
+/// Reads one file's documents. A JSONL line that is not a document is bad input (the list
+/// itself is malformed); a file that cannot be read as text is one document that fails.
 fn read(file: &Path, documents: &mut Vec<Document>) -> Result<(), BadInput> {
     let path = file.display().to_string();
-    let bytes = std::fs::read(file).map_err(|e| BadInput(format!("cannot read {path}: {e}")))?;
     let extension = file
         .extension()
         .and_then(|e| e.to_str())
         .map(str::to_ascii_lowercase);
-    match extension.as_deref() {
-        Some("html" | "htm") => {
-            let text = html2text::from_read(bytes.as_slice(), 200)
-                .map_err(|e| BadInput(format!("cannot convert {path} from HTML: {e}")))?;
-            documents.push(Document {
-                path,
-                id: None,
-                text,
-            });
-        }
-        Some("jsonl") => {
-            let text = String::from_utf8(bytes)
-                .map_err(|e| BadInput(format!("{path} is not UTF-8 text: {e}")))?;
+    let text = std::fs::read(file)
+        .map_err(|e| format!("cannot read {path}: {e}"))
+        .and_then(|bytes| match extension.as_deref() {
+            Some("html" | "htm") => html2text::from_read(bytes.as_slice(), 200)
+                .map_err(|e| format!("cannot convert {path} from HTML: {e}")),
+            _ => String::from_utf8(bytes)
+                .map_err(|e| format!("cannot read {path} as UTF-8 text: {e}")),
+        });
+    match (text, extension.as_deref()) {
+        (Ok(text), Some("jsonl")) => {
             for (index, line) in text.lines().enumerate() {
                 if line.trim().is_empty() {
                     continue;
@@ -170,13 +171,16 @@ fn read(file: &Path, documents: &mut Vec<Document>) -> Result<(), BadInput> {
                 documents.push(jsonl_document(&path, index + 1, line)?);
             }
         }
-        _ => {
-            let text = String::from_utf8(bytes)
-                .map_err(|e| BadInput(format!("cannot read {path} as UTF-8 text: {e}")))?;
+        (text, _) => {
+            let (text, unreadable) = match text {
+                Ok(text) => (text, None),
+                Err(reason) => (String::new(), Some(reason)),
+            };
             documents.push(Document {
                 path,
                 id: None,
                 text,
+                unreadable,
             });
         }
     }
@@ -202,6 +206,7 @@ fn jsonl_document(path: &str, number: usize, line: &str) -> Result<Document, Bad
         path: path.to_owned(),
         id: Some(id),
         text,
+        unreadable: None,
     })
 }
 
@@ -282,6 +287,31 @@ mod tests {
         assert_eq!(collect_files(&argument, &around).unwrap().len(), 2);
         // Any other output leaves it an input.
         assert_eq!(collect_files(&argument, Path::new("-")).unwrap().len(), 3);
+    }
+
+    /// One file that is not text fails as one document; the others are read.
+    #[test]
+    fn a_file_that_is_not_text_is_a_document_that_fails_not_the_whole_input() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.txt"), "Alpha.").unwrap();
+        std::fs::write(dir.path().join("b.txt"), b"caf\xe9 au lait").unwrap();
+        std::os::unix::fs::symlink("gone.md", dir.path().join("c.md")).unwrap();
+        let files = [
+            dir.path().join("a.txt"),
+            dir.path().join("b.txt"),
+            dir.path().join("c.md"),
+        ];
+        let documents = read_all(&files).unwrap();
+        assert_eq!(documents.len(), 3);
+        assert_eq!(documents[0].text, "Alpha.");
+        assert!(documents[0].unreadable.is_none());
+        let latin = documents[1].unreadable.as_deref().unwrap();
+        assert!(latin.contains("b.txt as UTF-8 text"), "{latin}");
+        let gone = documents[2].unreadable.as_deref().unwrap();
+        assert!(
+            gone.starts_with("cannot read ") && gone.contains("c.md"),
+            "{gone}"
+        );
     }
 
     #[test]

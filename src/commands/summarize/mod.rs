@@ -491,12 +491,13 @@ async fn summarize(
     let first: Vec<Step> = documents
         .iter()
         .enumerate()
-        .flat_map(|(i, d)| {
-            let text = d.text.clone();
-            runner.states[i].steps(i, plan, text)
+        .flat_map(|(i, d)| match &d.unreadable {
+            Some(reason) => runner.states[i].fail(reason.clone()),
+            None => runner.states[i].steps(i, plan, d.text.clone()),
         })
         .collect();
-    // A document done before its first job failed at once (nothing to summarize).
+    // A document done before its first job failed at once (unreadable, or nothing to
+    // summarize).
     for state in runner.states.iter().filter(|s| s.done) {
         runner.progress.advance(state.outcome.error.is_some());
     }

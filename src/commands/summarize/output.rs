@@ -289,6 +289,7 @@ mod tests {
             path: "a.md".to_owned(),
             id: None,
             text: "Alpha.".to_owned(),
+            unreadable: None,
         }
     }
 
