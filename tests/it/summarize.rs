@@ -143,10 +143,10 @@ async fn a_long_blank_document_fails_with_its_reason_and_the_run_ends() {
 }
 
 /// A document too big for one job message, with no `--chunk-tokens` or context window to cut
-/// it by, is split to fit `worker.max_message_bytes`; one whose piece still cannot fit (a
-/// single word longer than a message) fails with its reason. Before, each was sent whole,
-/// rejected unread as `too_large` with a result no batch subscribes to, and the run waited
-/// forever.
+/// it by, is split to fit `worker.max_message_bytes`, even a single word longer than a
+/// message; one whose piece still cannot fit (tokens of many bytes each) fails with its
+/// reason. Before, each was sent whole, rejected unread as `too_large` with a result no batch
+/// subscribes to, and the run waited forever.
 #[tokio::test]
 async fn a_document_too_big_for_one_message_is_split_to_fit_and_one_that_cannot_fit_fails() {
     let app = spawn_app_full("max_message_bytes = 65536\n", "").await;
@@ -154,9 +154,15 @@ async fn a_document_too_big_for_one_message_is_split_to_fit_and_one_that_cannot_
     // About 210 KB of sentences: three times the message limit.
     let sentence = "The harbor master counted the boats again before the storm came in. ";
     std::fs::write(dir.path().join("a-long.txt"), sentence.repeat(3000)).unwrap();
+    // One word longer than a message is cut between characters.
     std::fs::write(dir.path().join("b-one-word.txt"), "x".repeat(100_000)).unwrap();
-    // Pieces that fit and one that cannot: none of its jobs is sent.
-    let mixed = format!("{}\n\n{}", sentence.repeat(600), "y".repeat(100_000));
+    // Pieces that fit and ones that cannot (words of two tokens and 129 bytes, where a piece
+    // is sized for 16 bytes per token, 32 unescaped): none of its jobs is sent.
+    let mixed = format!(
+        "{}\n\n{}",
+        sentence.repeat(600),
+        format!("{} ", "=".repeat(128)).repeat(2_000)
+    );
     std::fs::write(dir.path().join("c-mixed.txt"), mixed).unwrap();
     let out = dir.path().join("out.jsonl");
     let output = summarize_within_two_minutes(&app, dir.path(), &[], &out).await;
@@ -164,19 +170,20 @@ async fn a_document_too_big_for_one_message_is_split_to_fit_and_one_that_cannot_
     assert_eq!(output.status.code(), Some(3), "{stderr}");
     let lines = read_lines(&out);
     assert_eq!(lines.len(), 3);
-    assert_eq!(lines[0]["status"], "succeeded", "{lines:?}");
-    assert!(lines[0]["chunks"].as_u64().unwrap() > 3, "{lines:?}");
-    for failed in &lines[1..] {
-        assert_eq!(failed["status"], "failed", "{lines:?}");
-        assert!(
-            failed
-                .to_string()
-                .contains("worker.max_message_bytes (65536)"),
-            "{lines:?}"
-        );
+    for split in &lines[..2] {
+        assert_eq!(split["status"], "succeeded", "{lines:?}");
+        assert!(split["chunks"].as_u64().unwrap() > 1, "{lines:?}");
     }
-    // Nothing of the failed documents (lines 2 and 3) was stored, so nothing was published.
-    assert_eq!(items_from_line(&app, 2).await, 0, "{lines:?}");
+    assert!(lines[0]["chunks"].as_u64().unwrap() > 3, "{lines:?}");
+    assert_eq!(lines[2]["status"], "failed", "{lines:?}");
+    assert!(
+        lines[2]
+            .to_string()
+            .contains("worker.max_message_bytes (65536)"),
+        "{lines:?}"
+    );
+    // Nothing of the failed document (line 3) was stored, so nothing was published.
+    assert_eq!(items_from_line(&app, 3).await, 0, "{lines:?}");
     app.cleanup().await;
 }
 
@@ -184,22 +191,25 @@ async fn a_document_too_big_for_one_message_is_split_to_fit_and_one_that_cannot_
 /// whose last piece cannot fit in a message stores and sends none of the 600 before it.
 #[tokio::test]
 async fn a_document_whose_last_piece_cannot_fit_sends_none_of_its_many_pieces() {
-    let app = spawn_app_full("max_message_bytes = 65536\n", "").await;
+    // Small messages make small pieces: over 500 of sentences, then pieces of words of two
+    // tokens and 129 bytes, where a piece is sized for 16 bytes per token (32 unescaped).
+    let app = spawn_app_full("max_message_bytes = 8192\n", "").await;
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
         "{}\n\n{}",
-        "The boats came back before the storm. ".repeat(1200),
-        "y".repeat(100_000)
+        "The boats came back before the storm. ".repeat(15_000),
+        format!("{} ", "=".repeat(128)).repeat(200)
     );
     std::fs::write(dir.path().join("many.txt"), text).unwrap();
     let out = dir.path().join("out.jsonl");
-    let output =
-        summarize_within_two_minutes(&app, dir.path(), &["--chunk-tokens", "20"], &out).await;
+    let output = summarize_within_two_minutes(&app, dir.path(), &[], &out).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(3), "{stderr}");
     let lines = read_lines(&out);
     assert_eq!(lines[0]["status"], "failed", "{lines:?}");
     assert!(lines[0]["chunks"].as_u64().unwrap() > 500, "{lines:?}");
+    let error = lines[0]["error"].as_str().unwrap();
+    assert!(error.contains("worker.max_message_bytes (8192)"), "{error}");
     assert_eq!(items_from_line(&app, 1).await, 0, "{lines:?}");
     app.cleanup().await;
 }

@@ -1,6 +1,7 @@
 //! Splitting a document that does not fit a model's context window into pieces of at most
 //! `max_tokens` tokens, on paragraph boundaries where possible, then on sentence boundaries,
-//! and only for a single sentence longer than a piece, between words.
+//! and only for a single sentence longer than a piece, between words (and a single word longer
+//! than a piece, between characters).
 
 use crate::summarizer::split_sentences;
 use crate::tokens;
@@ -77,7 +78,8 @@ pub fn split(text: &str, max_tokens: usize) -> Vec<String> {
     pieces
 }
 
-/// Cuts one over-long sentence between words into runs of at most `max_tokens` tokens.
+/// Cuts one over-long sentence between words into runs of at most `max_tokens` tokens (a word
+/// longer than that, between characters).
 fn split_words(sentence: &str, max_tokens: usize) -> Vec<&str> {
     let mut pieces = Vec::new();
     let mut start = 0;
@@ -92,6 +94,18 @@ fn split_words(sentence: &str, max_tokens: usize) -> Vec<&str> {
         })
     {
         let tokens = tokens::count(word);
+        if tokens > max_tokens {
+            // A word longer than a piece (a URL, inline base64, a minified line) is cut
+            // between characters, after the run before it.
+            if end > start {
+                pieces.push(sentence[start..end].trim());
+            }
+            pieces.extend(split_chars(word.trim(), max_tokens));
+            start = offset + word.len();
+            end = start;
+            tokens_so_far = 0;
+            continue;
+        }
         if end > start && tokens_so_far + tokens > max_tokens {
             pieces.push(sentence[start..end].trim());
             start = offset;
@@ -104,6 +118,40 @@ fn split_words(sentence: &str, max_tokens: usize) -> Vec<&str> {
         pieces.push(sentence[start..end].trim());
     }
     pieces.retain(|p| !p.is_empty());
+    pieces
+}
+
+/// Most characters per token of a piece cut from an over-long word. Most tokens are a few
+/// characters, so this rarely binds, and it bounds what each cut reads; but a run of one
+/// character (`=`, spaces) can be 64 or more per token, and such a piece must still fit in a
+/// message, whose piece size allows 16 bytes per token (`Plan::piece_tokens`).
+const MAX_CHARS_PER_TOKEN: usize = 16;
+
+/// Cuts one word of more than `max_tokens` tokens between characters into the longest
+/// prefixes of at most `max_tokens` tokens (at least one character each).
+fn split_chars(word: &str, max_tokens: usize) -> Vec<&str> {
+    let mut pieces = Vec::new();
+    let mut rest = word;
+    while !rest.is_empty() {
+        // Byte ends of the first 1, 2, … characters, as far as one piece could reach.
+        let ends: Vec<usize> = rest
+            .char_indices()
+            .map(|(at, c)| at + c.len_utf8())
+            .take(max_tokens.saturating_mul(MAX_CHARS_PER_TOKEN))
+            .collect();
+        // The most characters whose text is within `max_tokens` (the first one always goes).
+        let (mut low, mut high) = (0, ends.len() - 1);
+        while low < high {
+            let middle = (low + high).div_ceil(2);
+            if tokens::count(&rest[..ends[middle]]) <= max_tokens {
+                low = middle;
+            } else {
+                high = middle - 1;
+            }
+        }
+        pieces.push(&rest[..ends[low]]);
+        rest = &rest[ends[low]..];
+    }
     pieces
 }
 
@@ -171,5 +219,32 @@ mod tests {
                 .all(|p| tokens::count(p) <= 50 && !p.starts_with(' '))
         );
         assert_eq!(pieces.join(" ").split_whitespace().count(), 1000);
+    }
+
+    /// A word longer than a piece (inline base64, a minified line) is cut between characters:
+    /// no piece is larger than asked, and no character is lost or reordered.
+    #[test]
+    fn a_word_longer_than_a_piece_is_cut_between_characters() {
+        let blob: String = (0..20_000)
+            .map(|i| char::from(b"Zq9+/xK3ab"[i % 10]))
+            .collect();
+        let text = format!("Intro. Before {blob} after the blob. End.");
+        let pieces = split(&text, 100);
+        assert!(pieces.len() >= 20, "{}", pieces.len());
+        for piece in &pieces {
+            assert!(
+                tokens::count(piece) <= 100,
+                "{} tokens",
+                tokens::count(piece)
+            );
+        }
+        let joined: String = pieces.concat().split_whitespace().collect();
+        let expected: String = text.split_whitespace().collect();
+        assert_eq!(joined, expected);
+        // Characters of several bytes are never cut inside.
+        let wide = "é€😀".repeat(3_000);
+        let pieces = split(&wide, 50);
+        assert!(pieces.iter().all(|p| tokens::count(p) <= 50));
+        assert_eq!(pieces.concat(), wide);
     }
 }
