@@ -730,3 +730,84 @@ pub fn deduped_events(events: &[Captured]) -> (Vec<Value>, usize) {
     }
     (out, events.len())
 }
+
+/// Ctrl-C stops `summarize` at once even while it is publishing into a broker that has gone
+/// away (publishing waits for the broker for up to ten minutes): exit code 130, the batch to
+/// resume named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_ctrl_c_stops_summarize_publishing_into_a_stopped_broker() {
+    let rabbit = PrivateRabbit::start();
+    let app = spawn_app_on(&rabbit.url(), &database_server(), "", "").await;
+    let dir = tempfile::tempdir().unwrap();
+    let lines: Vec<String> = (0..20_000)
+        .map(|i| format!(r#"{{"id":"d{i}","text":"Document {i}. The tide came in early."}}"#))
+        .collect();
+    std::fs::write(dir.path().join("many.jsonl"), lines.join("\n")).unwrap();
+    let run = crate::helpers::switchyard(&app)
+        .args([
+            "summarize",
+            dir.path().to_str().unwrap(),
+            "--batch",
+            "outage",
+        ])
+        .args(["--out", dir.path().join("out.jsonl").to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first rounds are stored and published; the broker goes while the rest are.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let published: i64 = sqlx::query_scalar("SELECT count(*) FROM batch_items WHERE published")
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+        if published > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the run publishes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    rabbit.stop();
+    let unpublished: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM batch_items WHERE NOT published")
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM batch_items")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert!(
+        unpublished > 0 || stored < 20_000,
+        "the broker stopped before the run had published everything"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = run.id().to_string();
+    let signal = |name: &str| {
+        std::process::Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(signal("-INT"));
+    let output = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || run.wait_with_output()),
+    )
+    .await;
+    if output.is_err() {
+        // It would go on trying to publish for minutes, into the next test's broker.
+        signal("-KILL");
+    }
+    let output = output
+        .expect("the run stops soon after Ctrl-C")
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("--batch outage to resume"), "{stderr}");
+    rabbit.start_again();
+    app.cleanup().await;
+}

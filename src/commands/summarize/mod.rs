@@ -575,19 +575,13 @@ impl Runner<'_> {
         first: Vec<Step>,
         results: &mut lapin::Consumer,
     ) -> anyhow::Result<()> {
-        self.issue(first).await?;
+        self.issue_unless_interrupted(first).await?;
         let every = Duration::from_secs(2);
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         while self.states.iter().any(|s| !s.done) {
             let mut next_steps = Vec::new();
             tokio::select! {
-                _ = self.ctx.shutdown.cancelled() => {
-                    let left = self.states.iter().filter(|s| !s.done).count();
-                    return Err(Interrupted(format!(
-                        "interrupted with {left} of {} documents unfinished; their jobs stay queued. Run the same command with --batch {} to resume: finished documents are not sent again",
-                        self.states.len(), self.batch
-                    )).into());
-                }
+                _ = self.ctx.shutdown.cancelled() => return Err(self.interrupted()),
                 _ = tick.tick() => {
                     self.progress.line();
                     self.keep_a_worker().await?;
@@ -607,10 +601,39 @@ impl Runner<'_> {
                 }
             }
             if !next_steps.is_empty() {
-                self.issue(next_steps).await?;
+                self.issue_unless_interrupted(next_steps).await?;
             }
         }
         Ok(())
+    }
+
+    /// [`Self::issue`], given up at Ctrl-C: a publish the broker refuses, or a broker that is
+    /// gone, is retried for minutes, and the run must stop at once all the same. Stopping
+    /// part way leaves what a crash there would, which a resumed run completes without sending
+    /// any job twice.
+    async fn issue_unless_interrupted(&mut self, steps: Vec<Step>) -> anyhow::Result<()> {
+        let shutdown = self.ctx.shutdown.clone();
+        let interrupted = tokio::select! {
+            issued = self.issue(steps) => {
+                issued?;
+                false
+            }
+            () = shutdown.cancelled() => true,
+        };
+        if interrupted {
+            return Err(self.interrupted());
+        }
+        Ok(())
+    }
+
+    fn interrupted(&self) -> anyhow::Error {
+        let left = self.states.iter().filter(|s| !s.done).count();
+        Interrupted(format!(
+            "interrupted with {left} of {} documents unfinished; their jobs stay queued. Run the same command with --batch {} to resume: finished documents are not sent again",
+            self.states.len(),
+            self.batch
+        ))
+        .into()
     }
 
     /// Makes sure some worker still consumes the jobs: the workers this run published to may
