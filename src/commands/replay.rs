@@ -117,19 +117,38 @@ pub async fn run(settings: Settings, args: ReplayArgs) -> anyhow::Result<ExitCod
     let mut out = std::io::stdout().lock();
     let mut chosen: Vec<(Job, AuditEvent)> = Vec::new();
     let mut skipped = 0usize;
-    // An id asked for by `--id` that the selection does not hold is said, not passed over,
-    // and the command exits `EXIT_BAD_INPUT` once it has replayed the others.
+    // An id asked for by `--id` that the selection does not hold is said, not passed over.
+    // One the other options left out (its status, batch, time or error) is skipped as such;
+    // one with no stored job of the tenant at all makes the command exit `EXIT_BAD_INPUT`
+    // once it has replayed the others.
+    let unselected: Vec<uuid::Uuid> = (args.ids.iter())
+        .filter(|id| !selected.iter().any(|stored| stored.id == **id))
+        .copied()
+        .collect();
+    let left_out = if unselected.is_empty() {
+        Vec::new()
+    } else {
+        let by_id = ReplayFilter {
+            tenant: args.tenant.clone(),
+            ids: unselected.clone(),
+            ..ReplayFilter::default()
+        };
+        jobs::select_for_replay(&mut conn, &by_id).await?
+    };
     let mut missing = 0usize;
-    for id in &args.ids {
-        if !selected.iter().any(|stored| stored.id == *id) {
-            skipped += 1;
-            missing += 1;
-            writeln!(
-                out,
-                "{}",
-                json!({ "job_id": id, "action": "skipped", "reason": format!("no stored job of tenant {} with this id matches the selection", args.tenant) })
-            )?;
-        }
+    for id in &unselected {
+        skipped += 1;
+        let line = match left_out.iter().find(|stored| stored.id == *id) {
+            Some(stored) => json!({
+                "job_id": id, "action": "skipped", "status": stored.status, "batch": stored.batch,
+                "reason": "left out by the other options (--status, --batch, --error-class, --since, --until)",
+            }),
+            None => {
+                missing += 1;
+                json!({ "job_id": id, "action": "skipped", "reason": format!("no stored job of tenant {} has this id", args.tenant) })
+            }
+        };
+        writeln!(out, "{line}")?;
     }
     for stored in &selected {
         if let Some(reason) = skip_reason(stored, args.force) {
@@ -184,7 +203,7 @@ pub async fn run(settings: Settings, args: ReplayArgs) -> anyhow::Result<ExitCod
             return ExitCode::SUCCESS;
         }
         eprintln!(
-            "replay: {missing} of the {} --id value(s) match no stored job of tenant {} in the selection",
+            "replay: {missing} of the {} --id value(s) match no stored job of tenant {}",
             args.ids.len(),
             args.tenant
         );

@@ -877,6 +877,16 @@ async fn replaying_a_batchs_failed_jobs_after_the_provider_recovers() {
         "{stdout}"
     );
     assert_eq!(output.status.code(), Some(2));
+    // A stored job the other options leave out is skipped as such: it is not unknown.
+    let output = replay(&["--id", &again, "--status", "failed"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains(&again)
+            && stdout.contains("\"status\":\"succeeded\"")
+            && stdout.contains("left out by the other options"),
+        "{stdout}"
+    );
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
     let output = replay(&["--id", &unknown, "--id", &again, "--force", "--dry-run"]);
     assert!(String::from_utf8_lossy(&output.stdout).contains("\"action\":\"would_replay\""));
     assert_eq!(output.status.code(), Some(2));
