@@ -129,6 +129,11 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
         }
     }))
     .await;
+    // Calls abandoned with their sessions (the grace period ran out) left their concurrency
+    // slots behind; the sharing task, stopped below, would have freed them.
+    if let Some(limiter) = &ctx.limiter {
+        limiter.release_orphans().await;
+    }
     let mut ended = Vec::with_capacity(outcomes.len());
     for outcome in outcomes {
         ended.push(outcome?);
@@ -147,11 +152,6 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
             WorkerExit::Idle => 0,
         })
         .unwrap_or(WorkerExit::Shutdown);
-    // Calls abandoned with their sessions (the grace period ran out) left their concurrency
-    // slots behind; the sharing task, stopped next, would have freed them.
-    if let Some(limiter) = &ctx.limiter {
-        limiter.release_orphans().await;
-    }
     // The relay closes its channel on its way out; the connection closes after this returns.
     sharing.cancel();
     if tokio::time::timeout(options.grace, relay).await.is_err() {

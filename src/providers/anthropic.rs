@@ -1185,13 +1185,14 @@ fn error_fields(body: &str) -> AnthropicErrorFields {
 /// The retry delay a response asks for: `retry-after-ms`/`retry-after`, else the reset time
 /// of the exhausted `anthropic-ratelimit-*` limits.
 fn retry_delay(headers: &HeaderMap) -> Option<Duration> {
-    retry_after_from_headers(headers)
-        .or_else(|| super::plausible_retry_after(reset_delay(headers, chrono::Utc::now())))
+    retry_after_from_headers(headers).or_else(|| reset_delay(headers, chrono::Utc::now()))
 }
 
 /// The wait until every exhausted limit (`…-remaining` = 0) has reset. §6 words it as "the
 /// earliest relevant reset", but a retry cannot succeed before *all* exhausted limits reset,
-/// so the latest one is taken (as `openai.rs` does). A reset in the past is no wait.
+/// so the latest one is taken (as `openai.rs` does). A reset in the past is no wait; one
+/// beyond [`super::MAX_RETRY_AFTER`] is a broken header, left out as the same `retry-after`
+/// would be.
 fn reset_delay(headers: &HeaderMap, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
     let header = |name: String| {
         headers
@@ -1205,11 +1206,11 @@ fn reset_delay(headers: &HeaderMap, now: chrono::DateTime<chrono::Utc>) -> Optio
         .filter_map(|kind| {
             let reset = header(format!("anthropic-ratelimit-{kind}-reset"))?;
             let at = chrono::DateTime::parse_from_rfc3339(reset).ok()?;
-            Some(
+            super::plausible_retry_after(Some(
                 (at.with_timezone(&chrono::Utc) - now)
                     .to_std()
                     .unwrap_or(Duration::ZERO),
-            )
+            ))
         })
         .max()
 }
@@ -2179,6 +2180,17 @@ mod tests {
                 .unwrap(),
         );
         let delay = retry_delay(&headers).expect("a reset two hours away is a delay");
+        assert!(delay > Duration::from_secs(7100) && delay <= Duration::from_secs(7200));
+        // A broken reset of another exhausted limit does not cancel a good one.
+        headers.insert(
+            "anthropic-ratelimit-tokens-remaining",
+            HeaderValue::from_static("0"),
+        );
+        headers.insert(
+            "anthropic-ratelimit-tokens-reset",
+            HeaderValue::from_static("9999-01-01T00:00:00Z"),
+        );
+        let delay = retry_delay(&headers).expect("the good reset still counts");
         assert!(delay > Duration::from_secs(7100) && delay <= Duration::from_secs(7200));
     }
 

@@ -476,7 +476,7 @@ impl Limiter {
 
     /// Frees the lease's slots and corrects its token counts to `actual_units`.
     pub async fn release(&self, mut lease: Lease, actual_units: Option<u64>) {
-        self.release_slots(std::mem::take(&mut lease.slots)).await;
+        self.release_slots(&mut lease).await;
         if let Some(units) = actual_units {
             for event in &lease.events {
                 if let Err(error) = limiter::settle_units(&self.pool, *event, units).await {
@@ -488,26 +488,40 @@ impl Limiter {
 
     /// Frees the slots of leases dropped without being released (see [`Orphans`]).
     pub async fn release_orphans(&self) {
-        let orphans = std::mem::take(
+        let slots = std::mem::take(
             &mut *self
                 .orphans
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
-        if !orphans.is_empty() {
-            tracing::debug!(
-                slots = orphans.len(),
-                "Freeing the slots of calls that were dropped."
-            );
-            self.release_slots(orphans).await;
+        if slots.is_empty() {
+            return;
         }
+        tracing::debug!(
+            slots = slots.len(),
+            "Freeing the slots of calls that were dropped."
+        );
+        // Held as a lease of their own: whatever is not freed (this task dropped in turn,
+        // Postgres refusing) goes back to the orphans.
+        let mut orphaned = Lease {
+            slots,
+            events: Vec::new(),
+            _permits: Vec::new(),
+            orphans: self.orphans.clone(),
+        };
+        self.release_slots(&mut orphaned).await;
     }
 
-    async fn release_slots(&self, slots: Vec<(String, i32)>) {
-        for (scope, slot) in &slots {
+    /// Frees the lease's slots one at a time, each taken out of the lease once Postgres has
+    /// freed it: a slot still in the lease when it is dropped (the task cancelled while it
+    /// waits here) or one Postgres would not free goes to the orphans, freed on a later try.
+    async fn release_slots(&self, lease: &mut Lease) {
+        while let Some((scope, slot)) = lease.slots.last() {
             if let Err(error) = limiter::release_slot(&self.pool, scope, *slot, self.holder).await {
-                tracing::warn!(scope = %scope, error.message = %error, "Could not release a slot; it frees when its lease expires.");
+                tracing::warn!(scope = %scope, error.message = %error, "Could not release a slot; trying again within a second.");
+                return;
             }
+            lease.slots.pop();
         }
     }
 

@@ -86,6 +86,9 @@ pub async fn share_key_rests(
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut listener = listen(&pool, true).await;
+    // When the next try to listen is due (a fixed time, not a timer restarted by every rest
+    // announced meanwhile, which a stream of 429s would put off for good).
+    let mut listen_at = tokio::time::Instant::now() + LISTEN_RETRY;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -99,8 +102,12 @@ pub async fn share_key_rests(
             // A listener that could not be set up (Postgres down, out of connections) is
             // tried again every second: without it the worker would never adopt another
             // worker's rests.
-            () = tokio::time::sleep(LISTEN_RETRY), if listener.is_none() => {
-                listener = listen(&pool, false).await;
+            () = tokio::time::sleep_until(listen_at), if listener.is_none() => {
+                listener = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    listening = listen(&pool, false) => listening,
+                };
+                listen_at = tokio::time::Instant::now() + LISTEN_RETRY;
             }
             notification = async { listener.as_mut()?.recv().await.ok() }, if listener.is_some() => {
                 let Some(notification) = notification else {

@@ -435,7 +435,7 @@ models = [{ name = \"m\" }]
             app.database
         )
     };
-    // The pool keeps its open connection; a new one (the listener's) is refused. A database
+    // The connection held here stays open; a new one (the listener's) is refused. A database
     // is closed to new connections from another one.
     let mut held = app.pool().acquire().await.unwrap();
     let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&format!(
@@ -451,9 +451,14 @@ models = [{ name = \"m\" }]
     let stop = tokio_util::sync::CancellationToken::new();
     let (_announcer, announced) = tokio::sync::mpsc::unbounded_channel();
     let mut sharing = tokio::task::JoinSet::new();
+    // A pool of its own, with no connection yet: the listener's must be a new one.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_lazy(&format!("{}/{}", app.database_server, app.database))
+        .unwrap();
     sharing.spawn(switchyard::routing::sharing::share_key_rests(
         app.ctx.registry.clone(),
-        app.pool().clone(),
+        pool,
         announced,
         stop.clone(),
     ));

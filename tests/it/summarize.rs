@@ -421,7 +421,9 @@ async fn a_run_whose_own_worker_fails_ends_with_its_error() {
 }
 
 /// A document that fails while some of its pieces are still running counts those pieces
-/// when their results arrive: the output's costs and jobs add up to the ledger's.
+/// when their results arrive while the run still waits for other documents: the output's
+/// costs and jobs add up to the ledger's. (Pieces still running when the last document ends
+/// are not waited for.)
 #[tokio::test]
 async fn a_failed_documents_pieces_still_running_count_in_its_cost() {
     use wiremock::matchers::{body_string_contains, method};

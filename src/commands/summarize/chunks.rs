@@ -12,6 +12,9 @@ struct Unit<'a> {
     text: &'a str,
     tokens: usize,
     paragraph_start: bool,
+    /// A cut of a word longer than a piece: a piece by itself, so that no space is put
+    /// inside the word and the cut's byte bound holds.
+    alone: bool,
 }
 
 /// Splits `text` into pieces of at most `max_tokens` tokens (counted with the tokenizer),
@@ -26,6 +29,7 @@ pub fn split(text: &str, max_tokens: usize) -> Vec<String> {
                 text: paragraph,
                 tokens,
                 paragraph_start: true,
+                alone: false,
             });
             continue;
         }
@@ -41,13 +45,15 @@ pub fn split(text: &str, max_tokens: usize) -> Vec<String> {
                     text: sentence,
                     tokens,
                     paragraph_start: first,
+                    alone: false,
                 });
             } else {
-                for piece in split_words(sentence, max_tokens) {
+                for (piece, alone) in split_words(sentence, max_tokens) {
                     units.push(Unit {
                         text: piece,
                         tokens: tokens::count(piece),
                         paragraph_start: first,
+                        alone,
                     });
                     first = false;
                 }
@@ -61,9 +67,13 @@ pub fn split(text: &str, max_tokens: usize) -> Vec<String> {
     for unit in units {
         // A joiner costs about one token; count it so pieces stay within the limit.
         let joined = current_tokens + usize::from(!current.is_empty()) + unit.tokens;
-        if !current.is_empty() && joined > max_tokens {
+        if !current.is_empty() && (joined > max_tokens || unit.alone) {
             pieces.push(std::mem::take(&mut current));
             current_tokens = 0;
+        }
+        if unit.alone {
+            pieces.push(unit.text.to_owned());
+            continue;
         }
         if !current.is_empty() {
             current.push_str(if unit.paragraph_start { "\n\n" } else { " " });
@@ -80,7 +90,8 @@ pub fn split(text: &str, max_tokens: usize) -> Vec<String> {
 
 /// Cuts one over-long sentence between words into runs of at most `max_tokens` tokens (a word
 /// longer than that, between characters).
-fn split_words(sentence: &str, max_tokens: usize) -> Vec<&str> {
+/// Each run says whether it is a cut of one word (`true`), to be a piece by itself.
+fn split_words(sentence: &str, max_tokens: usize) -> Vec<(&str, bool)> {
     let mut pieces = Vec::new();
     let mut start = 0;
     let mut end = 0;
@@ -98,16 +109,20 @@ fn split_words(sentence: &str, max_tokens: usize) -> Vec<&str> {
             // A word longer than a piece (a URL, inline base64, a minified line) is cut
             // between characters, after the run before it.
             if end > start {
-                pieces.push(sentence[start..end].trim());
+                pieces.push((sentence[start..end].trim(), false));
             }
-            pieces.extend(split_chars(word.trim(), max_tokens));
+            pieces.extend(
+                split_chars(word.trim(), max_tokens)
+                    .into_iter()
+                    .map(|cut| (cut, true)),
+            );
             start = offset + word.len();
             end = start;
             tokens_so_far = 0;
             continue;
         }
         if end > start && tokens_so_far + tokens > max_tokens {
-            pieces.push(sentence[start..end].trim());
+            pieces.push((sentence[start..end].trim(), false));
             start = offset;
             tokens_so_far = 0;
         }
@@ -115,17 +130,17 @@ fn split_words(sentence: &str, max_tokens: usize) -> Vec<&str> {
         tokens_so_far += tokens;
     }
     if end > start {
-        pieces.push(sentence[start..end].trim());
+        pieces.push((sentence[start..end].trim(), false));
     }
-    pieces.retain(|p| !p.is_empty());
+    pieces.retain(|(p, _)| !p.is_empty());
     pieces
 }
 
-/// Most characters per token of a piece cut from an over-long word. Most tokens are a few
-/// characters, so this rarely binds, and it bounds what each cut reads; but a run of one
-/// character (`=`, spaces) can be 64 or more per token, and such a piece must still fit in a
-/// message, whose piece size allows 16 bytes per token (`Plan::piece_tokens`).
-const MAX_CHARS_PER_TOKEN: usize = 16;
+/// Most bytes per token of a piece cut from an over-long word. Most tokens are a few bytes,
+/// so this rarely binds, and it bounds what each cut reads; but a run of one character (`=`,
+/// `─`) can be 64 or more bytes per token, and such a piece must still fit in a message,
+/// whose piece size allows 16 bytes per token (`Plan::piece_tokens`).
+const MAX_BYTES_PER_TOKEN: usize = 16;
 
 /// Cuts one word of more than `max_tokens` tokens between characters into the longest
 /// prefixes of at most `max_tokens` tokens (at least one character each).
@@ -133,11 +148,13 @@ fn split_chars(word: &str, max_tokens: usize) -> Vec<&str> {
     let mut pieces = Vec::new();
     let mut rest = word;
     while !rest.is_empty() {
-        // Byte ends of the first 1, 2, … characters, as far as one piece could reach.
+        // Byte ends of the first 1, 2, … characters, as far as one piece may reach (at
+        // least 16 bytes: never less than a character).
+        let reach = max_tokens.saturating_mul(MAX_BYTES_PER_TOKEN);
         let ends: Vec<usize> = rest
             .char_indices()
             .map(|(at, c)| at + c.len_utf8())
-            .take(max_tokens.saturating_mul(MAX_CHARS_PER_TOKEN))
+            .take_while(|end| *end <= reach)
             .collect();
         // The most characters whose text is within `max_tokens` (the first one always goes).
         let (mut low, mut high) = (0, ends.len() - 1);
@@ -241,10 +258,16 @@ mod tests {
         let joined: String = pieces.concat().split_whitespace().collect();
         let expected: String = text.split_whitespace().collect();
         assert_eq!(joined, expected);
-        // Characters of several bytes are never cut inside.
-        let wide = "é€😀".repeat(3_000);
-        let pieces = split(&wide, 50);
-        assert!(pieces.iter().all(|p| tokens::count(p) <= 50));
-        assert_eq!(pieces.concat(), wide);
+        // Characters of several bytes are never cut inside, and a cut from a run of one
+        // (many bytes to a token) is at most 16 bytes per token of the piece size.
+        for wide in ["é€😀".repeat(3_000), "─".repeat(20_000)] {
+            let pieces = split(&wide, 50);
+            assert!(
+                pieces
+                    .iter()
+                    .all(|p| tokens::count(p) <= 50 && p.len() <= 800)
+            );
+            assert_eq!(pieces.concat(), wide);
+        }
     }
 }

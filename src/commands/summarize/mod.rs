@@ -641,15 +641,19 @@ impl Runner<'_> {
     /// deployment), and the run would wait for its results forever. With no consumer left, it
     /// starts its own worker. Its own worker failing ends the run with that worker's error.
     async fn keep_a_worker(&mut self) -> anyhow::Result<()> {
-        if let Some(local) = &mut self.local_worker {
-            if !local.handle.is_finished() {
-                return Ok(());
-            }
-            let ended = (&mut local.handle)
+        if self
+            .local_worker
+            .as_ref()
+            .is_some_and(|local| !local.handle.is_finished())
+        {
+            return Ok(());
+        }
+        if let Some(ended) = self.local_worker.take() {
+            ended
+                .handle
                 .await
-                .context("the in-process worker panicked")?;
-            self.local_worker = None;
-            ended.context("the in-process worker stopped")?;
+                .context("the in-process worker panicked")?
+                .context("the in-process worker stopped")?;
         }
         let (_, consumers) = topology::jobs_queue_depth(self.channel, &self.ctx.names).await?;
         if consumers == 0 {
@@ -720,7 +724,7 @@ impl Runner<'_> {
                 if !state.done {
                     state.fail(format!(
                         "{reason}: lower --chunk-tokens, or raise worker.max_message_bytes for \
-                         text that cannot be cut (it is split only between words)"
+                         text whose tokens are many bytes each (long runs of one character)"
                     ));
                     self.progress.advance(true);
                 }

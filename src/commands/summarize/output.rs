@@ -50,12 +50,16 @@ struct Line<'a> {
     error: Option<&'a str>,
 }
 
-/// Where the summaries go. A file is written as a temporary file beside `--out`, created
-/// before anything is published (a path that cannot be written is found before any job is
-/// paid for) and renamed over `--out` once complete: a run that fails, or whose write fails,
-/// leaves a previous `--out` whole, and the temporary file is removed.
+/// Where the summaries go. A regular file is written as a temporary file beside it (beside
+/// its target, when `--out` is a symbolic link), created before anything is published (a
+/// place that cannot be written is found before any job is paid for) and renamed over it
+/// once complete: a run that fails, or whose write fails, leaves a previous file whole, and
+/// the temporary file is removed. The file keeps an existing file's permissions; a new one
+/// gets the usual ones (0666 less the umask). What is not a regular file (`/dev/stdout`, a
+/// pipe) is written in place at the end, and a directory is refused.
 pub enum Destination {
     Stdout,
+    Stream(PathBuf),
     File {
         out: PathBuf,
         temporary: tempfile::NamedTempFile,
@@ -68,11 +72,24 @@ impl Destination {
         if out == "-" {
             return Ok(Self::Stdout);
         }
+        let cannot = |e: &dyn std::fmt::Display| BadInput(format!("cannot write --out {out}: {e}"));
         let path = Path::new(out);
-        let name = path
+        let (target, permissions) = match std::fs::metadata(path) {
+            Ok(meta) if meta.is_dir() => {
+                return Err(BadInput(format!("--out {out} is a directory")));
+            }
+            Ok(meta) if !meta.is_file() => return Ok(Self::Stream(path.to_path_buf())),
+            Ok(meta) => (
+                std::fs::canonicalize(path).map_err(|e| cannot(&e))?,
+                Some(meta.permissions()),
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (path.to_path_buf(), None),
+            Err(e) => return Err(cannot(&e)),
+        };
+        let name = target
             .file_name()
             .ok_or_else(|| BadInput(format!("--out {out:?} names no file")))?;
-        let dir = match path.parent() {
+        let dir = match target.parent() {
             Some(dir) if !dir.as_os_str().is_empty() => dir,
             _ => Path::new("."),
         };
@@ -80,12 +97,16 @@ impl Destination {
         let mut builder = tempfile::Builder::new();
         builder.prefix(&prefix).suffix(".partial");
         #[cfg(unix)]
-        builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
-        let temporary = builder
-            .tempfile_in(dir)
-            .map_err(|e| BadInput(format!("cannot write --out {out}: {e}")))?;
+        builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+        let temporary = builder.tempfile_in(dir).map_err(|e| cannot(&e))?;
+        if let Some(permissions) = permissions {
+            temporary
+                .as_file()
+                .set_permissions(permissions)
+                .map_err(|e| cannot(&e))?;
+        }
         Ok(Self::File {
-            out: path.to_path_buf(),
+            out: target,
             temporary,
         })
     }
@@ -99,6 +120,14 @@ impl Destination {
     ) -> anyhow::Result<()> {
         match self {
             Self::Stdout => write(std::io::stdout().lock(), format, documents, outcomes),
+            Self::Stream(out) => {
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&out)
+                    .with_context(|| format!("cannot write {}", out.display()))?;
+                write(std::io::BufWriter::new(file), format, documents, outcomes)
+                    .with_context(|| format!("cannot write {}", out.display()))
+            }
             Self::File { out, temporary } => {
                 let mut writer = std::io::BufWriter::new(temporary);
                 write(&mut writer, format, documents, outcomes)
@@ -322,6 +351,40 @@ mod tests {
         let text = std::fs::read_to_string(&out).unwrap();
         assert!(text.starts_with("{\"path\":\"a.md\""), "{text}");
         assert_eq!(entries(dir.path()), ["out.jsonl"]);
+    }
+
+    /// A private file stays private, a link's target is written (the link stays a link),
+    /// and what is not a regular file is written in place.
+    #[test]
+    fn permissions_links_and_devices_are_kept() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("private.jsonl");
+        std::fs::write(&target, "previous\n").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let link = dir.path().join("link.jsonl");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        Destination::open(link.to_str().unwrap())
+            .unwrap()
+            .write(SummaryFormat::Jsonl, &[document()], &[outcome()])
+            .unwrap();
+        assert!(
+            std::fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        let written = std::fs::metadata(&target).unwrap();
+        assert_eq!(written.permissions().mode() & 0o777, 0o600);
+        assert!(std::fs::read_to_string(&target).unwrap().contains("a.md"));
+        let null = Destination::open("/dev/null").unwrap();
+        assert!(matches!(null, Destination::Stream(_)));
+        null.write(SummaryFormat::Jsonl, &[document()], &[outcome()])
+            .unwrap();
+        let Err(BadInput(error)) = Destination::open(dir.path().to_str().unwrap()) else {
+            panic!("a directory was accepted");
+        };
+        assert!(error.contains("is a directory"), "{error}");
     }
 
     /// A place that cannot be written is found when the run starts, before anything is sent.
