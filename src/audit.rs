@@ -295,17 +295,22 @@ pub struct Verification {
 }
 
 /// Walks the chain of `tenant` (or of every tenant, in name order) and stops at the first
-/// broken link.
+/// broken link. It reads one snapshot (a `REPEATABLE READ` transaction): workers go on
+/// appending while it walks, and heads read at the start must match rows read later.
 pub async fn verify(
     conn: &mut PgConnection,
     tenant: Option<&str>,
 ) -> Result<Verification, sqlx::Error> {
+    let mut snapshot = sqlx::Connection::begin(conn).await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *snapshot)
+        .await?;
     let mut report = Verification {
-        unchained: store::unchained(conn, tenant).await?,
+        unchained: store::unchained(&mut snapshot, tenant).await?,
         ..Verification::default()
     };
-    for (tenant, head) in store::chains(conn, tenant).await? {
-        match verify_chain(conn, &tenant, head).await? {
+    for (tenant, head) in store::chains(&mut snapshot, tenant).await? {
+        match verify_chain(&mut snapshot, &tenant, head).await? {
             Ok(summary) => report.intact.push(summary),
             Err(broken) => {
                 report.broken = Some(broken);
@@ -313,6 +318,7 @@ pub async fn verify(
             }
         }
     }
+    snapshot.commit().await?;
     Ok(report)
 }
 
