@@ -66,11 +66,17 @@ impl Identity {
         }
     }
 
-    /// Provenance of events about one delivered message: its body's hash and the trace id of
-    /// its `traceparent` header (see [`delivery_trace_id`]).
-    pub fn for_delivery(&self, message_sha256: String, trace_id: Option<String>) -> Provenance {
+    /// Provenance of events about one delivered message: its body's hash (not under
+    /// retention `none`, which keeps no digest of the prompt: the message holds it) and the
+    /// trace id of its `traceparent` header (see [`delivery_trace_id`]).
+    pub fn for_delivery(
+        &self,
+        message_sha256: String,
+        trace_id: Option<String>,
+        retention: crate::config::Retention,
+    ) -> Provenance {
         Provenance {
-            message_sha256: Some(message_sha256),
+            message_sha256: (retention != crate::config::Retention::None).then_some(message_sha256),
             trace_id,
             ..self.provenance()
         }

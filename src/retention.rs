@@ -58,8 +58,21 @@ pub fn apply(job: &mut FinishedJob, mode: Retention) {
         request_sha256,
     });
     job.stored = Some(Box::new(stored));
+    apply_to_audits(&mut job.audits, mode, rejected);
+}
 
-    for event in &mut job.audits {
+/// Drops from audit events what `mode` does not keep: under `none` the request's digest;
+/// under `hash` and `none` a rejection's message (`rejected`), which can quote the input.
+/// Also for the events of a refused message, which has no job rows to apply [`apply`] to.
+pub fn apply_to_audits(
+    audits: &mut [crate::messages::AuditEvent],
+    mode: Retention,
+    rejected: bool,
+) {
+    if mode == Retention::Full {
+        return;
+    }
+    for event in audits {
         let Value::Object(details) = &mut event.details else {
             continue;
         };

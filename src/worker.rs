@@ -516,17 +516,24 @@ fn process(
         };
         match &mut finished {
             Finished::Job(job) => {
-                let provenance = identity.for_delivery(message_sha256, trace_id);
                 let retention = job
                     .result
                     .tenant
                     .as_deref()
                     .map_or_else(Default::default, |t| settings.retention(t));
+                let provenance = identity.for_delivery(message_sha256, trace_id, retention);
                 crate::retention::apply(job, retention);
                 crate::audit::stamp(&mut job.audits, &provenance, job.result.job_id);
             }
             Finished::Refused { result, audits, .. } => {
-                let provenance = identity.for_delivery(message_sha256, trace_id);
+                // As the tenant the message names keeps it: the events are in its chain.
+                let retention = result
+                    .tenant
+                    .as_deref()
+                    .map_or_else(Default::default, |t| settings.retention(t));
+                let provenance = identity.for_delivery(message_sha256, trace_id, retention);
+                let rejected = result.status == crate::messages::JobStatus::Rejected;
+                crate::retention::apply_to_audits(audits, retention, rejected);
                 crate::audit::stamp(audits, &provenance, result.job_id);
             }
             _ => {}

@@ -150,12 +150,22 @@ async fn retention_full_hash_and_none_store_what_they_promise() {
     assert_eq!((request, request_sha256), (None, None));
     assert_eq!(body["response"]["choices"], Value::Array(Vec::new()));
     assert_eq!(body["retention"], serde_json::json!({ "mode": "none" }));
-    let audit: Value = sqlx::query_scalar("SELECT details FROM audit_events WHERE job_id = $1")
-        .bind(forget.id)
+    let (audit, provenance): (Value, Value) =
+        sqlx::query_as("SELECT details, provenance FROM audit_events WHERE job_id = $1")
+            .bind(forget.id)
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+    assert!(audit.get("request_sha256").is_none(), "{audit}");
+    // Nor a digest of the whole message, which holds the prompt (other tenants' events
+    // keep theirs).
+    assert!(provenance["message_sha256"].is_null(), "{provenance}");
+    let kept: Value = sqlx::query_scalar("SELECT provenance FROM audit_events WHERE job_id = $1")
+        .bind(digest.id)
         .fetch_one(app.pool())
         .await
         .unwrap();
-    assert!(audit.get("request_sha256").is_none(), "{audit}");
+    assert!(kept["message_sha256"].is_string(), "{kept}");
     let raw: Option<Vec<u8>> = sqlx::query_scalar("SELECT raw_body FROM jobs WHERE id = $1")
         .bind(unroutable.0.id)
         .fetch_one(app.pool())
