@@ -902,6 +902,42 @@ impl Settings {
             if budget.cap_usd < Decimal::ZERO {
                 return invalid(format!("budget {:?} has a negative cap", budget.name));
             }
+            // A budget whose scope names nothing configured would never apply: its cap would
+            // hold nothing back, silently.
+            let provider_named = |name: &str| providers.iter().find(|p| p.name == name);
+            if let Some(provider) = &budget.provider
+                && provider_named(provider).is_none()
+            {
+                return invalid(format!(
+                    "budget {:?}: provider {provider:?} is not configured",
+                    budget.name
+                ));
+            }
+            if let Some(route) = &budget.route
+                && !self.routes.iter().any(|r| r.alias == *route)
+            {
+                return invalid(format!(
+                    "budget {:?}: route {route:?} is not configured",
+                    budget.name
+                ));
+            }
+            if let Some(key) = &budget.key {
+                let known = key.split_once('/').is_some_and(|(provider, id)| {
+                    provider_named(provider).is_some_and(|p| p.keys.iter().any(|k| k.id == id))
+                });
+                if !known {
+                    return invalid(format!(
+                        "budget {:?}: key {key:?} is not \"provider/key id\" of a configured key",
+                        budget.name
+                    ));
+                }
+            }
+        }
+        let mut tenants = HashSet::new();
+        for tenant in &self.tenants {
+            if !tenants.insert(tenant.name.as_str()) {
+                return invalid(format!("tenant {:?} is defined twice", tenant.name));
+            }
         }
         Ok(())
     }
@@ -1032,12 +1068,36 @@ mod tests {
                 provider.replace("env = \"K\" }", "env = \"K\", limits = { tpm = 0 } }"),
                 "provider \"p\": key \"k\": limits.tpm must be at least 1",
             ),
+            // Budgets that would never apply, and a tenant whose second block is ignored.
+            (
+                format!("{provider}[[budgets]]\nname = \"b\"\nprovider = \"q\"\ncap_usd = \"1\"\n"),
+                "budget \"b\": provider \"q\" is not configured",
+            ),
+            (
+                format!("{provider}[[budgets]]\nname = \"b\"\nroute = \"r\"\ncap_usd = \"1\"\n"),
+                "budget \"b\": route \"r\" is not configured",
+            ),
+            (
+                format!("{provider}[[budgets]]\nname = \"b\"\nkey = \"k\"\ncap_usd = \"1\"\n"),
+                "budget \"b\": key \"k\" is not \"provider/key id\" of a configured key",
+            ),
+            (
+                "[[tenants]]\nname = \"acme\"\n\n[[tenants]]\nname = \"acme\"\nenforce_user_id = true\n"
+                    .to_owned(),
+                "tenant \"acme\" is defined twice",
+            ),
         ];
         for (text, expected) in cases {
             let err = Settings::from_toml(&text).unwrap_err().to_string();
             assert!(err.contains(expected), "{text}: {err}");
         }
         Settings::from_toml(&format!("{provider}{route} }}]\n")).unwrap();
+        for scope in ["provider = \"p\"", "route = \"r\"", "key = \"p/k\""] {
+            Settings::from_toml(&format!(
+                "{provider}{route} }}]\n[[budgets]]\nname = \"b\"\n{scope}\ncap_usd = \"1\"\n"
+            ))
+            .unwrap();
+        }
     }
 
     #[test]
