@@ -86,6 +86,9 @@ pub async fn run(ctx: &Context, options: &WorkerOptions) -> anyhow::Result<Worke
             .spawn(crate::http::serve(listener, ctx.clone(), sharing.clone()));
     }
     crate::http::metrics_handle();
+    // Up from the start (the worker has just reached it): an alert on the gauge's absence, or
+    // on its value, sees it before the first commit.
+    metrics::gauge!("switchyard_database_up").set(1.0);
     let (rests, announced) = mpsc::unbounded_channel();
     ctx.registry.announce_rests_to(&rests);
     ctx.tasks.spawn(crate::routing::sharing::share_key_rests(

@@ -34,6 +34,8 @@ async fn readyz(State(ctx): State<Context>) -> (StatusCode, String) {
     )
     .await
     .is_ok_and(|r| r.is_ok());
+    // An idle worker learns of an outage here too, not only from a group it cannot commit.
+    metrics::gauge!("switchyard_database_up").set(if database { 1.0 } else { 0.0 });
     let broker = ctx.broker.is_connected();
     let status = if database && broker {
         StatusCode::OK

@@ -278,6 +278,8 @@ async fn a_worker_serves_health_readiness_and_metrics() {
         metrics.contains(r#"switchyard_jobs_total{status="succeeded"} 1"#),
         "{metrics}"
     );
+    // There from the start, without an outage to set it.
+    assert!(metrics.contains("switchyard_database_up 1"), "{metrics}");
     let health = reqwest::get(format!("{base}/healthz")).await.unwrap();
     assert_eq!(health.status(), 200);
     let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
