@@ -36,6 +36,31 @@ pub enum BrokerError {
     Amqp(#[from] lapin::Error),
 }
 
+impl BrokerError {
+    /// Whether trying again cannot help: a nack, a bad URL, or the broker closing the channel
+    /// because what is published to does not exist (404), is not allowed (403) or breaks a
+    /// precondition (406, e.g. a `user_id` that is not the connection's user). A lost
+    /// connection, or any other error, may pass.
+    pub fn is_permanent(&self) -> bool {
+        use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+        match self {
+            Self::Nacked { .. } | Self::Url(_) => true,
+            Self::Amqp(error) => matches!(
+                error.kind(),
+                lapin::ErrorKind::ProtocolError(amqp) if matches!(
+                    amqp.kind(),
+                    AMQPErrorKind::Soft(
+                        AMQPSoftError::NOTFOUND
+                            | AMQPSoftError::ACCESSREFUSED
+                            | AMQPSoftError::PRECONDITIONFAILED
+                    )
+                )
+            ),
+            Self::Unreachable { .. } | Self::Disconnected => false,
+        }
+    }
+}
+
 /// A temporary (exclusive, auto-delete) queue bound to `exchange` with `pattern`, consumed
 /// without acks: for listeners such as `subscribe` and `summarize`.
 pub async fn listen(

@@ -115,7 +115,9 @@ impl Publisher {
 
     /// Publishes every message and waits for every confirm; when the connection is lost on
     /// the way, reconnects with backoff and publishes the whole batch again (so a message may
-    /// arrive twice: subscribers dedupe on `message_id`). A broker nack is not retried.
+    /// arrive twice: subscribers dedupe on `message_id`). A broker nack, or a refusal no retry
+    /// can change ([`BrokerError::is_permanent`]: no such exchange, access refused), is not
+    /// retried.
     pub async fn publish_all(&self, messages: &[Outgoing]) -> Result<(), BrokerError> {
         (|| async {
             // Reconnects (with its own backoff) when the connection was lost.
@@ -130,7 +132,7 @@ impl Publisher {
                     .without_max_times()
                     .with_total_delay(Some(Duration::from_secs(600))),
             )
-            .when(|error| !matches!(error, BrokerError::Nacked { .. } | BrokerError::Url(_)))
+            .when(|error| !error.is_permanent())
             .notify(|error, wait| {
                 tracing::warn!(error.message = %error, wait = ?wait, "Publishing failed; retrying on a new channel.");
             })

@@ -402,3 +402,37 @@ async fn bad_config_files_arguments_and_batch_files_each_fail_with_their_own_mes
     assert_eq!(succeeded, published);
     app.cleanup().await;
 }
+
+/// A publish the broker refuses for good (the exchange does not exist: a wrong prefix, or
+/// `migrate` never run) fails at once, naming what is missing, instead of being retried for
+/// ten minutes.
+#[tokio::test]
+async fn publishing_to_an_exchange_that_does_not_exist_fails_at_once() {
+    let config = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    let prefix = format!("sytest-never-{}", uuid::Uuid::now_v7().simple());
+    std::fs::write(
+        config.path(),
+        format!(
+            "[broker]\nurl = \"{}\"\nprefix = \"{prefix}\"\n",
+            crate::helpers::broker_url()
+        ),
+    )
+    .unwrap();
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    command
+        .env("SWITCHYARD_CONFIG", config.path())
+        .env_remove("RUST_LOG")
+        .args(["publish", "examples/requests.jsonl"])
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(std::time::Duration::from_secs(60), command.output())
+        .await
+        .expect("the publish gives up at once")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("NOT_FOUND") && stderr.contains(&format!("{prefix}.jobs")),
+        "{stderr}"
+    );
+    assert!(output.stdout.is_empty(), "nothing was published");
+}
