@@ -2164,32 +2164,24 @@ mod tests {
     /// not rest the key for the longest allowed rest on every worker.
     #[test]
     fn a_reset_beyond_any_plausible_rest_is_no_delay() {
+        let exhausted = |headers: &mut HeaderMap, kind: &str, reset: &str| {
+            for (field, value) in [("remaining", "0"), ("reset", reset)] {
+                let name = format!("anthropic-ratelimit-{kind}-{field}");
+                headers.insert(
+                    reqwest::header::HeaderName::try_from(name).unwrap(),
+                    HeaderValue::from_str(value).unwrap(),
+                );
+            }
+        };
         let mut headers = HeaderMap::new();
-        headers.insert(
-            "anthropic-ratelimit-requests-remaining",
-            HeaderValue::from_static("0"),
-        );
-        headers.insert(
-            "anthropic-ratelimit-requests-reset",
-            HeaderValue::from_static("9999-01-01T00:00:00Z"),
-        );
+        exhausted(&mut headers, "requests", "9999-01-01T00:00:00Z");
         assert_eq!(retry_delay(&headers), None);
-        headers.insert(
-            "anthropic-ratelimit-requests-reset",
-            HeaderValue::from_str(&(chrono::Utc::now() + chrono::Duration::hours(2)).to_rfc3339())
-                .unwrap(),
-        );
+        let soon = (chrono::Utc::now() + chrono::Duration::hours(2)).to_rfc3339();
+        exhausted(&mut headers, "requests", &soon);
         let delay = retry_delay(&headers).expect("a reset two hours away is a delay");
         assert!(delay > Duration::from_secs(7100) && delay <= Duration::from_secs(7200));
         // A broken reset of another exhausted limit does not cancel a good one.
-        headers.insert(
-            "anthropic-ratelimit-tokens-remaining",
-            HeaderValue::from_static("0"),
-        );
-        headers.insert(
-            "anthropic-ratelimit-tokens-reset",
-            HeaderValue::from_static("9999-01-01T00:00:00Z"),
-        );
+        exhausted(&mut headers, "tokens", "9999-01-01T00:00:00Z");
         let delay = retry_delay(&headers).expect("the good reset still counts");
         assert!(delay > Duration::from_secs(7100) && delay <= Duration::from_secs(7200));
     }

@@ -8,6 +8,26 @@ use crate::helpers::{
     FakeProvider, TestApp, job, spawn_app_with, trickle_config, wait_all, workers,
 };
 
+/// Two workers' limiters over `scope`, sharing the app's database.
+async fn two_limiters(
+    app: &TestApp,
+    scope: &switchyard::routing::limits::Scope,
+) -> (
+    switchyard::routing::limits::Limiter,
+    switchyard::routing::limits::Limiter,
+) {
+    let worker = || async {
+        switchyard::routing::limits::Limiter::new(
+            app.pool().clone(),
+            std::slice::from_ref(scope),
+            Duration::ZERO,
+        )
+        .await
+        .unwrap()
+    };
+    (worker().await, worker().await)
+}
+
 async fn succeeded(app: &TestApp) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM results WHERE status = 'succeeded'")
         .fetch_one(app.pool())
@@ -230,20 +250,11 @@ async fn token_limits_count_estimates_and_are_corrected_to_actual_usage() {
 #[tokio::test]
 async fn a_key_pause_is_seen_at_once_by_its_own_worker_and_within_a_recheck_by_another() {
     use switchyard::config::Limits;
-    use switchyard::routing::limits::{Acquired, Limiter, Scope};
+    use switchyard::routing::limits::{Acquired, Scope};
     let app = spawn_app_with("").await;
     // A key scope counts no calls: only a shared pause (a retry-after) can hold it.
     let scope = Scope::key("pause-test", "k1", Limits::default());
-    let worker = || async {
-        Limiter::new(
-            app.pool().clone(),
-            std::slice::from_ref(&scope),
-            Duration::ZERO,
-        )
-        .await
-        .unwrap()
-    };
-    let (a, b) = (worker().await, worker().await);
+    let (a, b) = two_limiters(&app, &scope).await;
     let timeout = Duration::from_secs(5);
     let granted = |acquired: Acquired| matches!(acquired, Acquired::Granted(_));
     // Both have read the scope (unpaused) just now.
@@ -348,7 +359,7 @@ targets = [{{ provider = "narrow", model = "m" }}]
 #[tokio::test]
 async fn a_slot_held_by_a_dropped_or_panicked_call_is_given_back_to_every_worker() {
     use switchyard::config::Limits;
-    use switchyard::routing::limits::{Acquired, Limiter, Scope};
+    use switchyard::routing::limits::{Acquired, Scope};
     let app = spawn_app_with("").await;
     let scope = Scope::provider(
         "slot-test",
@@ -357,16 +368,7 @@ async fn a_slot_held_by_a_dropped_or_panicked_call_is_given_back_to_every_worker
             ..Limits::default()
         },
     );
-    let worker = || async {
-        Limiter::new(
-            app.pool().clone(),
-            std::slice::from_ref(&scope),
-            Duration::ZERO,
-        )
-        .await
-        .unwrap()
-    };
-    let (a, b) = (worker().await, worker().await);
+    let (a, b) = two_limiters(&app, &scope).await;
     // A streamed call's lease: it could last an hour.
     let long_call = Duration::from_secs(3600);
     let granted = |acquired: Acquired| matches!(acquired, Acquired::Granted(_));
