@@ -741,6 +741,17 @@ impl Settings {
                 self.worker.outbox_relay_after_ms
             ));
         }
+        // Parsed as the worker will (a URL it cannot read fails `config check` too).
+        if let Err(error) = self.broker.url.parse::<lapin::uri::AMQPUri>() {
+            return invalid(format!("broker.url is not an AMQP URL: {error}"));
+        }
+        if let Err(error) = self
+            .database
+            .url
+            .parse::<sqlx::postgres::PgConnectOptions>()
+        {
+            return invalid(format!("database.url is not a Postgres URL: {error}"));
+        }
         if self.database.max_connections < 2 {
             // `summarize` holds one for its whole run, beside its in-process worker's.
             return invalid(format!(
@@ -1051,6 +1062,14 @@ mod tests {
             (
                 "[database]\nmax_connections = 1\n".to_owned(),
                 "database.max_connections must be at least 2, got 1",
+            ),
+            (
+                "[broker]\nurl = \"nonsense\"\n".to_owned(),
+                "broker.url is not an AMQP URL",
+            ),
+            (
+                "[database]\nurl = \"not a url\"\n".to_owned(),
+                "database.url is not a Postgres URL",
             ),
             (
                 format!("{provider}limits = {{ rpm = 0 }}\n"),
