@@ -517,23 +517,20 @@ fn process(
                 (Finished::Requeue { tag }, String::new())
             }),
         };
+        // What the tenant the message names keeps (a refused message's events are in its
+        // chain too).
+        let retention_of = |result: &crate::messages::JobResult| {
+            (result.tenant.as_deref()).map_or_else(Default::default, |t| settings.retention(t))
+        };
         match &mut finished {
             Finished::Job(job) => {
-                let retention = job
-                    .result
-                    .tenant
-                    .as_deref()
-                    .map_or_else(Default::default, |t| settings.retention(t));
+                let retention = retention_of(&job.result);
                 let provenance = identity.for_delivery(message_sha256, trace_id, retention);
                 crate::retention::apply(job, retention);
                 crate::audit::stamp(&mut job.audits, &provenance, job.result.job_id);
             }
             Finished::Refused { result, audits, .. } => {
-                // As the tenant the message names keeps it: the events are in its chain.
-                let retention = result
-                    .tenant
-                    .as_deref()
-                    .map_or_else(Default::default, |t| settings.retention(t));
+                let retention = retention_of(result);
                 let provenance = identity.for_delivery(message_sha256, trace_id, retention);
                 let rejected = result.status == crate::messages::JobStatus::Rejected;
                 crate::retention::apply_to_audits(audits, retention, rejected);

@@ -275,12 +275,7 @@ impl Limiter {
         call_timeout: Duration,
     ) -> Result<Acquired, sqlx::Error> {
         self.release_orphans().await;
-        let mut lease = Lease {
-            slots: Vec::new(),
-            events: Vec::new(),
-            _permits: Vec::new(),
-            orphans: self.orphans.clone(),
-        };
+        let mut lease = self.lease_of(Vec::new());
         // Whatever was taken before a refusal or an error is given back, uncounted.
         match self
             .fill(&mut lease, scopes, units, max_wait, call_timeout)
@@ -503,13 +498,17 @@ impl Limiter {
         );
         // Held as a lease of their own: whatever is not freed (this task dropped in turn,
         // Postgres refusing) goes back to the orphans.
-        let mut orphaned = Lease {
+        self.release_slots(&mut self.lease_of(slots)).await;
+    }
+
+    /// A lease holding `slots`, whose unreleased slots come back to this limiter.
+    fn lease_of(&self, slots: Vec<(String, i32)>) -> Lease {
+        Lease {
             slots,
             events: Vec::new(),
             _permits: Vec::new(),
             orphans: self.orphans.clone(),
-        };
-        self.release_slots(&mut orphaned).await;
+        }
     }
 
     /// Frees the lease's slots one at a time, each taken out of the lease once Postgres has

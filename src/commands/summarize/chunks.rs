@@ -147,10 +147,10 @@ const MAX_BYTES_PER_TOKEN: usize = 16;
 fn split_chars(word: &str, max_tokens: usize) -> Vec<&str> {
     let mut pieces = Vec::new();
     let mut rest = word;
+    // As far as one piece may reach (at least 16 bytes: never less than a character).
+    let reach = max_tokens.saturating_mul(MAX_BYTES_PER_TOKEN);
     while !rest.is_empty() {
-        // Byte ends of the first 1, 2, … characters, as far as one piece may reach (at
-        // least 16 bytes: never less than a character).
-        let reach = max_tokens.saturating_mul(MAX_BYTES_PER_TOKEN);
+        // Byte ends of the first 1, 2, … characters, within reach.
         let ends: Vec<usize> = rest
             .char_indices()
             .map(|(at, c)| at + c.len_utf8())
